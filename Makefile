@@ -1,0 +1,48 @@
+# kumazone: `make run` serves the sample zones, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DNS_PORT ?= 5653
+ZONE ?= zone-1
+
+.PHONY: run test lint bench tools clean
+
+# editable_mode=compat puts the checkout itself on sys.path, so twistd finds
+# twisted/plugins/kumazone_plugin.py (a strict editable install would hide it).
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --config-settings editable_mode=compat -e '.[test,dev]'
+	touch $(STAMP)
+
+# System tools the tests drive as real clients; installed only when missing.
+tools:
+	@missing=""; \
+	command -v dig >/dev/null || missing="$$missing bind9-dnsutils"; \
+	command -v kdig >/dev/null || missing="$$missing knot-dnsutils"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+run: $(STAMP)
+	$(BIN)/twistd -n --pidfile= kumazone --role=zone --zone=$(ZONE) \
+	  --resources=zones/$(ZONE) --dns-port=$(DNS_PORT) --data-dir=kumazone-data/$(ZONE)
+
+test: $(STAMP) tools
+	$(BIN)/twistd kumazone --help >/dev/null
+	$(BIN)/ruff check kumazone tests twisted bench
+	$(BIN)/mypy
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check kumazone tests twisted bench
+	$(BIN)/ruff format --check kumazone tests twisted bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/query_rate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache .pytest_cache .mypy_cache .hypothesis

@@ -1,0 +1,217 @@
+"""The zone's DNS authority: a twisted.names L{IResolver} over the VIP table.
+
+Authoritative for the configured domain and for the reverse zones of both CIDRs.
+Keys are lower-cased bytes; answers repeat the name as it was asked.  A name that
+is not ours raises L{dns.DomainError} (REFUSED); a name that is ours and does not
+exist raises L{NameNotFound}, which carries the SOA for the authority section.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from ipaddress import IPv4Network, IPv6Network
+
+from twisted.internet import defer
+from twisted.names import dns
+from twisted.names.common import ResolverBase
+from twisted.names.error import AuthoritativeDomainError, DomainError
+
+from kumazone.config import DnsServerConfig
+from kumazone.names import nameserver_name
+from kumazone.zone import DEFAULT_MESH, VipEntry, ZoneSnapshot
+
+__all__ = ["NameNotFound", "NotOurs", "Result", "ZoneAuthority", "reverse_zones"]
+
+Result = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
+
+_SERVED_CLASSES = (dns.IN, dns.ANY)
+_ZONE_TRANSFERS = (dns.AXFR, dns.IXFR)
+#: A full reverse name: 4 octet labels + in-addr.arpa, 32 nibbles + ip6.arpa.
+_FULL_REVERSE_LABELS = {b"in-addr.arpa": 6, b"ip6.arpa": 34}
+
+
+class NameNotFound(AuthoritativeDomainError):
+    """NXDOMAIN: the name is in our zone and does not exist; carries the SOA."""
+
+    def __init__(self, name: bytes, authority: list[dns.RRHeader]) -> None:
+        super().__init__(name)
+        self.authority = authority
+
+
+class NotOurs(DomainError):
+    """The name (or class, or type) is not something this server answers: REFUSED."""
+
+
+def reverse_zones(network: IPv4Network | IPv6Network) -> list[str]:
+    """The reverse zones (octet or nibble aligned) that exactly cover C{network}."""
+    if isinstance(network, IPv4Network):
+        step, suffix = 8, "in-addr.arpa"
+    else:
+        step, suffix = 4, "ip6.arpa"
+    aligned = -(-network.prefixlen // step) * step
+    zones = []
+    for subnet in network.subnets(new_prefix=aligned):
+        labels = subnet.network_address.reverse_pointer.split(".")
+        keep = aligned // step
+        address_labels = labels[: len(labels) - 2]
+        kept = address_labels[len(address_labels) - keep :] if keep else []
+        zones.append(".".join([*kept, suffix]))
+    return zones
+
+
+class ZoneAuthority(ResolverBase):
+    """Answers for the domain and the VIP reverse zones from a L{ZoneSnapshot}."""
+
+    def __init__(
+        self, config: DnsServerConfig, nameserver_addresses: Sequence[str] = ()
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.ttl = config.ttl
+        self.apex = config.domain.encode("ascii")
+        self._suffix = b"." + self.apex
+        self.nameserver = nameserver_name(config.domain).encode("ascii")
+        self.hostmaster = b"hostmaster." + self.apex
+        self._nameserver_addresses = [ipaddress.ip_address(a) for a in nameserver_addresses]
+        self.reverse_apexes = [
+            zone.encode("ascii")
+            for network in (config.cidr, config.cidr6)
+            for zone in reverse_zones(network)
+        ]
+        self.version = 0
+        self._forward: dict[bytes, dict[str, VipEntry]] = {}
+        self._empty: dict[bytes, set[str]] = {}
+        self._reverse: dict[bytes, VipEntry] = {}
+        self.update(ZoneSnapshot(version=0, entries=(), mesh_of_address={}))
+
+    def update(self, snapshot: ZoneSnapshot) -> None:
+        """Serve C{snapshot} from now on."""
+        forward: dict[bytes, dict[str, VipEntry]] = {}
+        empty: dict[bytes, set[str]] = {self.nameserver.split(b".", 1)[1]: {"*"}}
+        reverse: dict[bytes, VipEntry] = {}
+        for entry in snapshot.entries:
+            for text in entry.names:
+                name = text.encode("ascii")
+                meshes = forward.setdefault(name, {})
+                # The first service to claim a name in a mesh keeps it (sorted order).
+                meshes.setdefault(entry.key.mesh, entry)
+                parent = name
+                while True:
+                    parent = parent.split(b".", 1)[1]
+                    if parent == self.apex or not parent.endswith(self._suffix):
+                        break
+                    empty.setdefault(parent, set()).add(entry.key.mesh)
+            for address in (entry.vip, entry.vip6):
+                reverse[ipaddress.ip_address(address).reverse_pointer.encode()] = entry
+        self._forward, self._empty, self._reverse = forward, empty, reverse
+        self.version = snapshot.version
+
+    # -- records ----------------------------------------------------------------
+
+    def _soa(self, owner: bytes) -> dns.RRHeader:
+        record = dns.Record_SOA(
+            mname=self.nameserver,
+            rname=self.hostmaster,
+            serial=self.version & 0xFFFFFFFF,
+            refresh=3600,
+            retry=600,
+            expire=86400,
+            minimum=self.ttl,
+            ttl=self.ttl,
+        )
+        return dns.RRHeader(owner, dns.SOA, dns.IN, self.ttl, record, auth=True)
+
+    def _rr(self, owner: bytes, record: dns.IEncodableRecord, kind: int) -> dns.RRHeader:
+        return dns.RRHeader(owner, kind, dns.IN, self.ttl, record, auth=True)
+
+    def _apex_answer(self, asked: bytes, apex: bytes, qtype: int) -> Result:
+        answers = []
+        if qtype in (dns.SOA, dns.ALL_RECORDS):
+            answers.append(self._soa(asked))
+        if qtype in (dns.NS, dns.ALL_RECORDS):
+            answers.append(self._rr(asked, dns.Record_NS(self.nameserver, self.ttl), dns.NS))
+        if not answers:
+            return [], [self._soa(apex)], []
+        return answers, [], []
+
+    # -- lookups ----------------------------------------------------------------
+
+    def resolve(self, asked: bytes, qtype: int, qclass: int, mesh: str = DEFAULT_MESH) -> Result:
+        """Answer C{asked} for a client in C{mesh}; raises L{NameNotFound} or L{NotOurs}."""
+        if qclass not in _SERVED_CLASSES or qtype in _ZONE_TRANSFERS:
+            raise NotOurs(asked)
+        name = asked.lower().rstrip(b".")
+        if name == self.apex or name.endswith(self._suffix):
+            return self._forward_answer(asked, name, qtype, mesh)
+        for apex in self.reverse_apexes:
+            if name == apex or name.endswith(b"." + apex):
+                return self._reverse_answer(asked, name, apex, qtype, mesh)
+        raise NotOurs(asked)
+
+    def _forward_answer(self, asked: bytes, name: bytes, qtype: int, mesh: str) -> Result:
+        if name == self.apex:
+            return self._apex_answer(asked, self.apex, qtype)
+        if name == self.nameserver:
+            return self._address_answer(asked, qtype, self._nameserver_addresses)
+        entry = self._forward.get(name, {}).get(mesh)
+        if entry is not None:
+            addresses = [ipaddress.ip_address(entry.vip), ipaddress.ip_address(entry.vip6)]
+            return self._address_answer(asked, qtype, addresses)
+        meshes = self._empty.get(name)
+        if meshes is not None and (mesh in meshes or "*" in meshes):
+            return [], [self._soa(self.apex)], []
+        raise NameNotFound(asked, [self._soa(self.apex)])
+
+    def _address_answer(
+        self,
+        asked: bytes,
+        qtype: int,
+        addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    ) -> Result:
+        answers = []
+        for address in addresses:
+            if address.version == 4 and qtype in (dns.A, dns.ALL_RECORDS):
+                answers.append(self._rr(asked, dns.Record_A(str(address), self.ttl), dns.A))
+            elif address.version == 6 and qtype in (dns.AAAA, dns.ALL_RECORDS):
+                record = dns.Record_AAAA(str(address), self.ttl)
+                answers.append(self._rr(asked, record, dns.AAAA))
+        if not answers:
+            return [], [self._soa(self.apex)], []
+        return answers, [], []
+
+    def _reverse_answer(
+        self, asked: bytes, name: bytes, apex: bytes, qtype: int, mesh: str
+    ) -> Result:
+        if name == apex:
+            return self._apex_answer(asked, apex, qtype)
+        entry = self._reverse.get(name)
+        if entry is not None and entry.key.mesh == mesh and entry.names:
+            if qtype not in (dns.PTR, dns.ALL_RECORDS):
+                return [], [self._soa(apex)], []
+            target = entry.names[-1].encode("ascii")  # the DNS-compliant form
+            return [self._rr(asked, dns.Record_PTR(target, self.ttl), dns.PTR)], [], []
+        suffix = b"in-addr.arpa" if apex.endswith(b"in-addr.arpa") else b"ip6.arpa"
+        if name.count(b".") + 1 < _FULL_REVERSE_LABELS[suffix]:
+            # An interior name of the reverse tree: it may have names below it.
+            return [], [self._soa(apex)], []
+        raise NameNotFound(asked, [self._soa(apex)])
+
+    # -- IResolver ----------------------------------------------------------------
+
+    def query(
+        self, query: dns.Query, timeout: Sequence[int] | None = None, mesh: str = DEFAULT_MESH
+    ) -> defer.Deferred[Result]:
+        """Answer one question for a client in C{mesh}."""
+        try:
+            return defer.succeed(self.resolve(query.name.name, query.type, query.cls, mesh))
+        except (DomainError, AuthoritativeDomainError):
+            return defer.fail()
+
+    def _lookup(
+        self, name: bytes, cls: int, type: int, timeout: Sequence[int] | None
+    ) -> defer.Deferred[Result]:
+        try:
+            return defer.succeed(self.resolve(name, type, cls))
+        except (DomainError, AuthoritativeDomainError):
+            return defer.fail()

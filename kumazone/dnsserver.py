@@ -1,0 +1,319 @@
+"""The DNS server: twisted.names' L{DNSServerFactory} around the zone authority.
+
+What twisted.names leaves out and kumazone adds: FORMERR for malformed queries
+(silence when not even the header can be read), the SOA in the authority section
+of NXDOMAIN and NODATA answers, EDNS0 answered per RFC 6891 (OPT echoed only when
+the query had one, BADVERS for versions above 0), UDP answers truncated by whole
+records with TC set, the client's mesh chosen by its source address, and metrics.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable, Sequence
+
+from twisted.internet import protocol as _protocol
+from twisted.logger import Logger
+from twisted.names import dns, server
+from twisted.names.error import AuthoritativeDomainError, DomainError
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from kumazone.authority import NameNotFound, Result, ZoneAuthority
+from kumazone.metrics import Metrics, qtype_label, rcode_label
+from kumazone.ratelimit import RateLimiter, limited
+
+__all__ = [
+    "MAX_UDP_PAYLOAD",
+    "KumaDNSDatagramProtocol",
+    "KumaDNSProtocol",
+    "KumaDNSServerFactory",
+    "encode_response",
+]
+
+#: Our EDNS0 UDP payload size (the 2020 DNS flag day value).
+MAX_UDP_PAYLOAD = 1232
+#: Without EDNS0, a UDP answer is at most 512 octets (RFC 1035).
+CLASSIC_UDP_PAYLOAD = 512
+TCP_IDLE_TIMEOUT = 30
+
+_HEADER = struct.Struct("!HHHHHH")
+
+
+def formerr_for(data: bytes) -> bytes | None:
+    """A FORMERR answer built from a raw packet's header, or None to stay silent.
+
+    Silent when the header cannot be read or the packet is itself a response.
+    """
+    if len(data) < _HEADER.size:
+        return None
+    message_id, flags = struct.unpack("!HH", data[:4])
+    if flags & 0x8000:
+        return None
+    opcode = (flags >> 11) & 0xF
+    recursion_desired = flags & 0x0100
+    return _HEADER.pack(
+        message_id, 0x8000 | (opcode << 11) | recursion_desired | dns.EFORMAT, 0, 0, 0, 0
+    )
+
+
+def encode_response(response: dns._EDNSMessage, limit: int | None) -> tuple[bytes, bool]:
+    """Encode C{response} to at most C{limit} octets, dropping whole records.
+
+    Additional records go first (without TC, RFC 2181 9), then authority and
+    answer records from the end, with TC set.  Returns the bytes and whether TC
+    was set.
+    """
+    data = response.toStr()
+    if limit is None or len(data) <= limit:
+        return data, False
+    trimmed = dns._EDNSMessage(
+        id=response.id, answer=response.answer, opCode=response.opCode,
+        auth=response.auth, recDes=response.recDes, recAv=response.recAv,
+        rCode=response.rCode, ednsVersion=response.ednsVersion,
+        dnssecOK=response.dnssecOK, maxSize=response.maxSize,
+        queries=response.queries[:], answers=response.answers[:],
+        authority=response.authority[:], additional=response.additional[:],
+    )
+    while trimmed.additional:
+        trimmed.additional.pop()
+        data = trimmed.toStr()
+        if len(data) <= limit:
+            return data, False
+    trimmed.trunc = True
+    while trimmed.authority or trimmed.answers:
+        (trimmed.authority or trimmed.answers).pop()
+        data = trimmed.toStr()
+        if len(data) <= limit:
+            return data, True
+    if len(data) > limit:
+        # The question alone does not fit (a 255-octet name in 512 octets cannot
+        # happen, but a header is always possible).
+        trimmed.queries = []
+        data = trimmed.toStr()
+    return data, True
+
+
+class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
+    """UDP: hands every datagram, parsed or not, to the factory."""
+
+    controller: KumaDNSServerFactory
+
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.controller.packetReceived(data, self, addr)
+
+
+class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
+    """TCP: length-prefixed messages, closed after an idle period (RFC 7766)."""
+
+    controller: KumaDNSServerFactory
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.setTimeout(TCP_IDLE_TIMEOUT)
+
+    def stringReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        self.controller.packetReceived(data, self, None)
+
+    def timeoutConnection(self) -> None:
+        self.transport.loseConnection()
+
+
+class KumaDNSServerFactory(server.DNSServerFactory):
+    """Serves the zone authority over UDP and TCP."""
+
+    protocol = KumaDNSProtocol  # type: ignore[assignment]
+    _messageFactory = dns._EDNSMessage
+    log = Logger()
+
+    def __init__(
+        self,
+        authority: ZoneAuthority,
+        mesh_of: Callable[[str], str],
+        metrics: Metrics,
+        seconds: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(authorities=[authority])
+        self.authority = authority
+        self.mesh_of = mesh_of
+        self.metrics = metrics
+        self.seconds = seconds
+        self._malformed_log = limited(
+            RateLimiter(burst=10, interval=60.0), seconds, lambda line: self.log.warn(line)
+        )
+
+    def buildProtocol(self, addr: object) -> KumaDNSProtocol:
+        proto = self.protocol(self)
+        return proto
+
+    # -- input ------------------------------------------------------------------
+
+    def packetReceived(
+        self,
+        data: bytes,
+        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        address: tuple[str, int] | None,
+    ) -> None:
+        """Parse one packet and answer it; never raises."""
+        started = time.perf_counter()
+        transport = "udp" if address is not None else "tcp"
+        try:
+            plain = dns.Message()
+            plain.fromStr(data)
+            opt_records = sum(1 for r in plain.additional if r.type == dns.OPT)
+            message = dns._EDNSMessage._fromMessage(plain)
+        except Exception as e:
+            self._malformed(data, proto, address, transport, f"{type(e).__name__}: {e}")
+            return
+        if message.answer:
+            return  # a response sent to us: never answer one (no loops)
+        message.timeReceived = started
+        if opt_records > 1:
+            self._reply(proto, message, address, dns.EFORMAT)
+            return
+        if len(message.queries) != 1:
+            self._reply(proto, message, address, dns.EFORMAT)
+            return
+        self.messageReceived(message, proto, address)
+
+    def messageReceived(
+        self,
+        message: dns._EDNSMessage,
+        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        address: tuple[str, int] | None = None,
+    ) -> None:
+        """Dispatch a parsed query by opcode (only QUERY is implemented)."""
+        if not hasattr(message, "timeReceived"):
+            message.timeReceived = time.perf_counter()
+        if message.opCode == dns.OP_QUERY:
+            self.handleQuery(message, proto, address)
+        else:
+            self._reply(proto, message, address, dns.ENOTIMP)
+
+    def _malformed(
+        self,
+        data: bytes,
+        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        address: tuple[str, int] | None,
+        transport: str,
+        why: str,
+    ) -> None:
+        self.metrics.malformed.labels(transport).inc()
+        peer = address[0] if address is not None else proto.transport.getPeer().host
+        self._malformed_log(f"malformed DNS packet ({len(data)} octets) from {peer}: {why}")
+        answer = formerr_for(data)
+        if answer is not None:
+            self.metrics.queries.labels("OTHER", "FORMERR", transport).inc()
+            self._write(proto, answer, address)
+
+    def handleQuery(
+        self,
+        message: dns._EDNSMessage,
+        protocol: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        address: tuple[str, int] | None,
+    ) -> None:
+        if message.ednsVersion is not None and message.ednsVersion > 0:
+            self._reply(protocol, message, address, dns.EBADVERSION)
+            return
+        host = address[0] if address is not None else protocol.transport.getPeer().host
+        mesh = self.mesh_of(host)
+        (
+            self.authority.query(message.queries[0], mesh=mesh)
+            .addCallback(self.gotResolverResponse, protocol, message, address)
+            .addErrback(self.gotResolverError, protocol, message, address)
+        )
+
+    # -- output -----------------------------------------------------------------
+
+    def gotResolverResponse(
+        self,
+        response: Result,
+        protocol: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        message: dns._EDNSMessage,
+        address: tuple[str, int] | None,
+    ) -> None:
+        answers, authority, additional = response
+        self._reply(protocol, message, address, dns.OK, answers, authority, additional, True)
+
+    def gotResolverError(
+        self,
+        failure: Failure,
+        protocol: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        message: dns._EDNSMessage,
+        address: tuple[str, int] | None,
+    ) -> None:
+        if failure.check(NameNotFound):
+            authority = failure.value.authority  # type: ignore[union-attr]
+            self._reply(protocol, message, address, dns.ENAME, [], authority, [], True)
+        elif failure.check(AuthoritativeDomainError):
+            self._reply(protocol, message, address, dns.ENAME, [], [], [], True)
+        elif failure.check(DomainError):
+            self._reply(protocol, message, address, dns.EREFUSED)
+        else:
+            self.log.failure("DNS lookup failed", failure)
+            self._reply(protocol, message, address, dns.ESERVER)
+
+    def _reply(
+        self,
+        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        message: dns._EDNSMessage,
+        address: tuple[str, int] | None,
+        rcode: int,
+        answers: Sequence[dns.RRHeader] = (),
+        authority: Sequence[dns.RRHeader] = (),
+        additional: Sequence[dns.RRHeader] = (),
+        authoritative: bool = False,
+    ) -> None:
+        edns = message.ednsVersion is not None
+        response = dns._EDNSMessage(
+            id=message.id,
+            answer=True,
+            opCode=message.opCode,
+            auth=authoritative,
+            recDes=message.recDes,
+            recAv=False,
+            rCode=rcode,
+            ednsVersion=0 if edns else None,
+            dnssecOK=message.dnssecOK,
+            maxSize=MAX_UDP_PAYLOAD,
+            queries=message.queries[:],
+            answers=list(answers),
+            authority=list(authority),
+            additional=list(additional),
+        )
+        if rcode == dns.EFORMAT and len(message.queries) != 1:
+            response.queries = []
+        if address is None:
+            limit = None
+        elif edns:
+            limit = max(CLASSIC_UDP_PAYLOAD, min(message.maxSize, MAX_UDP_PAYLOAD))
+        else:
+            limit = CLASSIC_UDP_PAYLOAD
+        data, truncated = encode_response(response, limit)
+        if truncated:
+            self.metrics.truncated.inc()
+        qtype = message.queries[0].type if message.queries else 0
+        transport = "udp" if address is not None else "tcp"
+        self.metrics.queries.labels(qtype_label(qtype), rcode_label(rcode), transport).inc()
+        started = getattr(message, "timeReceived", None)
+        if started is not None:
+            self.metrics.answer_seconds.observe(time.perf_counter() - started)
+        self._write(proto, data, address)
+
+    def _write(
+        self,
+        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        data: bytes,
+        address: tuple[str, int] | None,
+    ) -> None:
+        if address is not None:
+            proto.transport.write(data, address)
+        else:
+            proto.sendString(data)  # type: ignore[union-attr]
+
+
+def udp_protocol(factory: KumaDNSServerFactory) -> _protocol.DatagramProtocol:
+    """The datagram protocol that feeds C{factory}."""
+    return KumaDNSDatagramProtocol(factory)

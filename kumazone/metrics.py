@@ -1,0 +1,79 @@
+"""Prometheus metrics for one process, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from twisted.names import dns
+
+__all__ = ["Metrics", "qtype_label", "rcode_label"]
+
+_QTYPE_NAMES = {
+    dns.A: "A", dns.AAAA: "AAAA", dns.PTR: "PTR", dns.SOA: "SOA", dns.NS: "NS",
+    dns.ALL_RECORDS: "ANY", dns.TXT: "TXT", dns.SRV: "SRV", dns.MX: "MX",
+    dns.CNAME: "CNAME", dns.AXFR: "AXFR", dns.IXFR: "IXFR", 65: "HTTPS", 64: "SVCB",
+}
+_RCODE_NAMES = {
+    dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAIL",
+    dns.ENAME: "NXDOMAIN", dns.ENOTIMP: "NOTIMP", dns.EREFUSED: "REFUSED",
+    dns.EBADVERSION: "BADVERS",
+}
+
+
+def qtype_label(qtype: int) -> str:
+    """A bounded label for a query type (anything unusual is OTHER)."""
+    return _QTYPE_NAMES.get(qtype, "OTHER")
+
+
+def rcode_label(rcode: int) -> str:
+    """A bounded label for a response code."""
+    return _RCODE_NAMES.get(rcode, "OTHER")
+
+
+class Metrics:
+    """Every metric kumazone exports."""
+
+    def __init__(self, zone: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queries = Counter(
+            "kumazone_dns_queries", "DNS queries answered, by type, rcode and transport",
+            ["type", "rcode", "transport"], registry=r,
+        )
+        self.answer_seconds = Histogram(
+            "kumazone_dns_answer_seconds", "Time from receiving a query to sending its answer",
+            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+            registry=r,
+        )
+        self.malformed = Counter(
+            "kumazone_dns_malformed_packets", "DNS packets that could not be parsed",
+            ["transport"], registry=r,
+        )
+        self.truncated = Counter(
+            "kumazone_dns_truncated_responses", "UDP responses sent with TC set", registry=r,
+        )
+        self.vips_allocated = Gauge(
+            "kumazone_vips_allocated", "Services holding a VIP", ["zone"], registry=r,
+        ).labels(zone)
+        self.vip_range_size = Gauge(
+            "kumazone_vip_range_size", "VIPs the CIDR can hand out", ["zone"], registry=r,
+        ).labels(zone)
+        self.vip_range_used = Gauge(
+            "kumazone_vip_range_used_ratio", "Share of the VIP range allocated",
+            ["zone"], registry=r,
+        ).labels(zone)
+        self.vips_exhausted = Gauge(
+            "kumazone_vip_services_without_vip",
+            "Services that have no VIP because the range is full", ["zone"], registry=r,
+        ).labels(zone)
+        self.table_version = Gauge(
+            "kumazone_vip_table_version", "Version of the VIP table (the SOA serial)",
+            ["zone"], registry=r,
+        ).labels(zone)
+        self.resources_rejected = Counter(
+            "kumazone_resources_rejected", "Resources refused because they do not validate",
+            ["source"], registry=r,
+        )
+        self.api_requests = Counter(
+            "kumazone_api_requests", "HTTP API requests by method and status",
+            ["method", "status"], registry=r,
+        )

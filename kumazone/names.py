@@ -1,0 +1,81 @@
+"""Service names to DNS names: pure functions, no Twisted.
+
+A service ``S`` in domain ``D`` is reachable as ``S.D`` (underscores kept) and as
+the DNS-compliant form with every ``_`` replaced by ``.``.  A form that cannot be a
+DNS name (a label over 63 octets, a name over 255, an empty label, a character
+outside ``[A-Za-z0-9_.-]``) is left out, with a reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "MAX_LABEL_OCTETS",
+    "MAX_NAME_OCTETS",
+    "NAMESERVER_LABEL",
+    "ServiceNames",
+    "name_problem",
+    "nameserver_name",
+    "service_names",
+]
+
+MAX_LABEL_OCTETS = 63
+MAX_NAME_OCTETS = 255
+#: The subtree ``dns.<domain>`` holds the zone's own NS name; services cannot use it.
+NAMESERVER_LABEL = "dns"
+
+_ALLOWED = re.compile(r"\A[A-Za-z0-9_.-]+\Z")
+
+
+@dataclass(frozen=True)
+class ServiceNames:
+    """The DNS names a service gets, and why any form was left out."""
+
+    names: tuple[str, ...]
+    problems: tuple[str, ...]
+
+
+def nameserver_name(domain: str) -> str:
+    """The name of the zone's own nameserver, used in SOA and NS records."""
+    return f"ns.{NAMESERVER_LABEL}.{domain}"
+
+
+def name_problem(name: str) -> str | None:
+    """Why C{name} (presentation form, no trailing dot) cannot be a DNS name, or None."""
+    if not _ALLOWED.match(name):
+        bad = sorted({c for c in name if not re.match(r"[A-Za-z0-9_.-]", c)})
+        return f"character(s) {''.join(bad)!r} not allowed in a DNS name"
+    labels = name.split(".")
+    if any(label == "" for label in labels):
+        return "empty label"
+    for label in labels:
+        if len(label.encode("ascii")) > MAX_LABEL_OCTETS:
+            return f"label {label[:20]!r}... is {len(label)} octets (limit {MAX_LABEL_OCTETS})"
+    wire_length = sum(len(label) + 1 for label in labels) + 1
+    if wire_length > MAX_NAME_OCTETS:
+        return f"name is {wire_length} octets on the wire (limit {MAX_NAME_OCTETS})"
+    return None
+
+
+def service_names(service: str, domain: str) -> ServiceNames:
+    """The DNS names of C{service} under C{domain}, lower-cased, underscore form first."""
+    forms = [f"{service}.{domain}"]
+    if "_" in service:
+        forms.append(f"{service.replace('_', '.')}.{domain}")
+    reserved_suffix = f".{NAMESERVER_LABEL}.{domain}".lower()
+    names: list[str] = []
+    problems: list[str] = []
+    for form in forms:
+        problem = name_problem(form)
+        if problem is None and (
+            form.lower().endswith(reserved_suffix)
+            or form.lower() == reserved_suffix[1:]
+        ):
+            problem = f"{NAMESERVER_LABEL}.{domain} is reserved for the zone's nameserver"
+        if problem is None:
+            names.append(form.lower())
+        else:
+            problems.append(f"{form!r}: {problem}")
+    return ServiceNames(tuple(dict.fromkeys(names)), tuple(problems))

@@ -1,0 +1,299 @@
+"""Kuma Universal resources: parsing and validation, pure.
+
+A resource that does not validate raises L{ResourceError} naming the field that is
+wrong, in Kuma's dotted form (``networking.inbound[0].tags``).  Only what kumazone
+uses is checked in depth; other well-known Kuma fields are accepted as they are,
+unknown top-level fields are refused.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "DATAPLANE",
+    "EXTERNAL_SERVICE",
+    "MESH",
+    "SERVICE_TAG",
+    "Resource",
+    "ResourceError",
+    "ResourceKey",
+    "parse_documents",
+    "parse_resource",
+]
+
+DATAPLANE = "Dataplane"
+EXTERNAL_SERVICE = "ExternalService"
+MESH = "Mesh"
+SERVICE_TAG = "kuma.io/service"
+
+_COMMON_FIELDS = {"type", "name", "mesh", "labels", "creationTime", "modificationTime"}
+_FIELDS = {
+    DATAPLANE: _COMMON_FIELDS | {"networking", "metrics", "probes"},
+    EXTERNAL_SERVICE: _COMMON_FIELDS | {"networking", "tags"},
+    MESH: _COMMON_FIELDS
+    - {"mesh"}
+    | {"mtls", "logging", "tracing", "metrics", "networking", "routing", "constraints", "skipCreatingInitialPolicies", "meshServices"},
+}
+_NAME = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?\Z")
+_TAG_VALUE = re.compile(r"\A[A-Za-z0-9.\-_:/]+\Z")
+_HOSTNAME = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
+MAX_NAME_LENGTH = 253
+MAX_MESH_LENGTH = 63
+
+
+class ResourceError(ValueError):
+    """A resource that does not validate; C{field} names what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True, order=True)
+class ResourceKey:
+    """Identity of a resource: type, mesh ('' for a Mesh) and name."""
+
+    type: str
+    mesh: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.mesh}/{self.name}" if self.mesh else f"{self.type} {self.name}"
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A validated resource: its document as given, and what kumazone uses of it."""
+
+    key: ResourceKey
+    document: Mapping[str, Any]
+    #: ``kuma.io/service`` values a Dataplane provides (empty for other types).
+    services: tuple[str, ...] = ()
+    #: The Dataplane's networking address, if it is an IP address.
+    address: str | None = None
+
+    @property
+    def type(self) -> str:
+        return self.key.type
+
+    @property
+    def mesh(self) -> str:
+        return self.key.mesh
+
+    @property
+    def name(self) -> str:
+        return self.key.name
+
+
+def _require_mapping(value: object, field: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ResourceError(field, f"must be a mapping, not {_kind(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise ResourceError(field, f"keys must be strings, found {key!r}")
+    return value
+
+
+def _require_string(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise ResourceError(field, f"must be a string, not {_kind(value)}")
+    if value == "":
+        raise ResourceError(field, "must not be empty")
+    return value
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def _check_name(value: object, field: str, limit: int) -> str:
+    name = _require_string(value, field)
+    if len(name) > limit:
+        raise ResourceError(field, f"must be at most {limit} characters, is {len(name)}")
+    if not _NAME.match(name):
+        raise ResourceError(
+            field,
+            f"{name!r} is not a valid name: letters, digits, '.', '-' and '_', "
+            "starting and ending with a letter or digit",
+        )
+    return name
+
+
+def _check_port(value: object, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ResourceError(field, f"must be a number, not {_kind(value)}")
+    if not 1 <= value <= 65535:
+        raise ResourceError(field, f"must be in the range [1, 65535], is {value}")
+    return value
+
+
+def _check_tags(value: object, field: str, need_service: bool) -> Mapping[str, str]:
+    tags = _require_mapping(value, field)
+    for tag, tag_value in tags.items():
+        if tag == "":
+            raise ResourceError(field, "tag names must not be empty")
+        text = _require_string(tag_value, f'{field}["{tag}"]')
+        if not _TAG_VALUE.match(text):
+            raise ResourceError(
+                f'{field}["{tag}"]',
+                f"{text!r} has characters outside [A-Za-z0-9.-_:/]",
+            )
+    if need_service and SERVICE_TAG not in tags:
+        raise ResourceError(f'{field}["{SERVICE_TAG}"]', "tag is required")
+    return tags
+
+
+def _check_address(value: object, field: str) -> tuple[str, bool]:
+    """An IP address or a hostname; returns it and whether it is an IP."""
+    address = _require_string(value, field)
+    try:
+        ipaddress.ip_address(address)
+        return address, True
+    except ValueError:
+        pass
+    if len(address) > MAX_NAME_LENGTH or not _HOSTNAME.match(address):
+        raise ResourceError(field, f"{address!r} is neither an IP address nor a hostname")
+    return address, False
+
+
+def _check_unknown(document: Mapping[str, Any], allowed: set[str], prefix: str = "") -> None:
+    for key in document:
+        if key not in allowed:
+            raise ResourceError(f"{prefix}{key}", "unknown field")
+
+
+def _dataplane(document: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None]:
+    networking = _require_mapping(document.get("networking"), "networking")
+    _check_unknown(
+        networking,
+        {"address", "advertisedAddress", "inbound", "outbound", "gateway", "admin",
+         "transparentProxying"},
+        "networking.",
+    )
+    address, is_ip = _check_address(networking.get("address"), "networking.address")
+    services: list[str] = []
+    inbounds = networking.get("inbound", [])
+    if not isinstance(inbounds, list):
+        raise ResourceError("networking.inbound", f"must be a list, not {_kind(inbounds)}")
+    for index, inbound in enumerate(inbounds):
+        field = f"networking.inbound[{index}]"
+        inbound = _require_mapping(inbound, field)
+        _check_port(inbound.get("port"), f"{field}.port")
+        if "servicePort" in inbound:
+            _check_port(inbound["servicePort"], f"{field}.servicePort")
+        for key in ("address", "serviceAddress"):
+            if key in inbound:
+                _check_address(inbound[key], f"{field}.{key}")
+        tags = _check_tags(inbound.get("tags"), f"{field}.tags", need_service=True)
+        services.append(tags[SERVICE_TAG])
+    gateway = networking.get("gateway")
+    if gateway is not None:
+        gateway = _require_mapping(gateway, "networking.gateway")
+        tags = _check_tags(gateway.get("tags"), "networking.gateway.tags", need_service=True)
+        kind = gateway.get("type", "DELEGATED")
+        if kind not in ("DELEGATED", "BUILTIN"):
+            raise ResourceError(
+                "networking.gateway.type", f"must be DELEGATED or BUILTIN, is {kind!r}"
+            )
+        services.append(tags[SERVICE_TAG])
+    if not services:
+        raise ResourceError("networking", "has neither an inbound nor a gateway")
+    if gateway is not None and inbounds:
+        raise ResourceError("networking.inbound", "must be empty on a gateway Dataplane")
+    return tuple(dict.fromkeys(services)), address if is_ip else None
+
+
+def _external_service(document: Mapping[str, Any]) -> None:
+    _check_tags(document.get("tags"), "tags", need_service=True)
+    networking = _require_mapping(document.get("networking"), "networking")
+    _check_unknown(networking, {"address", "tls", "disableHostDNSEntry"}, "networking.")
+    address = _require_string(networking.get("address"), "networking.address")
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ResourceError("networking.address", f"{address!r} must be host:port")
+    if not port.isdigit():
+        raise ResourceError("networking.address", f"port {port!r} is not a number")
+    _check_port(int(port), "networking.address")
+    _check_address(host.strip("[]"), "networking.address")
+
+
+def parse_resource(document: object) -> Resource:
+    """Validate one resource document (already decoded from YAML or JSON)."""
+    document = _require_mapping(document, "(resource)")
+    kind = document.get("type")
+    if kind not in _FIELDS:
+        raise ResourceError(
+            "type", f"must be one of {', '.join(sorted(_FIELDS))}, is {kind!r}"
+        )
+    _check_unknown(document, _FIELDS[kind])
+    name = _check_name(document.get("name"), "name", MAX_NAME_LENGTH)
+    if "labels" in document:
+        labels = _require_mapping(document["labels"], "labels")
+        for label, value in labels.items():
+            _require_string(value, f'labels["{label}"]')
+    if kind == MESH:
+        if len(name) > MAX_MESH_LENGTH:
+            raise ResourceError("name", f"a mesh name must be at most {MAX_MESH_LENGTH} characters")
+        return Resource(ResourceKey(MESH, "", name), document)
+    mesh = _check_name(document.get("mesh", "default"), "mesh", MAX_MESH_LENGTH)
+    key = ResourceKey(kind, mesh, name)
+    if kind == DATAPLANE:
+        services, address = _dataplane(document)
+        return Resource(key, document, services, address)
+    _external_service(document)
+    return Resource(key, document)
+
+
+def load_documents(text: str, json_only: bool = False) -> Iterator[object]:
+    """Decode a YAML (multi-document) or JSON text; raises L{ResourceError} if unreadable."""
+    if json_only:
+        try:
+            yield json.loads(text)
+        except ValueError as e:
+            raise ResourceError("(document)", f"not valid JSON: {e}") from None
+        return
+    try:
+        documents = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ResourceError("(document)", f"not valid YAML{where}: {problem}") from None
+    for document in documents:
+        if document is not None:
+            yield document
+
+
+def parse_documents(text: str, json_only: bool = False) -> list[Resource | ResourceError]:
+    """Every resource in a file's text, or the error for each one that is bad.
+
+    A text that cannot be decoded at all gives one error.
+    """
+    results: list[Resource | ResourceError] = []
+    try:
+        documents = list(load_documents(text, json_only))
+    except ResourceError as e:
+        return [e]
+    for document in documents:
+        if isinstance(document, list) and json_only:
+            items: list[object] = list(document)
+        else:
+            items = [document]
+        for item in items:
+            try:
+                results.append(parse_resource(item))
+            except ResourceError as e:
+                results.append(e)
+    return results

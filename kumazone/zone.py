@@ -1,0 +1,238 @@
+"""The zone's inventory and VIP table, kept consistent with the store. Pure.
+
+Resources come from two sources: files in the resources directory and the HTTP
+API.  A resource is defined by one source only: the first file (in path order)
+that defines it, otherwise the API.  Every change recomputes the wanted services,
+reconciles the VIP table, persists both in one transaction and tells listeners.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from kumazone.config import DnsServerConfig
+from kumazone.names import service_names
+from kumazone.resources import DATAPLANE, MESH, Resource, ResourceKey
+from kumazone.store import SQLiteStore
+from kumazone.vips import ServiceKey, TableDelta, VipRange, VipTable
+
+__all__ = [
+    "DEFAULT_MESH",
+    "ConflictError",
+    "VipEntry",
+    "Zone",
+    "ZoneSnapshot",
+]
+
+DEFAULT_MESH = "default"
+
+
+class ConflictError(Exception):
+    """A resource is defined by another source and cannot be changed here."""
+
+
+@dataclass(frozen=True)
+class VipEntry:
+    """One service with its VIPs and DNS names."""
+
+    key: ServiceKey
+    vip: str
+    vip6: str
+    names: tuple[str, ...]
+    problems: tuple[str, ...] = ()
+    provisional: bool = False
+
+
+@dataclass(frozen=True)
+class ZoneSnapshot:
+    """What the DNS server and the API serve: one consistent view."""
+
+    version: int
+    entries: tuple[VipEntry, ...]
+    mesh_of_address: Mapping[str, str]
+    exhausted: tuple[ServiceKey, ...] = ()
+    range_size: int = 0
+    range_used: int = 0
+    meshes: tuple[str, ...] = (DEFAULT_MESH,)
+    zone: str = ""
+
+
+class Zone:
+    """A zone's resources and VIP table; C{now} is always passed in."""
+
+    def __init__(
+        self,
+        name: str,
+        config: DnsServerConfig,
+        store: SQLiteStore,
+        warn: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.store = store
+        self._warn = warn
+        self._warned: set[str] = set()
+        self.listeners: list[Callable[[ZoneSnapshot], None]] = []
+        state = store.load()
+        for key, problem in state.bad_resources:
+            warn(f"stored {key} no longer validates and is not served: {problem}")
+        self.api: dict[ResourceKey, Resource] = {r.key: r for r in state.resources}
+        self.files: dict[str, dict[ResourceKey, Resource]] = {}
+        vip_range = VipRange(config.cidr, config.cidr6)
+        self._range_id = f"{config.cidr} {config.cidr6}"
+        allocations, holds = state.allocations, state.holds
+        self._reset_table = False
+        if state.vip_range and state.vip_range != self._range_id:
+            warn(
+                f"VIP range changed from {state.vip_range} to {self._range_id}: "
+                "every VIP is allocated anew"
+            )
+            allocations, holds = [], []
+            self._reset_table = True
+        self.table = VipTable(
+            vip_range, config.hold_down, allocations, holds, state.table_version
+        )
+        self.snapshot = self._build_snapshot()
+
+    # -- sources ---------------------------------------------------------------
+
+    def owner_of(self, key: ResourceKey) -> str | None:
+        """The file that defines C{key}, 'api', or None."""
+        for path in sorted(self.files):
+            if key in self.files[path]:
+                return path
+        return "api" if key in self.api else None
+
+    def resources(self) -> dict[ResourceKey, Resource]:
+        """The merged inventory: files first (in path order), then the API."""
+        merged: dict[ResourceKey, Resource] = {}
+        for path in sorted(self.files):
+            for key, resource in self.files[path].items():
+                merged.setdefault(key, resource)
+        for key, resource in self.api.items():
+            merged.setdefault(key, resource)
+        return merged
+
+    def set_file(self, path: str, resources: Iterable[Resource], now: float) -> None:
+        """Replace what file C{path} defines (an empty list removes the file)."""
+        mine: dict[ResourceKey, Resource] = {}
+        for resource in resources:
+            owner = self.owner_of(resource.key)
+            if owner not in (None, path, "api") or resource.key in mine:
+                self._warn(f"{path}: {resource.key} is defined already in {owner}; ignored")
+                continue
+            mine[resource.key] = resource
+        if mine:
+            self.files[path] = mine
+        else:
+            self.files.pop(path, None)
+        self.update(now)
+
+    def put(self, resource: Resource, now: float) -> bool:
+        """Create or replace a resource given through the API; True if it is new."""
+        owner = self.owner_of(resource.key)
+        if owner not in (None, "api"):
+            raise ConflictError(f"{resource.key} is defined in {owner}; change it there")
+        created = resource.key not in self.api
+        self.api[resource.key] = resource
+        self.update(now, puts=[resource])
+        return created
+
+    def delete(self, key: ResourceKey, now: float) -> bool:
+        """Delete a resource given through the API; False if there is none."""
+        owner = self.owner_of(key)
+        if owner not in (None, "api"):
+            raise ConflictError(f"{key} is defined in {owner}; remove it there")
+        if key not in self.api:
+            return False
+        del self.api[key]
+        self.update(now, deletes=[key])
+        return True
+
+    # -- the table -------------------------------------------------------------
+
+    def wanted(self) -> set[ServiceKey]:
+        """The services the inventory defines (Dataplanes only, never ExternalServices)."""
+        return {
+            ServiceKey(resource.mesh, service)
+            for resource in self.resources().values()
+            if resource.type == DATAPLANE
+            for service in resource.services
+        }
+
+    def update(
+        self,
+        now: float,
+        puts: Iterable[Resource] = (),
+        deletes: Iterable[ResourceKey] = (),
+    ) -> TableDelta:
+        """Reconcile the table with the inventory, persist, and tell listeners."""
+        before = self.table.exhausted
+        delta = self.table.reconcile(self.wanted(), now)
+        self.store.commit(
+            puts=puts,
+            deletes=deletes,
+            delta=delta,
+            table_version=self.table.version,
+            vip_range=self._range_id,
+            reset_table=self._reset_table,
+        )
+        self._reset_table = False
+        newly_exhausted = set(delta.exhausted) - before
+        if newly_exhausted:
+            self._warn(
+                f"VIP range {self.config.cidr} is exhausted: {len(self.table.exhausted)} "
+                f"service(s) without a VIP, e.g. {sorted(newly_exhausted)[0]}"
+            )
+        self.snapshot = self._build_snapshot()
+        for listener in list(self.listeners):
+            listener(self.snapshot)
+        return delta
+
+    def _build_snapshot(self) -> ZoneSnapshot:
+        vip_range = self.table.range
+        entries = []
+        for key in sorted(self.table.allocations):
+            offset = self.table.allocations[key].offset
+            names = service_names(key.service, self.config.domain)
+            for problem in names.problems:
+                message = f"service {key}: no DNS name {problem}"
+                if message not in self._warned:
+                    self._warned.add(message)
+                    self._warn(message)
+            entries.append(
+                VipEntry(
+                    key,
+                    str(vip_range.ipv4(offset)),
+                    str(vip_range.ipv6(offset)),
+                    names.names,
+                    names.problems,
+                )
+            )
+        resources = self.resources()
+        mesh_of_address: dict[str, str] = {}
+        ambiguous: set[str] = set()
+        for resource in resources.values():
+            if resource.type == DATAPLANE and resource.address is not None:
+                previous = mesh_of_address.setdefault(resource.address, resource.mesh)
+                if previous != resource.mesh:
+                    ambiguous.add(resource.address)
+        for address in sorted(ambiguous):
+            message = f"address {address} is a Dataplane in several meshes; it gets mesh default"
+            if message not in self._warned:
+                self._warned.add(message)
+                self._warn(message)
+            del mesh_of_address[address]
+        meshes = {DEFAULT_MESH} | {r.mesh for r in resources.values() if r.type != MESH}
+        meshes |= {r.name for r in resources.values() if r.type == MESH}
+        return ZoneSnapshot(
+            version=self.table.version,
+            entries=tuple(entries),
+            mesh_of_address=mesh_of_address,
+            exhausted=tuple(sorted(self.table.exhausted)),
+            range_size=vip_range.size,
+            range_used=len(self.table.allocations),
+            meshes=tuple(sorted(meshes)),
+            zone=self.name,
+        )

@@ -63,9 +63,7 @@ def reverse_zones(network: IPv4Network | IPv6Network) -> list[str]:
 class ZoneAuthority(ResolverBase):
     """Answers for the domain and the VIP reverse zones from a L{ZoneSnapshot}."""
 
-    def __init__(
-        self, config: DnsServerConfig, nameserver_addresses: Sequence[str] = ()
-    ) -> None:
+    def __init__(self, config: DnsServerConfig, nameserver_addresses: Sequence[str] = ()) -> None:
         super().__init__()
         self.config = config
         self.ttl = config.ttl

@@ -32,8 +32,9 @@ class DnsServerConfig:
 
     domain: str = "mesh"
     port: int = 5653
-    cidr: IPv4Network = IPv4Network("240.0.0.0/4")
-    cidr6: IPv6Network = IPv6Network("fd00:fd00::/64")
+    # Networks are immutable, so one shared default instance is safe.
+    cidr: IPv4Network = IPv4Network("240.0.0.0/4")  # noqa: RUF009
+    cidr6: IPv6Network = IPv6Network("fd00:fd00::/64")  # noqa: RUF009
     ttl: int = 60
 
     @property

@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from twisted.internet import protocol as _protocol
 from twisted.logger import Logger
@@ -39,6 +40,22 @@ CLASSIC_UDP_PAYLOAD = 512
 TCP_IDLE_TIMEOUT = 30
 
 _HEADER = struct.Struct("!HHHHHH")
+
+#: Either of the two protocols that feed the factory.
+_Proto = dns.DNSDatagramProtocol | dns.DNSProtocol
+
+
+class _Query(dns._EDNSMessage):
+    """A received query, with the time it arrived (for the latency metric)."""
+
+    timeReceived: float
+
+
+def _peer_host(proto: _Proto, address: tuple[str, int] | None) -> str:
+    """The client's address: from the datagram, or from the TCP connection."""
+    if address is not None:
+        return address[0]
+    return str(getattr(cast(Any, proto.transport).getPeer(), "host", ""))
 
 
 def formerr_for(data: bytes) -> bytes | None:
@@ -69,12 +86,20 @@ def encode_response(response: dns._EDNSMessage, limit: int | None) -> tuple[byte
     if limit is None or len(data) <= limit:
         return data, False
     trimmed = dns._EDNSMessage(
-        id=response.id, answer=response.answer, opCode=response.opCode,
-        auth=response.auth, recDes=response.recDes, recAv=response.recAv,
-        rCode=response.rCode, ednsVersion=response.ednsVersion,
-        dnssecOK=response.dnssecOK, maxSize=response.maxSize,
-        queries=response.queries[:], answers=response.answers[:],
-        authority=response.authority[:], additional=response.additional[:],
+        id=response.id,
+        answer=response.answer,
+        opCode=response.opCode,
+        auth=response.auth,
+        recDes=response.recDes,
+        recAv=response.recAv,
+        rCode=response.rCode,
+        ednsVersion=response.ednsVersion,
+        dnssecOK=response.dnssecOK,
+        maxSize=response.maxSize,
+        queries=response.queries[:],
+        answers=response.answers[:],
+        authority=response.authority[:],
+        additional=response.additional[:],
     )
     while trimmed.additional:
         trimmed.additional.pop()
@@ -99,6 +124,7 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
     """UDP: hands every datagram, parsed or not, to the factory."""
 
     controller: KumaDNSServerFactory
+    noisy = False
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         self.controller.packetReceived(data, self, addr)
@@ -118,15 +144,16 @@ class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
         self.controller.packetReceived(data, self, None)
 
     def timeoutConnection(self) -> None:
-        self.transport.loseConnection()
+        cast(Any, self.transport).loseConnection()
 
 
 class KumaDNSServerFactory(server.DNSServerFactory):
     """Serves the zone authority over UDP and TCP."""
 
-    protocol = KumaDNSProtocol  # type: ignore[assignment]
-    _messageFactory = dns._EDNSMessage
+    protocol = KumaDNSProtocol
+    _messageFactory = dns._EDNSMessage  # type: ignore[assignment]
     log = Logger()
+    noisy = False
 
     def __init__(
         self,
@@ -153,7 +180,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
     def packetReceived(
         self,
         data: bytes,
-        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        proto: _Proto,
         address: tuple[str, int] | None,
     ) -> None:
         """Parse one packet and answer it; never raises."""
@@ -163,7 +190,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
             plain = dns.Message()
             plain.fromStr(data)
             opt_records = sum(1 for r in plain.additional if r.type == dns.OPT)
-            message = dns._EDNSMessage._fromMessage(plain)
+            message = _Query._fromMessage(plain)
         except Exception as e:
             self._malformed(data, proto, address, transport, f"{type(e).__name__}: {e}")
             return
@@ -180,13 +207,11 @@ class KumaDNSServerFactory(server.DNSServerFactory):
 
     def messageReceived(
         self,
-        message: dns._EDNSMessage,
-        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        message: _Query,
+        proto: _Proto,
         address: tuple[str, int] | None = None,
     ) -> None:
         """Dispatch a parsed query by opcode (only QUERY is implemented)."""
-        if not hasattr(message, "timeReceived"):
-            message.timeReceived = time.perf_counter()
         if message.opCode == dns.OP_QUERY:
             self.handleQuery(message, proto, address)
         else:
@@ -195,13 +220,13 @@ class KumaDNSServerFactory(server.DNSServerFactory):
     def _malformed(
         self,
         data: bytes,
-        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        proto: _Proto,
         address: tuple[str, int] | None,
         transport: str,
         why: str,
     ) -> None:
         self.metrics.malformed.labels(transport).inc()
-        peer = address[0] if address is not None else proto.transport.getPeer().host
+        peer = _peer_host(proto, address)
         self._malformed_log(f"malformed DNS packet ({len(data)} octets) from {peer}: {why}")
         answer = formerr_for(data)
         if answer is not None:
@@ -211,14 +236,13 @@ class KumaDNSServerFactory(server.DNSServerFactory):
     def handleQuery(
         self,
         message: dns._EDNSMessage,
-        protocol: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        protocol: _Proto,
         address: tuple[str, int] | None,
     ) -> None:
         if message.ednsVersion is not None and message.ednsVersion > 0:
             self._reply(protocol, message, address, dns.EBADVERSION)
             return
-        host = address[0] if address is not None else protocol.transport.getPeer().host
-        mesh = self.mesh_of(host)
+        mesh = self.mesh_of(_peer_host(protocol, address))
         (
             self.authority.query(message.queries[0], mesh=mesh)
             .addCallback(self.gotResolverResponse, protocol, message, address)
@@ -230,7 +254,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
     def gotResolverResponse(
         self,
         response: Result,
-        protocol: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        protocol: _Proto,
         message: dns._EDNSMessage,
         address: tuple[str, int] | None,
     ) -> None:
@@ -240,7 +264,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
     def gotResolverError(
         self,
         failure: Failure,
-        protocol: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        protocol: _Proto,
         message: dns._EDNSMessage,
         address: tuple[str, int] | None,
     ) -> None:
@@ -257,7 +281,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
 
     def _reply(
         self,
-        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        proto: _Proto,
         message: dns._EDNSMessage,
         address: tuple[str, int] | None,
         rcode: int,
@@ -304,14 +328,14 @@ class KumaDNSServerFactory(server.DNSServerFactory):
 
     def _write(
         self,
-        proto: dns.DNSDatagramProtocol | dns.DNSProtocol,
+        proto: _Proto,
         data: bytes,
         address: tuple[str, int] | None,
     ) -> None:
         if address is not None:
-            proto.transport.write(data, address)
+            cast(Any, proto.transport).write(data, address)
         else:
-            proto.sendString(data)  # type: ignore[union-attr]
+            cast(dns.DNSProtocol, proto).sendString(data)
 
 
 def udp_protocol(factory: KumaDNSServerFactory) -> _protocol.DatagramProtocol:

@@ -8,13 +8,28 @@ from twisted.names import dns
 __all__ = ["Metrics", "qtype_label", "rcode_label"]
 
 _QTYPE_NAMES = {
-    dns.A: "A", dns.AAAA: "AAAA", dns.PTR: "PTR", dns.SOA: "SOA", dns.NS: "NS",
-    dns.ALL_RECORDS: "ANY", dns.TXT: "TXT", dns.SRV: "SRV", dns.MX: "MX",
-    dns.CNAME: "CNAME", dns.AXFR: "AXFR", dns.IXFR: "IXFR", 65: "HTTPS", 64: "SVCB",
+    dns.A: "A",
+    dns.AAAA: "AAAA",
+    dns.PTR: "PTR",
+    dns.SOA: "SOA",
+    dns.NS: "NS",
+    dns.ALL_RECORDS: "ANY",
+    dns.TXT: "TXT",
+    dns.SRV: "SRV",
+    dns.MX: "MX",
+    dns.CNAME: "CNAME",
+    dns.AXFR: "AXFR",
+    dns.IXFR: "IXFR",
+    65: "HTTPS",
+    64: "SVCB",
 }
 _RCODE_NAMES = {
-    dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAIL",
-    dns.ENAME: "NXDOMAIN", dns.ENOTIMP: "NOTIMP", dns.EREFUSED: "REFUSED",
+    dns.OK: "NOERROR",
+    dns.EFORMAT: "FORMERR",
+    dns.ESERVER: "SERVFAIL",
+    dns.ENAME: "NXDOMAIN",
+    dns.ENOTIMP: "NOTIMP",
+    dns.EREFUSED: "REFUSED",
     dns.EBADVERSION: "BADVERS",
 }
 
@@ -36,44 +51,67 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.queries = Counter(
-            "kumazone_dns_queries", "DNS queries answered, by type, rcode and transport",
-            ["type", "rcode", "transport"], registry=r,
+            "kumazone_dns_queries",
+            "DNS queries answered, by type, rcode and transport",
+            ["type", "rcode", "transport"],
+            registry=r,
         )
         self.answer_seconds = Histogram(
-            "kumazone_dns_answer_seconds", "Time from receiving a query to sending its answer",
+            "kumazone_dns_answer_seconds",
+            "Time from receiving a query to sending its answer",
             buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
             registry=r,
         )
         self.malformed = Counter(
-            "kumazone_dns_malformed_packets", "DNS packets that could not be parsed",
-            ["transport"], registry=r,
+            "kumazone_dns_malformed_packets",
+            "DNS packets that could not be parsed",
+            ["transport"],
+            registry=r,
         )
         self.truncated = Counter(
-            "kumazone_dns_truncated_responses", "UDP responses sent with TC set", registry=r,
+            "kumazone_dns_truncated_responses",
+            "UDP responses sent with TC set",
+            registry=r,
         )
         self.vips_allocated = Gauge(
-            "kumazone_vips_allocated", "Services holding a VIP", ["zone"], registry=r,
+            "kumazone_vips_allocated",
+            "Services holding a VIP",
+            ["zone"],
+            registry=r,
         ).labels(zone)
         self.vip_range_size = Gauge(
-            "kumazone_vip_range_size", "VIPs the CIDR can hand out", ["zone"], registry=r,
+            "kumazone_vip_range_size",
+            "VIPs the CIDR can hand out",
+            ["zone"],
+            registry=r,
         ).labels(zone)
         self.vip_range_used = Gauge(
-            "kumazone_vip_range_used_ratio", "Share of the VIP range allocated",
-            ["zone"], registry=r,
+            "kumazone_vip_range_used_ratio",
+            "Share of the VIP range allocated",
+            ["zone"],
+            registry=r,
         ).labels(zone)
         self.vips_exhausted = Gauge(
             "kumazone_vip_services_without_vip",
-            "Services that have no VIP because the range is full", ["zone"], registry=r,
+            "Services that have no VIP because the range is full",
+            ["zone"],
+            registry=r,
         ).labels(zone)
         self.table_version = Gauge(
-            "kumazone_vip_table_version", "Version of the VIP table (the SOA serial)",
-            ["zone"], registry=r,
+            "kumazone_vip_table_version",
+            "Version of the VIP table (the SOA serial)",
+            ["zone"],
+            registry=r,
         ).labels(zone)
         self.resources_rejected = Counter(
-            "kumazone_resources_rejected", "Resources refused because they do not validate",
-            ["source"], registry=r,
+            "kumazone_resources_rejected",
+            "Resources refused because they do not validate",
+            ["source"],
+            registry=r,
         )
         self.api_requests = Counter(
-            "kumazone_api_requests", "HTTP API requests by method and status",
-            ["method", "status"], registry=r,
+            "kumazone_api_requests",
+            "HTTP API requests by method and status",
+            ["method", "status"],
+            registry=r,
         )

@@ -70,8 +70,7 @@ def service_names(service: str, domain: str) -> ServiceNames:
     for form in forms:
         problem = name_problem(form)
         if problem is None and (
-            form.lower().endswith(reserved_suffix)
-            or form.lower() == reserved_suffix[1:]
+            form.lower().endswith(reserved_suffix) or form.lower() == reserved_suffix[1:]
         ):
             problem = f"{NAMESERVER_LABEL}.{domain} is reserved for the zone's nameserver"
         if problem is None:

@@ -38,9 +38,18 @@ _COMMON_FIELDS = {"type", "name", "mesh", "labels", "creationTime", "modificatio
 _FIELDS = {
     DATAPLANE: _COMMON_FIELDS | {"networking", "metrics", "probes"},
     EXTERNAL_SERVICE: _COMMON_FIELDS | {"networking", "tags"},
-    MESH: _COMMON_FIELDS
-    - {"mesh"}
-    | {"mtls", "logging", "tracing", "metrics", "networking", "routing", "constraints", "skipCreatingInitialPolicies", "meshServices"},
+    MESH: _COMMON_FIELDS - {"mesh"}
+    | {
+        "mtls",
+        "logging",
+        "tracing",
+        "metrics",
+        "networking",
+        "routing",
+        "constraints",
+        "skipCreatingInitialPolicies",
+        "meshServices",
+    },
 }
 _NAME = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?\Z")
 _TAG_VALUE = re.compile(r"\A[A-Za-z0-9.\-_:/]+\Z")
@@ -114,8 +123,14 @@ def _require_string(value: object, field: str) -> str:
 def _kind(value: object) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)
 
 
 def _check_name(value: object, field: str, limit: int) -> str:
@@ -178,8 +193,15 @@ def _dataplane(document: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None
     networking = _require_mapping(document.get("networking"), "networking")
     _check_unknown(
         networking,
-        {"address", "advertisedAddress", "inbound", "outbound", "gateway", "admin",
-         "transparentProxying"},
+        {
+            "address",
+            "advertisedAddress",
+            "inbound",
+            "outbound",
+            "gateway",
+            "admin",
+            "transparentProxying",
+        },
         "networking.",
     )
     address, is_ip = _check_address(networking.get("address"), "networking.address")
@@ -234,9 +256,7 @@ def parse_resource(document: object) -> Resource:
     document = _require_mapping(document, "(resource)")
     kind = document.get("type")
     if kind not in _FIELDS:
-        raise ResourceError(
-            "type", f"must be one of {', '.join(sorted(_FIELDS))}, is {kind!r}"
-        )
+        raise ResourceError("type", f"must be one of {', '.join(sorted(_FIELDS))}, is {kind!r}")
     _check_unknown(document, _FIELDS[kind])
     name = _check_name(document.get("name"), "name", MAX_NAME_LENGTH)
     if "labels" in document:

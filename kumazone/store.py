@@ -128,8 +128,12 @@ class SQLiteStore:
                 db.execute(
                     "INSERT OR REPLACE INTO resources (type, mesh, name, document) "
                     "VALUES (?, ?, ?, ?)",
-                    (resource.type, resource.mesh, resource.name,
-                     json.dumps(resource.document, sort_keys=True)),
+                    (
+                        resource.type,
+                        resource.mesh,
+                        resource.name,
+                        json.dumps(resource.document, sort_keys=True),
+                    ),
                 )
             for key in deletes:
                 db.execute(

@@ -90,9 +90,7 @@ class Zone:
             )
             allocations, holds = [], []
             self._reset_table = True
-        self.table = VipTable(
-            vip_range, config.hold_down, allocations, holds, state.table_version
-        )
+        self.table = VipTable(vip_range, config.hold_down, allocations, holds, state.table_version)
         self.snapshot = self._build_snapshot()
 
     # -- sources ---------------------------------------------------------------
@@ -166,28 +164,36 @@ class Zone:
         now: float,
         puts: Iterable[Resource] = (),
         deletes: Iterable[ResourceKey] = (),
+        inventory_changed: bool = True,
     ) -> TableDelta:
-        """Reconcile the table with the inventory, persist, and tell listeners."""
+        """Reconcile the table with the inventory, persist, and tell listeners.
+
+        C{inventory_changed=False} is the periodic tick: it only expires
+        hold-downs and retries services the range had no room for.
+        """
+        puts, deletes = list(puts), list(deletes)
         before = self.table.exhausted
         delta = self.table.reconcile(self.wanted(), now)
-        self.store.commit(
-            puts=puts,
-            deletes=deletes,
-            delta=delta,
-            table_version=self.table.version,
-            vip_range=self._range_id,
-            reset_table=self._reset_table,
-        )
-        self._reset_table = False
+        if delta.anything or puts or deletes or self._reset_table:
+            self.store.commit(
+                puts=puts,
+                deletes=deletes,
+                delta=delta,
+                table_version=self.table.version,
+                vip_range=self._range_id,
+                reset_table=self._reset_table,
+            )
+            self._reset_table = False
         newly_exhausted = set(delta.exhausted) - before
         if newly_exhausted:
             self._warn(
                 f"VIP range {self.config.cidr} is exhausted: {len(self.table.exhausted)} "
                 f"service(s) without a VIP, e.g. {sorted(newly_exhausted)[0]}"
             )
-        self.snapshot = self._build_snapshot()
-        for listener in list(self.listeners):
-            listener(self.snapshot)
+        if inventory_changed or delta.changed:
+            self.snapshot = self._build_snapshot()
+            for listener in list(self.listeners):
+                listener(self.snapshot)
         return delta
 
     def _build_snapshot(self) -> ZoneSnapshot:

@@ -1,0 +1,7 @@
+"""``python -m kumazone``: the same as the ``kumazone`` command."""
+
+import sys
+
+from kumazone.cli import main
+
+sys.exit(main())

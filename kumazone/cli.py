@@ -1,0 +1,82 @@
+"""The ``kumazone`` command (also ``python -m kumazone``).
+
+kumazone run [twistd plugin options]   run a control plane in the foreground
+kumazone check PATH...                 validate resource files or directories
+kumazone version
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+from kumazone import __version__
+from kumazone.resources import Resource, ResourceError, parse_documents
+from kumazone.watcher import RESOURCE_SUFFIXES
+
+__all__ = ["main"]
+
+
+def _files(paths: Sequence[str]) -> list[str]:
+    found: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            for directory, subdirectories, names in os.walk(path):
+                subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+                found += [
+                    os.path.join(directory, n)
+                    for n in sorted(names)
+                    if n.endswith(RESOURCE_SUFFIXES) and not n.startswith(".")
+                ]
+        else:
+            found.append(path)
+    return found
+
+
+def check(paths: Sequence[str]) -> int:
+    """Print every resource error in C{paths}; 0 if there is none."""
+    errors = 0
+    resources = 0
+    for path in _files(paths):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"{path}: cannot be read: {e}", file=sys.stderr)
+            errors += 1
+            continue
+        for index, result in enumerate(parse_documents(text, json_only=path.endswith(".json"))):
+            if isinstance(result, ResourceError):
+                print(f"{path}: document {index + 1}: {result}", file=sys.stderr)
+                errors += 1
+            elif isinstance(result, Resource):
+                resources += 1
+    print(f"{resources} valid resource(s), {errors} error(s)")
+    return 1 if errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console command."""
+    parser = argparse.ArgumentParser(prog="kumazone", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a control plane (twistd -n kumazone ...)")
+    run.add_argument("options", nargs=argparse.REMAINDER, help="kumazone plugin options")
+    checker = commands.add_parser("check", help="validate resource files or directories")
+    checker.add_argument("paths", nargs="+")
+    commands.add_parser("version", help="print the version")
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(f"kumazone {__version__}")
+        return 0
+    if args.command == "check":
+        return check(args.paths)
+    twistd = shutil.which("twistd", path=os.path.dirname(sys.executable)) or "twistd"
+    os.execv(twistd, [twistd, "-n", "--pidfile=", "kumazone", *args.options])
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

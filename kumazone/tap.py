@@ -1,0 +1,127 @@
+"""twistd plugin options and service assembly: `twistd -n kumazone --role=zone ...`.
+
+Options are validated in L{Options.postOptions}; a bad value stops start-up with
+one line naming it.  L{makeService} only assembles: nothing binds until the
+service starts.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from twisted.python import usage
+
+from kumazone.config import ConfigError, load_config, parse_port
+from kumazone.service import ZoneService, ZoneSettings
+
+__all__ = ["Options", "makeService"]
+
+_ZONE_NAME = re.compile(r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
+def _fail(message: str) -> SystemExit:
+    """Start-up stops with this one line on stderr and exit status 1."""
+    return SystemExit(f"kumazone: {message}")
+
+
+class Options(usage.Options):
+    """Command-line options of the kumazone plugin."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Runs a kumazone control plane. --role=zone --zone=NAME runs a standalone zone "
+        "serving .mesh DNS from --resources and the HTTP API."
+    )
+    optParameters = [
+        ["role", None, "zone", "zone or global."],
+        ["zone", None, None, "The zone's name (role zone)."],
+        ["global", None, None, "HOST[:PORT] of the global control plane (role zone)."],
+        ["config", None, None, "YAML file with Kuma's dnsServer keys."],
+        ["resources", None, None, "Directory of resource files (*.yaml, *.yml, *.json), watched."],
+        ["data-dir", None, None, "State directory (default ./kumazone-data/<zone or global>)."],
+        ["store", None, None, "Store URL (default sqlite:///<data-dir>/kumazone.sqlite3)."],
+        ["dns-port", None, None, "DNS port, UDP and TCP (default 5653; 0 picks a free one)."],
+        ["dns-interface", None, "0.0.0.0", "Address the DNS server listens on."],
+        ["diagnostics-port", None, "5680", "Port of /ready, /healthy, /metrics (0: free)."],
+        ["api-port", None, "5681", "HTTP API port (0: free)."],
+        ["api-interface", None, "127.0.0.1", "Address the HTTP API listens on."],
+        ["kds-port", None, "5685", "Zone sync port (role global)."],
+        ["kds-interface", None, "0.0.0.0", "Address zone sync listens on (role global)."],
+        ["tls-cert", None, None, "PEM certificate for zone sync."],
+        ["tls-key", None, None, "PEM private key for zone sync."],
+        ["tls-ca", None, None, "PEM CA certificate that signs the peers' certificates."],
+    ]
+    optFlags = [
+        ["insecure", None, "Allow zone sync without TLS certificates."],
+    ]
+
+    def postOptions(self) -> None:
+        role = self["role"]
+        if role == "global" or self["global"] is not None:
+            raise _fail(
+                "federation (--role=global, --global) is not available in this version; "
+                "run a standalone zone with --role=zone --zone=NAME"
+            )
+        if role != "zone":
+            raise _fail(f"--role: {role!r} must be zone or global")
+        zone = self["zone"]
+        if zone is None:
+            raise _fail("--zone: a zone name is required with --role=zone")
+        if not _ZONE_NAME.match(zone):
+            raise _fail(
+                f"--zone: {zone!r} is not a valid zone name "
+                "(lower-case letters, digits and '-', at most 63)"
+            )
+        for flag in ("diagnostics-port", "api-port", "kds-port"):
+            try:
+                self[flag] = parse_port(self[flag])
+            except ValueError as e:
+                raise _fail(f"--{flag}: {self[flag]!r} {e}") from None
+        text = None
+        if self["config"] is not None:
+            try:
+                with open(self["config"], encoding="utf-8") as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise _fail(f"--config: {self['config']!r} cannot be read ({e})") from None
+        try:
+            self.dns = load_config(
+                text, os.environ, {"port": self["dns-port"]}, source_name=self["config"] or ""
+            )
+        except ConfigError as e:
+            raise _fail(str(e)) from None
+        if self["resources"] is not None and not os.path.isdir(self["resources"]):
+            raise _fail(f"--resources: {self['resources']!r} is not a directory")
+        data_dir = self["data-dir"] or os.path.join("kumazone-data", zone)
+        self["data-dir"] = data_dir
+        self.store_path = self._store_path(self["store"], data_dir)
+
+    @staticmethod
+    def _store_path(url: str | None, data_dir: str) -> str:
+        if url is None:
+            return os.path.join(data_dir, "kumazone.sqlite3")
+        if url.startswith("sqlite:///"):
+            return url[len("sqlite://") :]
+        if url.startswith("sqlite://"):
+            return url[len("sqlite://") :]
+        raise _fail(f"--store: {url!r} is not supported (use sqlite:///PATH)")
+
+
+def makeService(options: Options) -> Any:
+    """Assemble the service; binds nothing."""
+    from twisted.internet import reactor
+
+    settings = ZoneSettings(
+        zone=options["zone"],
+        dns=options.dns,
+        data_dir=options["data-dir"],
+        store_path=options.store_path,
+        resources_dir=options["resources"],
+        dns_interface=options["dns-interface"],
+        api_port=options["api-port"],
+        api_interface=options["api-interface"],
+        diagnostics_port=options["diagnostics-port"],
+    )
+    return ZoneService(settings, reactor)

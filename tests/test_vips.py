@@ -220,8 +220,8 @@ def test_same_vip_back_even_after_other_keys_were_added_meanwhile() -> None:
     table.reconcile([key], now=0.0)
     vip = table.vip(key)
     table.reconcile([], now=1.0)
-    others = keys_with_candidate(table.range, table.allocations.get(key, Allocation(key, -1)).offset
-                                 if key in table.allocations else expected_candidate(key, 6), 3)
+    # Three keys that want the same offset: the first would take it if it were free.
+    others = keys_with_candidate(table.range, expected_candidate(key, 6), 3)
     table.reconcile(others, now=2.0)
     table.reconcile([*others, key], now=3.0)
     assert table.vip(key) == vip

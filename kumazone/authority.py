@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from twisted.internet import defer
@@ -60,6 +61,16 @@ def reverse_zones(network: IPv4Network | IPv6Network) -> list[str]:
     return zones
 
 
+@dataclass(frozen=True)
+class _Served:
+    """A table entry with its records, built once per table version."""
+
+    entry: VipEntry
+    a: dns.Record_A
+    aaaa: dns.Record_AAAA
+    ptr: dns.Record_PTR | None
+
+
 class ZoneAuthority(ResolverBase):
     """Answers for the domain and the VIP reverse zones from a L{ZoneSnapshot}."""
 
@@ -78,22 +89,30 @@ class ZoneAuthority(ResolverBase):
             for zone in reverse_zones(network)
         ]
         self.version = 0
-        self._forward: dict[bytes, dict[str, VipEntry]] = {}
+        self._forward: dict[bytes, dict[str, _Served]] = {}
         self._empty: dict[bytes, set[str]] = {}
-        self._reverse: dict[bytes, VipEntry] = {}
+        self._reverse: dict[bytes, _Served] = {}
         self.update(ZoneSnapshot(version=0, entries=(), mesh_of_address={}))
 
     def update(self, snapshot: ZoneSnapshot) -> None:
-        """Serve C{snapshot} from now on."""
-        forward: dict[bytes, dict[str, VipEntry]] = {}
+        """Serve C{snapshot} from now on.
+
+        Records are built here, once per table version, not per query.
+        """
+        ttl = self.ttl
+        forward: dict[bytes, dict[str, _Served]] = {}
         empty: dict[bytes, set[str]] = {self.nameserver.split(b".", 1)[1]: {"*"}}
-        reverse: dict[bytes, VipEntry] = {}
+        reverse: dict[bytes, _Served] = {}
         for entry in snapshot.entries:
+            ptr = dns.Record_PTR(entry.names[-1], ttl) if entry.names else None
+            served = _Served(
+                entry, dns.Record_A(entry.vip, ttl), dns.Record_AAAA(entry.vip6, ttl), ptr
+            )
             for text in entry.names:
                 name = text.encode("ascii")
                 meshes = forward.setdefault(name, {})
                 # The first service to claim a name in a mesh keeps it (sorted order).
-                meshes.setdefault(entry.key.mesh, entry)
+                meshes.setdefault(entry.key.mesh, served)
                 parent = name
                 while True:
                     parent = parent.split(b".", 1)[1]
@@ -101,7 +120,7 @@ class ZoneAuthority(ResolverBase):
                         break
                     empty.setdefault(parent, set()).add(entry.key.mesh)
             for address in (entry.vip, entry.vip6):
-                reverse[ipaddress.ip_address(address).reverse_pointer.encode()] = entry
+                reverse[ipaddress.ip_address(address).reverse_pointer.encode()] = served
         self._forward, self._empty, self._reverse = forward, empty, reverse
         self.version = snapshot.version
 
@@ -151,24 +170,25 @@ class ZoneAuthority(ResolverBase):
         if name == self.apex:
             return self._apex_answer(asked, self.apex, qtype)
         if name == self.nameserver:
-            return self._address_answer(asked, qtype, self._nameserver_addresses)
-        entry = self._forward.get(name, {}).get(mesh)
-        if entry is not None:
-            addresses = [ipaddress.ip_address(entry.vip), ipaddress.ip_address(entry.vip6)]
-            return self._address_answer(asked, qtype, addresses)
+            return self._nameserver_answer(asked, qtype)
+        served = self._forward.get(name, {}).get(mesh)
+        if served is not None:
+            answers = []
+            if qtype in (dns.A, dns.ALL_RECORDS):
+                answers.append(self._rr(asked, served.a, dns.A))
+            if qtype in (dns.AAAA, dns.ALL_RECORDS):
+                answers.append(self._rr(asked, served.aaaa, dns.AAAA))
+            if answers:
+                return answers, [], []
+            return [], [self._soa(self.apex)], []
         meshes = self._empty.get(name)
         if meshes is not None and (mesh in meshes or "*" in meshes):
             return [], [self._soa(self.apex)], []
         raise NameNotFound(asked, [self._soa(self.apex)])
 
-    def _address_answer(
-        self,
-        asked: bytes,
-        qtype: int,
-        addresses: Sequence[ipaddress.IPv4Address | ipaddress.IPv6Address],
-    ) -> Result:
+    def _nameserver_answer(self, asked: bytes, qtype: int) -> Result:
         answers = []
-        for address in addresses:
+        for address in self._nameserver_addresses:
             if address.version == 4 and qtype in (dns.A, dns.ALL_RECORDS):
                 answers.append(self._rr(asked, dns.Record_A(str(address), self.ttl), dns.A))
             elif address.version == 6 and qtype in (dns.AAAA, dns.ALL_RECORDS):
@@ -183,12 +203,12 @@ class ZoneAuthority(ResolverBase):
     ) -> Result:
         if name == apex:
             return self._apex_answer(asked, apex, qtype)
-        entry = self._reverse.get(name)
-        if entry is not None and entry.key.mesh == mesh and entry.names:
+        served = self._reverse.get(name)
+        if served is not None and served.entry.key.mesh == mesh and served.ptr is not None:
             if qtype not in (dns.PTR, dns.ALL_RECORDS):
                 return [], [self._soa(apex)], []
-            target = entry.names[-1].encode("ascii")  # the DNS-compliant form
-            return [self._rr(asked, dns.Record_PTR(target, self.ttl), dns.PTR)], [], []
+            # The PTR names the DNS-compliant form (the last of the names).
+            return [self._rr(asked, served.ptr, dns.PTR)], [], []
         suffix = b"in-addr.arpa" if apex.endswith(b"in-addr.arpa") else b"ip6.arpa"
         if name.count(b".") + 1 < _FULL_REVERSE_LABELS[suffix]:
             # An interior name of the reverse tree: it may have names below it.

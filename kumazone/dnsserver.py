@@ -167,6 +167,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         self.mesh_of = mesh_of
         self.metrics = metrics
         self.seconds = seconds
+        self._query_counters: dict[tuple[str, str, str], Any] = {}
         self._malformed_log = limited(
             RateLimiter(burst=10, interval=60.0), seconds, lambda line: self.log.warn(line)
         )
@@ -230,7 +231,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         self._malformed_log(f"malformed DNS packet ({len(data)} octets) from {peer}: {why}")
         answer = formerr_for(data)
         if answer is not None:
-            self.metrics.queries.labels("OTHER", "FORMERR", transport).inc()
+            self._count_query(0, dns.EFORMAT, transport)
             self._write(proto, answer, address)
 
     def handleQuery(
@@ -243,11 +244,15 @@ class KumaDNSServerFactory(server.DNSServerFactory):
             self._reply(protocol, message, address, dns.EBADVERSION)
             return
         mesh = self.mesh_of(_peer_host(protocol, address))
-        (
-            self.authority.query(message.queries[0], mesh=mesh)
-            .addCallback(self.gotResolverResponse, protocol, message, address)
-            .addErrback(self.gotResolverError, protocol, message, address)
-        )
+        query = message.queries[0]
+        # The authority answers synchronously: call it directly rather than
+        # through a Deferred (IResolver.query remains for other callers).
+        try:
+            result = self.authority.resolve(query.name.name, query.type, query.cls, mesh)
+        except Exception:
+            self.gotResolverError(Failure(), protocol, message, address)
+        else:
+            self.gotResolverResponse(result, protocol, message, address)
 
     # -- output -----------------------------------------------------------------
 
@@ -320,11 +325,19 @@ class KumaDNSServerFactory(server.DNSServerFactory):
             self.metrics.truncated.inc()
         qtype = message.queries[0].type if message.queries else 0
         transport = "udp" if address is not None else "tcp"
-        self.metrics.queries.labels(qtype_label(qtype), rcode_label(rcode), transport).inc()
+        self._count_query(qtype, rcode, transport)
         started = getattr(message, "timeReceived", None)
         if started is not None:
             self.metrics.answer_seconds.observe(time.perf_counter() - started)
         self._write(proto, data, address)
+
+    def _count_query(self, qtype: int, rcode: int, transport: str) -> None:
+        # Keyed by label values, so an attacker's choice of types stays bounded.
+        key = (qtype_label(qtype), rcode_label(rcode), transport)
+        counter = self._query_counters.get(key)
+        if counter is None:
+            counter = self._query_counters[key] = self.metrics.queries.labels(*key)
+        counter.inc()
 
     def _write(
         self,

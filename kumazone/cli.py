@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kumazone import __version__
 from kumazone.resources import Resource, ResourceError, parse_documents
@@ -66,6 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("options", nargs=argparse.REMAINDER, help="kumazone plugin options")
     checker = commands.add_parser("check", help="validate resource files or directories")
     checker.add_argument("paths", nargs="+")
+    certs = commands.add_parser("certs", help="make a CA and certificates for zone sync")
+    certs.add_argument("--out", required=True, help="directory for the PEM files")
+    certs.add_argument(
+        "--global-host",
+        action="append",
+        default=[],
+        help="a name or IP the global is reached by (repeatable)",
+    )
+    certs.add_argument(
+        "--zone",
+        action="append",
+        default=[],
+        help="a zone to make a client certificate for (repeatable)",
+    )
     commands.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.command == "version":
@@ -73,6 +88,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "check":
         return check(args.paths)
+    if args.command == "certs":
+        from kumazone.certs import CertError, make_certs
+
+        try:
+            for line in make_certs(Path(args.out), args.global_host, args.zone):
+                print(line)
+        except (CertError, OSError) as e:
+            print(f"kumazone certs: {e}", file=sys.stderr)
+            return 1
+        return 0
     twistd = shutil.which("twistd", path=os.path.dirname(sys.executable)) or "twistd"
     os.execv(twistd, [twistd, "-n", "--pidfile=", "kumazone", *args.options])
     return 1  # not reached

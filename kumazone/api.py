@@ -68,7 +68,7 @@ def vips_document(snapshot: ZoneSnapshot) -> dict[str, Any]:
                 "vip": entry.vip,
                 "vip6": entry.vip6,
                 "names": list(entry.names),
-                "zones": [snapshot.zone],
+                "zones": list(entry.zones),
                 "provisional": entry.provisional,
                 **({"warnings": list(entry.problems)} if entry.problems else {}),
             }

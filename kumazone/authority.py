@@ -100,19 +100,29 @@ class ZoneAuthority(ResolverBase):
         Records are built here, once per table version, not per query.
         """
         ttl = self.ttl
+        # First pass: who owns each name.  The first service to claim a name in
+        # a mesh keeps it (entries come sorted); the loser keeps its other names.
+        owner: dict[tuple[bytes, str], VipEntry] = {}
+        for entry in snapshot.entries:
+            for text in entry.names:
+                owner.setdefault((text.encode("ascii"), entry.key.mesh), entry)
         forward: dict[bytes, dict[str, _Served]] = {}
         empty: dict[bytes, set[str]] = {self.nameserver.split(b".", 1)[1]: {"*"}}
         reverse: dict[bytes, _Served] = {}
         for entry in snapshot.entries:
-            ptr = dns.Record_PTR(entry.names[-1], ttl) if entry.names else None
+            owned = [
+                text.encode("ascii")
+                for text in entry.names
+                if owner[(text.encode("ascii"), entry.key.mesh)] is entry
+            ]
+            # The PTR names the DNS-compliant form (the last name) if it owns it,
+            # so that the name it gives resolves back to this VIP.
+            ptr = dns.Record_PTR(owned[-1], ttl) if owned else None
             served = _Served(
                 entry, dns.Record_A(entry.vip, ttl), dns.Record_AAAA(entry.vip6, ttl), ptr
             )
-            for text in entry.names:
-                name = text.encode("ascii")
-                meshes = forward.setdefault(name, {})
-                # The first service to claim a name in a mesh keeps it (sorted order).
-                meshes.setdefault(entry.key.mesh, served)
+            for name in owned:
+                forward.setdefault(name, {})[entry.key.mesh] = served
                 parent = name
                 while True:
                     parent = parent.split(b".", 1)[1]
@@ -201,13 +211,16 @@ class ZoneAuthority(ResolverBase):
     def _reverse_answer(
         self, asked: bytes, name: bytes, apex: bytes, qtype: int, mesh: str
     ) -> Result:
-        if name == apex:
-            return self._apex_answer(asked, apex, qtype)
         served = self._reverse.get(name)
-        if served is not None and served.entry.key.mesh == mesh and served.ptr is not None:
+        if served is not None and (served.entry.key.mesh != mesh or served.ptr is None):
+            served = None
+        if name == apex and (served is None or qtype in (dns.SOA, dns.NS)):
+            return self._apex_answer(asked, apex, qtype)
+        if served is not None:
+            # (With a /30 or /31, a reverse zone's apex is itself a VIP's name.)
+            assert served.ptr is not None
             if qtype not in (dns.PTR, dns.ALL_RECORDS):
                 return [], [self._soa(apex)], []
-            # The PTR names the DNS-compliant form (the last of the names).
             return [self._rr(asked, served.ptr, dns.PTR)], [], []
         suffix = b"in-addr.arpa" if apex.endswith(b"in-addr.arpa") else b"ip6.arpa"
         if name.count(b".") + 1 < _FULL_REVERSE_LABELS[suffix]:

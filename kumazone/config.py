@@ -7,6 +7,7 @@ value, so start-up can stop with that line and no traceback.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
@@ -112,6 +113,18 @@ _KEYS: dict[str, tuple[str, str, Callable[[object], Any]]] = {
 }
 
 
+def _show(key: object) -> str:
+    """A key as written, or quoted when it could break the one-line message."""
+    text = str(key)
+    return text if re.fullmatch(r"[A-Za-z0-9_.-]+", text) else repr(key)
+
+
+def _brief(value: object) -> str:
+    """A value for an error line: its repr, cut to stay short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _parse(source: str, value: object, parser: Callable[[object], Any]) -> Any:
     try:
         return parser(value)
@@ -141,16 +154,22 @@ def load_config(
             document = {}
         if not isinstance(document, dict):
             raise ConfigError(f"{source_name}: must be a mapping with a dnsServer key")
-        for key in document:
+        for key, value in document.items():
             if key != "dnsServer":
-                raise ConfigError(f"{key}: unknown key (only dnsServer is read)")
-        section = document.get("dnsServer") or {}
+                raise ConfigError(
+                    f"{_show(key)}: {_brief(value)} unknown key (only dnsServer is read)"
+                )
+        section = document.get("dnsServer")
+        if section is None:
+            section = {}
         if not isinstance(section, dict):
             raise ConfigError(f"dnsServer: {section!r} must be a mapping")
         for key, value in section.items():
             if key not in _KEYS:
                 known = ", ".join(_KEYS)
-                raise ConfigError(f"dnsServer.{key}: unknown key (known: {known})")
+                raise ConfigError(
+                    f"dnsServer.{_show(key)}: {_brief(value)} unknown key (known: {known})"
+                )
             field, _, parser = _KEYS[key]
             values[field] = _parse(f"dnsServer.{key}", value, parser)
     for _key, (field, variable, parser) in _KEYS.items():

@@ -75,6 +75,17 @@ def formerr_for(data: bytes) -> bytes | None:
     )
 
 
+def _wire(response: dns._EDNSMessage) -> bytes:
+    """Encode without twisted.names' own truncation.
+
+    L{dns.Message.encode} cuts the body at C{maxSize} octets (512 by default)
+    mid-record and leaves the counts as they were; we size answers ourselves.
+    """
+    message = response._toMessage()
+    message.maxSize = 0
+    return message.toStr()
+
+
 def encode_response(response: dns._EDNSMessage, limit: int | None) -> tuple[bytes, bool]:
     """Encode C{response} to at most C{limit} octets, dropping whole records.
 
@@ -82,7 +93,7 @@ def encode_response(response: dns._EDNSMessage, limit: int | None) -> tuple[byte
     answer records from the end, with TC set.  Returns the bytes and whether TC
     was set.
     """
-    data = response.toStr()
+    data = _wire(response)
     if limit is None or len(data) <= limit:
         return data, False
     trimmed = dns._EDNSMessage(
@@ -103,20 +114,20 @@ def encode_response(response: dns._EDNSMessage, limit: int | None) -> tuple[byte
     )
     while trimmed.additional:
         trimmed.additional.pop()
-        data = trimmed.toStr()
+        data = _wire(trimmed)
         if len(data) <= limit:
             return data, False
     trimmed.trunc = True
     while trimmed.authority or trimmed.answers:
         (trimmed.authority or trimmed.answers).pop()
-        data = trimmed.toStr()
+        data = _wire(trimmed)
         if len(data) <= limit:
             return data, True
     if len(data) > limit:
         # The question alone does not fit (a 255-octet name in 512 octets cannot
         # happen, but a header is always possible).
         trimmed.queries = []
-        data = trimmed.toStr()
+        data = _wire(trimmed)
     return data, True
 
 

@@ -245,7 +245,7 @@ def _external_service(document: Mapping[str, Any]) -> None:
     host, sep, port = address.rpartition(":")
     if not sep or not host:
         raise ResourceError("networking.address", f"{address!r} must be host:port")
-    if not port.isdigit():
+    if not re.fullmatch(r"[0-9]{1,5}", port):
         raise ResourceError("networking.address", f"port {port!r} is not a number")
     _check_port(int(port), "networking.address")
     _check_address(host.strip("[]"), "networking.address")
@@ -255,7 +255,7 @@ def parse_resource(document: object) -> Resource:
     """Validate one resource document (already decoded from YAML or JSON)."""
     document = _require_mapping(document, "(resource)")
     kind = document.get("type")
-    if kind not in _FIELDS:
+    if not isinstance(kind, str) or kind not in _FIELDS:
         raise ResourceError("type", f"must be one of {', '.join(sorted(_FIELDS))}, is {kind!r}")
     _check_unknown(document, _FIELDS[kind])
     name = _check_name(document.get("name"), "name", MAX_NAME_LENGTH)

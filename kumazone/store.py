@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources as package_files
 
+from kumazone.federation import ZoneRecord
 from kumazone.resources import Resource, ResourceKey, parse_resource
 from kumazone.vips import Allocation, Hold, ServiceKey, TableDelta
 
@@ -35,6 +36,8 @@ class StoredState:
     holds: list[Hold] = field(default_factory=list)
     table_version: int = 0
     vip_range: str = ""
+    table_origin: str = ""
+    zones: list[ZoneRecord] = field(default_factory=list)
     #: Rows that no longer validate (kept in the database, reported, not served).
     bad_resources: list[tuple[ResourceKey, str]] = field(default_factory=list)
 
@@ -93,9 +96,20 @@ class SQLiteStore:
                 continue
             state.resources.append(resource)
         state.allocations = [
-            Allocation(ServiceKey(mesh, service), offset)
-            for mesh, service, offset in self._db.execute(
-                "SELECT mesh, service, vip_offset FROM vips ORDER BY vip_offset"
+            Allocation(ServiceKey(mesh, service), offset, tuple(json.loads(zones)))
+            for mesh, service, offset, zones in self._db.execute(
+                "SELECT mesh, service, vip_offset, zones FROM vips ORDER BY vip_offset"
+            )
+        ]
+        state.zones = [
+            ZoneRecord(
+                name,
+                {ServiceKey(mesh, service) for mesh, service in json.loads(services)},
+                last_contact=last_contact,
+                acked=acked,
+            )
+            for name, services, last_contact, acked in self._db.execute(
+                "SELECT name, services, last_contact, acked FROM zones ORDER BY name"
             )
         ]
         state.holds = [
@@ -107,6 +121,7 @@ class SQLiteStore:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
         state.table_version = int(meta["table_version"])
         state.vip_range = meta["vip_range"]
+        state.table_origin = meta["table_origin"]
         return state
 
     def commit(
@@ -117,6 +132,9 @@ class SQLiteStore:
         table_version: int | None = None,
         vip_range: str | None = None,
         reset_table: bool = False,
+        table_origin: str | None = None,
+        zones_put: Iterable[ZoneRecord] = (),
+        zones_deleted: Iterable[str] = (),
     ) -> None:
         """Apply resource changes and a table delta in one transaction."""
         with self._transaction():
@@ -156,9 +174,25 @@ class SQLiteStore:
                     )
                 for allocation in delta.added:
                     db.execute(
-                        "INSERT INTO vips (mesh, service, vip_offset) VALUES (?, ?, ?)",
-                        (allocation.key.mesh, allocation.key.service, allocation.offset),
+                        "INSERT INTO vips (mesh, service, vip_offset, zones) VALUES (?, ?, ?, ?)",
+                        (
+                            allocation.key.mesh,
+                            allocation.key.service,
+                            allocation.offset,
+                            json.dumps(list(allocation.zones)),
+                        ),
                     )
+            for record in zones_put:
+                services = sorted([k.mesh, k.service] for k in record.services)
+                db.execute(
+                    "INSERT OR REPLACE INTO zones (name, services, last_contact, acked) "
+                    "VALUES (?, ?, ?, ?)",
+                    (record.name, json.dumps(services), record.last_contact, record.acked),
+                )
+            for name in zones_deleted:
+                db.execute("DELETE FROM zones WHERE name=?", (name,))
+            if table_origin is not None:
+                db.execute("UPDATE meta SET value=? WHERE key='table_origin'", (table_origin,))
             if table_version is not None:
                 db.execute(
                     "UPDATE meta SET value=? WHERE key='table_version'", (str(table_version),)

@@ -10,7 +10,7 @@ back if it returns first.  The IPv6 VIP sits at the same offset in the v6 range.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
@@ -82,10 +82,11 @@ class VipRange:
 
 @dataclass(frozen=True)
 class Allocation:
-    """One row of the VIP table."""
+    """One row of the VIP table (C{zones}: where the service is, when federated)."""
 
     key: ServiceKey
     offset: int
+    zones: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,7 @@ class VipTable:
             offset = self.range.next_offset(offset)
         return offset
 
-    def rows(self) -> Mapping[ServiceKey, Allocation]:
-        """The allocations, keyed by service."""
-        return self.allocations
+    def served(self) -> Iterator[tuple[ServiceKey, int, tuple[str, ...], bool]]:
+        """(key, offset, zones, provisional) for every allocation, sorted by key."""
+        for key in sorted(self.allocations):
+            yield key, self.allocations[key].offset, (), False

@@ -54,12 +54,11 @@ class ResourceDirectory:
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"resources directory {self.path} does not exist")
         current = self._files()
-        changed = 0
+        changes: dict[str, list[Resource]] = {}
         for path in sorted(set(self._seen) - set(current)):
             del self._seen[path]
             self.log.info("{path}: removed", path=self._relative(path))
-            self.zone.set_file(path, [], self.now())
-            changed += 1
+            changes[path] = []
         for path, signature in sorted(current.items()):
             if self._seen.get(path) == signature:
                 continue
@@ -80,9 +79,12 @@ class ResourceDirectory:
                         count=len(kept),
                     )
                 resources = [*resources, *kept.values()]
-            self.zone.set_file(path, resources, self.now())
-            changed += 1
-        return changed
+            changes[path] = resources
+        if changes:
+            # One reconciliation for the whole scan: at start-up every file is
+            # loaded before any VIP is allocated or released.
+            self.zone.set_files(changes, self.now())
+        return len(changes)
 
     def _relative(self, path: str) -> str:
         return os.path.relpath(path, self.path)

@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from kumazone.config import DnsServerConfig
+from kumazone.federation import FederatedTable
 from kumazone.names import service_names
 from kumazone.resources import DATAPLANE, MESH, Resource, ResourceKey
 from kumazone.store import SQLiteStore
+from kumazone.sync import Table
 from kumazone.vips import ServiceKey, TableDelta, VipRange, VipTable
 
 __all__ = [
@@ -42,6 +44,7 @@ class VipEntry:
     names: tuple[str, ...]
     problems: tuple[str, ...] = ()
     provisional: bool = False
+    zones: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Zone:
         config: DnsServerConfig,
         store: SQLiteStore,
         warn: Callable[[str], None] = lambda message: None,
+        federated: bool = False,
     ) -> None:
         self.name = name
         self.config = config
@@ -90,7 +94,24 @@ class Zone:
             )
             allocations, holds = [], []
             self._reset_table = True
-        self.table = VipTable(vip_range, config.hold_down, allocations, holds, state.table_version)
+        self.table: VipTable | FederatedTable
+        #: '' when this zone allocates; the global's table id once it has synced.
+        self.table_origin: str = state.table_origin
+        if federated:
+            if state.table_origin == "":
+                allocations = []  # rows allocated standalone are not the global's
+            self.table = FederatedTable(
+                vip_range, allocations, state.table_version if allocations else 0
+            )
+        else:
+            if state.table_origin != "":
+                warn("this zone's table came from a global; allocating standalone from now")
+                allocations, holds = [], []
+                self._reset_table = True
+                self.table_origin = ""
+            self.table = VipTable(
+                vip_range, config.hold_down, allocations, holds, state.table_version
+            )
         self.snapshot = self._build_snapshot()
 
     # -- sources ---------------------------------------------------------------
@@ -114,17 +135,31 @@ class Zone:
 
     def set_file(self, path: str, resources: Iterable[Resource], now: float) -> None:
         """Replace what file C{path} defines (an empty list removes the file)."""
-        mine: dict[ResourceKey, Resource] = {}
-        for resource in resources:
-            owner = self.owner_of(resource.key)
-            if owner not in (None, path, "api") or resource.key in mine:
-                self._warn(f"{path}: {resource.key} is defined already in {owner}; ignored")
-                continue
-            mine[resource.key] = resource
-        if mine:
-            self.files[path] = mine
-        else:
-            self.files.pop(path, None)
+        self.set_files({path: resources}, now)
+
+    def set_files(self, files: Mapping[str, Iterable[Resource]], now: float) -> None:
+        """Replace what several files define, then reconcile once.
+
+        Every file keeps all it defines; where two files define one resource, the
+        first path wins and the other copy waits, so that it takes over if the
+        first file drops it.
+        """
+        for path, resources in files.items():
+            mine: dict[ResourceKey, Resource] = {}
+            for resource in resources:
+                if resource.key in mine:
+                    self._warn(f"{path}: {resource.key} is defined twice; the first one counts")
+                    continue
+                mine[resource.key] = resource
+            if mine:
+                self.files[path] = mine
+            else:
+                self.files.pop(path, None)
+        for path in files:
+            for key in self.files.get(path, {}):
+                owner = self.owner_of(key)
+                if owner != path:
+                    self._warn(f"{path}: {key} is defined already in {owner}; this copy waits")
         self.update(now)
 
     def put(self, resource: Resource, now: float) -> bool:
@@ -175,15 +210,7 @@ class Zone:
         before = self.table.exhausted
         delta = self.table.reconcile(self.wanted(), now)
         if delta.anything or puts or deletes or self._reset_table:
-            self.store.commit(
-                puts=puts,
-                deletes=deletes,
-                delta=delta,
-                table_version=self.table.version,
-                vip_range=self._range_id,
-                reset_table=self._reset_table,
-            )
-            self._reset_table = False
+            self._commit(puts=puts, deletes=deletes, delta=delta)
         newly_exhausted = set(delta.exhausted) - before
         if newly_exhausted:
             self._warn(
@@ -191,16 +218,58 @@ class Zone:
                 f"service(s) without a VIP, e.g. {sorted(newly_exhausted)[0]}"
             )
         if inventory_changed or delta.changed:
-            self.snapshot = self._build_snapshot()
-            for listener in list(self.listeners):
-                listener(self.snapshot)
+            self._publish()
         return delta
+
+    def apply_global(self, message: Table, table_id: str, now: float) -> bool:
+        """Apply one part of the global's table; True once a whole update is applied.
+
+        Raises ValueError if the message is a change from a version not held.
+        """
+        assert isinstance(self.table, FederatedTable)
+        if table_id != self.table_origin:
+            self._reset_table = True
+            if not message.full:
+                raise ValueError(f"a change for table {table_id}, holding {self.table_origin!r}")
+        delta = self.table.apply(message)
+        if delta is None:
+            return False
+        self.table.reconcile(self.wanted(), now)
+        self.table_origin = table_id
+        self._commit(delta=delta, table_origin=table_id)
+        self._publish()
+        return True
+
+    def _commit(
+        self,
+        puts: Iterable[Resource] = (),
+        deletes: Iterable[ResourceKey] = (),
+        delta: TableDelta | None = None,
+        table_origin: str | None = None,
+    ) -> None:
+        if self._reset_table and isinstance(self.table, FederatedTable):
+            # A new table replaces every stored row.
+            delta = TableDelta(added=list(self.table.global_rows.values()))
+        self.store.commit(
+            puts=puts,
+            deletes=deletes,
+            delta=delta,
+            table_version=self.table.version,
+            vip_range=self._range_id,
+            reset_table=self._reset_table,
+            table_origin=table_origin if table_origin is not None else self.table_origin,
+        )
+        self._reset_table = False
+
+    def _publish(self) -> None:
+        self.snapshot = self._build_snapshot()
+        for listener in list(self.listeners):
+            listener(self.snapshot)
 
     def _build_snapshot(self) -> ZoneSnapshot:
         vip_range = self.table.range
         entries = []
-        for key in sorted(self.table.allocations):
-            offset = self.table.allocations[key].offset
+        for key, offset, zones, provisional in self.table.served():
             names = service_names(key.service, self.config.domain)
             for problem in names.problems:
                 message = f"service {key}: no DNS name {problem}"
@@ -214,6 +283,8 @@ class Zone:
                     str(vip_range.ipv6(offset)),
                     names.names,
                     names.problems,
+                    provisional,
+                    zones or (self.name,),
                 )
             )
         resources = self.resources()
@@ -238,7 +309,7 @@ class Zone:
             mesh_of_address=mesh_of_address,
             exhausted=tuple(sorted(self.table.exhausted)),
             range_size=vip_range.size,
-            range_used=len(self.table.allocations),
+            range_used=len(entries),
             meshes=tuple(sorted(meshes)),
             zone=self.name,
         )

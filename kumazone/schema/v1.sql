@@ -11,6 +11,7 @@ CREATE TABLE vips (
     mesh TEXT NOT NULL,
     service TEXT NOT NULL,
     vip_offset INTEGER NOT NULL UNIQUE,
+    zones TEXT NOT NULL DEFAULT '[]',
     PRIMARY KEY (mesh, service)
 );
 -- Released VIPs in hold-down, not to be handed to another service before `until`.
@@ -20,6 +21,13 @@ CREATE TABLE holds (
     service TEXT NOT NULL,
     until REAL NOT NULL
 );
+-- The global's record of each zone: its inventory survives the zone's absence.
+CREATE TABLE zones (
+    name TEXT PRIMARY KEY,
+    services TEXT NOT NULL,
+    last_contact REAL NOT NULL,
+    acked INTEGER NOT NULL
+);
 CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -27,3 +35,5 @@ CREATE TABLE meta (
 INSERT INTO meta (key, value) VALUES ('schema_version', '1');
 INSERT INTO meta (key, value) VALUES ('table_version', '0');
 INSERT INTO meta (key, value) VALUES ('vip_range', '');
+-- Which table the rows are: '' when allocated here, else the global's table id.
+INSERT INTO meta (key, value) VALUES ('table_origin', '');

@@ -18,9 +18,10 @@ changes.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.web import resource as web_resource
@@ -28,6 +29,7 @@ from twisted.web.server import Request
 
 from kumazone import __version__
 from kumazone.metrics import Metrics
+from kumazone.names import service_names
 from kumazone.ratelimit import RateLimiter, limited
 from kumazone.resources import (
     DATAPLANE,
@@ -40,7 +42,10 @@ from kumazone.resources import (
 )
 from kumazone.zone import ConflictError, Zone, ZoneSnapshot
 
-__all__ = ["MAX_BODY_OCTETS", "ApiResource", "vips_document"]
+if TYPE_CHECKING:
+    from kumazone.kds import GlobalHub
+
+__all__ = ["MAX_BODY_OCTETS", "ApiResource", "GlobalApiResource", "vips_document"]
 
 MAX_BODY_OCTETS = 1024 * 1024
 _COLLECTIONS = {"dataplanes": DATAPLANE, "external-services": EXTERNAL_SERVICE}
@@ -91,20 +96,15 @@ def _listing(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"total": len(items), "items": items, "next": None}
 
 
-class ApiResource(web_resource.Resource):
-    """The whole API as one leaf resource that routes on the path."""
+class _JsonApi(web_resource.Resource):
+    """A leaf resource that routes on the path and answers JSON."""
 
     isLeaf = True
     log = Logger()
 
-    def __init__(self, zone: Zone, metrics: Metrics, now: Callable[[], float]) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         super().__init__()
-        self.zone = zone
         self.metrics = metrics
-        self.now = now
-        self._reject_log = limited(
-            RateLimiter(burst=20, interval=60.0), now, lambda line: self.log.warn(line)
-        )
 
     def render(self, request: Request) -> bytes:
         method = request.method.decode("ascii", "replace")
@@ -123,6 +123,32 @@ class ApiResource(web_resource.Resource):
         self.metrics.api_requests.labels(method, str(status)).inc()
         return json.dumps(body, indent=2, sort_keys=False).encode() + b"\n"
 
+    def _route(self, method: str, path: list[str], request: Request) -> tuple[int, Any]:
+        raise NotImplementedError
+
+    def _only(self, method: str, allowed: str) -> None:
+        if method != allowed:
+            raise HttpError(405, "Method not allowed", f"{method} is not allowed here")
+
+
+class ApiResource(_JsonApi):
+    """A zone's API."""
+
+    def __init__(
+        self,
+        zone: Zone,
+        metrics: Metrics,
+        now: Callable[[], float],
+        sync_status: Callable[[], dict[str, Any] | None] = lambda: None,
+    ) -> None:
+        super().__init__(metrics)
+        self.zone = zone
+        self.now = now
+        self.sync_status = sync_status
+        self._reject_log = limited(
+            RateLimiter(burst=20, interval=60.0), now, lambda line: self.log.warn(line)
+        )
+
     # -- routing ----------------------------------------------------------------
 
     def _route(self, method: str, path: list[str], request: Request) -> tuple[int, Any]:
@@ -135,6 +161,7 @@ class ApiResource(web_resource.Resource):
                 "zone": self.zone.name,
                 "role": "zone",
                 "tableVersion": snapshot.version,
+                "sync": self.sync_status(),
             }
         if path == ["vips"]:
             self._only(method, "GET")
@@ -172,10 +199,6 @@ class ApiResource(web_resource.Resource):
         if method == "DELETE":
             return self._delete(key)
         raise HttpError(405, "Method not allowed", f"{method} is not allowed here")
-
-    def _only(self, method: str, allowed: str) -> None:
-        if method != allowed:
-            raise HttpError(405, "Method not allowed", f"{method} is not allowed here")
 
     def _mesh_document(self, mesh: str) -> dict[str, Any]:
         declared = self.zone.resources().get(ResourceKey(MESH, "", mesh))
@@ -241,3 +264,102 @@ class ApiResource(web_resource.Resource):
             raise HttpError(404, "Could not delete a resource", f"{key} not found")
         self.log.info("API: {key} deleted", key=str(key))
         return 200, {}
+
+
+def _timestamp(seconds: float) -> str | None:
+    if not seconds:
+        return None
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="seconds")
+
+
+class GlobalApiResource(_JsonApi):
+    """The global's API: the VIP table and the zones.
+
+    Routes: ``GET /``, ``GET /vips``, ``GET /zones``, ``GET|DELETE /zones/{name}``.
+    """
+
+    def __init__(
+        self, hub: GlobalHub, domain: str, metrics: Metrics, now: Callable[[], float]
+    ) -> None:
+        super().__init__(metrics)
+        self.hub = hub
+        self.domain = domain
+        self.now = now
+
+    def _route(self, method: str, path: list[str], request: Request) -> tuple[int, Any]:
+        table = self.hub.table
+        if path == []:
+            self._only(method, "GET")
+            return 200, {
+                "product": "kumazone",
+                "version": __version__,
+                "role": "global",
+                "tableVersion": table.version,
+                "zones": len(table.zones),
+            }
+        if path == ["vips"]:
+            self._only(method, "GET")
+            return 200, self._vips()
+        if path == ["zones"]:
+            self._only(method, "GET")
+            items = [self._zone(name) for name in sorted(table.zones)]
+            return 200, {"total": len(items), "items": items, "next": None}
+        if len(path) == 2 and path[0] == "zones":
+            name = path[1]
+            if method == "GET":
+                if name not in table.zones:
+                    raise HttpError(
+                        404, "Could not retrieve a resource", f"zone {name!r} not found"
+                    )
+                return 200, self._zone(name)
+            if method == "DELETE":
+                if not self.hub.delete_zone(name):
+                    raise HttpError(404, "Could not delete a resource", f"zone {name!r} not found")
+                self.log.info("API: zone {zone} deleted", zone=name)
+                return 200, {}
+            raise HttpError(405, "Method not allowed", f"{method} is not allowed here")
+        raise HttpError(404, "Not found", f"no such endpoint /{'/'.join(path)}")
+
+    def _zone(self, name: str) -> dict[str, Any]:
+        record = self.hub.table.zones[name]
+        return {
+            "name": name,
+            "state": "online" if record.connected else "offline",
+            "lastContact": _timestamp(record.last_contact),
+            "services": len(record.services),
+            "ackedVersion": record.acked,
+            "tableVersion": self.hub.table.version,
+        }
+
+    def _vips(self) -> dict[str, Any]:
+        table = self.hub.table
+        vip_range = table.table.range
+        items = []
+        for row in table.rows():
+            names = service_names(row.service, self.domain)
+            items.append(
+                {
+                    "mesh": row.mesh,
+                    "service": row.service,
+                    "vip": str(vip_range.ipv4(row.offset)),
+                    "vip6": str(vip_range.ipv6(row.offset)),
+                    "names": list(names.names),
+                    "zones": list(row.zones),
+                    "provisional": False,
+                    **({"warnings": list(names.problems)} if names.problems else {}),
+                }
+            )
+        document: dict[str, Any] = {
+            "version": table.version,
+            "items": items,
+            "rangeSize": vip_range.size,
+            "rangeUsed": len(items),
+        }
+        if table.table.exhausted:
+            document["errors"] = [
+                {
+                    "error": "VIP range exhausted",
+                    "services": [f"{k.mesh}/{k.service}" for k in sorted(table.table.exhausted)],
+                }
+            ]
+        return document

@@ -9,28 +9,34 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.application.internet import TimerService
+from twisted.application.internet import ClientService, TimerService, backoffPolicy
 from twisted.application.service import MultiService
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.server import Site
 
-from kumazone.api import ApiResource
+from kumazone.api import ApiResource, GlobalApiResource
 from kumazone.authority import ZoneAuthority
 from kumazone.config import DnsServerConfig
 from kumazone.diagnostics import diagnostics_root
 from kumazone.dnsserver import KumaDNSDatagramProtocol, KumaDNSServerFactory
-from kumazone.metrics import Metrics
+from kumazone.federation import GlobalTable
+from kumazone.kds import GlobalHub, SyncFactory, ZoneSync
+from kumazone.metrics import Metrics, SyncMetrics
 from kumazone.store import SQLiteStore, StoreError
+from kumazone.tls import TLSFiles, client_options, server_options
+from kumazone.vips import TableDelta, VipRange
 from kumazone.watcher import ResourceDirectory
 from kumazone.zone import DEFAULT_MESH, Zone, ZoneSnapshot
 
-__all__ = ["ZoneService", "ZoneSettings"]
+__all__ = ["GlobalService", "GlobalSettings", "ZoneService", "ZoneSettings"]
 
 #: How often the resources directory is looked at (a change is live within a second).
 SCAN_INTERVAL = 0.5
@@ -52,6 +58,25 @@ class ZoneSettings:
     api_interface: str = "127.0.0.1"
     diagnostics_port: int = 5680
     diagnostics_interface: str = ""
+    #: The global to sync with (host, port), or None for a standalone zone.
+    global_address: tuple[str, int] | None = None
+    tls: TLSFiles | None = None
+
+
+@dataclass(frozen=True)
+class GlobalSettings:
+    """What the global control plane needs to start."""
+
+    dns: DnsServerConfig
+    data_dir: str
+    store_path: str
+    kds_port: int = 5685
+    kds_interface: str = "0.0.0.0"
+    api_port: int = 5681
+    api_interface: str = "127.0.0.1"
+    diagnostics_port: int = 5680
+    diagnostics_interface: str = ""
+    tls: TLSFiles | None = None
 
 
 class _QuietSite(Site):
@@ -74,36 +99,110 @@ def mesh_lookup(get_snapshot: Callable[[], ZoneSnapshot]) -> Callable[[str], str
     return mesh_of
 
 
-class ZoneService(MultiService):
-    """A standalone zone control plane."""
+class _ControlPlane(MultiService):
+    """What the zone and the global share: start-up, listening ports, readiness."""
 
     log = Logger()
 
-    def __init__(self, settings: ZoneSettings, reactor: Any) -> None:
+    def __init__(self, data_dir: str, reactor: Any, metrics: Metrics) -> None:
         super().__init__()
-        self.settings = settings
+        self.data_dir = data_dir
         self.reactor = reactor
-        self.metrics = Metrics(settings.zone)
-        self.zone: Zone | None = None
+        self.metrics = metrics
         self.ports: dict[str, int] = {}
         self._listening: list[IListeningPort] = []
         self._ready = False
-
-    # -- start-up ---------------------------------------------------------------
+        self._store: SQLiteStore | None = None
 
     def privilegedStartService(self) -> None:
+        # Everything that can fail at start-up happens here, before the reactor
+        # runs, so that a failure is one line and a non-zero exit.
         try:
+            os.makedirs(self.data_dir, exist_ok=True)
             self._start()
-        except (StoreError, OSError, CannotListenError) as e:
+            self._write_ports()
+        except (StoreError, OSError, CannotListenError, ValueError) as e:
             self._stop_listening()
             raise SystemExit(f"kumazone: cannot start: {e}") from None
+        self._ready = True
         super().privilegedStartService()
 
     def _start(self) -> None:
+        raise NotImplementedError
+
+    def _guarded(self, work: Callable[[], object]) -> None:
+        """Periodic work logs its own errors and keeps its timer running."""
+        try:
+            work()
+        except Exception:
+            self.log.failure("periodic work failed")
+
+    def _listen_tcp(self, port: int, factory: Any, interface: str) -> int:
+        listening = self.reactor.listenTCP(port, factory, interface=interface)
+        self._listening.append(listening)
+        return int(listening.getHost().port)
+
+    def _listen_web(
+        self,
+        api: Any,
+        api_port: int,
+        api_interface: str,
+        diagnostics_port: int,
+        diagnostics_interface: str,
+    ) -> None:
+        site = Site(api)
+        site.noisy = False
+        self.ports["api"] = self._listen_tcp(api_port, site, api_interface)
+        diagnostics = _QuietSite(diagnostics_root(self.metrics, self._readiness))
+        self.ports["diagnostics"] = self._listen_tcp(
+            diagnostics_port, diagnostics, diagnostics_interface
+        )
+
+    def _write_ports(self) -> None:
+        path = os.path.join(self.data_dir, "ports.json")
+        temporary = path + ".tmp"
+        with open(temporary, "w") as f:
+            json.dump(self.ports, f)
+            f.write("\n")
+        os.replace(temporary, path)
+
+    def _readiness(self) -> str | None:
+        return None if self._ready else "starting"
+
+    def stopService(self) -> Any:
+        self._ready = False
+        result = super().stopService()
+        self._stop_listening()
+        if self._store is not None:
+            self._store.close()
+        return result
+
+    def _stop_listening(self) -> None:
+        for listening in self._listening:
+            listening.stopListening()
+        self._listening = []
+
+
+class ZoneService(_ControlPlane):
+    """A zone control plane: standalone, or synced with a global."""
+
+    def __init__(self, settings: ZoneSettings, reactor: Any) -> None:
+        super().__init__(settings.data_dir, reactor, Metrics(settings.zone))
+        self.settings = settings
+        self.zone: Zone | None = None
+        self.sync: ZoneSync | None = None
+
+    def _start(self) -> None:
         settings = self.settings
-        os.makedirs(settings.data_dir, exist_ok=True)
-        store = SQLiteStore(settings.store_path)
-        zone = Zone(settings.zone, settings.dns, store, warn=lambda m: self.log.warn(m))
+        store = self._store = SQLiteStore(settings.store_path)
+        federated = settings.global_address is not None
+        zone = Zone(
+            settings.zone,
+            settings.dns,
+            store,
+            warn=lambda m: self.log.warn(m),
+            federated=federated,
+        )
         self.zone = zone
         zone.listeners.append(self._update_gauges)
         now = self.reactor.seconds
@@ -117,6 +216,8 @@ class ZoneService(MultiService):
                 TICK_INTERVAL, self._guarded, lambda: zone.update(now(), inventory_changed=False)
             )
         )
+        if settings.global_address is not None:
+            self._connect_global(zone, settings.global_address)
 
         nameservers = (
             [] if settings.dns_interface in ("", "0.0.0.0", "::") else [settings.dns_interface]
@@ -128,16 +229,13 @@ class ZoneService(MultiService):
             authority, mesh_lookup(lambda: zone.snapshot), self.metrics, self.reactor.seconds
         )
         self.ports["dns"] = self._listen_dns(factory)
-
-        api = Site(ApiResource(zone, self.metrics, now))
-        api.noisy = False
-        self.ports["api"] = self._listen_tcp(settings.api_port, api, settings.api_interface)
-        diagnostics = _QuietSite(diagnostics_root(self.metrics, self._readiness))
-        self.ports["diagnostics"] = self._listen_tcp(
-            settings.diagnostics_port, diagnostics, settings.diagnostics_interface
+        self._listen_web(
+            ApiResource(zone, self.metrics, now, self._sync_status),
+            settings.api_port,
+            settings.api_interface,
+            settings.diagnostics_port,
+            settings.diagnostics_interface,
         )
-        self._write_ports()
-        self._ready = True
         snapshot = zone.snapshot
         self.log.info(
             "zone {zone} serving {count} service(s), table version {version}; "
@@ -148,12 +246,34 @@ class ZoneService(MultiService):
             **self.ports,
         )
 
-    def _guarded(self, work: Callable[[], object]) -> None:
-        """Periodic work logs its own errors and keeps its timer running."""
-        try:
-            work()
-        except Exception:
-            self.log.failure("periodic work failed")
+    def _connect_global(self, zone: Zone, address: tuple[str, int]) -> None:
+        host, port = address
+        sync_metrics = SyncMetrics(self.metrics.registry)
+        sync_metrics.connected.labels(zone.name).set(0)
+        self.sync = ZoneSync(zone, self.reactor, sync_metrics)
+        sync = self.sync
+        factory = SyncFactory(lambda: sync, self.reactor, sync_metrics)
+        endpoint: Any = HostnameEndpoint(self.reactor, host, port)
+        if self.settings.tls is not None:
+            endpoint = wrapClientTLS(client_options(self.settings.tls, host), endpoint)
+        self.addService(ClientService(endpoint, factory, retryPolicy=backoffPolicy(0.5, 10.0)))
+        self.log.info(
+            "syncing with the global at {host}:{port} ({how})",
+            host=host,
+            port=port,
+            how="TLS" if self.settings.tls else "insecure, no TLS",
+        )
+
+    def _sync_status(self) -> dict[str, Any] | None:
+        if self.settings.global_address is None or self.sync is None:
+            return None
+        host, port = self.settings.global_address
+        return {
+            "global": f"{host}:{port}",
+            "connected": self.sync.connected_since is not None,
+            "connectedSince": self.sync.connected_since,
+            "lastTable": self.sync.last_table_at,
+        }
 
     def _listen_dns(self, factory: KumaDNSServerFactory) -> int:
         """UDP and TCP on one port; with port 0, a port free for both."""
@@ -175,24 +295,6 @@ class ZoneService(MultiService):
             return int(port)
         raise CannotListenError(interface, wanted, "no port free for both UDP and TCP")
 
-    def _listen_tcp(self, port: int, site: Site, interface: str) -> int:
-        listening = self.reactor.listenTCP(port, site, interface=interface)
-        self._listening.append(listening)
-        return int(listening.getHost().port)
-
-    def _write_ports(self) -> None:
-        path = os.path.join(self.settings.data_dir, "ports.json")
-        temporary = path + ".tmp"
-        with open(temporary, "w") as f:
-            json.dump(self.ports, f)
-            f.write("\n")
-        os.replace(temporary, path)
-
-    # -- running ----------------------------------------------------------------
-
-    def _readiness(self) -> str | None:
-        return None if self._ready else "starting"
-
     def _update_gauges(self, snapshot: ZoneSnapshot) -> None:
         self.metrics.vips_allocated.set(len(snapshot.entries))
         self.metrics.vip_range_size.set(snapshot.range_size)
@@ -202,15 +304,107 @@ class ZoneService(MultiService):
         self.metrics.vips_exhausted.set(len(snapshot.exhausted))
         self.metrics.table_version.set(snapshot.version)
 
-    def stopService(self) -> Any:
-        self._ready = False
-        result = super().stopService()
-        self._stop_listening()
-        if self.zone is not None:
-            self.zone.store.close()
-        return result
 
-    def _stop_listening(self) -> None:
-        for listening in self._listening:
-            listening.stopListening()
-        self._listening = []
+class GlobalService(_ControlPlane):
+    """The global control plane: zone sync over mutual TLS, the one VIP table."""
+
+    def __init__(self, settings: GlobalSettings, reactor: Any) -> None:
+        super().__init__(settings.data_dir, reactor, Metrics("global"))
+        self.settings = settings
+        self.hub: GlobalHub | None = None
+
+    def _start(self) -> None:
+        settings = self.settings
+        store = self._store = SQLiteStore(settings.store_path)
+        state = store.load()
+        range_id = f"{settings.dns.cidr} {settings.dns.cidr6}"
+        allocations, holds = state.allocations, state.holds
+        reset = False
+        if state.vip_range and state.vip_range != range_id:
+            self.log.warn(
+                "VIP range changed from {old} to {new}: every VIP is allocated anew",
+                old=state.vip_range,
+                new=range_id,
+            )
+            allocations, holds, reset = [], [], True
+        table = GlobalTable(
+            VipRange(settings.dns.cidr, settings.dns.cidr6),
+            settings.dns.hold_down,
+            allocations,
+            holds,
+            state.table_version,
+            state.zones,
+        )
+        table_id = state.table_origin or uuid.uuid4().hex
+        store.commit(table_origin=table_id, vip_range=range_id, reset_table=reset)
+        sync_metrics = SyncMetrics(self.metrics.registry)
+
+        def persist(delta: TableDelta | None, zones: list[str], deleted: list[str]) -> None:
+            store.commit(
+                delta=delta,
+                table_version=table.version,
+                zones_put=[table.zones[z] for z in zones if z in table.zones],
+                zones_deleted=deleted,
+            )
+            self._update_gauges()
+
+        hub = self.hub = GlobalHub(
+            table,
+            table_id,
+            (str(settings.dns.cidr), str(settings.dns.cidr6)),
+            persist,
+            self.reactor,
+            sync_metrics,
+            require_certificates=settings.tls is not None,
+        )
+        for record in table.zones.values():
+            record.connected = False
+        now = self.reactor.seconds
+        hub.changed(table.reconcile(now()), [], [])
+
+        def tick() -> None:
+            delta = table.reconcile(now())
+            if delta.anything:
+                hub.changed(delta, [], [])
+            hub.update_metrics()
+
+        self.addService(TimerService(TICK_INTERVAL, self._guarded, tick))
+        factory = SyncFactory(hub.session, self.reactor, sync_metrics)
+        if settings.tls is not None:
+            listening = self.reactor.listenSSL(
+                settings.kds_port,
+                factory,
+                server_options(settings.tls),
+                interface=settings.kds_interface,
+            )
+            self._listening.append(listening)
+            self.ports["kds"] = int(listening.getHost().port)
+        else:
+            self.ports["kds"] = self._listen_tcp(settings.kds_port, factory, settings.kds_interface)
+        self._listen_web(
+            GlobalApiResource(hub, settings.dns.domain, self.metrics, now),
+            settings.api_port,
+            settings.api_interface,
+            settings.diagnostics_port,
+            settings.diagnostics_interface,
+        )
+        self.log.info(
+            "global: {count} service(s) from {zones} zone(s), table version {version}; "
+            "zone sync on {kds} ({how}), API on {api}, diagnostics on {diagnostics}",
+            count=len(table.table.allocations),
+            zones=len(table.zones),
+            version=table.version,
+            how="mutual TLS" if settings.tls else "insecure, no TLS",
+            **self.ports,
+        )
+
+    def _update_gauges(self) -> None:
+        if self.hub is None:
+            return
+        table = self.hub.table
+        size = table.table.range.size
+        self.metrics.vips_allocated.set(len(table.table.allocations))
+        self.metrics.vip_range_size.set(size)
+        self.metrics.vip_range_used.set(len(table.table.allocations) / size)
+        self.metrics.vips_exhausted.set(len(table.table.exhausted))
+        self.metrics.table_version.set(table.version)

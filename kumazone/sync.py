@@ -8,14 +8,14 @@ never make a frame too large for either side.
 
 Zone to global::
 
-    hello      {zone, have: table version held, cidr, cidr6}
+    hello      {zone, have: table version held, table: id of the table held, cidr, cidr6}
     inventory  {full, part, last, add: [[mesh, service]...], remove: [...]}
     ack        {version}
     ping       {}
 
 Global to zone::
 
-    welcome    {version}
+    welcome    {version, table: id of the global's table}
     table      {version, base, full, part, last,
                 upsert: [[mesh, service, offset, [zone...]]...], remove: [[mesh, service]...]}
     error      {message}
@@ -78,6 +78,7 @@ class Row:
 class Hello:
     zone: str
     have: int = 0
+    table: str = ""
     cidr: str = ""
     cidr6: str = ""
 
@@ -104,6 +105,7 @@ class Ping:
 @dataclass(frozen=True)
 class Welcome:
     version: int
+    table: str = ""
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,7 @@ def _body(message: Message) -> dict[str, Any]:
             "t": "hello",
             "zone": message.zone,
             "have": message.have,
+            "table": message.table,
             "cidr": message.cidr,
             "cidr6": message.cidr6,
         }
@@ -148,7 +151,7 @@ def _body(message: Message) -> dict[str, Any]:
     if isinstance(message, Ping):
         return {"t": "ping"}
     if isinstance(message, Welcome):
-        return {"t": "welcome", "version": message.version}
+        return {"t": "welcome", "version": message.version, "table": message.table}
     if isinstance(message, Table):
         return {
             "t": "table",
@@ -248,6 +251,7 @@ def decode(data: bytes) -> Message:
         return Hello(
             _string(document, "zone"),
             _int(document, "have"),
+            _string(document, "table"),
             _string(document, "cidr"),
             _string(document, "cidr6"),
         )
@@ -264,7 +268,7 @@ def decode(data: bytes) -> Message:
     if kind == "ping":
         return Ping()
     if kind == "welcome":
-        return Welcome(_int(document, "version"))
+        return Welcome(_int(document, "version"), _string(document, "table"))
     if kind == "table":
         return Table(
             _int(document, "version"),

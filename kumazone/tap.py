@@ -14,7 +14,8 @@ from typing import Any
 from twisted.python import usage
 
 from kumazone.config import ConfigError, load_config, parse_port
-from kumazone.service import ZoneService, ZoneSettings
+from kumazone.service import GlobalService, GlobalSettings, ZoneService, ZoneSettings
+from kumazone.tls import TLSFiles
 
 __all__ = ["Options", "makeService"]
 
@@ -31,8 +32,9 @@ class Options(usage.Options):
 
     synopsis = "[options]"
     longdesc = (
-        "Runs a kumazone control plane. --role=zone --zone=NAME runs a standalone zone "
-        "serving .mesh DNS from --resources and the HTTP API."
+        "Runs a kumazone control plane. --role=zone --zone=NAME runs a zone serving .mesh "
+        "DNS from --resources and the HTTP API, standalone or synced with --global=HOST. "
+        "--role=global runs the global control plane that zones sync with."
     )
     optParameters = [
         ["role", None, "zone", "zone or global."],
@@ -59,26 +61,28 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         role = self["role"]
-        if role == "global" or self["global"] is not None:
-            raise _fail(
-                "federation (--role=global, --global) is not available in this version; "
-                "run a standalone zone with --role=zone --zone=NAME"
-            )
-        if role != "zone":
+        if role not in ("zone", "global"):
             raise _fail(f"--role: {role!r} must be zone or global")
-        zone = self["zone"]
-        if zone is None:
-            raise _fail("--zone: a zone name is required with --role=zone")
-        if not _ZONE_NAME.match(zone):
-            raise _fail(
-                f"--zone: {zone!r} is not a valid zone name "
-                "(lower-case letters, digits and '-', at most 63)"
-            )
+        if role == "zone":
+            zone = self["zone"]
+            if zone is None:
+                raise _fail("--zone: a zone name is required with --role=zone")
+            if not _ZONE_NAME.match(zone):
+                raise _fail(
+                    f"--zone: {zone!r} is not a valid zone name "
+                    "(lower-case letters, digits and '-', at most 63)"
+                )
+        else:
+            for flag in ("zone", "global", "resources"):
+                if self[flag] is not None:
+                    raise _fail(f"--{flag}: {self[flag]!r} is for --role=zone, not global")
         for flag in ("diagnostics-port", "api-port", "kds-port"):
             try:
                 self[flag] = parse_port(self[flag])
             except ValueError as e:
                 raise _fail(f"--{flag}: {self[flag]!r} {e}") from None
+        self.global_address = None if self["global"] is None else parse_global(self["global"])
+        self.tls = self._tls(syncs=role == "global" or self.global_address is not None)
         text = None
         if self["config"] is not None:
             try:
@@ -94,9 +98,30 @@ class Options(usage.Options):
             raise _fail(str(e)) from None
         if self["resources"] is not None and not os.path.isdir(self["resources"]):
             raise _fail(f"--resources: {self['resources']!r} is not a directory")
-        data_dir = self["data-dir"] or os.path.join("kumazone-data", zone)
+        data_dir = self["data-dir"] or os.path.join(
+            "kumazone-data", self["zone"] if role == "zone" else "global"
+        )
         self["data-dir"] = data_dir
         self.store_path = self._store_path(self["store"], data_dir)
+
+    def _tls(self, syncs: bool) -> TLSFiles | None:
+        given = [f for f in ("tls-cert", "tls-key", "tls-ca") if self[f] is not None]
+        if not syncs:
+            return None
+        if not given:
+            if self["insecure"]:
+                return None
+            raise _fail(
+                "zone sync needs --tls-cert, --tls-key and --tls-ca "
+                "(make them with `kumazone certs`), or --insecure to sync without TLS"
+            )
+        if len(given) != 3:
+            missing = sorted({"tls-cert", "tls-key", "tls-ca"} - set(given))
+            raise _fail(f"--{missing[0]}: missing (TLS needs --tls-cert, --tls-key and --tls-ca)")
+        try:
+            return TLSFiles(self["tls-cert"], self["tls-key"], self["tls-ca"])
+        except ValueError as e:
+            raise _fail(f"--tls-cert: {e}") from None
 
     @staticmethod
     def _store_path(url: str | None, data_dir: str) -> str:
@@ -109,19 +134,60 @@ class Options(usage.Options):
         raise _fail(f"--store: {url!r} is not supported (use sqlite:///PATH)")
 
 
+def parse_global(value: str) -> tuple[str, int]:
+    """``HOST``, ``HOST:PORT`` or ``[IPv6]:PORT`` to (host, port); port 5685 by default."""
+    host, port = value, "5685"
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if rest.startswith(":"):
+            port = rest[1:]
+        elif rest:
+            raise _fail(f"--global: {value!r} is not HOST[:PORT]")
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if not host:
+        raise _fail(f"--global: {value!r} has no host")
+    try:
+        number = parse_port(port)
+    except ValueError as e:
+        raise _fail(f"--global: {value!r} port {e}") from None
+    if number == 0:
+        raise _fail(f"--global: {value!r} needs a port other than 0")
+    return host, number
+
+
 def makeService(options: Options) -> Any:
     """Assemble the service; binds nothing."""
     from twisted.internet import reactor
 
-    settings = ZoneSettings(
-        zone=options["zone"],
-        dns=options.dns,
-        data_dir=options["data-dir"],
-        store_path=options.store_path,
-        resources_dir=options["resources"],
-        dns_interface=options["dns-interface"],
-        api_port=options["api-port"],
-        api_interface=options["api-interface"],
-        diagnostics_port=options["diagnostics-port"],
+    if options["role"] == "global":
+        return GlobalService(
+            GlobalSettings(
+                dns=options.dns,
+                data_dir=options["data-dir"],
+                store_path=options.store_path,
+                kds_port=options["kds-port"],
+                kds_interface=options["kds-interface"],
+                api_port=options["api-port"],
+                api_interface=options["api-interface"],
+                diagnostics_port=options["diagnostics-port"],
+                tls=options.tls,
+            ),
+            reactor,
+        )
+    return ZoneService(
+        ZoneSettings(
+            zone=options["zone"],
+            dns=options.dns,
+            data_dir=options["data-dir"],
+            store_path=options.store_path,
+            resources_dir=options["resources"],
+            dns_interface=options["dns-interface"],
+            api_port=options["api-port"],
+            api_interface=options["api-interface"],
+            diagnostics_port=options["diagnostics-port"],
+            global_address=options.global_address,
+            tls=options.tls,
+        ),
+        reactor,
     )
-    return ZoneService(settings, reactor)

@@ -58,6 +58,76 @@ def _peer_host(proto: _Proto, address: tuple[str, int] | None) -> str:
     return str(getattr(cast(Any, proto.transport).getPeer(), "host", ""))
 
 
+def _name_end(data: bytes, start: int) -> int:
+    """Where the name at C{start} ends; raises ValueError for anything malformed.
+
+    Compression pointers must point strictly backwards (so they cannot loop);
+    labels of the reserved types, labels holding a dot and names over 255 octets
+    are refused.
+    """
+    position, total, end = start, 0, None
+    while True:
+        if position >= len(data):
+            raise ValueError("a name runs past the end of the packet")
+        length = data[position]
+        if length & 0xC0 == 0xC0:
+            if position + 1 >= len(data):
+                raise ValueError("a compression pointer is cut off")
+            target = ((length & 0x3F) << 8) | data[position + 1]
+            if target >= position:
+                raise ValueError("a compression pointer does not point backwards")
+            if end is None:
+                end = position + 2
+            position = target
+            continue
+        if length & 0xC0:
+            raise ValueError(f"label type {length >> 6:#x} is not supported")
+        if length == 0:
+            total += 1
+            if total > 255:
+                raise ValueError("a name is over 255 octets")
+            return end if end is not None else position + 1
+        label = data[position + 1 : position + 1 + length]
+        if len(label) < length:
+            raise ValueError("a label runs past the end of the packet")
+        if b"." in label:
+            raise ValueError("a label holds a '.'")
+        total += length + 1
+        if total > 255:
+            raise ValueError("a name is over 255 octets")
+        position += 1 + length
+
+
+def wire_problem(data: bytes) -> str | None:
+    """Why C{data} is not a well-formed DNS message, or None.
+
+    twisted.names' parser is lenient (it ignores missing records and trailing
+    octets); a query must pass this walk of every section first.
+    """
+    if len(data) < _HEADER.size:
+        return "shorter than a DNS header"
+    questions, answers, authority, additional = struct.unpack_from("!HHHH", data, 4)
+    offset = _HEADER.size
+    try:
+        for _ in range(questions):
+            offset = _name_end(data, offset) + 4
+            if offset > len(data):
+                raise ValueError("a question is cut off")
+        for _ in range(answers + authority + additional):
+            offset = _name_end(data, offset)
+            if offset + 10 > len(data):
+                raise ValueError("a record header is cut off")
+            (rdlength,) = struct.unpack_from("!H", data, offset + 8)
+            offset += 10 + rdlength
+            if offset > len(data):
+                raise ValueError("record data runs past the end of the packet")
+    except ValueError as e:
+        return str(e)
+    if offset != len(data):
+        return f"{len(data) - offset} octets after the last record"
+    return None
+
+
 def formerr_for(data: bytes) -> bytes | None:
     """A FORMERR answer built from a raw packet's header, or None to stay silent.
 
@@ -198,6 +268,10 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         """Parse one packet and answer it; never raises."""
         started = time.perf_counter()
         transport = "udp" if address is not None else "tcp"
+        problem = wire_problem(data)
+        if problem is not None:
+            self._malformed(data, proto, address, transport, problem)
+            return
         try:
             plain = dns.Message()
             plain.fromStr(data)
@@ -209,13 +283,21 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         if message.answer:
             return  # a response sent to us: never answer one (no loops)
         message.timeReceived = started
-        if opt_records > 1:
+        if opt_records > 1 or message.answers or message.authority or message.additional:
+            # A query carries its question and at most one OPT record; we take no
+            # TSIG, and records elsewhere would be answered as if they were not there.
+            self.metrics.malformed.labels(transport).inc()
             self._reply(proto, message, address, dns.EFORMAT)
             return
         if len(message.queries) != 1:
             self._reply(proto, message, address, dns.EFORMAT)
             return
-        self.messageReceived(message, proto, address)
+        try:
+            self.messageReceived(message, proto, address)
+        except Exception as e:
+            # Nothing a packet holds may leave a client without an answer.
+            self.log.failure("answering a query failed")
+            self._malformed(data, proto, address, transport, f"{type(e).__name__}: {e}")
 
     def messageReceived(
         self,

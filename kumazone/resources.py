@@ -251,9 +251,34 @@ def _external_service(document: Mapping[str, Any]) -> None:
     _check_address(host.strip("[]"), "networking.address")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as Kuma reads it: timestamps (creationTime) stay the strings they were."""
+
+
+_Loader.add_constructor(
+    "tag:yaml.org,2002:timestamp",
+    lambda loader, node: loader.construct_scalar(node),  # type: ignore[arg-type]
+)
+
+
+def _check_json(value: object, field: str) -> None:
+    """Refuse what JSON cannot hold (YAML's !!binary, !!set, ...), naming where."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ResourceError(field or "(resource)", f"keys must be strings, found {key!r}")
+            _check_json(item, f"{field}.{key}" if field else key)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{field}[{index}]")
+    elif value is not None and not isinstance(value, str | int | float | bool):
+        raise ResourceError(field or "(resource)", f"{type(value).__name__} is not allowed here")
+
+
 def parse_resource(document: object) -> Resource:
     """Validate one resource document (already decoded from YAML or JSON)."""
     document = _require_mapping(document, "(resource)")
+    _check_json(document, "")
     kind = document.get("type")
     if not isinstance(kind, str) or kind not in _FIELDS:
         raise ResourceError("type", f"must be one of {', '.join(sorted(_FIELDS))}, is {kind!r}")
@@ -285,7 +310,7 @@ def load_documents(text: str, json_only: bool = False) -> Iterator[object]:
             raise ResourceError("(document)", f"not valid JSON: {e}") from None
         return
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

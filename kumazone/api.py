@@ -40,6 +40,7 @@ from kumazone.resources import (
     load_documents,
     parse_resource,
 )
+from kumazone.store import StoreError
 from kumazone.zone import ConflictError, Zone, ZoneSnapshot
 
 if TYPE_CHECKING:
@@ -250,6 +251,9 @@ class ApiResource(_JsonApi):
             created = self.zone.put(resource, self.now())
         except ConflictError as e:
             raise HttpError(409, "Conflict", str(e)) from None
+        except StoreError as e:
+            self.log.error("API: {key} not stored: {error}", key=str(key), error=str(e))
+            raise HttpError(503, "Store unavailable", str(e)) from None
         self.log.info(
             "API: {key} {action}", key=str(key), action="created" if created else "updated"
         )
@@ -260,6 +264,9 @@ class ApiResource(_JsonApi):
             deleted = self.zone.delete(key, self.now())
         except ConflictError as e:
             raise HttpError(409, "Conflict", str(e)) from None
+        except StoreError as e:
+            self.log.error("API: {key} not deleted: {error}", key=str(key), error=str(e))
+            raise HttpError(503, "Store unavailable", str(e)) from None
         if not deleted:
             raise HttpError(404, "Could not delete a resource", f"{key} not found")
         self.log.info("API: {key} deleted", key=str(key))

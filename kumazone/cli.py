@@ -61,6 +61,11 @@ def check(paths: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console command."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["run"]:
+        # Everything after "run" belongs to the plugin, flags included.
+        twistd = shutil.which("twistd", path=os.path.dirname(sys.executable)) or "twistd"
+        os.execv(twistd, [twistd, "-n", "--pidfile=", "kumazone", *arguments[1:]])
     parser = argparse.ArgumentParser(prog="kumazone", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run a control plane (twistd -n kumazone ...)")
@@ -82,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a zone to make a client certificate for (repeatable)",
     )
     commands.add_parser("version", help="print the version")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     if args.command == "version":
         print(f"kumazone {__version__}")
         return 0
@@ -98,9 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kumazone certs: {e}", file=sys.stderr)
             return 1
         return 0
-    twistd = shutil.which("twistd", path=os.path.dirname(sys.executable)) or "twistd"
-    os.execv(twistd, [twistd, "-n", "--pidfile=", "kumazone", *args.options])
-    return 1  # not reached
+    parser.error(f"unknown command {args.command!r}")
+    return 2
 
 
 if __name__ == "__main__":

@@ -80,6 +80,14 @@ class SyncProtocol(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self.last_heard = self.clock.seconds()
+        # Messages are small and latency matters: no Nagle delay (under TLS the
+        # TCP transport is the wrapper's own transport).
+        transport: Any = self.transport
+        while transport is not None:
+            if hasattr(transport, "setTcpNoDelay"):
+                transport.setTcpNoDelay(True)
+                break
+            transport = getattr(transport, "transport", None)
         self._beat = LoopingCall(self._tick)
         self._beat.clock = self.clock
         self._beat.start(self.heartbeat, now=False)

@@ -53,7 +53,8 @@ _FIELDS = {
 }
 _NAME = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?\Z")
 _TAG_VALUE = re.compile(r"\A[A-Za-z0-9.\-_:/]+\Z")
-_HOSTNAME = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\Z")
+_HOSTNAME_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"\A{_HOSTNAME_LABEL}(\.{_HOSTNAME_LABEL})*\Z")
 MAX_NAME_LENGTH = 253
 MAX_MESH_LENGTH = 63
 
@@ -205,6 +206,9 @@ def _dataplane(document: Mapping[str, Any]) -> tuple[tuple[str, ...], str | None
         "networking.",
     )
     address, is_ip = _check_address(networking.get("address"), "networking.address")
+    if is_ip:
+        # The canonical form, as a socket reports a client's address.
+        address = str(ipaddress.ip_address(address))
     services: list[str] = []
     inbounds = networking.get("inbound", [])
     if not isinstance(inbounds, list):

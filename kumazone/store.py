@@ -136,7 +136,37 @@ class SQLiteStore:
         zones_put: Iterable[ZoneRecord] = (),
         zones_deleted: Iterable[str] = (),
     ) -> None:
-        """Apply resource changes and a table delta in one transaction."""
+        """Apply resource changes and a table delta in one transaction.
+
+        Raises L{StoreError} (and changes nothing) if the write fails.
+        """
+        try:
+            self._commit(
+                puts,
+                deletes,
+                delta,
+                table_version,
+                vip_range,
+                reset_table,
+                table_origin,
+                zones_put,
+                zones_deleted,
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot write to store {self.path}: {e}") from None
+
+    def _commit(
+        self,
+        puts: Iterable[Resource],
+        deletes: Iterable[ResourceKey],
+        delta: TableDelta | None,
+        table_version: int | None,
+        vip_range: str | None,
+        reset_table: bool,
+        table_origin: str | None,
+        zones_put: Iterable[ZoneRecord],
+        zones_deleted: Iterable[str],
+    ) -> None:
         with self._transaction():
             db = self._db
             if reset_table:

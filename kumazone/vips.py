@@ -38,8 +38,9 @@ class ServiceKey:
 class VipRange:
     """The usable offsets of an IPv4 CIDR and the matching IPv6 addresses.
 
-    Offsets run from 1 to size; the network address (offset 0) and, for prefixes
-    shorter than /31, the broadcast address are never handed out.
+    Offsets run from 0 to size - 1 and map to the addresses after the network
+    address: the network address and, for prefixes shorter than /31, the
+    broadcast address are never handed out.
     """
 
     def __init__(self, cidr: IPv4Network, cidr6: IPv6Network) -> None:

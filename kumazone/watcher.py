@@ -54,6 +54,7 @@ class ResourceDirectory:
         if not os.path.isdir(self.path):
             raise FileNotFoundError(f"resources directory {self.path} does not exist")
         current = self._files()
+        seen_before = dict(self._seen)
         changes: dict[str, list[Resource]] = {}
         for path in sorted(set(self._seen) - set(current)):
             del self._seen[path]
@@ -83,7 +84,11 @@ class ResourceDirectory:
         if changes:
             # One reconciliation for the whole scan: at start-up every file is
             # loaded before any VIP is allocated or released.
-            self.zone.set_files(changes, self.now())
+            try:
+                self.zone.set_files(changes, self.now())
+            except Exception:
+                self._seen = seen_before  # the next scan tries these files again
+                raise
         return len(changes)
 
     def _relative(self, path: str) -> str:

@@ -15,7 +15,7 @@ from kumazone.config import DnsServerConfig
 from kumazone.federation import FederatedTable
 from kumazone.names import service_names
 from kumazone.resources import DATAPLANE, MESH, Resource, ResourceKey
-from kumazone.store import SQLiteStore
+from kumazone.store import SQLiteStore, StoredState, StoreError
 from kumazone.sync import Table
 from kumazone.vips import ServiceKey, TableDelta, VipRange, VipTable
 
@@ -83,8 +83,19 @@ class Zone:
             warn(f"stored {key} no longer validates and is not served: {problem}")
         self.api: dict[ResourceKey, Resource] = {r.key: r for r in state.resources}
         self.files: dict[str, dict[ResourceKey, Resource]] = {}
-        vip_range = VipRange(config.cidr, config.cidr6)
+        self._federated = federated
         self._range_id = f"{config.cidr} {config.cidr6}"
+        self.table: VipTable | FederatedTable
+        #: '' when this zone allocates; the global's table id once it has synced.
+        self.table_origin: str = ""
+        self._reset_table = False
+        self._load_table(state, warn)
+        self.snapshot = self._build_snapshot()
+
+    def _load_table(self, state: StoredState, warn: Callable[[str], None]) -> None:
+        """Build the in-memory table from what the store holds."""
+        config = self.config
+        vip_range = VipRange(config.cidr, config.cidr6)
         allocations, holds = state.allocations, state.holds
         self._reset_table = False
         if state.vip_range and state.vip_range != self._range_id:
@@ -94,10 +105,8 @@ class Zone:
             )
             allocations, holds = [], []
             self._reset_table = True
-        self.table: VipTable | FederatedTable
-        #: '' when this zone allocates; the global's table id once it has synced.
-        self.table_origin: str = state.table_origin
-        if federated:
+        self.table_origin = state.table_origin
+        if self._federated:
             if state.table_origin == "":
                 allocations = []  # rows allocated standalone are not the global's
             self.table = FederatedTable(
@@ -112,7 +121,12 @@ class Zone:
             self.table = VipTable(
                 vip_range, config.hold_down, allocations, holds, state.table_version
             )
-        self.snapshot = self._build_snapshot()
+
+    def _recover(self) -> None:
+        """After a failed write: memory goes back to what the store holds."""
+        state = self.store.load()
+        self.api = {r.key: r for r in state.resources}
+        self._load_table(state, lambda message: None)
 
     # -- sources ---------------------------------------------------------------
 
@@ -208,9 +222,14 @@ class Zone:
         """
         puts, deletes = list(puts), list(deletes)
         before = self.table.exhausted
-        delta = self.table.reconcile(self.wanted(), now)
-        if delta.anything or puts or deletes or self._reset_table:
-            self._commit(puts=puts, deletes=deletes, delta=delta)
+        try:
+            delta = self.table.reconcile(self.wanted(), now)
+            if delta.anything or puts or deletes or self._reset_table:
+                self._commit(puts=puts, deletes=deletes, delta=delta)
+        except StoreError:
+            # Nothing is served that is not stored: back to the stored state.
+            self._recover()
+            raise
         newly_exhausted = set(delta.exhausted) - before
         if newly_exhausted:
             self._warn(
@@ -231,12 +250,16 @@ class Zone:
             self._reset_table = True
             if not message.full:
                 raise ValueError(f"a change for table {table_id}, holding {self.table_origin!r}")
-        delta = self.table.apply(message)
-        if delta is None:
-            return False
-        self.table.reconcile(self.wanted(), now)
+        try:
+            delta = self.table.apply(message)
+            if delta is None:
+                return False
+            self.table.reconcile(self.wanted(), now)
+            self._commit(delta=delta, table_origin=table_id)
+        except StoreError:
+            self._recover()
+            raise
         self.table_origin = table_id
-        self._commit(delta=delta, table_origin=table_id)
         self._publish()
         return True
 
@@ -269,10 +292,21 @@ class Zone:
     def _build_snapshot(self) -> ZoneSnapshot:
         vip_range = self.table.range
         entries = []
+        # A name belongs to the first service (in sorted order) that claims it
+        # in its mesh: "a_b" and "a.b", or "Redis" and "redis", cannot share one.
+        claimed: dict[tuple[str, str], ServiceKey] = {}
         for key, offset, zones, provisional in self.table.served():
             names = service_names(key.service, self.config.domain)
-            for problem in names.problems:
-                message = f"service {key}: no DNS name {problem}"
+            owned: list[str] = []
+            problems = [f"no DNS name {problem}" for problem in names.problems]
+            for name in names.names:
+                holder = claimed.setdefault((name, key.mesh), key)
+                if holder == key:
+                    owned.append(name)
+                else:
+                    problems.append(f"{name} is service {holder.service}'s name in this mesh")
+            for problem in problems:
+                message = f"service {key}: {problem}"
                 if message not in self._warned:
                     self._warned.add(message)
                     self._warn(message)
@@ -281,8 +315,8 @@ class Zone:
                     key,
                     str(vip_range.ipv4(offset)),
                     str(vip_range.ipv6(offset)),
-                    names.names,
-                    names.problems,
+                    tuple(owned),
+                    tuple(problems),
                     provisional,
                     zones or (self.name,),
                 )

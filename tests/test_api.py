@@ -501,3 +501,62 @@ def test_api_answers_json(zone_process) -> None:
     assert status == 200
     about = json.loads(raw)
     assert about["zone"] == "zone-1"
+
+
+KUMACTL_STYLE_YAML = (
+    # What `kumactl get dataplane -o yaml` prints: YAML timestamps included.
+    "type: Dataplane\n"
+    "mesh: default\n"
+    "name: timed-1\n"
+    "creationTime: 2024-01-01T00:00:00Z\n"
+    "modificationTime: 2024-01-02T03:04:05Z\n"
+    "networking:\n"
+    "  address: 192.0.2.88\n"
+    "  inbound:\n"
+    "    - port: 80\n"
+    "      tags:\n"
+    "        kuma.io/service: timed\n"
+)
+
+
+def test_yaml_with_timestamps_is_never_a_500_and_leaves_a_consistent_zone(zone_process) -> None:
+    zone: ZoneProcess = zone_process()
+    status, raw = zone.http(
+        "api", "PUT", f"{DATAPLANES}/timed-1", KUMACTL_STYLE_YAML.encode(), "application/yaml"
+    )
+    assert status in (201, 400), raw
+    # Whatever the answer, the API keeps answering JSON for everything else.
+    listing_status, listing = zone.http("api", "GET", DATAPLANES)
+    assert listing_status == 200, listing
+    if status == 400:
+        assert zone.api("GET", f"{DATAPLANES}/timed-1")[0] == 404
+        assert zone.query("timed.mesh").rcode() == dns.rcode.NXDOMAIN
+        assert vip_of(zone, "timed") is None
+        return
+    status, body = zone.api("GET", f"{DATAPLANES}/timed-1")
+    assert status == 200, body
+    assert body["creationTime"] == "2024-01-01T00:00:00Z"
+    entry = vip_of(zone, "timed")
+    assert entry is not None
+    assert addresses(zone.query("timed.mesh")) == [entry["vip"]]
+    zone.kill()
+    zone.start()
+    assert zone.api("GET", f"{DATAPLANES}/timed-1")[0] == 200
+    assert vip_of(zone, "timed") == entry
+
+
+@pytest.mark.parametrize("path, field", [
+    ("/meshes/bad_mesh!/dataplanes/x-1", "mesh"),
+    ("/meshes/default/dataplanes/-starts-with-a-dash", "name"),
+    (f"/meshes/default/dataplanes/{'n' * 300}", "name"),
+])
+def test_bad_names_in_the_path_are_refused(zone_process, path: str, field: str) -> None:
+    zone: ZoneProcess = zone_process()
+    before = _state(zone)
+    document = dataplane("x", "pathological")
+    for key in ("mesh", "name"):
+        del document[key]
+    status, body = zone.api("PUT", path, document)
+    assert status == 400, body
+    assert body["causes"][0]["field"] == field, body
+    assert _state(zone) == before

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import assume, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from kumazone.resources import (
@@ -157,7 +157,9 @@ def test_external_service_addresses(address: str) -> None:
 
 
 def test_valid_mesh() -> None:
-    resource = parse_resource({"type": "Mesh", "name": "default", "mtls": {"enabledBackend": "ca-1"}})
+    resource = parse_resource(
+        {"type": "Mesh", "name": "default", "mtls": {"enabledBackend": "ca-1"}}
+    )
     assert resource.key == ResourceKey(MESH, "", "default")
     assert resource.services == ()
     assert str(resource.key) == "Mesh default"
@@ -204,7 +206,9 @@ def test_bad_service_port() -> None:
 
 
 def test_missing_service_tag() -> None:
-    error = assert_field(_inbound(tags={"version": "v1"}), 'networking.inbound[0].tags["kuma.io/service"]')
+    error = assert_field(
+        _inbound(tags={"version": "v1"}), 'networking.inbound[0].tags["kuma.io/service"]'
+    )
     assert "required" in error.message
 
 
@@ -299,11 +303,6 @@ def test_bad_type(kind: object) -> None:
 
 
 @pytest.mark.parametrize("kind", [[], {}, ["Dataplane"], {"Dataplane": 1}])
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG resources.py parse_resource: `kind not in _FIELDS` raises TypeError "
-    "for an unhashable type value",
-)
 def test_unhashable_type(kind: object) -> None:
     assert_field(dataplane(type=kind), "type")
 
@@ -416,14 +415,11 @@ def test_bad_external_service_address(address: object) -> None:
     assert_field(document, "networking.address")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG resources.py _external_service: str.isdigit() accepts '²', "
-    "then int('²') raises a bare ValueError",
-)
-def test_external_service_port_with_non_ascii_digit() -> None:
+@pytest.mark.parametrize("port", ["\u00b2", "\u0663", "\uff18\uff10", "+80", " 80", "80 "])
+def test_external_service_port_with_non_ascii_digit_or_sign(port: str) -> None:
+    # str.isdigit() accepts '²' (which int() refuses) and '٣' (which int() reads as 3).
     document = external_service()
-    document["networking"] = {"address": "httpbin.org:²"}
+    document["networking"] = {"address": f"httpbin.org:{port}"}
     assert_field(document, "networking.address")
 
 
@@ -548,6 +544,33 @@ def test_unreadable_json_gives_one_clear_error() -> None:
     assert "not valid JSON" in str(error)
 
 
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("creationTime: 2024-01-01T00:00:00Z", "creationTime"),
+        ("creationTime: 2024-01-01", "creationTime"),
+        ("labels: {since: 2024-01-01}", 'labels["since"]'),
+        ("mtls: {key: !!binary aGVsbG8=}", "mtls.key"),
+        ("mtls: !!set {a, b}", "mtls"),
+    ],
+)
+def test_yaml_documents_stay_json(line: str, field: str) -> None:
+    # Whatever YAML builds (timestamps, binary, sets), a Resource's document is
+    # JSON (the store and the API write it as JSON), or the document is refused.
+    text = f"type: Mesh\nname: prod\n{line}\n"
+    (result,) = parse_documents(text)
+    if isinstance(result, Resource):
+        assert json.loads(json.dumps(result.document)) == result.document
+    else:
+        assert result.field == field, str(result)
+
+
+def test_quoted_yaml_timestamp_is_a_string() -> None:
+    (result,) = parse_documents('type: Mesh\nname: prod\ncreationTime: "2024-01-01T00:00:00Z"\n')
+    assert isinstance(result, Resource)
+    assert json.dumps(result.document)
+
+
 def test_yaml_scalar_document_is_an_error_not_a_crash() -> None:
     (error,) = parse_documents("just a string\n")
     assert isinstance(error, ResourceError)
@@ -615,29 +638,7 @@ def _mutations() -> st.SearchStrategy[object]:
     )
 
 
-def _hits_known_bug(document: object) -> bool:
-    """Whether C{document} triggers one of the two bugs pinned by the xfail tests above.
-
-    The properties below skip those inputs so that they keep guarding everything else;
-    L{test_property_finds_known_bugs} pins them.
-    """
-    if not isinstance(document, dict):
-        return False
-    kind = document.get("type")
-    if isinstance(kind, list | dict):
-        return True
-    networking = document.get("networking")
-    if kind == EXTERNAL_SERVICE and isinstance(networking, dict):
-        address = networking.get("address")
-        if isinstance(address, str):
-            port = address.rpartition(":")[2]
-            if port.isdigit() and not port.isascii():
-                return True
-    return False
-
-
 def _only_resource_errors(document: object) -> None:
-    assume(not _hits_known_bug(document))
     try:
         resource = parse_resource(document)
     except ResourceError as e:
@@ -669,20 +670,16 @@ def test_mutated_valid_documents_only_raise_resource_error(document: object) -> 
 def test_parse_documents_never_raises(text: str) -> None:
     for result in parse_documents(text):
         assert isinstance(result, Resource | ResourceError)
+        if isinstance(result, Resource):
+            json.dumps(result.document)
     for result in parse_documents(text, json_only=True):
         assert isinstance(result, Resource | ResourceError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG resources.py: unhashable `type` raises TypeError, non-ASCII digit port "
-    "raises ValueError (see test_unhashable_type, test_external_service_port_with_non_ascii_digit)",
-)
+
 @example({"type": []})
+@example({"type": {"Dataplane": 1}})
 @example(external_service(networking={"address": "h.org:\u00b2"}))
 @given(json_values)
-def test_property_finds_known_bugs(document: object) -> None:
-    try:
-        parse_resource(document)
-    except ResourceError:
-        pass
+def test_values_that_once_raised_other_errors(document: object) -> None:
+    _only_resource_errors(document)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kumazone.resources import DATAPLANE, Resource, ResourceKey, parse_resource
-from kumazone.store import SCHEMA_VERSION, SQLiteStore, StoreError, StoredState
+from kumazone.store import SCHEMA_VERSION, SQLiteStore, StoredState, StoreError
 from kumazone.vips import Allocation, Hold, ServiceKey, TableDelta, VipRange, VipTable
 
 
@@ -74,7 +74,8 @@ def test_store_creates_missing_directories(path: str) -> None:
 
 def test_round_trip_after_reopen(path: str) -> None:
     store = SQLiteStore(path)
-    redis, web, httpbin = dataplane("redis-1", "redis"), dataplane("web-1", "web"), external("httpbin")
+    redis, web = dataplane("redis-1", "redis"), dataplane("web-1", "web")
+    httpbin = external("httpbin")
     delta = TableDelta(
         added=[Allocation(key("redis"), 7), Allocation(key("web"), 3)],
         holds_added=[Hold(key("old"), 11, 1234.5)],
@@ -197,7 +198,9 @@ def test_commit_without_version_keeps_the_version(store: SQLiteStore) -> None:
 def _populated(store: SQLiteStore) -> StoredState:
     store.commit(
         puts=[dataplane("redis-1", "redis")],
-        delta=TableDelta(added=[Allocation(key("redis"), 5)], holds_added=[Hold(key("old"), 6, 9.0)]),
+        delta=TableDelta(
+            added=[Allocation(key("redis"), 5)], holds_added=[Hold(key("old"), 6, 9.0)]
+        ),
         table_version=10,
         vip_range="240.0.0.0/4 fd00:fd00::/64",
     )

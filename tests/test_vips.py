@@ -166,7 +166,10 @@ def test_first_allocation_takes_the_candidate() -> None:
     delta = table.reconcile([key], now=0.0)
     candidate = expected_candidate(key, 6)
     assert delta.added == [Allocation(key, candidate)]
-    assert table.vip(key) == (IPv4Address(f"10.0.0.{candidate + 1}"), IPv6Address(f"fd00::{candidate + 1}"))
+    assert table.vip(key) == (
+        IPv4Address(f"10.0.0.{candidate + 1}"),
+        IPv6Address(f"fd00::{candidate + 1}"),
+    )
     assert table.owner(candidate) == key
 
 
@@ -452,31 +455,34 @@ class VipTableMachine(RuleBasedStateMachine):
         self.wanted: set[ServiceKey] = set()
         self.previous: dict[ServiceKey, int] = {}
         self.version = 0
-        #: For each key that was removed: (offset, until) of its hold.
-        self.released: dict[ServiceKey, tuple[int, float]] = {}
+        #: offset -> (key, until): the holds the table should have.
+        self.held: dict[int, tuple[ServiceKey, float]] = {}
 
     def _reconcile(self) -> None:
         before = offsets(self.table)
-        holds_before = dict(self.table.holds)
         delta = self.table.reconcile(sorted(self.wanted), now=self.now)
         after = offsets(self.table)
         # A key that still exists never changes VIP.
         for key, offset in before.items():
             if key in self.wanted:
                 assert after[key] == offset, f"{key} moved from {offset} to {after[key]}"
-        # A key that comes back within its hold-down gets its old VIP back.
-        for key in self.wanted:
-            if key not in before and key in self.released:
-                offset, until = self.released[key]
-                if self.now < until and holds_before.get(offset) == Hold(key, offset, until):
-                    assert after[key] == offset
-        # Nobody else takes a held offset before its `until`.
-        for offset, hold in holds_before.items():
-            if hold.until > self.now:
-                owner = self.table.owner(offset)
-                assert owner is None or owner == hold.key
-        for allocation in delta.removed:
-            self.released[allocation.key] = (allocation.offset, self.now + 100.0)
+        # Holds, modelled here rather than read from the table: a hold ends at `until`.
+        self.held = {o: (k, until) for o, (k, until) in self.held.items() if until > self.now}
+        for offset, (key, _until) in self.held.items():
+            owner = self.table.owner(offset)
+            # Nobody else takes a held offset; its key, if it came back, gets it again.
+            assert owner is None or owner == key, f"{owner} took {offset}, held for {key}"
+            if key in self.wanted:
+                assert after[key] == offset
+        self.held = {o: (k, u) for o, (k, u) in self.held.items() if k not in self.wanted}
+        for key, offset in before.items():
+            if key not in self.wanted:
+                self.held = {o: (k, u) for o, (k, u) in self.held.items() if k != key}
+                self.held[offset] = (key, self.now + self.table.hold_down)
+        assert {o: (h.key, h.until) for o, h in self.table.holds.items()} == self.held
+        assert sorted(delta.removed, key=lambda a: a.key) == [
+            Allocation(k, o) for k, o in sorted(before.items()) if k not in self.wanted
+        ]
         # The version grows exactly when the table changed.
         if before != after:
             assert self.table.version == self.version + 1
@@ -486,9 +492,8 @@ class VipTableMachine(RuleBasedStateMachine):
         # Every wanted key has a VIP or is reported exhausted, and exhaustion
         # only happens when every offset is taken or held.
         assert set(after) == self.wanted - self.table.exhausted
-        assert set(after) <= self.wanted
         if self.table.exhausted:
-            assert self.table.used == self.table.range.size
+            assert len(after) + len(self.held) == self.table.range.size
 
     @rule(key=st.sampled_from(KEY_POOL))
     def add(self, key: ServiceKey) -> None:

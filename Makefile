@@ -38,11 +38,13 @@ test: $(STAMP) tools
 
 lint: $(STAMP)
 	$(BIN)/ruff check kumazone tests twisted bench
-	$(BIN)/ruff format --check kumazone tests twisted bench
+	$(BIN)/ruff format --check kumazone twisted bench
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	@command -v dnsperf >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf >/dev/null)
 	$(BIN)/python bench/query_rate.py
+	$(BIN)/python bench/federation.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache .pytest_cache .mypy_cache .hypothesis

@@ -48,3 +48,6 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache .pytest_cache .mypy_cache .hypothesis
+
+# The multi-zone lab (network namespaces, and the Docker Compose version).
+-include lab/lab.mk

@@ -22,6 +22,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from kumazone.authority import NameNotFound, Result, ZoneAuthority
+from kumazone.hotpath import HotCache, HotKey, encode_message, hot_key
 from kumazone.metrics import Metrics, qtype_label, rcode_label
 from kumazone.ratelimit import RateLimiter, limited
 
@@ -46,9 +47,10 @@ _Proto = dns.DNSDatagramProtocol | dns.DNSProtocol
 
 
 class _Query(dns._EDNSMessage):
-    """A received query, with the time it arrived (for the latency metric)."""
+    """A received query, with the time it arrived and its hot-path key."""
 
     timeReceived: float
+    hot: tuple[HotKey, int] | None = None
 
 
 def _peer_host(proto: _Proto, address: tuple[str, int] | None) -> str:
@@ -149,11 +151,10 @@ def _wire(response: dns._EDNSMessage) -> bytes:
     """Encode without twisted.names' own truncation.
 
     L{dns.Message.encode} cuts the body at C{maxSize} octets (512 by default)
-    mid-record and leaves the counts as they were; we size answers ourselves.
+    mid-record and leaves the counts as they were; we size answers ourselves,
+    and compress names case-insensitively (see L{kumazone.hotpath}).
     """
-    message = response._toMessage()
-    message.maxSize = 0
-    return message.toStr()
+    return encode_message(response._toMessage())
 
 
 def encode_response(response: dns._EDNSMessage, limit: int | None) -> tuple[bytes, bool]:
@@ -208,7 +209,19 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
     noisy = False
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.controller.packetReceived(data, self, addr)
+        controller = self.controller
+        started = time.perf_counter()
+        found = hot_key(data, controller.mesh_of(addr[0]))
+        if found is not None:
+            key, end = found
+            entry = controller.hot.templates.get(key)
+            if entry is not None:
+                template, counter = entry
+                self.transport.write(HotCache.answer(template, data, end), addr)
+                counter.inc()
+                controller.metrics.answer_seconds.observe(time.perf_counter() - started)
+                return
+        controller.packetReceived(data, self, addr, found)
 
 
 class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
@@ -249,6 +262,8 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         self.metrics = metrics
         self.seconds = seconds
         self._query_counters: dict[tuple[str, str, str], Any] = {}
+        #: Responses for common UDP queries, emptied whenever the table changes.
+        self.hot = HotCache()
         self._malformed_log = limited(
             RateLimiter(burst=10, interval=60.0), seconds, lambda line: self.log.warn(line)
         )
@@ -264,8 +279,13 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         data: bytes,
         proto: _Proto,
         address: tuple[str, int] | None,
+        hot: tuple[HotKey, int] | None = None,
     ) -> None:
-        """Parse one packet and answer it; never raises."""
+        """Parse one packet and answer it; never raises.
+
+        C{hot} is the packet's hot-path key when it has one: the answer then
+        becomes the template for later queries with that key.
+        """
         started = time.perf_counter()
         transport = "udp" if address is not None else "tcp"
         problem = wire_problem(data)
@@ -283,6 +303,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         if message.answer:
             return  # a response sent to us: never answer one (no loops)
         message.timeReceived = started
+        message.hot = hot
         if opt_records > 1 or message.answers or message.authority or message.additional:
             # A query carries its question and at most one OPT record; we take no
             # TSIG, and records elsewhere would be answered as if they were not there.
@@ -418,19 +439,23 @@ class KumaDNSServerFactory(server.DNSServerFactory):
             self.metrics.truncated.inc()
         qtype = message.queries[0].type if message.queries else 0
         transport = "udp" if address is not None else "tcp"
-        self._count_query(qtype, rcode, transport)
+        counter = self._count_query(qtype, rcode, transport)
+        hot = getattr(message, "hot", None)
+        if hot is not None and not truncated:
+            self.hot.store(hot[0], hot[1], data, counter)
         started = getattr(message, "timeReceived", None)
         if started is not None:
             self.metrics.answer_seconds.observe(time.perf_counter() - started)
         self._write(proto, data, address)
 
-    def _count_query(self, qtype: int, rcode: int, transport: str) -> None:
+    def _count_query(self, qtype: int, rcode: int, transport: str) -> Any:
         # Keyed by label values, so an attacker's choice of types stays bounded.
         key = (qtype_label(qtype), rcode_label(rcode), transport)
         counter = self._query_counters.get(key)
         if counter is None:
             counter = self._query_counters[key] = self.metrics.queries.labels(*key)
         counter.inc()
+        return counter
 
     def _write(
         self,

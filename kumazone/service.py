@@ -228,6 +228,8 @@ class ZoneService(_ControlPlane):
         factory = KumaDNSServerFactory(
             authority, mesh_lookup(lambda: zone.snapshot), self.metrics, self.reactor.seconds
         )
+        # After the authority has the new table, no old answer may be served.
+        zone.listeners.append(lambda snapshot: factory.hot.clear())
         self.ports["dns"] = self._listen_dns(factory)
         self._listen_web(
             ApiResource(zone, self.metrics, now, self._sync_status),

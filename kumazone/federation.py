@@ -80,15 +80,16 @@ class GlobalTable:
         record.last_contact = now
         adds = {ServiceKey(m, s) for m, s in message.add}
         removes = {ServiceKey(m, s) for m, s in message.remove}
+        if message.part == 0 or record.pending is None:
+            # A change is applied whole, like a full inventory: one version for it.
+            record.pending = set() if message.full else set(record.services)
         if message.full:
-            if message.part == 0 or record.pending is None:
-                record.pending = set()
             record.pending |= adds
-            if not message.last:
-                return None
-            services, record.pending = record.pending, None
         else:
-            services = (record.services | adds) - removes
+            record.pending = (record.pending | adds) - removes
+        if not message.last:
+            return None
+        services, record.pending = record.pending, None
         if services == record.services:
             return None
         record.services = services
@@ -210,24 +211,21 @@ class FederatedTable:
 
         Raises ValueError if a change does not start from the version held.
         """
-        if message.full:
-            if message.part == 0 or self._pending is None:
-                self._pending = {}
-            for row in message.upsert:
-                key = ServiceKey(row.mesh, row.service)
-                self._pending[key] = Allocation(key, row.offset, row.zones)
-            if not message.last:
-                return None
-            new_rows, self._pending = self._pending, None
-        else:
-            if message.base != self.version and message.part == 0:
+        if message.part == 0 or self._pending is None:
+            if not message.full and message.base != self.version:
                 raise ValueError(f"change from version {message.base}, table is {self.version}")
-            new_rows = dict(self.global_rows)
-            for mesh, service in message.remove:
-                new_rows.pop(ServiceKey(mesh, service), None)
-            for row in message.upsert:
-                key = ServiceKey(row.mesh, row.service)
-                new_rows[key] = Allocation(key, row.offset, row.zones)
+            # Parts are gathered and applied at the last one: the zone stores and
+            # acknowledges whole versions only.
+            self._pending = {} if message.full else dict(self.global_rows)
+        pending = self._pending
+        for mesh, service in message.remove:
+            pending.pop(ServiceKey(mesh, service), None)
+        for row in message.upsert:
+            key = ServiceKey(row.mesh, row.service)
+            pending[key] = Allocation(key, row.offset, row.zones)
+        if not message.last:
+            return None
+        new_rows, self._pending = pending, None
         delta = TableDelta(
             added=[a for k, a in new_rows.items() if self.global_rows.get(k) != a],
             removed=[a for k, a in self.global_rows.items() if new_rows.get(k) != a],

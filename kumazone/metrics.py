@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from bisect import bisect_left
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 from twisted.names import dns
 
 __all__ = ["Metrics", "qtype_label", "rcode_label"]
@@ -44,28 +49,76 @@ def rcode_label(rcode: int) -> str:
     return _RCODE_NAMES.get(rcode, "OTHER")
 
 
+class QueryStats(Collector):
+    """Queries by type, rcode and transport, and answer latency, exported on scrape.
+
+    prometheus_client's own Counter and Histogram take a lock and look up their
+    children on every call, which costs as much as a hot-path answer; these are
+    list cells and a bisect.
+    """
+
+    BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
+
+    def __init__(self) -> None:
+        self.cells: dict[tuple[str, str, str], list[int]] = {}
+        self.buckets = [0] * (len(self.BUCKETS) + 1)
+        self.seconds = 0.0
+
+    def cell(self, qtype: int, rcode: int, transport: str) -> list[int]:
+        """The one-element counter for these labels (bounded: labels are bounded)."""
+        key = (qtype_label(qtype), rcode_label(rcode), transport)
+        found = self.cells.get(key)
+        if found is None:
+            found = self.cells[key] = [0]
+        return found
+
+    def observe(self, seconds: float) -> None:
+        """Record one answer's latency."""
+        self.buckets[bisect_left(self.BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+    def total(self) -> int:
+        return sum(cell[0] for cell in self.cells.values())
+
+    def collect(self) -> Iterator[Metric]:
+        queries = CounterMetricFamily(
+            "kumazone_dns_queries",
+            "DNS queries answered, by type, rcode and transport",
+            labels=["type", "rcode", "transport"],
+        )
+        for labels, cell in sorted(self.cells.items()):
+            queries.add_metric(list(labels), cell[0])
+        yield queries
+        cumulative, running = [], 0
+        for bound, count in zip((*self.BUCKETS, float("inf")), self.buckets, strict=True):
+            running += count
+            cumulative.append((str(bound) if bound != float("inf") else "+Inf", running))
+        yield HistogramMetricFamily(
+            "kumazone_dns_answer_seconds",
+            "Time from receiving a query to sending its answer",
+            buckets=cumulative,
+            sum_value=self.seconds,
+        )
+
+
 class Metrics:
     """Every metric kumazone exports."""
 
     def __init__(self, zone: str) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.queries = Counter(
-            "kumazone_dns_queries",
-            "DNS queries answered, by type, rcode and transport",
-            ["type", "rcode", "transport"],
-            registry=r,
-        )
-        self.answer_seconds = Histogram(
-            "kumazone_dns_answer_seconds",
-            "Time from receiving a query to sending its answer",
-            buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
-            registry=r,
-        )
+        #: Query counts and answer latency (plain numbers: they are on the hot path).
+        self.dns = QueryStats()
+        r.register(self.dns)
         self.malformed = Counter(
             "kumazone_dns_malformed_packets",
             "DNS packets that could not be parsed",
             ["transport"],
+            registry=r,
+        )
+        self.send_errors = Counter(
+            "kumazone_dns_send_errors",
+            "UDP answers the socket refused to send",
             registry=r,
         )
         self.truncated = Counter(

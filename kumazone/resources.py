@@ -57,6 +57,8 @@ _HOSTNAME_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"\A{_HOSTNAME_LABEL}(\.{_HOSTNAME_LABEL})*\Z")
 MAX_NAME_LENGTH = 253
 MAX_MESH_LENGTH = 63
+#: Tag values (service names among them) are kept small enough to sync in bulk.
+MAX_TAG_VALUE = 1024
 
 
 class ResourceError(ValueError):
@@ -161,6 +163,10 @@ def _check_tags(value: object, field: str, need_service: bool) -> Mapping[str, s
         if tag == "":
             raise ResourceError(field, "tag names must not be empty")
         text = _require_string(tag_value, f'{field}["{tag}"]')
+        if len(text) > MAX_TAG_VALUE:
+            raise ResourceError(
+                f'{field}["{tag}"]', f"must be at most {MAX_TAG_VALUE} characters, is {len(text)}"
+            )
         if not _TAG_VALUE.match(text):
             raise ResourceError(
                 f'{field}["{tag}"]',

@@ -244,8 +244,9 @@ def decode(data: bytes) -> Message:
         raise ProtocolError(f"not JSON: {e}") from None
     if not isinstance(document, dict):
         raise ProtocolError("message must be an object")
-    if document.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {document.get('v')!r}, expected {PROTOCOL_VERSION}")
+    version = document.get("v")
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
     kind = document.get("t")
     if kind == "hello":
         return Hello(
@@ -305,29 +306,50 @@ class FrameDecoder:
             yield decode(body)
 
 
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)] or [items[:0]]
+#: What one part's items may take on the wire, leaving room for the envelope.
+PART_BUDGET = MAX_FRAME // 2 - 4096
+
+
+def _item_size(item: Any) -> int:
+    """An upper bound of an item's octets in a part's JSON (UTF-8)."""
+    if isinstance(item, Row):
+        item = [item.mesh, item.service, item.offset, list(item.zones)]
+    return len(json.dumps(item, ensure_ascii=False).encode("utf-8")) + 1
+
+
+def _chunks(items: Sequence[Any], cap: int, budget: int = PART_BUDGET) -> list[Sequence[Any]]:
+    """Consecutive runs of C{items}, each at most C{cap} items and C{budget} octets."""
+    chunks: list[Sequence[Any]] = []
+    start, used = 0, 0
+    for index, item in enumerate(items):
+        size = _item_size(item)
+        if size > budget:
+            raise ProtocolError(f"one item takes {size} octets, more than a part may")
+        if index > start and (index - start >= cap or used + size > budget):
+            chunks.append(items[start:index])
+            start, used = index, 0
+        used += size
+    if start < len(items) or not chunks:
+        chunks.append(items[start:])
+    return chunks
 
 
 def inventory_messages(
     add: Iterable[Key], remove: Iterable[Key] = (), full: bool = True, size: int = CHUNK_ITEMS
 ) -> list[Inventory]:
-    """A full inventory (or a change) as part messages."""
-    adds, removes = sorted(add), sorted(remove)
-    parts: list[Inventory] = []
-    add_chunks, remove_chunks = _chunks(adds, size), _chunks(removes, size)
+    """A full inventory (or a change) as part messages, each well below MAX_FRAME."""
+    add_chunks, remove_chunks = _chunks(sorted(add), size), _chunks(sorted(remove), size)
     count = max(len(add_chunks), len(remove_chunks))
-    for index in range(count):
-        parts.append(
-            Inventory(
-                full,
-                index,
-                index == count - 1,
-                tuple(add_chunks[index]) if index < len(add_chunks) else (),
-                tuple(remove_chunks[index]) if index < len(remove_chunks) else (),
-            )
+    return [
+        Inventory(
+            full,
+            index,
+            index == count - 1,
+            tuple(add_chunks[index]) if index < len(add_chunks) else (),
+            tuple(remove_chunks[index]) if index < len(remove_chunks) else (),
         )
-    return parts
+        for index in range(count)
+    ]
 
 
 def table_messages(
@@ -338,7 +360,7 @@ def table_messages(
     remove: Sequence[Key] = (),
     size: int = CHUNK_ITEMS,
 ) -> list[Table]:
-    """A table (whole, or the changes from C{base}) as part messages."""
+    """A table (whole, or the changes from C{base}) as part messages, each below MAX_FRAME."""
     up_chunks, remove_chunks = _chunks(list(upsert), size), _chunks(list(remove), size)
     count = max(len(up_chunks), len(remove_chunks))
     return [

@@ -230,7 +230,9 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
                     controller.metrics.send_errors.inc()
                     return
                 counter[0] += 1
-                controller.stats.observe(time.perf_counter() - started)
+                stats = controller.stats
+                stats.hot_answers += 1
+                stats.observe(time.perf_counter() - started)
                 return
         controller.packetReceived(data, self, addr, found)
 
@@ -471,7 +473,10 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         address: tuple[str, int] | None,
     ) -> None:
         if address is not None:
-            cast(Any, proto.transport).write(data, address)
+            try:
+                cast(KumaDNSDatagramProtocol, proto)._sendto(data, address)
+            except OSError:
+                self.metrics.send_errors.inc()
         else:
             cast(dns.DNSProtocol, proto).sendString(data)
 

@@ -166,7 +166,9 @@ class HotCache:
             return
         if len(self.templates) >= self.max_entries:
             self.templates.clear()
-        template = response[:12] + key[0] + response[end:]
+        # RD comes from each query; the question's case too.
+        template = response[:2] + bytes((response[2] & 0xFE,)) + response[3:12] + key[0]
+        template += response[end:]
         self.templates[key] = (template, counter)
 
     @staticmethod

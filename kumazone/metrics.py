@@ -63,6 +63,8 @@ class QueryStats(Collector):
         self.cells: dict[tuple[str, str, str], list[int]] = {}
         self.buckets = [0] * (len(self.BUCKETS) + 1)
         self.seconds = 0.0
+        #: Answers sent from the hot path's templates.
+        self.hot_answers = 0
 
     def cell(self, qtype: int, rcode: int, transport: str) -> list[int]:
         """The one-element counter for these labels (bounded: labels are bounded)."""
@@ -89,6 +91,11 @@ class QueryStats(Collector):
         for labels, cell in sorted(self.cells.items()):
             queries.add_metric(list(labels), cell[0])
         yield queries
+        yield CounterMetricFamily(
+            "kumazone_dns_hot_answers",
+            "UDP answers sent from pre-encoded responses (the rest took the authority path)",
+            value=self.hot_answers,
+        )
         cumulative, running = [], 0
         for bound, count in zip((*self.BUCKETS, float("inf")), self.buckets, strict=True):
             running += count

@@ -334,21 +334,30 @@ def _chunks(items: Sequence[Any], cap: int, budget: int = PART_BUDGET) -> list[S
     return chunks
 
 
+def _paired(
+    first: Sequence[Any], second: Sequence[Any], cap: int
+) -> list[tuple[int, bool, tuple[Any, ...], tuple[Any, ...]]]:
+    """(part, last, items of C{first}, items of C{second}) for each part message."""
+    first_chunks, second_chunks = _chunks(first, cap), _chunks(second, cap)
+    count = max(len(first_chunks), len(second_chunks))
+    return [
+        (
+            index,
+            index == count - 1,
+            tuple(first_chunks[index]) if index < len(first_chunks) else (),
+            tuple(second_chunks[index]) if index < len(second_chunks) else (),
+        )
+        for index in range(count)
+    ]
+
+
 def inventory_messages(
     add: Iterable[Key], remove: Iterable[Key] = (), full: bool = True, size: int = CHUNK_ITEMS
 ) -> list[Inventory]:
     """A full inventory (or a change) as part messages, each well below MAX_FRAME."""
-    add_chunks, remove_chunks = _chunks(sorted(add), size), _chunks(sorted(remove), size)
-    count = max(len(add_chunks), len(remove_chunks))
     return [
-        Inventory(
-            full,
-            index,
-            index == count - 1,
-            tuple(add_chunks[index]) if index < len(add_chunks) else (),
-            tuple(remove_chunks[index]) if index < len(remove_chunks) else (),
-        )
-        for index in range(count)
+        Inventory(full, part, last, adds, removes)
+        for part, last, adds, removes in _paired(sorted(add), sorted(remove), size)
     ]
 
 
@@ -361,17 +370,7 @@ def table_messages(
     size: int = CHUNK_ITEMS,
 ) -> list[Table]:
     """A table (whole, or the changes from C{base}) as part messages, each below MAX_FRAME."""
-    up_chunks, remove_chunks = _chunks(list(upsert), size), _chunks(list(remove), size)
-    count = max(len(up_chunks), len(remove_chunks))
     return [
-        Table(
-            version,
-            base,
-            full,
-            index,
-            index == count - 1,
-            tuple(up_chunks[index]) if index < len(up_chunks) else (),
-            tuple(remove_chunks[index]) if index < len(remove_chunks) else (),
-        )
-        for index in range(count)
+        Table(version, base, full, part, last, rows, removes)
+        for part, last, rows, removes in _paired(list(upsert), list(remove), size)
     ]

@@ -10,27 +10,13 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from tests.builders import dataplane
 from tests.kzprocess import ZoneProcess
 
 DATAPLANES = "/meshes/default/dataplanes"
 EXTERNAL_SERVICES = "/meshes/default/external-services"
 
 
-def dataplane(
-    name: str, *services: str, mesh: str = "default", address: str = "192.0.2.200"
-) -> dict[str, Any]:
-    return {
-        "type": "Dataplane",
-        "mesh": mesh,
-        "name": name,
-        "networking": {
-            "address": address,
-            "inbound": [
-                {"port": 8000 + index, "tags": {"kuma.io/service": service}}
-                for index, service in enumerate(services)
-            ],
-        },
-    }
 
 
 def addresses(answer: Any, rdtype: str = "A") -> list[str]:

@@ -9,12 +9,12 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 import dns.rcode
 import dns.rdatatype
 import pytest
 
+from tests.builders import dataplane
 from tests.kzprocess import ZoneProcess
 
 #: 6 usable IPv4 VIPs (network and broadcast are never handed out).
@@ -22,21 +22,6 @@ TINY = {"KUMA_DNS_SERVER_CIDR": "10.0.0.0/29", "KUMA_DNS_SERVER_CIDR_V6": "fd00:
 TINY_SIZE = 6
 
 
-def dataplane(
-    name: str, *services: str, mesh: str = "default", address: str = "192.0.2.200"
-) -> dict[str, Any]:
-    return {
-        "type": "Dataplane",
-        "mesh": mesh,
-        "name": name,
-        "networking": {
-            "address": address,
-            "inbound": [
-                {"port": 8000 + index, "tags": {"kuma.io/service": service}}
-                for index, service in enumerate(services)
-            ],
-        },
-    }
 
 
 def put(zone: ZoneProcess, name: str, *services: str, mesh: str = "default") -> int:

@@ -13,6 +13,7 @@ from kumazone.resources import DATAPLANE, EXTERNAL_SERVICE, Resource, ResourceKe
 from kumazone.store import SQLiteStore, StoreError
 from kumazone.vips import ServiceKey, VipTable
 from kumazone.zone import ConflictError, VipEntry, Zone, ZoneSnapshot
+from tests.builders import dataplane as dataplane_document
 
 TINY = DnsServerConfig(cidr=IPv4Network("10.0.0.0/29"), cidr6=IPv6Network("fd00::/125"))
 
@@ -20,20 +21,7 @@ TINY = DnsServerConfig(cidr=IPv4Network("10.0.0.0/29"), cidr6=IPv6Network("fd00:
 def dataplane(
     name: str, *services: str, mesh: str = "default", address: str = "192.0.2.10"
 ) -> Resource:
-    return parse_resource(
-        {
-            "type": "Dataplane",
-            "mesh": mesh,
-            "name": name,
-            "networking": {
-                "address": address,
-                "inbound": [
-                    {"port": 8000 + i, "tags": {"kuma.io/service": service}}
-                    for i, service in enumerate(services)
-                ],
-            },
-        }
-    )
+    return parse_resource(dataplane_document(name, *services, mesh=mesh, address=address))
 
 
 def external(name: str, service: str | None = None, mesh: str = "default") -> Resource:

@@ -110,16 +110,22 @@ class SyncProtocol(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.last_heard = self.clock.seconds()
-        self.metrics.octets.labels(self.zone or "?", "in").inc(len(data))
+        messages: list[Message] = []
         try:
             for message in self.decoder.feed(data):
-                self.metrics.messages.labels(self.zone or "?", "in", type(message).__name__).inc()
+                messages.append(message)
                 if self.closed:
-                    return
+                    break
                 self.handler.received(self, message)
         except ProtocolError as e:
             self.metrics.refused.labels("protocol").inc()
             self.fail(f"protocol error: {e}")
+        finally:
+            # Counted once the handler has seen the hello: under the zone's name.
+            zone = self.zone or "?"
+            self.metrics.octets.labels(zone, "in").inc(len(data))
+            for message in messages:
+                self.metrics.messages.labels(zone, "in", type(message).__name__).inc()
 
     def send(self, message: Message) -> None:
         if self.closed or self.transport is None:
@@ -129,14 +135,15 @@ class SyncProtocol(protocol.Protocol):
         self.metrics.messages.labels(self.zone or "?", "out", type(message).__name__).inc()
         self.transport.write(data)
 
-    def fail(self, why: str) -> None:
-        """Tell the peer why, log it, and close."""
-        self.log.warn(
-            "sync with {peer} ({zone}) closed: {why}",
-            peer=self.peer(),
-            zone=self.zone or "unknown zone",
-            why=why,
-        )
+    def fail(self, why: str, log: bool = True) -> None:
+        """Tell the peer why, log it (unless the caller did), and close."""
+        if log:
+            self.log.warn(
+                "sync with {peer} ({zone}) closed: {why}",
+                peer=self.peer(),
+                zone=self.zone or "unknown zone",
+                why=why,
+            )
         self.send(Error(why))
         self.close()
 
@@ -265,6 +272,8 @@ class GlobalSession:
     def __init__(self, hub: GlobalHub) -> None:
         self.hub = hub
         self.zone: str | None = None
+        #: Set when _hello refused the zone (already logged and counted).
+        self.refused = False
         self.sent_version = -1
         self.proto: SyncProtocol
 
@@ -304,30 +313,36 @@ class GlobalSession:
         else:
             proto.fail(f"unexpected {type(message).__name__.lower()} from a zone")
 
+    def _refuse(self, reason: str, line: str, why: str) -> None:
+        self.refused = True
+        self.hub.refused(reason, line)
+        self.proto.fail(why, log=False)
+
     def _hello(self, hello: Hello, now: float) -> None:
         hub = self.hub
         names = self._certificate_names()
         if names is None and hub.require_certificates:
-            hub.refused("no-certificate", f"zone {hello.zone!r} refused: no client certificate")
-            self.proto.fail("a client certificate is required")
+            self._refuse(
+                "no-certificate",
+                f"zone {hello.zone!r} refused: no client certificate",
+                "a client certificate is required",
+            )
             return
         if names is not None and hello.zone not in names:
-            hub.refused(
+            self._refuse(
                 "wrong-zone",
                 f"zone connection from {self.proto.peer()} refused: its certificate names "
                 f"{', '.join(sorted(names)) or 'nothing'}, it claims zone {hello.zone!r}",
+                f"certificate does not name zone {hello.zone!r}",
             )
-            self.proto.fail(f"certificate does not name zone {hello.zone!r}")
             return
         if (hello.cidr, hello.cidr6) != hub.cidrs:
-            hub.refused(
+            self._refuse(
                 "cidr",
                 f"zone {hello.zone!r} refused: its CIDRs {hello.cidr} {hello.cidr6} differ "
                 f"from the global's {hub.cidrs[0]} {hub.cidrs[1]}",
-            )
-            self.proto.fail(
                 f"VIP ranges differ: zone {hello.cidr} {hello.cidr6}, "
-                f"global {hub.cidrs[0]} {hub.cidrs[1]}"
+                f"global {hub.cidrs[0]} {hub.cidrs[1]}",
             )
             return
         previous = hub.sessions.get(hello.zone)
@@ -369,6 +384,8 @@ class GlobalSession:
     def disconnected(self, proto: SyncProtocol, reason: Failure) -> None:
         hub = self.hub
         if self.zone is None:
+            if self.refused:
+                return  # logged and counted when it was refused
             hub.refused(
                 "before-hello",
                 f"sync connection from {proto.peer()} closed before hello: "

@@ -9,8 +9,9 @@ exist raises L{NameNotFound}, which carries the SOA for the authority section.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
 from twisted.internet import defer
@@ -66,9 +67,11 @@ class _Served:
     """A table entry with its records, built once per table version."""
 
     entry: VipEntry
+    names: tuple[bytes, ...]
     a: dns.Record_A
     aaaa: dns.Record_AAAA
     ptr: dns.Record_PTR | None
+    reverse: tuple[bytes, bytes]
 
 
 class ZoneAuthority(ResolverBase):
@@ -92,47 +95,65 @@ class ZoneAuthority(ResolverBase):
         self._forward: dict[bytes, dict[str, _Served]] = {}
         self._empty: dict[bytes, set[str]] = {}
         self._reverse: dict[bytes, _Served] = {}
+        self._built: dict[VipEntry, _Served] = {}
         self.update(ZoneSnapshot(version=0, entries=(), mesh_of_address={}))
 
     def update(self, snapshot: ZoneSnapshot) -> None:
         """Serve C{snapshot} from now on.
 
-        Records are built here, once per table version, not per query.
+        Records are built here, not per query, and only for entries that changed
+        since the last snapshot: an update of a 100,000-service table that
+        changes one service costs dictionary work, not 100,000 record builds.
         """
-        ttl = self.ttl
-        # First pass: who owns each name.  The first service to claim a name in
-        # a mesh keeps it (entries come sorted); the loser keeps its other names.
-        owner: dict[tuple[bytes, str], VipEntry] = {}
-        for entry in snapshot.entries:
-            for text in entry.names:
-                owner.setdefault((text.encode("ascii"), entry.key.mesh), entry)
+        built: dict[VipEntry, _Served] = {}
         forward: dict[bytes, dict[str, _Served]] = {}
         empty: dict[bytes, set[str]] = {self.nameserver.split(b".", 1)[1]: {"*"}}
         reverse: dict[bytes, _Served] = {}
         for entry in snapshot.entries:
-            owned = [
-                text.encode("ascii")
-                for text in entry.names
-                if owner[(text.encode("ascii"), entry.key.mesh)] is entry
-            ]
-            # The PTR names the DNS-compliant form (the last name) if it owns it,
-            # so that the name it gives resolves back to this VIP.
-            ptr = dns.Record_PTR(owned[-1], ttl) if owned else None
-            served = _Served(
-                entry, dns.Record_A(entry.vip, ttl), dns.Record_AAAA(entry.vip6, ttl), ptr
-            )
-            for name in owned:
-                forward.setdefault(name, {})[entry.key.mesh] = served
+            served = self._built.get(entry) or self._build(entry)
+            built[entry] = served
+            mesh = entry.key.mesh
+            for name in served.names:
+                # The first service to claim a name in a mesh keeps it (entries
+                # come sorted; the zone gives each name one owner anyway).
+                forward.setdefault(name, {}).setdefault(mesh, served)
                 parent = name
                 while True:
                     parent = parent.split(b".", 1)[1]
                     if parent == self.apex or not parent.endswith(self._suffix):
                         break
-                    empty.setdefault(parent, set()).add(entry.key.mesh)
-            for address in (entry.vip, entry.vip6):
-                reverse[ipaddress.ip_address(address).reverse_pointer.encode()] = served
+                    empty.setdefault(parent, set()).add(mesh)
+        for served in built.values():
+            mesh = served.entry.key.mesh
+            owned = [name for name in served.names if forward[name][mesh] is served]
+            if served.ptr is not None and (not owned or owned[-1] != served.names[-1]):
+                # The PTR must name a name that resolves back to this VIP.
+                ptr = dns.Record_PTR(owned[-1], self.ttl) if owned else None
+                served = replace(served, ptr=ptr)
+            for name in served.reverse:
+                reverse[name] = served
+        self._built = built
         self._forward, self._empty, self._reverse = forward, empty, reverse
         self.version = snapshot.version
+
+    def _build(self, entry: VipEntry) -> _Served:
+        ttl = self.ttl
+        names = tuple(text.encode("ascii") for text in entry.names)
+        v4 = entry.vip.split(".")
+        v6 = socket.inet_pton(socket.AF_INET6, entry.vip6).hex()
+        reverse = (
+            ".".join([*reversed(v4), "in-addr.arpa"]).encode(),
+            ".".join([*reversed(v6), "ip6.arpa"]).encode(),
+        )
+        return _Served(
+            entry,
+            names,
+            dns.Record_A(entry.vip, ttl),
+            dns.Record_AAAA(entry.vip6, ttl),
+            # The PTR names the DNS-compliant form (the last of the names).
+            dns.Record_PTR(names[-1], ttl) if names else None,
+            reverse,
+        )
 
     # -- records ----------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kumazone.config import DnsServerConfig
 from kumazone.federation import FederatedTable
-from kumazone.names import service_names
+from kumazone.names import ServiceNames, service_names
 from kumazone.resources import DATAPLANE, MESH, Resource, ResourceKey
 from kumazone.store import SQLiteStore, StoredState, StoreError
 from kumazone.sync import Table
@@ -84,6 +84,10 @@ class Zone:
         self.api: dict[ResourceKey, Resource] = {r.key: r for r in state.resources}
         self.files: dict[str, dict[ResourceKey, Resource]] = {}
         self._federated = federated
+        #: Built entries of the last snapshot and names per service: a change of
+        #: one service rebuilds one entry, not all of them.
+        self._entries: dict[ServiceKey, tuple[int, VipEntry]] = {}
+        self._names: dict[str, ServiceNames] = {}
         self._range_id = f"{config.cidr} {config.cidr6}"
         self.table: VipTable | FederatedTable
         #: '' when this zone allocates; the global's table id once it has synced.
@@ -292,11 +296,16 @@ class Zone:
     def _build_snapshot(self) -> ZoneSnapshot:
         vip_range = self.table.range
         entries = []
+        if len(self._names) > 2 * len(self._entries) + 1024:
+            self._names.clear()
+        previous, self._entries = self._entries, {}
         # A name belongs to the first service (in sorted order) that claims it
         # in its mesh: "a_b" and "a.b", or "Redis" and "redis", cannot share one.
         claimed: dict[tuple[str, str], ServiceKey] = {}
         for key, offset, zones, provisional in self.table.served():
-            names = service_names(key.service, self.config.domain)
+            names = self._names.get(key.service)
+            if names is None:
+                names = self._names[key.service] = service_names(key.service, self.config.domain)
             owned: list[str] = []
             problems = [f"no DNS name {problem}" for problem in names.problems]
             for name in names.names:
@@ -310,8 +319,16 @@ class Zone:
                 if message not in self._warned:
                     self._warned.add(message)
                     self._warn(message)
-            entries.append(
-                VipEntry(
+            cached = previous.get(key)
+            entry = cached[1] if cached is not None and cached[0] == offset else None
+            if (
+                entry is None
+                or entry.names != tuple(owned)
+                or entry.problems != tuple(problems)
+                or entry.provisional != provisional
+                or entry.zones != (zones or (self.name,))
+            ):
+                entry = VipEntry(
                     key,
                     str(vip_range.ipv4(offset)),
                     str(vip_range.ipv6(offset)),
@@ -320,14 +337,15 @@ class Zone:
                     provisional,
                     zones or (self.name,),
                 )
-            )
+            self._entries[key] = (offset, entry)
+            entries.append(entry)
         resources = self.resources()
         mesh_of_address: dict[str, str] = {}
         ambiguous: set[str] = set()
         for resource in resources.values():
             if resource.type == DATAPLANE and resource.address is not None:
-                previous = mesh_of_address.setdefault(resource.address, resource.mesh)
-                if previous != resource.mesh:
+                first = mesh_of_address.setdefault(resource.address, resource.mesh)
+                if first != resource.mesh:
                     ambiguous.add(resource.address)
         for address in sorted(ambiguous):
             message = f"address {address} is a Dataplane in several meshes; it gets mesh default"

@@ -42,8 +42,15 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	@command -v dnsperf >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dnsperf >/dev/null)
-	$(BIN)/python bench/query_rate.py
+	@missing=""; \
+	command -v dnsperf >/dev/null || missing="$$missing dnsperf"; \
+	command -v nsd >/dev/null || test -x /usr/sbin/nsd || missing="$$missing nsd"; \
+	command -v taskset >/dev/null || missing="$$missing util-linux"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	$(BIN)/python bench/dns_bench.py
 	$(BIN)/python bench/federation.py
 
 clean:

@@ -32,13 +32,13 @@ run: $(STAMP)
 
 test: $(STAMP) tools
 	$(BIN)/twistd kumazone --help >/dev/null
-	$(BIN)/ruff check kumazone tests twisted bench
+	$(BIN)/ruff check kumazone tests twisted bench lab
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check kumazone tests twisted bench
-	$(BIN)/ruff format --check kumazone twisted bench
+	$(BIN)/ruff check kumazone tests twisted bench lab
+	$(BIN)/ruff format --check kumazone twisted bench lab
 	$(BIN)/mypy
 
 bench: $(STAMP)

@@ -9,6 +9,7 @@ records with TC set, the client's mesh chosen by its source address, and metrics
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,8 @@ MAX_UDP_PAYLOAD = 1232
 #: Without EDNS0, a UDP answer is at most 512 octets (RFC 1035).
 CLASSIC_UDP_PAYLOAD = 512
 TCP_IDLE_TIMEOUT = 30
+#: UDP socket buffers asked for (NSD asks for about as much).
+SOCKET_BUFFER = 4 * 1024 * 1024
 
 _HEADER = struct.Struct("!HHHHHH")
 
@@ -210,9 +213,17 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
     _sendto: Callable[[bytes, tuple[str, int]], int]
 
     def startProtocol(self) -> None:
+        sock = cast(Any, self.transport).socket
+        # A burst of queries must wait in the kernel, not be dropped: ask for a
+        # few megabytes (the kernel caps it at net.core.rmem_max).
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+            except OSError:
+                pass
         # The hot path writes to the socket itself: the port's write() checks
         # the address's syntax twice per datagram, which costs more than the answer.
-        self._sendto = cast(Any, self.transport).socket.sendto
+        self._sendto = sock.sendto
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         controller = self.controller

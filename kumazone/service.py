@@ -19,6 +19,7 @@ from twisted.application.service import MultiService
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
 
@@ -79,6 +80,15 @@ class GlobalSettings:
     tls: TLSFiles | None = None
 
 
+class StartupError(SystemExit, Exception):
+    """Start-up failed; the text is the one line to show.
+
+    A SystemExit, so that `twistd -n` exits with that line and no traceback; an
+    Exception too, so that a daemonizing twistd reports it to the waiting parent
+    (which prints it and exits 1) instead of leaving it waiting.
+    """
+
+
 class _QuietSite(Site):
     """A site that writes no access log (probes and scrapes come every few seconds)."""
 
@@ -123,7 +133,7 @@ class _ControlPlane(MultiService):
             self._write_ports()
         except (StoreError, OSError, CannotListenError, ValueError) as e:
             self._stop_listening()
-            raise SystemExit(f"kumazone: cannot start: {e}") from None
+            raise StartupError(f"kumazone: cannot start: {e}") from None
         self._ready = True
         super().privilegedStartService()
 
@@ -150,8 +160,8 @@ class _ControlPlane(MultiService):
         diagnostics_port: int,
         diagnostics_interface: str,
     ) -> None:
-        site = Site(api)
-        site.noisy = False
+        # Writes are logged by the API itself; polling GETs would flood the log.
+        site = _QuietSite(api)
         self.ports["api"] = self._listen_tcp(api_port, site, api_interface)
         diagnostics = _QuietSite(diagnostics_root(self.metrics, self._readiness))
         self.ports["diagnostics"] = self._listen_tcp(
@@ -399,6 +409,15 @@ class GlobalService(_ControlPlane):
             how="mutual TLS" if settings.tls else "insecure, no TLS",
             **self.ports,
         )
+
+    def stopService(self) -> Any:
+        # Close every zone's connection cleanly (TLS close_notify) and give the
+        # closes a moment to go out before the listeners and the store go.
+        if self.hub is not None:
+            for session in list(self.hub.sessions.values()):
+                session.proto.close()
+        delay = deferLater(self.reactor, 0.2, lambda: None)
+        return delay.addCallback(lambda _: super(GlobalService, self).stopService())
 
     def _update_gauges(self) -> None:
         if self.hub is None:

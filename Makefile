@@ -30,7 +30,7 @@ run: $(STAMP)
 	$(BIN)/twistd -n --pidfile= kumazone --role=zone --zone=$(ZONE) \
 	  --resources=zones/$(ZONE) --dns-port=$(DNS_PORT) --data-dir=kumazone-data/$(ZONE)
 
-test: $(STAMP) tools
+test: $(STAMP) tools lab-tools
 	$(BIN)/twistd kumazone --help >/dev/null
 	$(BIN)/ruff check kumazone tests twisted bench lab
 	$(BIN)/mypy

@@ -9,7 +9,6 @@ exist raises L{NameNotFound}, which carries the SOA for the authority section.
 from __future__ import annotations
 
 import ipaddress
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
@@ -21,6 +20,7 @@ from twisted.names.error import AuthoritativeDomainError, DomainError
 
 from kumazone.config import DnsServerConfig
 from kumazone.names import nameserver_name
+from kumazone.vips import VipRange
 from kumazone.zone import DEFAULT_MESH, VipEntry, ZoneSnapshot
 
 __all__ = ["NameNotFound", "NotOurs", "Result", "ZoneAuthority", "reverse_zones"]
@@ -62,16 +62,35 @@ def reverse_zones(network: IPv4Network | IPv6Network) -> list[str]:
     return zones
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Served:
-    """A table entry with its records, built once per table version."""
+    """A table entry as the authority serves it.
+
+    Records are made per query on the authority path (the hot path keeps the
+    encoded answers), so that a 100,000-service table holds no record objects.
+    """
 
     entry: VipEntry
+    offset: int
     names: tuple[bytes, ...]
-    a: dns.Record_A
-    aaaa: dns.Record_AAAA
-    ptr: dns.Record_PTR | None
-    reverse: tuple[bytes, bytes]
+    #: The name the PTR gives: the DNS-compliant form, if this service owns it.
+    ptr: bytes | None
+
+
+def _reverse_address(name: bytes) -> int | None:
+    """The address a full reverse name stands for, or None if it is not one."""
+    labels = name.split(b".")
+    if labels[-2:] == [b"in-addr", b"arpa"] and len(labels) == 6:
+        octets = labels[3::-1]
+        # Canonical decimal only: "010" is another name than "10".
+        if all(o.isdigit() and o == str(int(o)).encode() and int(o) < 256 for o in octets):
+            return int.from_bytes(bytes(int(o) for o in octets), "big")
+        return None
+    if labels[-2:] == [b"ip6", b"arpa"] and len(labels) == 34:
+        nibbles = labels[31::-1]
+        if all(len(n) == 1 and n in b"0123456789abcdef" for n in nibbles):
+            return int(b"".join(nibbles), 16)
+    return None
 
 
 class ZoneAuthority(ResolverBase):
@@ -92,68 +111,59 @@ class ZoneAuthority(ResolverBase):
             for zone in reverse_zones(network)
         ]
         self.version = 0
-        self._forward: dict[bytes, dict[str, _Served]] = {}
+        self._range = VipRange(config.cidr, config.cidr6)
+        #: mesh -> name -> entry (a few meshes, so no dict per name).
+        self._forward: dict[str, dict[bytes, _Served]] = {}
         self._empty: dict[bytes, set[str]] = {}
-        self._reverse: dict[bytes, _Served] = {}
+        #: VIP offset -> entry, for PTR (one key per service serves both families).
+        self._by_offset: dict[int, _Served] = {}
         self._built: dict[VipEntry, _Served] = {}
         self.update(ZoneSnapshot(version=0, entries=(), mesh_of_address={}))
 
     def update(self, snapshot: ZoneSnapshot) -> None:
         """Serve C{snapshot} from now on.
 
-        Records are built here, not per query, and only for entries that changed
-        since the last snapshot: an update of a 100,000-service table that
-        changes one service costs dictionary work, not 100,000 record builds.
+        Only entries that changed since the last snapshot are built again: an
+        update of a 100,000-service table that changes one service costs
+        dictionary work.
         """
         built: dict[VipEntry, _Served] = {}
-        forward: dict[bytes, dict[str, _Served]] = {}
+        forward: dict[str, dict[bytes, _Served]] = {}
         empty: dict[bytes, set[str]] = {self.nameserver.split(b".", 1)[1]: {"*"}}
-        reverse: dict[bytes, _Served] = {}
         for entry in snapshot.entries:
-            served = self._built.get(entry) or self._build(entry)
+            served = self._built.get(entry)
+            if served is None:
+                names = tuple(text.encode("ascii") for text in entry.names)
+                offset = self._range.offset_of(ipaddress.IPv4Address(entry.vip))
+                served = _Served(
+                    entry, -1 if offset is None else offset, names, names[-1] if names else None
+                )
             built[entry] = served
             mesh = entry.key.mesh
+            in_mesh = forward.get(mesh)
+            if in_mesh is None:
+                in_mesh = forward[mesh] = {}
             for name in served.names:
                 # The first service to claim a name in a mesh keeps it (entries
                 # come sorted; the zone gives each name one owner anyway).
-                forward.setdefault(name, {}).setdefault(mesh, served)
+                in_mesh.setdefault(name, served)
                 parent = name
                 while True:
                     parent = parent.split(b".", 1)[1]
                     if parent == self.apex or not parent.endswith(self._suffix):
                         break
                     empty.setdefault(parent, set()).add(mesh)
+        by_offset: dict[int, _Served] = {}
         for served in built.values():
-            mesh = served.entry.key.mesh
-            owned = [name for name in served.names if forward[name][mesh] is served]
-            if served.ptr is not None and (not owned or owned[-1] != served.names[-1]):
+            in_mesh = forward[served.entry.key.mesh]
+            owned = [name for name in served.names if in_mesh[name] is served]
+            if served.ptr is not None and (not owned or owned[-1] != served.ptr):
                 # The PTR must name a name that resolves back to this VIP.
-                ptr = dns.Record_PTR(owned[-1], self.ttl) if owned else None
-                served = replace(served, ptr=ptr)
-            for name in served.reverse:
-                reverse[name] = served
+                served = replace(served, ptr=owned[-1] if owned else None)
+            by_offset[served.offset] = served
         self._built = built
-        self._forward, self._empty, self._reverse = forward, empty, reverse
+        self._forward, self._empty, self._by_offset = forward, empty, by_offset
         self.version = snapshot.version
-
-    def _build(self, entry: VipEntry) -> _Served:
-        ttl = self.ttl
-        names = tuple(text.encode("ascii") for text in entry.names)
-        v4 = entry.vip.split(".")
-        v6 = socket.inet_pton(socket.AF_INET6, entry.vip6).hex()
-        reverse = (
-            ".".join([*reversed(v4), "in-addr.arpa"]).encode(),
-            ".".join([*reversed(v6), "ip6.arpa"]).encode(),
-        )
-        return _Served(
-            entry,
-            names,
-            dns.Record_A(entry.vip, ttl),
-            dns.Record_AAAA(entry.vip6, ttl),
-            # The PTR names the DNS-compliant form (the last of the names).
-            dns.Record_PTR(names[-1], ttl) if names else None,
-            reverse,
-        )
 
     # -- records ----------------------------------------------------------------
 
@@ -202,13 +212,14 @@ class ZoneAuthority(ResolverBase):
             return self._apex_answer(asked, self.apex, qtype)
         if name == self.nameserver:
             return self._nameserver_answer(asked, qtype)
-        served = self._forward.get(name, {}).get(mesh)
+        served = self._forward.get(mesh, {}).get(name)
         if served is not None:
             answers = []
             if qtype in (dns.A, dns.ALL_RECORDS):
-                answers.append(self._rr(asked, served.a, dns.A))
+                answers.append(self._rr(asked, dns.Record_A(served.entry.vip, self.ttl), dns.A))
             if qtype in (dns.AAAA, dns.ALL_RECORDS):
-                answers.append(self._rr(asked, served.aaaa, dns.AAAA))
+                record = dns.Record_AAAA(served.entry.vip6, self.ttl)
+                answers.append(self._rr(asked, record, dns.AAAA))
             if answers:
                 return answers, [], []
             return [], [self._soa(self.apex)], []
@@ -232,7 +243,14 @@ class ZoneAuthority(ResolverBase):
     def _reverse_answer(
         self, asked: bytes, name: bytes, apex: bytes, qtype: int, mesh: str
     ) -> Result:
-        served = self._reverse.get(name)
+        address = _reverse_address(name)
+        served = None
+        if address is not None:
+            family = (
+                ipaddress.IPv4Address if name.endswith(b"in-addr.arpa") else ipaddress.IPv6Address
+            )
+            offset = self._range.offset_of(family(address))
+            served = self._by_offset.get(offset) if offset is not None else None
         if served is not None and (served.entry.key.mesh != mesh or served.ptr is None):
             served = None
         if name == apex and (served is None or qtype in (dns.SOA, dns.NS)):
@@ -242,7 +260,7 @@ class ZoneAuthority(ResolverBase):
             assert served.ptr is not None
             if qtype not in (dns.PTR, dns.ALL_RECORDS):
                 return [], [self._soa(apex)], []
-            return [self._rr(asked, served.ptr, dns.PTR)], [], []
+            return [self._rr(asked, dns.Record_PTR(served.ptr, self.ttl), dns.PTR)], [], []
         suffix = b"in-addr.arpa" if apex.endswith(b"in-addr.arpa") else b"ip6.arpa"
         if name.count(b".") + 1 < _FULL_REVERSE_LABELS[suffix]:
             # An interior name of the reverse tree: it may have names below it.

@@ -84,14 +84,24 @@ class ResourceKey:
 
 @dataclass(frozen=True)
 class Resource:
-    """A validated resource: its document as given, and what kumazone uses of it."""
+    """A validated resource: its document as given, and what kumazone uses of it.
+
+    The document is kept as compact JSON (a zone may hold 100,000 of them: a
+    decoded tree costs ten times as much memory) and decoded when asked for.
+    """
 
     key: ResourceKey
-    document: Mapping[str, Any]
+    raw: bytes
     #: ``kuma.io/service`` values a Dataplane provides (empty for other types).
     services: tuple[str, ...] = ()
     #: The Dataplane's networking address, if it is an IP address.
     address: str | None = None
+
+    @property
+    def document(self) -> dict[str, Any]:
+        """The resource as given (a fresh copy each time)."""
+        decoded: dict[str, Any] = json.loads(self.raw)
+        return decoded
 
     @property
     def type(self) -> str:
@@ -305,14 +315,18 @@ def parse_resource(document: object) -> Resource:
     if kind == MESH:
         if len(name) > MAX_MESH_LENGTH:
             raise ResourceError("name", f"a mesh name must be at most {MAX_MESH_LENGTH} characters")
-        return Resource(ResourceKey(MESH, "", name), document)
+        return Resource(ResourceKey(MESH, "", name), _compact(document))
     mesh = _check_name(document.get("mesh", "default"), "mesh", MAX_MESH_LENGTH)
     key = ResourceKey(kind, mesh, name)
     if kind == DATAPLANE:
         services, address = _dataplane(document)
-        return Resource(key, document, services, address)
+        return Resource(key, _compact(document), services, address)
     _external_service(document)
-    return Resource(key, document)
+    return Resource(key, _compact(document))
+
+
+def _compact(document: Mapping[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def load_documents(text: str, json_only: bool = False) -> Iterator[object]:

@@ -180,7 +180,7 @@ class SQLiteStore:
                         resource.type,
                         resource.mesh,
                         resource.name,
-                        json.dumps(resource.document, sort_keys=True),
+                        resource.raw.decode("utf-8"),
                     ),
                 )
             for key in deletes:

@@ -299,10 +299,14 @@ def _check_json(value: object, field: str) -> None:
         raise ResourceError(field or "(resource)", f"{type(value).__name__} is not allowed here")
 
 
-def parse_resource(document: object) -> Resource:
-    """Validate one resource document (already decoded from YAML or JSON)."""
+def parse_resource(document: object, from_json: bool = False) -> Resource:
+    """Validate one resource document (already decoded from YAML or JSON).
+
+    C{from_json}: the document came from JSON, so it holds only JSON types.
+    """
     document = _require_mapping(document, "(resource)")
-    _check_json(document, "")
+    if not from_json:
+        _check_json(document, "")
     kind = document.get("type")
     if not isinstance(kind, str) or kind not in _FIELDS:
         raise ResourceError("type", f"must be one of {', '.join(sorted(_FIELDS))}, is {kind!r}")
@@ -366,7 +370,7 @@ def parse_documents(text: str, json_only: bool = False) -> list[Resource | Resou
             items = [document]
         for item in items:
             try:
-                results.append(parse_resource(item))
+                results.append(parse_resource(item, from_json=json_only))
             except ResourceError as e:
                 results.append(e)
     return results

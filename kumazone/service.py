@@ -216,11 +216,13 @@ class ZoneService(_ControlPlane):
         self.zone = zone
         zone.listeners.append(self._update_gauges)
         now = self.reactor.seconds
+        loaded = 0
         if settings.resources_dir is not None:
             directory = ResourceDirectory(settings.resources_dir, zone, self.metrics, now)
-            directory.scan()
+            loaded = directory.scan()
             self.addService(TimerService(SCAN_INTERVAL, self._guarded, directory.scan))
-        zone.update(now())
+        if not loaded:
+            zone.update(now())  # the scan reconciled already if it loaded anything
         self.addService(
             TimerService(
                 TICK_INTERVAL, self._guarded, lambda: zone.update(now(), inventory_changed=False)

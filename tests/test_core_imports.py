@@ -17,6 +17,9 @@ CORE = [
     "kumazone.store",
     "kumazone.zone",
     "kumazone.ratelimit",
+    "kumazone.sync",
+    "kumazone.federation",
+    "kumazone.certs",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -40,6 +40,7 @@ MAX_UDP_PAYLOAD = 1232
 #: Without EDNS0, a UDP answer is at most 512 octets (RFC 1035).
 CLASSIC_UDP_PAYLOAD = 512
 TCP_IDLE_TIMEOUT = 30
+MAX_TCP_CONNECTIONS = 512
 #: UDP socket buffers asked for (NSD asks for about as much).
 SOCKET_BUFFER = 4 * 1024 * 1024
 
@@ -288,13 +289,17 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         self.stats = metrics.dns
         #: Responses for common UDP queries, emptied whenever the table changes.
         self.hot = HotCache()
-        self._malformed_log = limited(
+        self._limited_log = limited(
             RateLimiter(burst=10, interval=60.0), seconds, lambda line: self.log.warn(line)
         )
 
-    def buildProtocol(self, addr: object) -> KumaDNSProtocol:
-        proto = self.protocol(self)
-        return proto
+    def buildProtocol(self, addr: object) -> KumaDNSProtocol | None:
+        if len(self.connections) >= MAX_TCP_CONNECTIONS:
+            # Each idle connection holds a descriptor for TCP_IDLE_TIMEOUT seconds.
+            self.metrics.tcp_refused.inc()
+            self._limited_log(f"DNS over TCP: {MAX_TCP_CONNECTIONS} connections open; refused")
+            return None
+        return self.protocol(self)
 
     # -- input ------------------------------------------------------------------
 
@@ -366,7 +371,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
     ) -> None:
         self.metrics.malformed.labels(transport).inc()
         peer = _peer_host(proto, address)
-        self._malformed_log(f"malformed DNS packet ({len(data)} octets) from {peer}: {why}")
+        self._limited_log(f"malformed DNS packet ({len(data)} octets) from {peer}: {why}")
         answer = formerr_for(data)
         if answer is not None:
             self._count_query(0, dns.EFORMAT, transport)

@@ -128,6 +128,11 @@ class Metrics:
             "UDP answers the socket refused to send",
             registry=r,
         )
+        self.tcp_refused = Counter(
+            "kumazone_dns_tcp_refused",
+            "DNS TCP connections refused because too many were open",
+            registry=r,
+        )
         self.truncated = Counter(
             "kumazone_dns_truncated_responses",
             "UDP responses sent with TC set",

@@ -28,6 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
@@ -63,7 +64,11 @@ class Process:
 
     def resolves(self, name: str) -> bool:
         query = dns.message.make_query(name, "A")
-        answer = dns.query.udp(query, "127.0.0.1", port=self.ports["dns"], timeout=2)
+        try:
+            answer = dns.query.udp(query, "127.0.0.1", port=self.ports["dns"], timeout=2)
+        except dns.exception.Timeout:
+            # The zone is busy applying a large table; ask again.
+            return False
         return answer.rcode() == dns.rcode.NOERROR and bool(answer.answer)
 
     def rss_mb(self) -> float:

@@ -21,13 +21,14 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.logger import Logger
 from twisted.web import resource as web_resource
 from twisted.web.server import Request
 
 from kumazone import __version__
+from kumazone.kds import GlobalHub, ZoneConnected
 from kumazone.metrics import Metrics
 from kumazone.names import service_names
 from kumazone.ratelimit import RateLimiter, limited
@@ -42,9 +43,6 @@ from kumazone.resources import (
 )
 from kumazone.store import StoreError
 from kumazone.zone import ConflictError, Zone, ZoneSnapshot
-
-if TYPE_CHECKING:
-    from kumazone.kds import GlobalHub
 
 __all__ = ["MAX_BODY_OCTETS", "ApiResource", "GlobalApiResource", "vips_document"]
 
@@ -320,7 +318,13 @@ class GlobalApiResource(_JsonApi):
                     )
                 return 200, self._zone(name)
             if method == "DELETE":
-                if not self.hub.delete_zone(name):
+                try:
+                    deleted = self.hub.delete_zone(name)
+                except ZoneConnected as e:
+                    raise HttpError(409, "Conflict", str(e)) from None
+                except StoreError as e:
+                    raise HttpError(503, "Store unavailable", str(e)) from None
+                if not deleted:
                     raise HttpError(404, "Could not delete a resource", f"zone {name!r} not found")
                 self.log.info("API: zone {zone} deleted", zone=name)
                 return 200, {}

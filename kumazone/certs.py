@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,9 +17,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from kumazone.names import ZONE_NAME
+
 __all__ = ["CertError", "make_certs"]
 
-ZONE_NAME = re.compile(r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+#: Zone names whose files would overwrite the CA's or the global's.
+RESERVED = ("ca", "global")
 _VALIDITY = datetime.timedelta(days=3650)
 _LEAF_VALIDITY = datetime.timedelta(days=825)
 _Key = ec.EllipticCurvePrivateKey
@@ -174,6 +176,8 @@ def make_certs(
     """Make (or complete) the certificate set in C{out}; returns what was done."""
     now = now or datetime.datetime.now(datetime.UTC)
     for zone in zones:
+        if zone in RESERVED:
+            raise CertError(f"--zone: {zone!r} is the name of the {zone} files; pick another")
         if not ZONE_NAME.match(zone):
             raise CertError(
                 f"--zone: {zone!r} is not a valid zone name (lower-case letters, digits, '-')"

@@ -15,10 +15,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from twisted.internet import protocol as _protocol
 from twisted.logger import Logger
 from twisted.names import dns, server
-from twisted.names.error import AuthoritativeDomainError, DomainError
+from twisted.names.error import DomainError
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
@@ -345,9 +344,18 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         try:
             self.messageReceived(message, proto, address)
         except Exception as e:
-            # Nothing a packet holds may leave a client without an answer.
-            self.log.failure("answering a query failed")
-            self._malformed(data, proto, address, transport, f"{type(e).__name__}: {e}")
+            # A bug of ours, not the client's: SERVFAIL, and a bounded log.
+            self._limited_log(f"answering a query failed: {type(e).__name__}: {e}")
+            try:
+                self._reply(proto, message, address, dns.ESERVER)
+            except Exception:
+                answer = formerr_for(data)
+                if answer is not None:
+                    self._write(
+                        proto,
+                        answer[:3] + bytes((answer[3] & 0xF0 | dns.ESERVER,)) + answer[4:],
+                        address,
+                    )
 
     def messageReceived(
         self,
@@ -419,12 +427,10 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         if failure.check(NameNotFound):
             authority = failure.value.authority  # type: ignore[union-attr]
             self._reply(protocol, message, address, dns.ENAME, [], authority, [], True)
-        elif failure.check(AuthoritativeDomainError):
-            self._reply(protocol, message, address, dns.ENAME, [], [], [], True)
         elif failure.check(DomainError):
             self._reply(protocol, message, address, dns.EREFUSED)
         else:
-            self.log.failure("DNS lookup failed", failure)
+            self._limited_log(f"DNS lookup failed: {failure.getErrorMessage()}")
             self._reply(protocol, message, address, dns.ESERVER)
 
     def _reply(
@@ -495,8 +501,3 @@ class KumaDNSServerFactory(server.DNSServerFactory):
                 self.metrics.send_errors.inc()
         else:
             cast(dns.DNSProtocol, proto).sendString(data)
-
-
-def udp_protocol(factory: KumaDNSServerFactory) -> _protocol.DatagramProtocol:
-    """The datagram protocol that feeds C{factory}."""
-    return KumaDNSDatagramProtocol(factory)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from kumazone.sync import Inventory, Row, Table
+from kumazone.sync import Inventory, ProtocolError, Row, Table
 from kumazone.vips import Allocation, Hold, ServiceKey, TableDelta, VipRange, VipTable
 
 __all__ = ["FederatedTable", "GlobalTable", "ZoneRecord"]
@@ -30,8 +30,9 @@ class ZoneRecord:
     connected: bool = False
     last_contact: float = 0.0
     acked: int = 0
-    #: A full inventory being received in parts, applied at its last part.
+    #: An inventory (full or a change) being received in parts, applied at its last.
     pending: set[ServiceKey] | None = None
+    pending_part: int | None = None
     #: When the zone's acked version fell behind, for the sync-lag metric.
     behind_since: float | None = None
 
@@ -58,6 +59,22 @@ class GlobalTable:
     def version(self) -> int:
         return self.table.version
 
+    def restore(
+        self,
+        allocations: Iterable[Allocation],
+        holds: Iterable[Hold],
+        version: int,
+        zones: Iterable[ZoneRecord],
+    ) -> None:
+        """Go back to what the store holds (after a write to it failed)."""
+        connected = {name for name, record in self.zones.items() if record.connected}
+        self.table = VipTable(self.table.range, self.table.hold_down, allocations, holds, version)
+        self.zones = {z.name: z for z in zones}
+        for name in connected & set(self.zones):
+            self.zones[name].connected = True
+        self._zones_of = self._compute_zones_of()
+        self._log.clear()
+
     def _compute_zones_of(self) -> dict[ServiceKey, tuple[str, ...]]:
         zones_of: dict[ServiceKey, list[str]] = {}
         for name in sorted(self.zones):
@@ -80,6 +97,8 @@ class GlobalTable:
         record.last_contact = now
         adds = {ServiceKey(m, s) for m, s in message.add}
         removes = {ServiceKey(m, s) for m, s in message.remove}
+        _check_part(message.part, record.pending_part)
+        record.pending_part = None if message.last else message.part
         if message.part == 0 or record.pending is None:
             # A change is applied whole, like a full inventory: one version for it.
             record.pending = set() if message.full else set(record.services)
@@ -137,6 +156,7 @@ class GlobalTable:
         return [self.row(key) for key in sorted(self.table.allocations)]
 
     def zones_of(self, key: ServiceKey) -> tuple[str, ...]:
+        """The zones that have service C{key}."""
         return self._zones_of.get(key, ())
 
     def changes_since(self, base: int) -> tuple[list[Row], list[tuple[str, str]]] | None:
@@ -152,6 +172,13 @@ class GlobalTable:
         upsert = [self.row(k) for k in sorted(keys) if k in self.table.allocations]
         remove = [(k.mesh, k.service) for k in sorted(keys) if k not in self.table.allocations]
         return upsert, remove
+
+
+def _check_part(part: int, previous: int | None) -> None:
+    """Parts come in order: 0 starts a message, each next one follows the last."""
+    expected = 0 if previous is None else previous + 1
+    if part != 0 and part != expected:  # part 0 always starts a message afresh
+        raise ProtocolError(f"part {part} where part {expected} was due")
 
 
 class FederatedTable:
@@ -172,6 +199,7 @@ class FederatedTable:
         #: Whether the last reconcile changed the provisional VIPs.
         self.changed = False
         self._pending: dict[ServiceKey, Allocation] | None = None
+        self._pending_part: int | None = None
 
     @property
     def allocations(self) -> Mapping[ServiceKey, Allocation]:
@@ -187,7 +215,7 @@ class FederatedTable:
         table already holds, so the global almost always confirms it.
         """
         self._local = set(wanted)
-        before = dict(self.provisional)
+        before = self.provisional
         taken = {a.offset for a in self.global_rows.values()}
         self.provisional = {}
         self.exhausted = set()
@@ -206,26 +234,37 @@ class FederatedTable:
         self.changed = before != self.provisional
         return delta
 
+    def forget_partial(self) -> None:
+        """A new connection: whatever arrived of an unfinished message is void."""
+        self._pending, self._pending_part = None, None
+
     def apply(self, message: Table) -> TableDelta | None:
         """Apply one table part; returns the change to persist once complete, else None.
 
         Raises ValueError if a change does not start from the version held.
         """
-        if message.part == 0 or self._pending is None:
+        _check_part(message.part, self._pending_part)
+        self._pending_part = None if message.last else message.part
+        if message.part == 0:
             if not message.full and message.base != self.version:
                 raise ValueError(f"change from version {message.base}, table is {self.version}")
             # Parts are gathered and applied at the last one: the zone stores and
             # acknowledges whole versions only.
             self._pending = {} if message.full else dict(self.global_rows)
         pending = self._pending
+        assert pending is not None
         for mesh, service in message.remove:
             pending.pop(ServiceKey(mesh, service), None)
         for row in message.upsert:
+            if row.offset >= self.range.size:
+                raise ProtocolError(f"offset {row.offset} is outside the VIP range")
             key = ServiceKey(row.mesh, row.service)
             pending[key] = Allocation(key, row.offset, row.zones)
         if not message.last:
             return None
         new_rows, self._pending = pending, None
+        if len({a.offset for a in new_rows.values()}) != len(new_rows):
+            raise ProtocolError("the table gives one VIP to two services")
         delta = TableDelta(
             added=[a for k, a in new_rows.items() if self.global_rows.get(k) != a],
             removed=[a for k, a in self.global_rows.items() if new_rows.get(k) != a],

@@ -154,7 +154,6 @@ class HotCache:
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self.templates: dict[HotKey, tuple[bytes, Any]] = {}
-        self.hits = 0
 
     def clear(self) -> None:
         """The table changed: every template goes."""

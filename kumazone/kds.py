@@ -18,8 +18,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kumazone.federation import GlobalTable
+from kumazone.federation import FederatedTable, GlobalTable
 from kumazone.metrics import SyncMetrics
+from kumazone.names import ZONE_NAME
 from kumazone.ratelimit import RateLimiter, limited
 from kumazone.sync import (
     Ack,
@@ -46,6 +47,10 @@ HEARTBEAT = 5.0
 SILENCE = 15.0
 
 
+class ZoneConnected(Exception):
+    """A connected zone cannot be deleted."""
+
+
 class Handler(Protocol):
     """What L{SyncProtocol} calls."""
 
@@ -58,6 +63,7 @@ class SyncProtocol(protocol.Protocol):
     """Framing, heartbeats and silence detection; logic lives in the handler."""
 
     log = Logger()
+    _silence_log = RateLimiter(burst=10, interval=60.0)
 
     def __init__(
         self,
@@ -95,11 +101,13 @@ class SyncProtocol(protocol.Protocol):
 
     def _tick(self) -> None:
         if self.clock.seconds() - self.last_heard > self.silence:
-            self.log.warn(
-                "sync peer {peer} silent for {seconds:.0f}s: dropped",
-                peer=self.peer(),
-                seconds=self.clock.seconds() - self.last_heard,
-            )
+            # Anyone can open a connection and stay silent: a bounded log.
+            if SyncProtocol._silence_log.allow(self.clock.seconds()):
+                self.log.warn(
+                    "sync peer {peer} silent for {seconds:.0f}s: dropped",
+                    peer=self.peer(),
+                    seconds=self.clock.seconds() - self.last_heard,
+                )
             self.abort()
             return
         self.send(Ping())
@@ -235,9 +243,9 @@ class GlobalHub:
 
     def delete_zone(self, name: str) -> bool:
         """Forget zone C{name} (an operator's DELETE /zones/{name})."""
-        session = self.sessions.pop(name, None)
-        if session is not None:
-            session.proto.fail("zone deleted by an operator")
+        if name in self.sessions:
+            # It would come straight back with its inventory.
+            raise ZoneConnected(f"zone {name!r} is connected; stop it before deleting it")
         delta = self.table.delete_zone(name, self.clock.seconds())
         if delta is None:
             return False
@@ -320,6 +328,14 @@ class GlobalSession:
 
     def _hello(self, hello: Hello, now: float) -> None:
         hub = self.hub
+        if not ZONE_NAME.match(hello.zone):
+            self._refuse(
+                "bad-name",
+                f"zone connection from {self.proto.peer()} refused: {hello.zone[:80]!r} "
+                "is not a zone name",
+                "not a zone name (lower-case letters, digits and '-', at most 63)",
+            )
+            return
         names = self._certificate_names()
         if names is None and hub.require_certificates:
             self._refuse(
@@ -352,6 +368,7 @@ class GlobalSession:
         self.proto.zone = hello.zone
         hub.sessions[hello.zone] = self
         record = hub.table.zone(hello.zone)
+        record.pending, record.pending_part = None, None  # a new connection starts afresh
         record.connected = True
         record.last_contact = now
         hub.log.info(
@@ -440,12 +457,17 @@ class ZoneSync:
         self.proto = proto
         proto.zone = self.zone.name
         table = self.zone.table
-        have = 0 if self.force_full or not self.zone.table_origin else table.version
+        if isinstance(table, FederatedTable):
+            table.forget_partial()
+        # After a change it could not apply, the zone claims no table at all, so
+        # that the global sends the whole one.
+        claimed = "" if self.force_full else self.zone.table_origin
+        have = table.version if claimed else 0
         proto.send(
             Hello(
                 self.zone.name,
                 have,
-                self.zone.table_origin,
+                claimed,
                 str(self.zone.config.cidr),
                 str(self.zone.config.cidr6),
             )

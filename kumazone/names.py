@@ -15,6 +15,7 @@ __all__ = [
     "MAX_LABEL_OCTETS",
     "MAX_NAME_OCTETS",
     "NAMESERVER_LABEL",
+    "ZONE_NAME",
     "ServiceNames",
     "name_problem",
     "nameserver_name",
@@ -27,6 +28,8 @@ MAX_NAME_OCTETS = 255
 NAMESERVER_LABEL = "dns"
 
 _ALLOWED = re.compile(r"\A[A-Za-z0-9_.-]+\Z")
+#: A zone's name: a DNS label in lower case (it names certificates and files too).
+ZONE_NAME = re.compile(r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 @dataclass(frozen=True)

@@ -285,18 +285,34 @@ _Loader.add_constructor(
 )
 
 
-def _check_json(value: object, field: str) -> None:
-    """Refuse what JSON cannot hold (YAML's !!binary, !!set, ...), naming where."""
+#: Deeper documents are refused (no Kuma resource nests half as deep).
+MAX_DEPTH = 32
+
+
+def _check_json(value: object, field: str, seen: set[int] | None = None, depth: int = 0) -> None:
+    """Refuse what JSON cannot hold (YAML's !!binary, !!set, ...), naming where.
+
+    Also refuses YAML aliases (a node used twice: a few hundred octets of
+    aliases can stand for billions of nodes) and nesting deeper than MAX_DEPTH.
+    """
+    where = field or "(resource)"
+    if isinstance(value, dict | list):
+        if depth > MAX_DEPTH:
+            raise ResourceError(where, f"nested deeper than {MAX_DEPTH} levels")
+        seen = set() if seen is None else seen
+        if id(value) in seen:
+            raise ResourceError(where, "YAML aliases are not allowed in resources")
+        seen.add(id(value))
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ResourceError(field or "(resource)", f"keys must be strings, found {key!r}")
-            _check_json(item, f"{field}.{key}" if field else key)
+                raise ResourceError(where, f"keys must be strings, found {key!r}")
+            _check_json(item, f"{field}.{key}" if field else key, seen, depth + 1)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _check_json(item, f"{field}[{index}]")
+            _check_json(item, f"{field}[{index}]", seen, depth + 1)
     elif value is not None and not isinstance(value, str | int | float | bool):
-        raise ResourceError(field or "(resource)", f"{type(value).__name__} is not allowed here")
+        raise ResourceError(where, f"{type(value).__name__} is not allowed here")
 
 
 def parse_resource(document: object, from_json: bool = False) -> Resource:
@@ -337,9 +353,12 @@ def load_documents(text: str, json_only: bool = False) -> Iterator[object]:
     """Decode a YAML (multi-document) or JSON text; raises L{ResourceError} if unreadable."""
     if json_only:
         try:
-            yield json.loads(text)
+            decoded = json.loads(text)
         except ValueError as e:
             raise ResourceError("(document)", f"not valid JSON: {e}") from None
+        except RecursionError:
+            raise ResourceError("(document)", "nested too deeply") from None
+        yield decoded
         return
     try:
         documents = list(yaml.load_all(text, Loader=_Loader))
@@ -348,6 +367,8 @@ def load_documents(text: str, json_only: bool = False) -> Iterator[object]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ResourceError("(document)", f"not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ResourceError("(document)", "nested too deeply") from None
     for document in documents:
         if document is not None:
             yield document

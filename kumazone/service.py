@@ -7,6 +7,7 @@ reactor runs, and stops the process with one line rather than a traceback.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import uuid
@@ -135,6 +136,10 @@ class _ControlPlane(MultiService):
             self._stop_listening()
             raise StartupError(f"kumazone: cannot start: {e}") from None
         self._ready = True
+        # The table loaded at start-up lives as long as the process: keep the
+        # cyclic garbage collector from walking it again and again.
+        gc.collect()
+        gc.freeze()
         super().privilegedStartService()
 
     def _start(self) -> None:
@@ -223,11 +228,7 @@ class ZoneService(_ControlPlane):
             self.addService(TimerService(SCAN_INTERVAL, self._guarded, directory.scan))
         if not loaded:
             zone.update(now())  # the scan reconciled already if it loaded anything
-        self.addService(
-            TimerService(
-                TICK_INTERVAL, self._guarded, lambda: zone.update(now(), inventory_changed=False)
-            )
-        )
+        self.addService(TimerService(TICK_INTERVAL, self._guarded, lambda: zone.tick(now())))
         if settings.global_address is not None:
             self._connect_global(zone, settings.global_address)
 
@@ -349,17 +350,26 @@ class GlobalService(_ControlPlane):
             state.table_version,
             state.zones,
         )
-        table_id = state.table_origin or uuid.uuid4().hex
+        # A new table id at every start: a zone then takes the whole table rather
+        # than changes from a version this process may never have had.
+        table_id = uuid.uuid4().hex
         store.commit(table_origin=table_id, vip_range=range_id, reset_table=reset)
         sync_metrics = SyncMetrics(self.metrics.registry)
 
         def persist(delta: TableDelta | None, zones: list[str], deleted: list[str]) -> None:
-            store.commit(
-                delta=delta,
-                table_version=table.version,
-                zones_put=[table.zones[z] for z in zones if z in table.zones],
-                zones_deleted=deleted,
-            )
+            try:
+                store.commit(
+                    delta=delta,
+                    table_version=table.version,
+                    zones_put=[table.zones[z] for z in zones if z in table.zones],
+                    zones_deleted=deleted,
+                )
+            except StoreError as e:
+                # Nothing is pushed that is not stored: back to the stored table.
+                self.log.error("global: {error}; back to the stored table", error=str(e))
+                stored = store.load()
+                table.restore(stored.allocations, stored.holds, stored.table_version, stored.zones)
+                raise
             self._update_gauges()
 
         hub = self.hub = GlobalHub(
@@ -377,9 +387,10 @@ class GlobalService(_ControlPlane):
         hub.changed(table.reconcile(now()), [], [])
 
         def tick() -> None:
-            delta = table.reconcile(now())
-            if delta.anything:
-                hub.changed(delta, [], [])
+            if table.table.due(now()):
+                delta = table.reconcile(now())
+                if delta.anything:
+                    hub.changed(delta, [], [])
             hub.update_metrics()
 
         self.addService(TimerService(TICK_INTERVAL, self._guarded, tick))

@@ -2,7 +2,8 @@
 
 Every change is one transaction, so a process killed at any moment restarts with a
 consistent table; ``UNIQUE(vip_offset)`` makes a VIP on two services impossible.  No
-Twisted here: the zone calls it from the reactor thread (writes are small).
+Twisted here: the zone calls it from the reactor thread (one transaction per change;
+a change of many rows, such as a first load, writes them all in it).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ class SQLiteStore:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a committed table survives a power loss too, so the global
+            # never goes back to a version its zones have already seen.
+            self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._create()
         except sqlite3.Error as e:
@@ -83,7 +86,13 @@ class SQLiteStore:
         return _Transaction(self._db)
 
     def load(self) -> StoredState:
-        """Read everything back."""
+        """Read everything back; raises L{StoreError} if the store cannot be read."""
+        try:
+            return self._load()
+        except (sqlite3.Error, ValueError, KeyError) as e:
+            raise StoreError(f"cannot read store {self.path}: {e}") from None
+
+    def _load(self) -> StoredState:
         state = StoredState()
         for type_, mesh, name, document in self._db.execute(
             "SELECT type, mesh, name, document FROM resources ORDER BY type, mesh, name"
@@ -246,6 +255,15 @@ class _Transaction:
 
     def __exit__(self, kind: object, value: object, tb: object) -> None:
         if kind is None:
-            self._db.execute("COMMIT")
-        else:
+            try:
+                self._db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        # Never leave a transaction open: every later write would fail.
+        if self._db.in_transaction:
             self._db.execute("ROLLBACK")

@@ -8,18 +8,16 @@ service starts.
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from twisted.python import usage
 
 from kumazone.config import ConfigError, load_config, parse_port
+from kumazone.names import ZONE_NAME
 from kumazone.service import GlobalService, GlobalSettings, ZoneService, ZoneSettings
 from kumazone.tls import TLSFiles
 
 __all__ = ["Options", "makeService"]
-
-_ZONE_NAME = re.compile(r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
 def _fail(message: str) -> SystemExit:
@@ -67,7 +65,7 @@ class Options(usage.Options):
             zone = self["zone"]
             if zone is None:
                 raise _fail("--zone: a zone name is required with --role=zone")
-            if not _ZONE_NAME.match(zone):
+            if not ZONE_NAME.match(zone):
                 raise _fail(
                     f"--zone: {zone!r} is not a valid zone name "
                     "(lower-case letters, digits and '-', at most 63)"

@@ -168,6 +168,11 @@ class VipTable:
         """The key holding C{offset}, or None."""
         return self._owner.get(offset)
 
+    def due(self, now: float) -> bool:
+        """Whether a reconciliation at C{now} could change anything by itself:
+        a hold-down has run out, or services wait for room in a full range."""
+        return bool(self.exhausted) or any(h.until <= now for h in self.holds.values())
+
     @property
     def used(self) -> int:
         """How many offsets are taken or held."""

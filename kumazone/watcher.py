@@ -68,10 +68,11 @@ class ResourceDirectory:
             if not clean:
                 # Nothing already loaded is lost because of a bad edit: what the
                 # file defined before stays until the file is fixed.
+                fresh = {r.key for r in resources}
                 kept = {
                     key: resource
                     for key, resource in self.zone.files.get(path, {}).items()
-                    if key not in {r.key for r in resources}
+                    if key not in fresh
                 }
                 if kept:
                     self.log.warn(

@@ -244,6 +244,11 @@ class Zone:
             self._publish()
         return delta
 
+    def tick(self, now: float) -> None:
+        """Periodic work: expire hold-downs, retry a full range (only when due)."""
+        if isinstance(self.table, VipTable) and self.table.due(now):
+            self.update(now, inventory_changed=False)
+
     def apply_global(self, message: Table, table_id: str, now: float) -> bool:
         """Apply one part of the global's table; True once a whole update is applied.
 
@@ -291,7 +296,12 @@ class Zone:
     def _publish(self) -> None:
         self.snapshot = self._build_snapshot()
         for listener in list(self.listeners):
-            listener(self.snapshot)
+            # One failing listener must not keep the others (the DNS authority,
+            # the hot path's cache) on the old table.
+            try:
+                listener(self.snapshot)
+            except Exception as e:
+                self._warn(f"a listener of the table failed: {type(e).__name__}: {e}")
 
     def _build_snapshot(self) -> ZoneSnapshot:
         vip_range = self.table.range

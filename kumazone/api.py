@@ -30,7 +30,7 @@ from twisted.web.server import Request
 from kumazone import __version__
 from kumazone.kds import GlobalHub, ZoneConnected
 from kumazone.metrics import Metrics
-from kumazone.names import service_names
+from kumazone.names import claim_names, service_names
 from kumazone.ratelimit import RateLimiter, limited
 from kumazone.resources import (
     DATAPLANE,
@@ -346,18 +346,21 @@ class GlobalApiResource(_JsonApi):
         table = self.hub.table
         vip_range = table.table.range
         items = []
+        claimed: dict[tuple[str, str], str] = {}
         for row in table.rows():
-            names = service_names(row.service, self.domain)
+            owned, problems = claim_names(
+                row.mesh, row.service, service_names(row.service, self.domain), claimed
+            )
             items.append(
                 {
                     "mesh": row.mesh,
                     "service": row.service,
                     "vip": str(vip_range.ipv4(row.offset)),
                     "vip6": str(vip_range.ipv6(row.offset)),
-                    "names": list(names.names),
+                    "names": list(owned),
                     "zones": list(row.zones),
                     "provisional": False,
-                    **({"warnings": list(names.problems)} if names.problems else {}),
+                    **({"warnings": list(problems)} if problems else {}),
                 }
             )
         document: dict[str, Any] = {

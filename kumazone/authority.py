@@ -77,6 +77,13 @@ class _Served:
     ptr: bytes | None
 
 
+def _address_label(label: bytes, suffix: bytes) -> bool:
+    """Whether C{label} can be part of a reverse name: an octet, or a nibble."""
+    if suffix == b"in-addr.arpa":
+        return label.isdigit() and label == str(int(label)).encode() and int(label) < 256
+    return len(label) == 1 and label in b"0123456789abcdef"
+
+
 def _reverse_address(name: bytes) -> int | None:
     """The address a full reverse name stands for, or None if it is not one."""
     labels = name.split(b".")
@@ -262,7 +269,10 @@ class ZoneAuthority(ResolverBase):
                 return [], [self._soa(apex)], []
             return [self._rr(asked, dns.Record_PTR(served.ptr, self.ttl), dns.PTR)], [], []
         suffix = b"in-addr.arpa" if apex.endswith(b"in-addr.arpa") else b"ip6.arpa"
-        if name.count(b".") + 1 < _FULL_REVERSE_LABELS[suffix]:
+        labels = name[: -len(suffix) - 1].split(b".") if name != suffix else []
+        if len(labels) < _FULL_REVERSE_LABELS[suffix] - 2 and all(
+            _address_label(label, suffix) for label in labels
+        ):
             # An interior name of the reverse tree: it may have names below it.
             return [], [self._soa(apex)], []
         raise NameNotFound(asked, [self._soa(apex)])

@@ -324,6 +324,8 @@ class KumaDNSServerFactory(server.DNSServerFactory):
             plain = dns.Message()
             plain.fromStr(data)
             opt_records = sum(1 for r in plain.additional if r.type == dns.OPT)
+            if any(r.type == dns.OPT and r.name.name for r in plain.additional):
+                raise ValueError("an OPT record whose owner is not the root (RFC 6891)")
             message = _Query._fromMessage(plain)
         except Exception as e:
             self._malformed(data, proto, address, transport, f"{type(e).__name__}: {e}")

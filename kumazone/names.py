@@ -17,6 +17,7 @@ __all__ = [
     "NAMESERVER_LABEL",
     "ZONE_NAME",
     "ServiceNames",
+    "claim_names",
     "name_problem",
     "nameserver_name",
     "service_names",
@@ -81,3 +82,23 @@ def service_names(service: str, domain: str) -> ServiceNames:
         else:
             problems.append(f"{form!r}: {problem}")
     return ServiceNames(tuple(dict.fromkeys(names)), tuple(problems))
+
+
+def claim_names(
+    mesh: str, service: str, names: ServiceNames, claimed: dict[tuple[str, str], str]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names C{service} gets in C{mesh}, and the problems of those it does not.
+
+    A name belongs to the first service (call in sorted order) that claims it in
+    its mesh: "a_b" and "a.b", or "Redis" and "redis", cannot share one.
+    C{claimed} carries the claims from one call to the next.
+    """
+    owned: list[str] = []
+    problems = [f"no DNS name {problem}" for problem in names.problems]
+    for name in names.names:
+        holder = claimed.setdefault((name, mesh), service)
+        if holder == service:
+            owned.append(name)
+        else:
+            problems.append(f"{name} is service {holder}'s name in this mesh")
+    return tuple(owned), tuple(problems)

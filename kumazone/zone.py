@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kumazone.config import DnsServerConfig
 from kumazone.federation import FederatedTable
-from kumazone.names import ServiceNames, service_names
+from kumazone.names import ServiceNames, claim_names, service_names
 from kumazone.resources import DATAPLANE, MESH, Resource, ResourceKey
 from kumazone.store import SQLiteStore, StoredState, StoreError
 from kumazone.sync import Table
@@ -309,21 +309,12 @@ class Zone:
         if len(self._names) > 2 * len(self._entries) + 1024:
             self._names.clear()
         previous, self._entries = self._entries, {}
-        # A name belongs to the first service (in sorted order) that claims it
-        # in its mesh: "a_b" and "a.b", or "Redis" and "redis", cannot share one.
-        claimed: dict[tuple[str, str], ServiceKey] = {}
+        claimed: dict[tuple[str, str], str] = {}
         for key, offset, zones, provisional in self.table.served():
             names = self._names.get(key.service)
             if names is None:
                 names = self._names[key.service] = service_names(key.service, self.config.domain)
-            owned: list[str] = []
-            problems = [f"no DNS name {problem}" for problem in names.problems]
-            for name in names.names:
-                holder = claimed.setdefault((name, key.mesh), key)
-                if holder == key:
-                    owned.append(name)
-                else:
-                    problems.append(f"{name} is service {holder.service}'s name in this mesh")
+            owned, problems = claim_names(key.mesh, key.service, names, claimed)
             for problem in problems:
                 message = f"service {key}: {problem}"
                 if message not in self._warned:
@@ -333,8 +324,8 @@ class Zone:
             entry = cached[1] if cached is not None and cached[0] == offset else None
             if (
                 entry is None
-                or entry.names != tuple(owned)
-                or entry.problems != tuple(problems)
+                or entry.names != owned
+                or entry.problems != problems
                 or entry.provisional != provisional
                 or entry.zones != (zones or (self.name,))
             ):
@@ -342,8 +333,8 @@ class Zone:
                     key,
                     str(vip_range.ipv4(offset)),
                     str(vip_range.ipv6(offset)),
-                    tuple(owned),
-                    tuple(problems),
+                    owned,
+                    problems,
                     provisional,
                     zones or (self.name,),
                 )

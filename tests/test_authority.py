@@ -405,3 +405,18 @@ def test_ptr_of_a_collision_loser_names_a_name_that_resolves_back_to_it() -> Non
             assert address_of(authority, target, qtype, "default") == address, (
                 f"PTR {address} -> {target.decode()}, which resolves elsewhere"
             )
+
+
+@pytest.mark.parametrize("name", [b"12.240.in-addr.arpa", b"0.12.240.in-addr.arpa",
+                                  b"1.0.0.0.0.0.0.0.0.0.0.d.f.0.0.d.f.ip6.arpa"])
+def test_interior_reverse_names_are_nodata(name: bytes) -> None:
+    answers, authority, _ = make_authority().resolve(name, dns.PTR, dns.IN)
+    assert answers == [] and authority[0].type == dns.SOA
+
+
+@pytest.mark.parametrize("name", [b"foo.240.in-addr.arpa", b"012.240.in-addr.arpa",
+                                  b"300.240.in-addr.arpa",
+                                  b"zz.0.0.0.0.0.0.0.0.0.0.d.f.0.0.d.f.ip6.arpa"])
+def test_reverse_names_that_cannot_exist_are_nxdomain(name: bytes) -> None:
+    with pytest.raises(NameNotFound):
+        make_authority().resolve(name, dns.PTR, dns.IN)

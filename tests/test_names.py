@@ -241,3 +241,16 @@ def test_well_formed_services_get_every_form(service: str) -> None:
         expected.append(service.replace("_", ".") + ".mesh")
     expected = [name for name in expected if name != "dns.mesh" and not name.endswith(".dns.mesh")]
     assert list(result.names) == expected
+
+
+def test_claim_names_gives_each_name_one_owner_per_mesh() -> None:
+    from kumazone.names import claim_names, service_names
+
+    claimed: dict[tuple[str, str], str] = {}
+    first = claim_names("default", "a.b", service_names("a.b", "mesh"), claimed)
+    second = claim_names("default", "a_b", service_names("a_b", "mesh"), claimed)
+    other_mesh = claim_names("payments", "a_b", service_names("a_b", "mesh"), claimed)
+    assert first == (("a.b.mesh",), ())
+    assert second[0] == ("a_b.mesh",)
+    assert second[1] == ("a.b.mesh is service a.b's name in this mesh",)
+    assert other_mesh == (("a_b.mesh", "a.b.mesh"), ())

@@ -215,3 +215,15 @@ def test_a_table_change_is_visible_on_the_hot_path_at_once(served) -> None:
     assert zone.delete(ResourceKey("Dataplane", "default", "cache-1"), 2.0)
     proto.datagramReceived(query, (host, 5353))
     assert dns.message.from_wire(capture.sent[-1]).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_an_opt_record_not_owned_by_the_root_is_formerr(served) -> None:
+    _zone, factory, proto, capture = served
+    good = dns.message.make_query("redis.mesh", "A", use_edns=0).to_wire()
+    # The OPT record's owner is the last octet before its type: root (0) -> "x".
+    opt = good.rindex(b"\x00\x00\x29")
+    bad = good[:opt] + b"\x01x" + good[opt + 1 :]
+    for _ in range(2):
+        proto.datagramReceived(bad, (CLIENTS["default"], 5353))
+        assert dns.message.from_wire(capture.sent.pop()).rcode() == dns.rcode.FORMERR
+    assert factory.stats.hot_answers == 0

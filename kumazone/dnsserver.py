@@ -53,7 +53,7 @@ class _Query(dns._EDNSMessage):
     """A received query, with the time it arrived and its hot-path key."""
 
     timeReceived: float
-    hot: tuple[HotKey, int] | None = None
+    hot: tuple[HotKey, int, bytes] | None = None
 
 
 def _peer_host(proto: _Proto, address: tuple[str, int] | None) -> str:
@@ -228,24 +228,33 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         controller = self.controller
         started = time.perf_counter()
-        found = hot_key(data, controller.mesh_of(addr[0]))
-        if found is not None:
-            key, end = found
-            entry = controller.hot.templates.get(key)
-            if entry is not None:
-                template, counter = entry
-                try:
-                    self._sendto(HotCache.answer(template, data, end), addr)
-                except OSError:
-                    # A full send buffer or an unreachable client: the client retries.
-                    controller.metrics.send_errors.inc()
-                    return
-                counter[0] += 1
-                stats = controller.stats
-                stats.hot_answers += 1
-                stats.observe(time.perf_counter() - started)
+        mesh = controller.mesh_of(addr[0])
+        hot = controller.hot
+        answer = None
+        if len(data) > 12 and not data[2] & 0xFE:
+            seen = hot.exact.get((data[4:], mesh))
+            if seen is not None:
+                template, counter = seen
+                answer = data[:2] + bytes((template[2] | (data[2] & 0x01),)) + template[3:]
+        if answer is None:
+            found = hot_key(data, mesh)
+            entry = hot.templates.get(found[0]) if found is not None else None
+            if found is None or entry is None:
+                controller.packetReceived(data, self, addr, found)
                 return
-        controller.packetReceived(data, self, addr, found)
+            template, counter = entry
+            answer = HotCache.answer(template, data, found[1])
+            hot.remember(data, mesh, answer, counter)
+        try:
+            self._sendto(answer, addr)
+        except OSError:
+            # A full send buffer or an unreachable client: the client retries.
+            controller.metrics.send_errors.inc()
+            return
+        counter[0] += 1
+        stats = controller.stats
+        stats.hot_answers += 1
+        stats.observe(time.perf_counter() - started)
 
 
 class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
@@ -333,7 +342,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         if message.answer:
             return  # a response sent to us: never answer one (no loops)
         message.timeReceived = started
-        message.hot = hot
+        message.hot = (hot[0], hot[1], data) if hot is not None else None
         if opt_records > 1 or message.answers or message.authority or message.additional:
             # A query carries its question and at most one OPT record; we take no
             # TSIG, and records elsewhere would be answered as if they were not there.
@@ -479,7 +488,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         counter = self._count_query(qtype, rcode, transport)
         hot = getattr(message, "hot", None)
         if hot is not None and not truncated:
-            self.hot.store(hot[0], hot[1], data, counter)
+            self.hot.store(hot[0], hot[1], hot[2], data, counter)
         started = getattr(message, "timeReceived", None)
         if started is not None:
             self.stats.observe(time.perf_counter() - started)

@@ -149,18 +149,34 @@ def hot_key(data: bytes, mesh: str) -> tuple[HotKey, int] | None:
 
 
 class HotCache:
-    """Templates by key, valid for one table version."""
+    """Templates by key, valid for one table version.
+
+    C{exact} is a shortcut in front: keyed by a query's octets after its ID and
+    flags (and the client's mesh), it finds the answer to a query seen before in
+    exactly that form without parsing it; only the ID and RD need patching.
+    """
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self.templates: dict[HotKey, tuple[bytes, Any]] = {}
+        self.exact: dict[tuple[bytes, str], tuple[bytes, Any]] = {}
 
     def clear(self) -> None:
         """The table changed: every template goes."""
         self.templates.clear()
+        self.exact.clear()
 
-    def store(self, key: HotKey, end: int, response: bytes, counter: Any) -> None:
-        """Keep C{response} (to the query C{key} came from) as the template for C{key}."""
+    def remember(self, query: bytes, mesh: str, answer: bytes, counter: Any) -> None:
+        """Keep C{answer} for queries with exactly C{query}'s octets after ID and flags."""
+        if len(self.exact) >= self.max_entries:
+            self.exact.clear()
+        self.exact[(query[4:], mesh)] = (
+            answer[:2] + bytes((answer[2] & 0xFE,)) + answer[3:],
+            counter,
+        )
+
+    def store(self, key: HotKey, end: int, query: bytes, response: bytes, counter: Any) -> None:
+        """Keep C{response} (to C{query}, whose key C{key} is) as the template for C{key}."""
         if len(response) > MAX_TEMPLATE or response[2] & 0x02:  # too big, or truncated
             return
         if len(self.templates) >= self.max_entries:
@@ -169,6 +185,7 @@ class HotCache:
         template = response[:2] + bytes((response[2] & 0xFE,)) + response[3:12] + key[0]
         template += response[end:]
         self.templates[key] = (template, counter)
+        self.remember(query, key[3], response, counter)
 
     @staticmethod
     def answer(template: bytes, query: bytes, end: int) -> bytes:

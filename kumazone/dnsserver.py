@@ -227,7 +227,11 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         controller = self.controller
-        started = time.perf_counter()
+        stats = controller.stats
+        # Reading the clock can be a system call (on VMs without a usable TSC),
+        # as costly as the answer itself: the hot path times one query in 16.
+        stats.ticks += 1
+        started = 0.0 if stats.ticks & 15 else time.perf_counter()
         mesh = controller.mesh_of(addr[0])
         hot = controller.hot
         answer = None
@@ -252,9 +256,9 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
             controller.metrics.send_errors.inc()
             return
         counter[0] += 1
-        stats = controller.stats
         stats.hot_answers += 1
-        stats.observe(time.perf_counter() - started)
+        if started:
+            stats.observe(time.perf_counter() - started)
 
 
 class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):

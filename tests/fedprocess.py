@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tests.kzprocess import TWISTD, ZoneProcess
+from tests.kzprocess import TWISTD, ControlPlaneProcess, ZoneProcess
 
 __all__ = [
     "GlobalProcess",
@@ -116,7 +113,7 @@ def parse_metrics(text: str) -> Metrics:
     return Metrics(text)
 
 
-class GlobalProcess:
+class GlobalProcess(ControlPlaneProcess):
     """The global control plane in a child process."""
 
     def __init__(
@@ -185,56 +182,10 @@ class GlobalProcess:
         self.kill()
         raise RuntimeError(f"global did not become ready in {timeout}s:\n{self.log()}")
 
-    def stop(self) -> int | None:
-        """SIGTERM and wait; returns the exit status."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
     def restart(self, timeout: float = 30.0) -> GlobalProcess:
         """Stop (if running) and start again: same data directory, same kds port."""
         self.stop()
         return self.start(timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    # -- clients ------------------------------------------------------------------
-
-    def http(
-        self, server: str, method: str, path: str, body: bytes | None = None
-    ) -> tuple[int, bytes]:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.ports[server]}{path}", data=body, method=method,
-            headers={"Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def api(self, method: str, path: str, document: Any = None) -> tuple[int, Any]:
-        body = json.dumps(document).encode() if document is not None else None
-        status, data = self.http("api", method, path, body)
-        return status, json.loads(data) if data.strip() else None
-
-    def vips(self) -> dict[str, Any]:
-        status, document = self.api("GET", "/vips")
-        assert status == 200, document
-        table: dict[str, Any] = document
-        return table
 
     def zones(self) -> dict[str, dict[str, Any]]:
         """GET /zones, by zone name."""

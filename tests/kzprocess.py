@@ -24,7 +24,66 @@ REPO = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
 
 
-class ZoneProcess:
+class ControlPlaneProcess:
+    """What every kumazone child process offers: its log, stopping it, its HTTP ports."""
+
+    process: subprocess.Popen[bytes] | None
+    log_path: Path
+    ports: dict[str, int]
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        """SIGTERM and wait; returns the exit status."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    # -- clients ------------------------------------------------------------------
+
+    def http(
+        self, server: str, method: str, path: str, body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, bytes]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports[server]}{path}", data=body, method=method,
+            headers={"Content-Type": content_type},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def api(
+        self, method: str, path: str, document: Any = None, raw: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any]:
+        body = raw if raw is not None else (
+            json.dumps(document).encode() if document is not None else None
+        )
+        status, data = self.http("api", method, path, body, content_type)
+        return status, json.loads(data) if data.strip() else None
+
+    def vips(self) -> dict[str, Any]:
+        status, document = self.api("GET", "/vips")
+        assert status == 200, document
+        return document
+
+
+class ZoneProcess(ControlPlaneProcess):
     """A standalone zone control plane in a child process."""
 
     def __init__(
@@ -85,57 +144,6 @@ class ZoneProcess:
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"kumazone did not become ready in {timeout}s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def stop(self) -> int | None:
-        """SIGTERM and wait; returns the exit status."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    # -- clients ------------------------------------------------------------------
-
-    def http(
-        self, server: str, method: str, path: str, body: bytes | None = None,
-        content_type: str = "application/json",
-    ) -> tuple[int, bytes]:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.ports[server]}{path}", data=body, method=method,
-            headers={"Content-Type": content_type},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
-    def api(
-        self, method: str, path: str, document: Any = None, raw: bytes | None = None,
-        content_type: str = "application/json",
-    ) -> tuple[int, Any]:
-        body = raw if raw is not None else (
-            json.dumps(document).encode() if document is not None else None
-        )
-        status, data = self.http("api", method, path, body, content_type)
-        return status, json.loads(data) if data.strip() else None
-
-    def vips(self) -> dict[str, Any]:
-        status, document = self.api("GET", "/vips")
-        assert status == 200, document
-        return document
 
     def query(
         self, name: str, rdtype: str = "A", tcp: bool = False, source: str | None = None,

@@ -25,6 +25,7 @@ import dns.rdatatype
 import pytest
 import yaml
 
+from tests import builders
 from tests.fedprocess import (
     GlobalProcess,
     ProcessGroup,
@@ -51,18 +52,7 @@ Row = tuple[str, str]
 
 
 def dataplane(name: str, mesh: str, address: str, *services: str) -> dict[str, Any]:
-    return {
-        "type": "Dataplane",
-        "mesh": mesh,
-        "name": name,
-        "networking": {
-            "address": address,
-            "inbound": [
-                {"port": 8000 + index, "tags": {"kuma.io/service": service}}
-                for index, service in enumerate(services)
-            ],
-        },
-    }
+    return builders.dataplane(name, *services, mesh=mesh, address=address)
 
 
 def write_resources(directory: Path, *documents: dict[str, Any]) -> None:

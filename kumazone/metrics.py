@@ -81,9 +81,6 @@ class QueryStats(Collector):
         self.buckets[bisect_left(self.BUCKETS, seconds)] += 1
         self.seconds += seconds
 
-    def total(self) -> int:
-        return sum(cell[0] for cell in self.cells.values())
-
     def collect(self) -> Iterator[Metric]:
         queries = CounterMetricFamily(
             "kumazone_dns_queries",

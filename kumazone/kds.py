@@ -10,6 +10,7 @@ an injected clock.
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol
 
 from twisted.internet import protocol
@@ -425,7 +426,7 @@ class GlobalSession:
 # -- the zone side ------------------------------------------------------------------
 
 
-def _pairs(keys: set[ServiceKey]) -> list[tuple[str, str]]:
+def _pairs(keys: AbstractSet[ServiceKey]) -> list[tuple[str, str]]:
     return [(key.mesh, key.service) for key in keys]
 
 
@@ -443,7 +444,7 @@ class ZoneSync:
         self.clock = clock
         self.metrics = metrics
         self.proto: SyncProtocol | None = None
-        self.sent: set[ServiceKey] = set()
+        self.sent: AbstractSet[ServiceKey] = frozenset()
         self.global_table_id: str | None = None
         self.force_full = False
         self.connected_since: float | None = None

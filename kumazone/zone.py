@@ -84,6 +84,8 @@ class Zone:
         self.api: dict[ResourceKey, Resource] = {r.key: r for r in state.resources}
         self.files: dict[str, dict[ResourceKey, Resource]] = {}
         self._federated = federated
+        #: The inventory's services, until the inventory changes (see wanted()).
+        self._wanted: frozenset[ServiceKey] | None = None
         #: Built entries of the last snapshot and names per service: a change of
         #: one service rebuilds one entry, not all of them.
         self._entries: dict[ServiceKey, tuple[int, VipEntry]] = {}
@@ -130,6 +132,7 @@ class Zone:
         """After a failed write: memory goes back to what the store holds."""
         state = self.store.load()
         self.api = {r.key: r for r in state.resources}
+        self._wanted = None
         self._load_table(state, lambda message: None)
 
     # -- sources ---------------------------------------------------------------
@@ -162,6 +165,7 @@ class Zone:
         first path wins and the other copy waits, so that it takes over if the
         first file drops it.
         """
+        self._wanted = None
         for path, resources in files.items():
             mine: dict[ResourceKey, Resource] = {}
             for resource in resources:
@@ -187,6 +191,7 @@ class Zone:
             raise ConflictError(f"{resource.key} is defined in {owner}; change it there")
         created = resource.key not in self.api
         self.api[resource.key] = resource
+        self._wanted = None
         self.update(now, puts=[resource])
         return created
 
@@ -198,19 +203,26 @@ class Zone:
         if key not in self.api:
             return False
         del self.api[key]
+        self._wanted = None
         self.update(now, deletes=[key])
         return True
 
     # -- the table -------------------------------------------------------------
 
-    def wanted(self) -> set[ServiceKey]:
-        """The services the inventory defines (Dataplanes only, never ExternalServices)."""
-        return {
-            ServiceKey(resource.mesh, service)
-            for resource in self.resources().values()
-            if resource.type == DATAPLANE
-            for service in resource.services
-        }
+    def wanted(self) -> frozenset[ServiceKey]:
+        """The services the inventory defines (Dataplanes only, never ExternalServices).
+
+        Kept until the inventory changes: the table, the snapshot and zone sync
+        all ask for it after every change.
+        """
+        if self._wanted is None:
+            self._wanted = frozenset(
+                ServiceKey(resource.mesh, service)
+                for resource in self.resources().values()
+                if resource.type == DATAPLANE
+                for service in resource.services
+            )
+        return self._wanted
 
     def update(
         self,

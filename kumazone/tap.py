@@ -158,34 +158,28 @@ def makeService(options: Options) -> Any:
     """Assemble the service; binds nothing."""
     from twisted.internet import reactor
 
+    # What both roles take alike.
+    common: dict[str, Any] = {
+        "dns": options.dns,
+        "data_dir": options["data-dir"],
+        "store_path": options.store_path,
+        "api_port": options["api-port"],
+        "api_interface": options["api-interface"],
+        "diagnostics_port": options["diagnostics-port"],
+        "tls": options.tls,
+    }
     if options["role"] == "global":
-        return GlobalService(
-            GlobalSettings(
-                dns=options.dns,
-                data_dir=options["data-dir"],
-                store_path=options.store_path,
-                kds_port=options["kds-port"],
-                kds_interface=options["kds-interface"],
-                api_port=options["api-port"],
-                api_interface=options["api-interface"],
-                diagnostics_port=options["diagnostics-port"],
-                tls=options.tls,
-            ),
-            reactor,
+        settings = GlobalSettings(
+            kds_port=options["kds-port"], kds_interface=options["kds-interface"], **common
         )
+        return GlobalService(settings, reactor)
     return ZoneService(
         ZoneSettings(
             zone=options["zone"],
-            dns=options.dns,
-            data_dir=options["data-dir"],
-            store_path=options.store_path,
             resources_dir=options["resources"],
             dns_interface=options["dns-interface"],
-            api_port=options["api-port"],
-            api_interface=options["api-interface"],
-            diagnostics_port=options["diagnostics-port"],
             global_address=options.global_address,
-            tls=options.tls,
+            **common,
         ),
         reactor,
     )

@@ -10,8 +10,6 @@ L{wait_until} polls with a deadline.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 import sys
@@ -154,33 +152,10 @@ class GlobalProcess(ControlPlaneProcess):
         return self.process is not None and self.process.poll() is None
 
     def start(self, timeout: float = 30.0) -> GlobalProcess:
-        """Start and wait until /ready answers 200."""
-        ports_file = self.data_dir / "ports.json"
-        if ports_file.exists():
-            ports_file.unlink()
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("KUMA_")}
-        self.process = subprocess.Popen(
-            self.command(), cwd=self.workdir, env=environment,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                output = self.process.stdout.read().decode() if self.process.stdout else ""
-                raise RuntimeError(
-                    f"global exited with {self.process.returncode}:\n{output}\n{self.log()}"
-                )
-            if ports_file.exists():
-                self.ports = json.loads(ports_file.read_text())
-                try:
-                    if self.http("diagnostics", "GET", "/ready")[0] == 200:
-                        self.kds_port = self.ports["kds"]
-                        return self
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"global did not become ready in {timeout}s:\n{self.log()}")
+        """Start and wait until /ready answers 200; later starts reuse the kds port."""
+        super().start(timeout)
+        self.kds_port = self.ports["kds"]
+        return self
 
     def restart(self, timeout: float = 30.0) -> GlobalProcess:
         """Stop (if running) and start again: same data directory, same kds port."""

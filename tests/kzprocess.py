@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import dns.flags
 import dns.message
@@ -30,6 +30,41 @@ class ControlPlaneProcess:
     process: subprocess.Popen[bytes] | None
     log_path: Path
     ports: dict[str, int]
+    workdir: Path
+    data_dir: Path
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0) -> Self:
+        """Start and wait until /ready answers 200."""
+        ports_file = self.data_dir / "ports.json"
+        if ports_file.exists():
+            ports_file.unlink()
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("KUMA_")}
+        environment.update(getattr(self, "env", {}))
+        self.process = subprocess.Popen(
+            self.command(), cwd=self.workdir, env=environment,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read().decode() if self.process.stdout else ""
+                raise RuntimeError(
+                    f"kumazone exited with {self.process.returncode}:\n{output}\n{self.log()}"
+                )
+            if ports_file.exists():
+                self.ports = json.loads(ports_file.read_text())
+                try:
+                    if self.http("diagnostics", "GET", "/ready")[0] == 200:
+                        return self
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"kumazone did not become ready in {timeout}s:\n{self.log()}")
+
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -115,35 +150,6 @@ class ZoneProcess(ControlPlaneProcess):
         if self.resources is not None:
             command.append(f"--resources={self.resources}")
         return command + self.args
-
-    def start(self, timeout: float = 30.0) -> ZoneProcess:
-        """Start and wait until /ready answers 200."""
-        ports_file = self.data_dir / "ports.json"
-        if ports_file.exists():
-            ports_file.unlink()
-        environment = {k: v for k, v in os.environ.items() if not k.startswith("KUMA_")}
-        environment.update(self.env)
-        self.process = subprocess.Popen(
-            self.command(), cwd=self.workdir, env=environment,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                output = self.process.stdout.read().decode() if self.process.stdout else ""
-                raise RuntimeError(
-                    f"kumazone exited with {self.process.returncode}:\n{output}\n{self.log()}"
-                )
-            if ports_file.exists():
-                self.ports = json.loads(ports_file.read_text())
-                try:
-                    if self.http("diagnostics", "GET", "/ready")[0] == 200:
-                        return self
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"kumazone did not become ready in {timeout}s:\n{self.log()}")
 
     def query(
         self, name: str, rdtype: str = "A", tcp: bool = False, source: str | None = None,

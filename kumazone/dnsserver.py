@@ -233,32 +233,41 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
         stats.ticks += 1
         started = 0.0 if stats.ticks & 15 else time.perf_counter()
         mesh = controller.mesh_of(addr[0])
-        hot = controller.hot
-        answer = None
-        if len(data) > 12 and not data[2] & 0xFE:
-            seen = hot.exact.get((data[4:], mesh))
-            if seen is not None:
-                template, counter = seen
-                answer = data[:2] + bytes((template[2] | (data[2] & 0x01),)) + template[3:]
+        answer = self.hot_answer(data, mesh)
         if answer is None:
-            found = hot_key(data, mesh)
-            entry = hot.templates.get(found[0]) if found is not None else None
-            if found is None or entry is None:
-                controller.packetReceived(data, self, addr, found)
-                return
-            template, counter = entry
-            answer = HotCache.answer(template, data, found[1])
-            hot.remember(data, mesh, answer, counter)
+            controller.packetReceived(data, self, addr, hot_key(data, mesh))
+            return
+        stats.hot_answers += 1
         try:
             self._sendto(answer, addr)
         except OSError:
             # A full send buffer or an unreachable client: the client retries.
             controller.metrics.send_errors.inc()
             return
-        counter[0] += 1
-        stats.hot_answers += 1
         if started:
             stats.observe(time.perf_counter() - started)
+
+    def hot_answer(self, data: bytes, mesh: str) -> bytes | None:
+        """The hot path's answer to C{data} from a client in C{mesh}, counted; or None."""
+        hot = self.controller.hot
+        known = hot.exact.get(mesh)
+        if known is not None and len(data) > 12 and not data[2] & 0xFE:
+            seen = known.get(data[4:])
+            if seen is not None:
+                template, counter = seen
+                counter[0] += 1
+                return data[:2] + bytes((template[2] | (data[2] & 0x01),)) + template[3:]
+        found = hot_key(data, mesh)
+        if found is None:
+            return None
+        entry = hot.templates.get(found[0])
+        if entry is None:
+            return None
+        template, counter = entry
+        answer = HotCache.answer(template, data, found[1])
+        hot.remember(data, mesh, answer, counter)
+        counter[0] += 1
+        return answer
 
 
 class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
@@ -301,7 +310,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         self.stats = metrics.dns
         #: Responses for common UDP queries, emptied whenever the table changes.
         self.hot = HotCache()
-        self._limited_log = limited(
+        self.limited_log = limited(
             RateLimiter(burst=10, interval=60.0), seconds, lambda line: self.log.warn(line)
         )
 
@@ -309,7 +318,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         if len(self.connections) >= MAX_TCP_CONNECTIONS:
             # Each idle connection holds a descriptor for TCP_IDLE_TIMEOUT seconds.
             self.metrics.tcp_refused.inc()
-            self._limited_log(f"DNS over TCP: {MAX_TCP_CONNECTIONS} connections open; refused")
+            self.limited_log(f"DNS over TCP: {MAX_TCP_CONNECTIONS} connections open; refused")
             return None
         return self.protocol(self)
 
@@ -360,7 +369,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
             self.messageReceived(message, proto, address)
         except Exception as e:
             # A bug of ours, not the client's: SERVFAIL, and a bounded log.
-            self._limited_log(f"answering a query failed: {type(e).__name__}: {e}")
+            self.limited_log(f"answering a query failed: {type(e).__name__}: {e}")
             try:
                 self._reply(proto, message, address, dns.ESERVER)
             except Exception:
@@ -394,7 +403,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
     ) -> None:
         self.metrics.malformed.labels(transport).inc()
         peer = _peer_host(proto, address)
-        self._limited_log(f"malformed DNS packet ({len(data)} octets) from {peer}: {why}")
+        self.limited_log(f"malformed DNS packet ({len(data)} octets) from {peer}: {why}")
         answer = formerr_for(data)
         if answer is not None:
             self._count_query(0, dns.EFORMAT, transport)
@@ -445,7 +454,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         elif failure.check(DomainError):
             self._reply(protocol, message, address, dns.EREFUSED)
         else:
-            self._limited_log(f"DNS lookup failed: {failure.getErrorMessage()}")
+            self.limited_log(f"DNS lookup failed: {failure.getErrorMessage()}")
             self._reply(protocol, message, address, dns.ESERVER)
 
     def _reply(

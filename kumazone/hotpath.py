@@ -151,26 +151,42 @@ def hot_key(data: bytes, mesh: str) -> tuple[HotKey, int] | None:
 class HotCache:
     """Templates by key, valid for one table version.
 
-    C{exact} is a shortcut in front: keyed by a query's octets after its ID and
-    flags (and the client's mesh), it finds the answer to a query seen before in
+    C{exact} is a shortcut in front, one dictionary per mesh: keyed by a query's
+    octets after its ID and flags, it finds the answer to a query seen before in
     exactly that form without parsing it; only the ID and RD need patching.
     """
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self.max_entries = max_entries
         self.templates: dict[HotKey, tuple[bytes, Any]] = {}
-        self.exact: dict[tuple[bytes, str], tuple[bytes, Any]] = {}
+        self.exact: dict[str, dict[bytes, tuple[bytes, Any]]] = {}
+        #: For readers that see raw addresses: a client's packed IP address to
+        #: its mesh and that mesh's C{exact} dictionary.
+        self.clients: dict[bytes, tuple[str, dict[bytes, tuple[bytes, Any]]]] = {}
+        self._remembered = 0
 
     def clear(self) -> None:
         """The table changed: every template goes."""
         self.templates.clear()
         self.exact.clear()
+        self.clients.clear()
+        self._remembered = 0
+
+    def exact_for(self, mesh: str) -> dict[bytes, tuple[bytes, Any]]:
+        """The C{exact} dictionary of C{mesh}: the same object until L{clear}."""
+        found = self.exact.get(mesh)
+        if found is None:
+            found = self.exact[mesh] = {}
+        return found
 
     def remember(self, query: bytes, mesh: str, answer: bytes, counter: Any) -> None:
         """Keep C{answer} for queries with exactly C{query}'s octets after ID and flags."""
-        if len(self.exact) >= self.max_entries:
-            self.exact.clear()
-        self.exact[(query[4:], mesh)] = (
+        if self._remembered >= self.max_entries:
+            for known in self.exact.values():
+                known.clear()  # in place: readers may hold these dictionaries
+            self._remembered = 0
+        self._remembered += 1
+        self.exact_for(mesh)[query[4:]] = (
             answer[:2] + bytes((answer[2] & 0xFE,)) + answer[3:],
             counter,
         )

@@ -24,6 +24,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from kumazone import udpbatch
 from kumazone.api import ApiResource, GlobalApiResource
 from kumazone.authority import ZoneAuthority
 from kumazone.config import DnsServerConfig
@@ -290,14 +291,20 @@ class ZoneService(_ControlPlane):
             "lastTable": self.sync.last_table_at,
         }
 
+    def _listen_udp(self, port: int, protocol: KumaDNSDatagramProtocol, interface: str) -> Any:
+        """Batched reads and writes where the system has them, else Twisted's own port."""
+        if not udpbatch.available:
+            return self.reactor.listenUDP(port, protocol, interface=interface)
+        listening = udpbatch.BatchedDNSPort(port, protocol, interface, reactor=self.reactor)
+        listening.startListening()
+        return listening
+
     def _listen_dns(self, factory: KumaDNSServerFactory) -> int:
         """UDP and TCP on one port; with port 0, a port free for both."""
         wanted = self.settings.dns.port
         interface = self.settings.dns_interface
         for _attempt in range(50):
-            udp = self.reactor.listenUDP(
-                wanted, KumaDNSDatagramProtocol(factory), interface=interface
-            )
+            udp = self._listen_udp(wanted, KumaDNSDatagramProtocol(factory), interface)
             port = udp.getHost().port
             try:
                 tcp = self.reactor.listenTCP(port, factory, interface=interface)

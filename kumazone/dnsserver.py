@@ -418,7 +418,10 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         if message.ednsVersion is not None and message.ednsVersion > 0:
             self._reply(protocol, message, address, dns.EBADVERSION)
             return
-        mesh = self.mesh_of(_peer_host(protocol, address))
+        hot = getattr(message, "hot", None)
+        # A query with a hot-path key is answered for the mesh in its key, so that
+        # its answer can only become the template of that mesh.
+        mesh = hot[0][3] if hot is not None else self.mesh_of(_peer_host(protocol, address))
         query = message.queries[0]
         # The authority answers synchronously: call it directly rather than
         # through a Deferred (IResolver.query remains for other callers).

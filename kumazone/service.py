@@ -293,11 +293,16 @@ class ZoneService(_ControlPlane):
 
     def _listen_udp(self, port: int, protocol: KumaDNSDatagramProtocol, interface: str) -> Any:
         """Batched reads and writes where the system has them, else Twisted's own port."""
-        if not udpbatch.available:
-            return self.reactor.listenUDP(port, protocol, interface=interface)
-        listening = udpbatch.BatchedDNSPort(port, protocol, interface, reactor=self.reactor)
-        listening.startListening()
-        return listening
+        if udpbatch.available:
+            listening = udpbatch.BatchedDNSPort(port, protocol, interface, reactor=self.reactor)
+            try:
+                listening.startListening()
+            except OSError as e:
+                self.log.warn("DNS over UDP: one datagram per system call ({why})", why=e)
+            else:
+                return listening
+            protocol = KumaDNSDatagramProtocol(protocol.controller)
+        return self.reactor.listenUDP(port, protocol, interface=interface)
 
     def _listen_dns(self, factory: KumaDNSServerFactory) -> int:
         """UDP and TCP on one port; with port 0, a port free for both."""

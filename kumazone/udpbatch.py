@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import socket
 import struct
 import sys
@@ -158,6 +159,22 @@ class BatchedDNSPort(udp.Port):
         self._ip = slice(8, 24) if ipv6 else slice(4, 8)
         self._received = _Messages(NAME_SLOT)
         self._answers = _Messages(self._name_length, self._received.names)
+
+    def startListening(self) -> None:
+        """Bind, then check that the kernel takes both calls (seccomp or an old kernel may not).
+
+        Each check asks for zero datagrams, so it takes none from the socket.  On
+        failure the socket is closed at once and L{OSError} says why.
+        """
+        super().startListening()
+        fd = self.socket.fileno()
+        taken = self._recvmmsg(fd, self._received.address, 0, _MSG_DONTWAIT, None) >= 0
+        taken = taken and self._sendmmsg(fd, self._answers.address, 0, 0) >= 0
+        if not taken:
+            number = ctypes.get_errno()
+            self.stopReading()
+            self.connectionLost()
+            raise OSError(number, f"recvmmsg/sendmmsg: {os.strerror(number)}")
 
     def doRead(self) -> None:
         """Read up to L{ROUNDS} batches; answer what the hot path knows in one call each.

@@ -49,25 +49,41 @@ SERVICES = [("redis", "default"), ("backend", "default"), ("redis", "payments"),
 #: Queries sent before the ports read them: well under any receive buffer.
 CHUNK = 150
 
-Answers = dict[tuple[str, bytes], bytes]
+Answers = dict[tuple[str, int], bytes]
 
 
 @pytest.fixture
-def factory() -> KumaDNSServerFactory:
+def zone() -> Zone:
     zone = Zone("zone-1", CONFIG, SQLiteStore(":memory:"))
+    zone.set_file("/inventory.yaml", inventory(), 0.0)
+    return zone
+
+
+def inventory(payments_client_mesh: str = "payments") -> list[Any]:
+    """The services, and a Dataplane for each client of a known mesh (::1 in payments)."""
     resources = [
         parse_resource(dataplane(f"dp-{i}", service, mesh=mesh, address=f"10.1.0.{i + 1}"))
         for i, (service, mesh) in enumerate(SERVICES)
     ]
     resources += [
-        parse_resource(dataplane(f"client-{mesh}", "client", mesh=mesh, address=address))
-        for mesh, address in CLIENTS.items()
-        if mesh != "unknown"
+        parse_resource(dataplane("client-default", "client", address=CLIENTS["default"])),
+        parse_resource(dataplane("client-payments", "client", mesh=payments_client_mesh,
+                                 address=CLIENTS["payments"])),
     ]
-    zone.set_file("/inventory.yaml", resources, 0.0)
+    resources.append(parse_resource(dataplane("client-v6", "client", mesh="payments",
+                                              address="::1")))
+    return resources
+
+
+@pytest.fixture
+def factory(zone: Zone) -> KumaDNSServerFactory:
+    """The DNS factory wired to the zone as the service wires it."""
     authority = ZoneAuthority(CONFIG, ["127.0.0.1"])
     authority.update(zone.snapshot)
-    return KumaDNSServerFactory(authority, mesh_lookup(lambda: zone.snapshot), Metrics("z"))
+    zone.listeners.append(authority.update)
+    made = KumaDNSServerFactory(authority, mesh_lookup(lambda: zone.snapshot), Metrics("z"))
+    zone.listeners.append(lambda snapshot: made.hot.clear())
+    return made
 
 
 @pytest.fixture
@@ -110,16 +126,23 @@ def listen(
 
 
 def exchange(port: udp.Port, clients: dict[str, socket.socket],
-             queries: list[tuple[str, bytes]]) -> Answers:
-    """Send C{queries} in chunks, drive C{port}, and collect every answer by (client, ID).
+             queries: list[tuple[str, bytes]], first_id: int = 0) -> Answers:
+    """Send C{queries} in chunks, drive C{port}, and collect the answers.
 
-    A chunk is done when no answer has come for a while (some queries get none).
+    Query I goes out with ID C{first_id} + I; its answer is kept under (the
+    client it reached, I) without its ID.  An answer with another ID (a late one
+    from an earlier exchange) is left out.  A chunk is done when no answer has
+    come for a while (some queries get none).
     """
     target = port.getHost()
+    host = "127.0.0.1" if target.host == "::" else target.host  # dual stack: over IPv4
     answers: Answers = {}
     for start in range(0, len(queries), CHUNK):
-        for mesh, query in queries[start : start + CHUNK]:
-            clients[mesh].sendto(query, (target.host, target.port))
+        for index in range(start, min(start + CHUNK, len(queries))):
+            mesh, query = queries[index]
+            if len(query) >= 2:
+                query = (first_id + index).to_bytes(2, "big") + query[2:]
+            clients[mesh].sendto(query, (host, target.port))
         quiet_since = time.monotonic()
         while time.monotonic() - quiet_since < 0.3:
             ready, _, _ = select.select([port.socket], [], [], 0.02)
@@ -131,11 +154,21 @@ def exchange(port: udp.Port, clients: dict[str, socket.socket],
                         answer = sock.recv(65535)
                     except BlockingIOError:
                         break
-                    key = (mesh, answer[:2])
-                    assert key not in answers, f"two answers for query {key}"
-                    answers[key] = answer
                     quiet_since = time.monotonic()
+                    index = int.from_bytes(answer[:2], "big") - first_id
+                    if 0 <= index < len(queries):
+                        assert (mesh, index) not in answers, f"two answers to query {index}"
+                        answers[(mesh, index)] = answer[2:]
     return answers
+
+
+def addresses(answers: Answers, rdtype: str = "A") -> dict[tuple[str, int], str]:
+    """The first address in each answer."""
+    found = {}
+    for key, answer in answers.items():
+        message = dns.message.from_wire(b"\0\0" + answer)
+        found[key] = next(rr for rrset in message.answer for rr in rrset).to_text()
+    return found
 
 
 def send_errors(factory: KumaDNSServerFactory) -> float:
@@ -167,11 +200,7 @@ def corpus(rng: random.Random) -> list[tuple[str, bytes]]:
     queries += odd * 3
     rng.shuffle(queries)
     meshes = list(CLIENTS)
-    sent: list[tuple[str, bytes]] = []
-    for index, query in enumerate(queries):
-        ident = index.to_bytes(2, "big")
-        sent.append((rng.choice(meshes), ident + query[2:] if len(query) >= 2 else query))
-    return sent
+    return [(rng.choice(meshes), query) for query in queries]
 
 
 def test_batched_answers_equal_twisted_udp_port_answers(factory, reactor) -> None:
@@ -181,14 +210,14 @@ def test_batched_answers_equal_twisted_udp_port_answers(factory, reactor) -> Non
     reference = exchange(stock, clients, queries)
     stock.stopListening()
     batched = listen("batched", factory, reactor, "127.0.0.1")
-    warm = exchange(batched, clients, queries)  # templates made by the stock pass
+    warm = exchange(batched, clients, queries, 10_000)  # templates made by the stock pass
     factory.hot.clear()
-    cold = exchange(batched, clients, queries)  # first-seen queries answered mid-batch
+    cold = exchange(batched, clients, queries, 20_000)  # first-seen queries answered mid-batch
     batched.stopListening()
     for sock in clients.values():
         sock.close()
     # The corpus has answers of every kind, to every client.
-    rcodes = {answer[3] & 0x0F for answer in reference.values()}
+    rcodes = {answer[1] & 0x0F for answer in reference.values()}
     assert {dns.rcode.NOERROR, dns.rcode.NXDOMAIN, dns.rcode.FORMERR} <= rcodes
     assert {mesh for mesh, _ in reference} == set(CLIENTS)
     assert len(reference) > 400
@@ -196,81 +225,133 @@ def test_batched_answers_equal_twisted_udp_port_answers(factory, reactor) -> Non
     assert cold == reference
 
 
-def test_mesh_follows_the_source_address(factory, reactor) -> None:
+@pytest.mark.parametrize("interface", ["127.0.0.1", "::"])
+def test_mesh_follows_the_source_address(factory, reactor, interface) -> None:
+    """Also on a dual-stack socket, where IPv4 clients come as ::ffff:127.0.0.x."""
+    clients = client_sockets()
+    batched = listen("batched", factory, reactor, interface)
+    query = dns.message.make_query("redis.mesh", "A").to_wire()
+    queries = [(mesh, query) for mesh in CLIENTS]
+    seen = []
+    for attempt in range(3):  # the authority path, then the hot path
+        seen.append(addresses(exchange(batched, clients, queries, 10 * attempt)))
+    batched.stopListening()
+    assert seen[0] == seen[1] == seen[2]
+    vips = {mesh: seen[0][(mesh, i)] for i, mesh in enumerate(CLIENTS)}
+    assert vips["default"] == vips["unknown"] != vips["payments"]
+
+
+def test_a_client_that_changes_mesh_gets_the_new_mesh_at_once(zone, factory, reactor) -> None:
     clients = client_sockets()
     batched = listen("batched", factory, reactor, "127.0.0.1")
     query = dns.message.make_query("redis.mesh", "A").to_wire()
-    queries = [(mesh, bytes((0, i)) + query[2:]) for i, mesh in enumerate(CLIENTS)] * 1
-    answers = {}
-    for _ in range(3):  # the first authority-path, then hot
-        answers = exchange(batched, clients, queries)
+    seen = []
+    for attempt in range(6):
+        if attempt == 3:  # 127.0.0.2 is a Dataplane of mesh default from now on
+            zone.set_file("/inventory.yaml", inventory(payments_client_mesh="default"), 1.0)
+        answers = exchange(batched, clients, [("payments", query)], 10 * attempt)
+        seen.append(addresses(answers)[("payments", 0)])
     batched.stopListening()
-    vips = {
-        mesh: dns.message.from_wire(answers[(mesh, bytes((0, i)))]).answer[0][0].address
-        for i, mesh in enumerate(CLIENTS)
-    }
-    assert vips["default"] == vips["unknown"] != vips["payments"]
+    assert seen[0] == seen[1] == seen[2] != seen[3] == seen[4] == seen[5]
 
 
 def test_ipv6_clients_get_their_answers(factory, reactor) -> None:
     clients = client_sockets(socket.AF_INET6)
-    rng = random.Random(6)
-    queries = [(mesh, query) for mesh, query in corpus(rng) if mesh == "default"]
+    queries = [(mesh, query) for mesh, query in corpus(random.Random(6)) if mesh == "default"]
     stock = listen("stock", factory, reactor, "::1")
     reference = exchange(stock, clients, queries)
     stock.stopListening()
     batched = listen("batched", factory, reactor, "::1")
-    got = exchange(batched, clients, queries)
+    got = exchange(batched, clients, queries, 10_000)
+    redis = dns.message.make_query("redis.mesh", "A").to_wire()
+    mesh_answers = [addresses(exchange(batched, clients, [("default", redis)], 20_000 + i))
+                    for i in range(2)]
     batched.stopListening()
     assert len(reference) > 100
     assert got == reference
+    # ::1 is a Dataplane of payments: the second answer came from the hot path.
+    payments_redis = factory.authority.resolve(b"redis.mesh", dns.rdatatype.A, 1, "payments")
+    expected = payments_redis[0][0].payload.dottedQuad()
+    assert [found[("default", 0)] for found in mesh_answers] == [expected, expected]
 
 
-def test_a_failed_send_is_counted_and_the_rest_are_sent(factory, reactor) -> None:
+def test_partial_and_failed_sends(factory, reactor) -> None:
+    """sendmmsg may send fewer than asked (the rest follow), or fail (one is dropped, counted)."""
     recvmmsg, sendmmsg = udpbatch._CALLS or (None, None)
-    failures = {"left": 1}
+    calls = {"count": 0}
 
-    def failing_sendmmsg(*args: Any) -> int:
-        if failures["left"]:
-            failures["left"] -= 1
+    def flaky_sendmmsg(fd: int, headers: int, count: int, flags: int) -> int:
+        calls["count"] += 1
+        if count == 0:
+            return sendmmsg(fd, headers, count, flags)  # the check at start-up
+        if calls["count"] == 3:
             ctypes.set_errno(errno.EPERM)
             return -1
-        return sendmmsg(*args)
+        return sendmmsg(fd, headers, min(count, 7), flags)
 
     clients = client_sockets()
     query = dns.message.make_query("backend.mesh", "AAAA").to_wire()
-    primer = [("default", b"\xff\xff" + query[2:])]
-    batched = listen("batched", factory, reactor, "127.0.0.1", (recvmmsg, failing_sendmmsg))
-    exchange(batched, clients, primer)  # authority path: sent with sendto
+    batched = listen("batched", factory, reactor, "127.0.0.1", (recvmmsg, flaky_sendmmsg))
+    exchange(batched, clients, [("default", query)], 1000)  # authority path: sent with sendto
     errors_before = send_errors(factory)
-    queries = [("default", i.to_bytes(2, "big") + query[2:]) for i in range(40)]
-    answers = exchange(batched, clients, queries)
+    answers = exchange(batched, clients, [("default", query)] * 40)
     batched.stopListening()
     assert send_errors(factory) == errors_before + 1
-    assert sorted(int.from_bytes(ident, "big") for _, ident in answers) == list(range(1, 40))
+    # Calls: the check, then 7, then the failure (answer 7 dropped), then 7 at a time.
+    assert sorted(index for _, index in answers) == [i for i in range(40) if i != 7]
+
+
+def test_read_errors_are_those_of_twisted_udp_port(factory, reactor) -> None:
+    recvmmsg, sendmmsg = udpbatch._CALLS or (None, None)
+    failure = {"errno": 0}
+
+    def failing_recvmmsg(*arguments: Any) -> int:
+        if failure["errno"] and arguments[2]:
+            ctypes.set_errno(failure["errno"])
+            return -1
+        return recvmmsg(*arguments)
+
+    batched = listen("batched", factory, reactor, "127.0.0.1", (failing_recvmmsg, sendmmsg))
+    for ignored in (errno.EAGAIN, errno.EINTR, errno.ECONNREFUSED):
+        failure["errno"] = ignored
+        batched.doRead()
+    failure["errno"] = errno.ENOBUFS
+    with pytest.raises(OSError, match="ENOBUFS"):
+        batched.doRead()  # the reactor logs it and closes the port, as for Twisted's port
+    batched.stopListening()
+
+
+def test_a_kernel_without_the_calls_is_found_at_start(factory, reactor) -> None:
+    sendmmsg = udpbatch._CALLS[1] if udpbatch._CALLS else None
+
+    def refused(*arguments: Any) -> int:
+        ctypes.set_errno(errno.ENOSYS)
+        return -1
+
+    batched = udpbatch.BatchedDNSPort(0, KumaDNSDatagramProtocol(factory), "127.0.0.1",
+                                      reactor=reactor, calls=(refused, sendmmsg))
+    with pytest.raises(OSError, match="recvmmsg/sendmmsg"):
+        batched.startListening()
+    assert not hasattr(batched, "socket")  # closed at once: the stock port can bind
+    with pytest.raises(RuntimeError, match="recvmmsg"):
+        udpbatch.BatchedDNSPort(0, KumaDNSDatagramProtocol(factory), "127.0.0.1",
+                                reactor=reactor, calls=None)
 
 
 def test_every_batched_answer_is_counted_and_timed(factory, reactor) -> None:
     clients = client_sockets()
     batched = listen("batched", factory, reactor, "127.0.0.1")
     query = dns.message.make_query("redis.mesh", "A").to_wire()
-    exchange(batched, clients, [("default", query)])
+    exchange(batched, clients, [("default", query)], 1000)
     stats = factory.stats
     hot_before, timed_before = stats.hot_answers, sum(stats.buckets)
     cell = stats.cell(dns.rdatatype.A, dns.rcode.NOERROR, "udp")
     counted_before = cell[0]
-    queries = [("default", i.to_bytes(2, "big") + query[2:]) for i in range(100)]
-    first_seen = dns.message.make_query("backend.mesh", "A")
-    first_seen.id = 1000
-    queries.insert(50, ("default", first_seen.to_wire()))  # the authority path, mid-batch
+    queries = [("default", query)] * 100
+    # A first-seen question in the middle of the batch takes the authority path.
+    queries.insert(50, ("default", dns.message.make_query("backend.mesh", "A").to_wire()))
     assert len(exchange(batched, clients, queries)) == 101
     batched.stopListening()
     assert stats.hot_answers == hot_before + 100
     assert sum(stats.buckets) == timed_before + 101
     assert cell[0] == counted_before + 101
-
-
-def test_a_batched_port_needs_the_calls(factory, reactor) -> None:
-    with pytest.raises(RuntimeError, match="recvmmsg"):
-        udpbatch.BatchedDNSPort(0, KumaDNSDatagramProtocol(factory), "127.0.0.1",
-                                reactor=reactor, calls=None)

@@ -179,6 +179,13 @@ class HotCache:
             found = self.exact[mesh] = {}
         return found
 
+    def client(self, ip: bytes, mesh: str) -> tuple[str, dict[bytes, tuple[bytes, Any]]]:
+        """Keep that the client at packed address C{ip} is in C{mesh}; its C{clients} entry."""
+        if len(self.clients) >= self.max_entries:
+            self.clients.clear()
+        entry = self.clients[ip] = (mesh, self.exact_for(mesh))
+        return entry
+
     def remember(self, query: bytes, mesh: str, answer: bytes, counter: Any) -> None:
         """Keep C{answer} for queries with exactly C{query}'s octets after ID and flags."""
         if self._remembered >= self.max_entries:

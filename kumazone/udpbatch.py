@@ -27,9 +27,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import udp
-from twisted.logger import Logger
 
-from kumazone.hotpath import MAX_ENTRIES, hot_key
+from kumazone.hotpath import hot_key
 
 if TYPE_CHECKING:
     from kumazone.dnsserver import KumaDNSDatagramProtocol
@@ -138,7 +137,6 @@ class BatchedDNSPort(udp.Port):
     """A UDP port that reads queries and sends hot-path answers in batches."""
 
     protocol: KumaDNSDatagramProtocol
-    log = Logger()
 
     def __init__(
         self,
@@ -252,12 +250,9 @@ class BatchedDNSPort(udp.Port):
     def _client(self, ip: bytes) -> tuple[str, dict[bytes, tuple[bytes, Any]]]:
         """The mesh of a client address and its exact answers, kept until the table changes."""
         controller = self.protocol.controller
-        hot = controller.hot
-        if len(hot.clients) >= MAX_ENTRIES:
-            hot.clients.clear()
-        mesh = controller.mesh_of(socket.inet_ntop(self.addressFamily, ip))
-        client = hot.clients[ip] = (mesh, hot.exact_for(mesh))
-        return client
+        return controller.hot.client(
+            ip, controller.mesh_of(socket.inet_ntop(self.addressFamily, ip))
+        )
 
     def _answer_slowly(self, query: bytes, name: int, mesh: str) -> None:
         """Hand one query to the authority path, as the stock port would."""

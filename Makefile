@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DNS_PORT ?= 5653
 ZONE ?= zone-1
 
-.PHONY: run test lint bench tools clean
+.PHONY: run test test-unit test-process test-lab lint bench tools clean
 
 # editable_mode=compat puts the checkout itself on sys.path, so twistd finds
 # twisted/plugins/kumazone_plugin.py (a strict editable install would hide it).
@@ -30,15 +30,25 @@ run: $(STAMP)
 	$(BIN)/twistd -n --pidfile= kumazone --role=zone --zone=$(ZONE) \
 	  --resources=zones/$(ZONE) --dns-port=$(DNS_PORT) --data-dir=kumazone-data/$(ZONE)
 
-test: $(STAMP) tools lab-tools
+# Tests by tier: tests/unit (no sockets, no processes), tests/process (real
+# processes and sockets), tests/lab (network namespaces, root).  `make test` runs
+# the checks and every tier; `make test-unit` is the fast one.
+test: $(STAMP) tools lab-tools lint
 	$(BIN)/twistd kumazone --help >/dev/null
-	$(BIN)/ruff check kumazone tests twisted bench lab
-	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q tests/unit tests/process tests/lab
+
+test-unit: $(STAMP)
+	$(BIN)/pytest -q tests/unit
+
+test-process: $(STAMP) tools
+	$(BIN)/pytest -q tests/process
+
+test-lab: $(STAMP) lab-tools
+	$(BIN)/pytest -q tests/lab
 
 lint: $(STAMP)
 	$(BIN)/ruff check kumazone tests twisted bench lab
-	$(BIN)/ruff format --check kumazone twisted bench lab
+	$(BIN)/ruff format --check kumazone tests twisted bench lab
 	$(BIN)/mypy
 
 bench: $(STAMP)

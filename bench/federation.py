@@ -40,9 +40,17 @@ class Process:
     def __init__(self, work: Path, name: str, args: list[str]) -> None:
         self.data = work / name
         self.name = name
-        command = [str(BIN / "twistd"), "-n", "--pidfile=", f"--logfile={work / name}.log",
-                   "kumazone", f"--data-dir={self.data}", "--api-port=0",
-                   "--diagnostics-port=0", *args]
+        command = [
+            str(BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            f"--logfile={work / name}.log",
+            "kumazone",
+            f"--data-dir={self.data}",
+            "--api-port=0",
+            "--diagnostics-port=0",
+            *args,
+        ]
         self.started = time.monotonic()
         self.process = subprocess.Popen(command)
         deadline = time.monotonic() + 120
@@ -58,8 +66,11 @@ class Process:
 
     def put(self, path: str, document: dict) -> None:
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.ports['api']}{path}", method="PUT",
-            data=json.dumps(document).encode(), headers={"Content-Type": "application/json"})
+            f"http://127.0.0.1:{self.ports['api']}{path}",
+            method="PUT",
+            data=json.dumps(document).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         urllib.request.urlopen(request).read()
 
     def resolves(self, name: str) -> bool:
@@ -83,9 +94,15 @@ class Process:
 
 
 def dataplane(name: str, service: str, address: str) -> dict:
-    return {"type": "Dataplane", "mesh": "default", "name": name,
-            "networking": {"address": address,
-                           "inbound": [{"port": 8080, "tags": {"kuma.io/service": service}}]}}
+    return {
+        "type": "Dataplane",
+        "mesh": "default",
+        "name": name,
+        "networking": {
+            "address": address,
+            "inbound": [{"port": 8080, "tags": {"kuma.io/service": service}}],
+        },
+    }
 
 
 def wait(predicate, timeout: float, step: float = 0.001) -> float:
@@ -105,13 +122,31 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kumazone-fed-") as tmp:
         work = Path(tmp)
         certs = work / "certs"
-        subprocess.run([str(BIN / "kumazone"), "certs", "--out", str(certs),
-                        "--global-host", "localhost", "--zone", "zone-1", "--zone", "zone-2",
-                        "--zone", "zone-3"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                str(BIN / "kumazone"),
+                "certs",
+                "--out",
+                str(certs),
+                "--global-host",
+                "localhost",
+                "--zone",
+                "zone-1",
+                "--zone",
+                "zone-2",
+                "--zone",
+                "zone-3",
+            ],
+            check=True,
+            capture_output=True,
+        )
 
         def tls(name: str) -> list[str]:
-            return [f"--tls-cert={certs / name}.pem", f"--tls-key={certs / name}-key.pem",
-                    f"--tls-ca={certs / 'ca.pem'}"]
+            return [
+                f"--tls-cert={certs / name}.pem",
+                f"--tls-key={certs / name}-key.pem",
+                f"--tls-ca={certs / 'ca.pem'}",
+            ]
 
         glob = Process(work, "global", ["--role=global", "--kds-port=0", *tls("global")])
         kds = glob.ports["kds"]
@@ -119,10 +154,19 @@ def main() -> int:
         def zone(name: str) -> Process:
             resources = work / f"{name}-resources"
             resources.mkdir(exist_ok=True)
-            return Process(work, name, [
-                "--role=zone", f"--zone={name}", f"--global=localhost:{kds}",
-                f"--resources={resources}", "--dns-port=0", "--dns-interface=127.0.0.1",
-                *tls(name)])
+            return Process(
+                work,
+                name,
+                [
+                    "--role=zone",
+                    f"--zone={name}",
+                    f"--global=localhost:{kds}",
+                    f"--resources={resources}",
+                    "--dns-port=0",
+                    "--dns-interface=127.0.0.1",
+                    *tls(name),
+                ],
+            )
 
         processes = [glob]
         try:
@@ -132,16 +176,21 @@ def main() -> int:
             latencies = []
             for i in range(args.registrations):
                 start = time.monotonic()
-                zone1.put(f"/meshes/default/dataplanes/lat-{i}",
-                          dataplane(f"lat-{i}", f"lat-{i}", f"10.9.{i // 256}.{i % 256}"))
+                zone1.put(
+                    f"/meshes/default/dataplanes/lat-{i}",
+                    dataplane(f"lat-{i}", f"lat-{i}", f"10.9.{i // 256}.{i % 256}"),
+                )
                 wait(lambda i=i: zone2.resolves(f"lat-{i}.mesh"), 30)
                 latencies.append((time.monotonic() - start) * 1000)
             latencies.sort()
             p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
 
-            bulk = [dataplane(f"bulk-{i}", f"bulk-{i}",
-                              f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}")
-                    for i in range(args.services)]
+            bulk = [
+                dataplane(
+                    f"bulk-{i}", f"bulk-{i}", f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"
+                )
+                for i in range(args.services)
+            ]
             path = work / "zone-1-resources" / "bulk.json"
             start = time.monotonic()
             path.write_text(json.dumps(bulk))
@@ -153,26 +202,41 @@ def main() -> int:
             start = time.monotonic()
             zone3 = zone("zone-3")
             processes.append(zone3)
-            wait(lambda: zone3.resolves(last) and zone3.get("/")["tableVersion"] >= expected,
-                 900, 0.2)
+            wait(
+                lambda: zone3.resolves(last) and zone3.get("/")["tableVersion"] >= expected,
+                900,
+                0.2,
+            )
             fresh_seconds = time.monotonic() - start
             memory = {p.name: p.rss_mb() for p in processes}
             table_size = len(zone3.get("/vips")["items"])
         finally:
             for process in processes:
                 process.stop()
-    cpu = next((line.split(":", 1)[1].strip() for line in
-                Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    print(f"machine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}; all processes on loopback, mutual TLS")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"machine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}; all processes on loopback, mutual TLS"
+    )
     print(f"\nregistration in zone-1 -> answer in zone-2, {len(latencies)} registrations:")
-    print(f"  median {statistics.median(latencies):.1f} ms, p99 {p99:.1f} ms, "
-          f"max {latencies[-1]:.1f} ms")
-    print(f"\n{args.services} services loaded into zone-1 -> last one answers in zone-2: "
-          f"{bulk_seconds:.1f} s")
-    print(f"fresh zone-3 started -> holds the whole table ({table_size} rows): "
-          f"{fresh_seconds:.1f} s")
+    print(
+        f"  median {statistics.median(latencies):.1f} ms, p99 {p99:.1f} ms, "
+        f"max {latencies[-1]:.1f} ms"
+    )
+    print(
+        f"\n{args.services} services loaded into zone-1 -> last one answers in zone-2: "
+        f"{bulk_seconds:.1f} s"
+    )
+    print(
+        f"fresh zone-3 started -> holds the whole table ({table_size} rows): {fresh_seconds:.1f} s"
+    )
     print("\nresident memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
     return 0
 

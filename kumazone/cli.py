@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kumazone import __version__
-from kumazone.resources import Resource, ResourceError, parse_documents
-from kumazone.watcher import RESOURCE_SUFFIXES
+from kumazone.core.resources import Resource, ResourceError, parse_documents
+from kumazone.resource_dir import RESOURCE_SUFFIXES
 
 __all__ = ["main"]
 
@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return check(args.paths)
     if args.command == "certs":
-        from kumazone.certs import CertError, make_certs
+        from kumazone.sync.certs import CertError, make_certs
 
         try:
             for line in make_certs(Path(args.out), args.global_host, args.zone):

@@ -12,10 +12,11 @@ from typing import Any
 
 from twisted.python import usage
 
-from kumazone.config import ConfigError, load_config, parse_port
-from kumazone.names import ZONE_NAME
-from kumazone.service import GlobalService, GlobalSettings, ZoneService, ZoneSettings
-from kumazone.tls import TLSFiles
+from kumazone.core.config import ConfigError, load_config, parse_port
+from kumazone.core.names import ZONE_NAME
+from kumazone.global_service import GlobalService, GlobalSettings
+from kumazone.sync.tls import TLSFiles
+from kumazone.zone_service import ZoneService, ZoneSettings
 
 __all__ = ["Options", "makeService"]
 

@@ -80,7 +80,7 @@ def tls_args(certs: Path, name: str) -> list[str]:
     ]
 
 
-_SAMPLE = re.compile(r'\A([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)\Z')
+_SAMPLE = re.compile(r"\A([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)\Z")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -100,7 +100,8 @@ class Metrics:
     def get(self, name: str, **labels: str) -> float | None:
         """The sum of the samples of C{name} that carry C{labels}; None if there is none."""
         found = [
-            value for sample, have, value in self.samples
+            value
+            for sample, have, value in self.samples
             if sample == name and all(have.get(k) == v for k, v in labels.items())
         ]
         return sum(found) if found else None
@@ -135,9 +136,16 @@ class GlobalProcess(ControlPlaneProcess):
 
     def command(self) -> list[str]:
         command = [
-            TWISTD, "-n", "--pidfile=", "--logfile=" + str(self.log_path), "kumazone",
-            "--role=global", f"--kds-port={self.kds_port}", "--api-port=0",
-            "--diagnostics-port=0", f"--data-dir={self.data_dir}",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "--logfile=" + str(self.log_path),
+            "kumazone",
+            "--role=global",
+            f"--kds-port={self.kds_port}",
+            "--api-port=0",
+            "--diagnostics-port=0",
+            f"--data-dir={self.data_dir}",
         ]
         if self.certs is not None:
             command += tls_args(self.certs, "global")

@@ -44,8 +44,11 @@ class ControlPlaneProcess:
         environment = {k: v for k, v in os.environ.items() if not k.startswith("KUMA_")}
         environment.update(getattr(self, "env", {}))
         self.process = subprocess.Popen(
-            self.command(), cwd=self.workdir, env=environment,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            self.command(),
+            cwd=self.workdir,
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -64,7 +67,6 @@ class ControlPlaneProcess:
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"kumazone did not become ready in {timeout}s:\n{self.log()}")
-
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
@@ -89,11 +91,17 @@ class ControlPlaneProcess:
     # -- clients ------------------------------------------------------------------
 
     def http(
-        self, server: str, method: str, path: str, body: bytes | None = None,
+        self,
+        server: str,
+        method: str,
+        path: str,
+        body: bytes | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, bytes]:
         request = urllib.request.Request(
-            f"http://127.0.0.1:{self.ports[server]}{path}", data=body, method=method,
+            f"http://127.0.0.1:{self.ports[server]}{path}",
+            data=body,
+            method=method,
             headers={"Content-Type": content_type},
         )
         try:
@@ -103,11 +111,17 @@ class ControlPlaneProcess:
             return e.code, e.read()
 
     def api(
-        self, method: str, path: str, document: Any = None, raw: bytes | None = None,
+        self,
+        method: str,
+        path: str,
+        document: Any = None,
+        raw: bytes | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, Any]:
-        body = raw if raw is not None else (
-            json.dumps(document).encode() if document is not None else None
+        body = (
+            raw
+            if raw is not None
+            else (json.dumps(document).encode() if document is not None else None)
         )
         status, data = self.http("api", method, path, body, content_type)
         return status, json.loads(data) if data.strip() else None
@@ -142,9 +156,17 @@ class ZoneProcess(ControlPlaneProcess):
 
     def command(self) -> list[str]:
         command = [
-            TWISTD, "-n", "--pidfile=", "--logfile=" + str(self.log_path), "kumazone",
-            "--role=zone", f"--zone={self.zone}", "--dns-port=0", "--api-port=0",
-            "--diagnostics-port=0", "--dns-interface=127.0.0.1",
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "--logfile=" + str(self.log_path),
+            "kumazone",
+            "--role=zone",
+            f"--zone={self.zone}",
+            "--dns-port=0",
+            "--api-port=0",
+            "--diagnostics-port=0",
+            "--dns-interface=127.0.0.1",
             f"--data-dir={self.data_dir}",
         ]
         if self.resources is not None:
@@ -152,12 +174,19 @@ class ZoneProcess(ControlPlaneProcess):
         return command + self.args
 
     def query(
-        self, name: str, rdtype: str = "A", tcp: bool = False, source: str | None = None,
-        use_edns: int | bool = -1, payload: int = 1232, timeout: float = 5.0,
+        self,
+        name: str,
+        rdtype: str = "A",
+        tcp: bool = False,
+        source: str | None = None,
+        use_edns: int | bool = -1,
+        payload: int = 1232,
+        timeout: float = 5.0,
     ) -> dns.message.Message:
         """One query with dnspython, over UDP (default) or TCP."""
-        message = dns.message.make_query(name, dns.rdatatype.from_text(rdtype),
-                                         use_edns=use_edns, payload=payload)
+        message = dns.message.make_query(
+            name, dns.rdatatype.from_text(rdtype), use_edns=use_edns, payload=payload
+        )
         message.flags &= ~dns.flags.RD
         send = dns.query.tcp if tcp else dns.query.udp
         kwargs: dict[str, Any] = {"timeout": timeout, "port": self.ports["dns"]}
@@ -171,6 +200,8 @@ class ZoneProcess(ControlPlaneProcess):
         assert binary is not None, f"{tool} is not installed (make test installs it)"
         result = subprocess.run(
             [binary, "@127.0.0.1", "-p", str(self.ports["dns"]), *args],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
         return result.stdout + result.stderr

@@ -1,0 +1,190 @@
+"""Configuration: Kuma's ``dnsServer`` keys from YAML, environment, then flags. Pure.
+
+Every bad value raises L{ConfigError} whose text is one line naming the key and the
+value, so start-up can stop with that line and no traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any
+
+import yaml
+
+from kumazone.core.names import name_problem
+
+__all__ = ["ConfigError", "DnsServerConfig", "load_config", "parse_port"]
+
+#: Never hand a freed VIP to another service sooner than this (seconds).
+DEFAULT_HOLD_DOWN = 3600.0
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DnsServerConfig:
+    """The ``dnsServer`` section, validated."""
+
+    domain: str = "mesh"
+    port: int = 5653
+    # Networks are immutable, so one shared default instance is safe.
+    cidr: IPv4Network = IPv4Network("240.0.0.0/4")  # noqa: RUF009
+    cidr6: IPv6Network = IPv6Network("fd00:fd00::/64")  # noqa: RUF009
+    ttl: int = 60
+
+    @property
+    def hold_down(self) -> float:
+        """How long a freed VIP is held back: one hour, and at least 10 x TTL."""
+        return max(DEFAULT_HOLD_DOWN, 10.0 * self.ttl)
+
+
+def _domain(value: object) -> str:
+    if not isinstance(value, str) or not value.strip("."):
+        raise ValueError("must be a non-empty DNS name")
+    domain = value.strip().rstrip(".").lower()
+    problem = name_problem(domain)
+    if problem is not None:
+        raise ValueError(f"is not a DNS name ({problem})")
+    if "_" in domain:
+        raise ValueError("must not contain '_'")
+    return domain
+
+
+def parse_port(value: object) -> int:
+    """A TCP/UDP port number, 0 meaning 'pick a free one'."""
+    if isinstance(value, bool):
+        raise ValueError("is not a port number")
+    try:
+        port = int(str(value).strip())
+    except ValueError:
+        raise ValueError("is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError("is out of range (0-65535)")
+    return port
+
+
+def _cidr(value: object) -> IPv4Network:
+    try:
+        network = ipaddress.ip_network(str(value).strip(), strict=True)
+    except ValueError as e:
+        raise ValueError(f"is not a CIDR ({e})") from None
+    if not isinstance(network, IPv4Network):
+        raise ValueError("must be an IPv4 CIDR")
+    if network.prefixlen > 30:
+        raise ValueError("is too small: use a prefix of /30 or shorter")
+    return network
+
+
+def _cidr6(value: object) -> IPv6Network:
+    try:
+        network = ipaddress.ip_network(str(value).strip(), strict=True)
+    except ValueError as e:
+        raise ValueError(f"is not a CIDR ({e})") from None
+    if not isinstance(network, IPv6Network):
+        raise ValueError("must be an IPv6 CIDR")
+    return network
+
+
+def _ttl(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("is not a number of seconds")
+    try:
+        ttl = int(str(value).strip())
+    except ValueError:
+        raise ValueError("is not a number of seconds") from None
+    if not 1 <= ttl <= 86400:
+        raise ValueError("is out of range (1-86400 seconds)")
+    return ttl
+
+
+# YAML key -> (field, environment variable, parser)
+_KEYS: dict[str, tuple[str, str, Callable[[object], Any]]] = {
+    "domain": ("domain", "KUMA_DNS_SERVER_DOMAIN", _domain),
+    "port": ("port", "KUMA_DNS_SERVER_PORT", parse_port),
+    "CIDR": ("cidr", "KUMA_DNS_SERVER_CIDR", _cidr),
+    "CIDRv6": ("cidr6", "KUMA_DNS_SERVER_CIDR_V6", _cidr6),
+    "ttl": ("ttl", "KUMA_DNS_SERVER_TTL", _ttl),
+}
+
+
+def _show(key: object) -> str:
+    """A key as written, or quoted when it could break the one-line message."""
+    text = str(key)
+    return text if re.fullmatch(r"[A-Za-z0-9_.-]+", text) else repr(key)
+
+
+def _brief(value: object) -> str:
+    """A value for an error line: its repr, cut to stay short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _parse(source: str, value: object, parser: Callable[[object], Any]) -> Any:
+    try:
+        return parser(value)
+    except ValueError as e:
+        raise ConfigError(f"{source}: {value!r} {e}") from None
+
+
+def load_config(
+    yaml_text: str | None,
+    environ: Mapping[str, str],
+    flags: Mapping[str, object] | None = None,
+    source_name: str = "config",
+) -> DnsServerConfig:
+    """The config from a YAML text, overridden by C{environ}, overridden by C{flags}.
+
+    C{flags} maps field names (``port``) to raw values.
+    """
+    values: dict[str, Any] = {}
+    if yaml_text is not None:
+        try:
+            document = yaml.safe_load(yaml_text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{source_name}: not valid YAML{where}") from None
+        if document is None:
+            document = {}
+        if not isinstance(document, dict):
+            raise ConfigError(f"{source_name}: must be a mapping with a dnsServer key")
+        for key, value in document.items():
+            if key != "dnsServer":
+                raise ConfigError(
+                    f"{_show(key)}: {_brief(value)} unknown key (only dnsServer is read)"
+                )
+        section = document.get("dnsServer")
+        if section is None:
+            section = {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"dnsServer: {section!r} must be a mapping")
+        for key, value in section.items():
+            if key not in _KEYS:
+                known = ", ".join(_KEYS)
+                raise ConfigError(
+                    f"dnsServer.{_show(key)}: {_brief(value)} unknown key (known: {known})"
+                )
+            field, _, parser = _KEYS[key]
+            values[field] = _parse(f"dnsServer.{key}", value, parser)
+    for _key, (field, variable, parser) in _KEYS.items():
+        if variable in environ:
+            values[field] = _parse(variable, environ[variable], parser)
+    flag_names = {"port": "--dns-port"}
+    for field, value in (flags or {}).items():
+        if value is None:
+            continue
+        parser = next(p for f, _, p in _KEYS.values() if f == field)
+        values[field] = _parse(flag_names.get(field, field), value, parser)
+    config = replace(DnsServerConfig(), **values)
+    if config.cidr6.num_addresses < config.cidr.num_addresses:
+        raise ConfigError(
+            f"dnsServer.CIDRv6: {str(config.cidr6)!r} is smaller than dnsServer.CIDR "
+            f"{str(config.cidr)!r} (each IPv4 VIP needs an IPv6 VIP at the same offset)"
+        )
+    return config

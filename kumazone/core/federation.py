@@ -1,0 +1,283 @@
+"""Federation logic, pure: the global's merged table and a zone's view of it.
+
+L{MergedTable} merges every zone's inventory, allocates with the same rules as a
+standalone zone (L{VipAllocator}), keeps a bounded change log so that a zone that
+comes back gets only what changed since the version it holds, and records each
+zone's state.  L{FederatedView} is a zone's table: the global's rows plus
+provisional VIPs for local services the global has not allocated yet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from kumazone.core.messages import Inventory, ProtocolError, Row, TableUpdate
+from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta, VipAllocator, VipRange
+
+__all__ = ["FederatedView", "MergedTable", "ZoneRecord"]
+
+#: Versions kept in the change log; a zone further behind gets the whole table.
+CHANGE_LOG_VERSIONS = 1024
+
+
+@dataclass
+class ZoneRecord:
+    """What the global knows of one zone."""
+
+    name: str
+    services: set[ServiceKey] = field(default_factory=set)
+    connected: bool = False
+    last_contact: float = 0.0
+    acked: int = 0
+    #: An inventory (full or a change) being received in parts, applied at its last.
+    pending: set[ServiceKey] | None = None
+    pending_part: int | None = None
+    #: When the zone's acked version fell behind, for the sync-lag metric.
+    behind_since: float | None = None
+
+
+class MergedTable:
+    """The one VIP table of the federation."""
+
+    def __init__(
+        self,
+        vip_range: VipRange,
+        hold_down: float,
+        allocations: Iterable[Allocation] = (),
+        holds: Iterable[Hold] = (),
+        version: int = 0,
+        zones: Iterable[ZoneRecord] = (),
+    ) -> None:
+        self.allocator = VipAllocator(vip_range, hold_down, allocations, holds, version)
+        self.zones: dict[str, ZoneRecord] = {z.name: z for z in zones}
+        self._zones_of: dict[ServiceKey, tuple[str, ...]] = self._compute_zones_of()
+        #: (version, keys changed in that version), oldest first.
+        self._log: list[tuple[int, frozenset[ServiceKey]]] = []
+
+    @property
+    def version(self) -> int:
+        return self.allocator.version
+
+    def restore(
+        self,
+        allocations: Iterable[Allocation],
+        holds: Iterable[Hold],
+        version: int,
+        zones: Iterable[ZoneRecord],
+    ) -> None:
+        """Go back to what the store holds (after a write to it failed)."""
+        connected = {name for name, record in self.zones.items() if record.connected}
+        self.allocator = VipAllocator(
+            self.allocator.range, self.allocator.hold_down, allocations, holds, version
+        )
+        self.zones = {z.name: z for z in zones}
+        for name in connected & set(self.zones):
+            self.zones[name].connected = True
+        self._zones_of = self._compute_zones_of()
+        self._log.clear()
+
+    def _compute_zones_of(self) -> dict[ServiceKey, tuple[str, ...]]:
+        zones_of: dict[ServiceKey, list[str]] = {}
+        for name in sorted(self.zones):
+            for key in self.zones[name].services:
+                zones_of.setdefault(key, []).append(name)
+        return {key: tuple(names) for key, names in zones_of.items()}
+
+    # -- zones ------------------------------------------------------------------
+
+    def zone(self, name: str) -> ZoneRecord:
+        """The record of zone C{name}, created on first sight."""
+        record = self.zones.get(name)
+        if record is None:
+            record = self.zones[name] = ZoneRecord(name)
+        return record
+
+    def receive_inventory(self, name: str, message: Inventory, now: float) -> TableDelta | None:
+        """Apply one inventory part; a delta when the merged set changed, else None."""
+        record = self.zone(name)
+        record.last_contact = now
+        adds = {ServiceKey(m, s) for m, s in message.add}
+        removes = {ServiceKey(m, s) for m, s in message.remove}
+        _check_part(message.part, record.pending_part)
+        record.pending_part = None if message.last else message.part
+        if message.part == 0 or record.pending is None:
+            # A change is applied whole, like a full inventory: one version for it.
+            record.pending = set() if message.full else set(record.services)
+        if message.full:
+            record.pending |= adds
+        else:
+            record.pending = (record.pending | adds) - removes
+        if not message.last:
+            return None
+        services, record.pending = record.pending, None
+        if services == record.services:
+            return None
+        record.services = services
+        return self.reconcile(now)
+
+    def delete_zone(self, name: str, now: float) -> TableDelta | None:
+        """Forget a zone and its services; None if there was no such zone."""
+        if name not in self.zones:
+            return None
+        del self.zones[name]
+        return self.reconcile(now)
+
+    def acknowledge(self, name: str, version: int, now: float) -> None:
+        """A zone says it holds table C{version}."""
+        record = self.zone(name)
+        record.acked = version
+        record.last_contact = now
+        record.behind_since = None if version >= self.version else record.behind_since
+
+    # -- the table --------------------------------------------------------------
+
+    def reconcile(self, now: float) -> TableDelta:
+        """Allocate for the union of every zone's services; log what changed."""
+        zones_of = self._compute_zones_of()
+        delta = self.allocator.reconcile(zones_of.keys(), now)
+        changed = {a.key for a in delta.added} | {a.key for a in delta.removed}
+        changed |= {k for k, z in zones_of.items() if self._zones_of.get(k) != z}
+        self._zones_of = zones_of
+        if changed and not delta.changed:
+            self.allocator.version += 1  # only the zones of some services changed
+        if changed:
+            self._log.append((self.version, frozenset(changed)))
+            del self._log[:-CHANGE_LOG_VERSIONS]
+            for record in self.zones.values():
+                if record.behind_since is None:
+                    record.behind_since = now
+        return delta
+
+    def row(self, key: ServiceKey) -> Row:
+        allocation = self.allocator.allocations[key]
+        return Row(key.mesh, key.service, allocation.offset, self._zones_of.get(key, ()))
+
+    def rows(self) -> list[Row]:
+        """The whole table, sorted by mesh and service."""
+        return [self.row(key) for key in sorted(self.allocator.allocations)]
+
+    def zones_of(self, key: ServiceKey) -> tuple[str, ...]:
+        """The zones that have service C{key}."""
+        return self._zones_of.get(key, ())
+
+    def changes_since(self, base: int) -> tuple[list[Row], list[tuple[str, str]]] | None:
+        """Rows to upsert and keys to remove to go from C{base} to now; None if too old."""
+        if base == self.version:
+            return [], []
+        if base > self.version or not self._log or self._log[0][0] > base + 1:
+            return None
+        keys: set[ServiceKey] = set()
+        for version, changed in self._log:
+            if version > base:
+                keys |= changed
+        upsert = [self.row(k) for k in sorted(keys) if k in self.allocator.allocations]
+        remove = [(k.mesh, k.service) for k in sorted(keys) if k not in self.allocator.allocations]
+        return upsert, remove
+
+
+def _check_part(part: int, previous: int | None) -> None:
+    """Parts come in order: 0 starts a message, each next one follows the last."""
+    expected = 0 if previous is None else previous + 1
+    if part != 0 and part != expected:  # part 0 always starts a message afresh
+        raise ProtocolError(f"part {part} where part {expected} was due")
+
+
+class FederatedView:
+    """A zone's table: the global's rows, plus provisional VIPs for local services."""
+
+    def __init__(
+        self,
+        vip_range: VipRange,
+        rows: Iterable[Allocation] = (),
+        version: int = 0,
+    ) -> None:
+        self.range = vip_range
+        self.version = version
+        self.global_rows: dict[ServiceKey, Allocation] = {a.key: a for a in rows}
+        self.provisional: dict[ServiceKey, int] = {}
+        self.exhausted: set[ServiceKey] = set()
+        self._local: set[ServiceKey] = set()
+        #: Whether the last reconcile changed the provisional VIPs.
+        self.changed = False
+        self._pending: dict[ServiceKey, Allocation] | None = None
+        self._pending_part: int | None = None
+
+    @property
+    def allocations(self) -> Mapping[ServiceKey, Allocation]:
+        merged = dict(self.global_rows)
+        for key, offset in self.provisional.items():
+            merged[key] = Allocation(key, offset)
+        return merged
+
+    def reconcile(self, wanted: Iterable[ServiceKey], now: float) -> TableDelta:
+        """Give every local service the global has not allocated a provisional VIP.
+
+        The candidate is the one the global will compute, avoiding every VIP the
+        table already holds, so the global almost always confirms it.
+        """
+        self._local = set(wanted)
+        before = self.provisional
+        taken = {a.offset for a in self.global_rows.values()}
+        self.provisional = {}
+        self.exhausted = set()
+        for key in sorted(self._local - self.global_rows.keys()):
+            if len(taken) >= self.range.size:
+                self.exhausted.add(key)
+                continue
+            offset = self.range.candidate(key)
+            while offset in taken:
+                offset = self.range.next_offset(offset)
+            taken.add(offset)
+            self.provisional[key] = offset
+        # Provisional VIPs are never persisted (they are recomputed at start-up):
+        # the delta carries nothing for the store.
+        delta = TableDelta(exhausted=sorted(self.exhausted))
+        self.changed = before != self.provisional
+        return delta
+
+    def forget_partial(self) -> None:
+        """A new connection: whatever arrived of an unfinished message is void."""
+        self._pending, self._pending_part = None, None
+
+    def apply(self, message: TableUpdate) -> TableDelta | None:
+        """Apply one table part; returns the change to persist once complete, else None.
+
+        Raises ValueError if a change does not start from the version held.
+        """
+        _check_part(message.part, self._pending_part)
+        self._pending_part = None if message.last else message.part
+        if message.part == 0:
+            if not message.full and message.base != self.version:
+                raise ValueError(f"change from version {message.base}, table is {self.version}")
+            # Parts are gathered and applied at the last one: the zone stores and
+            # acknowledges whole versions only.
+            self._pending = {} if message.full else dict(self.global_rows)
+        pending = self._pending
+        assert pending is not None
+        for mesh, service in message.remove:
+            pending.pop(ServiceKey(mesh, service), None)
+        for row in message.upsert:
+            if row.offset >= self.range.size:
+                raise ProtocolError(f"offset {row.offset} is outside the VIP range")
+            key = ServiceKey(row.mesh, row.service)
+            pending[key] = Allocation(key, row.offset, row.zones)
+        if not message.last:
+            return None
+        new_rows, self._pending = pending, None
+        if len({a.offset for a in new_rows.values()}) != len(new_rows):
+            raise ProtocolError("the table gives one VIP to two services")
+        delta = TableDelta(
+            added=[a for k, a in new_rows.items() if self.global_rows.get(k) != a],
+            removed=[a for k, a in self.global_rows.items() if new_rows.get(k) != a],
+        )
+        self.global_rows = new_rows
+        self.version = message.version
+        return delta
+
+    def served(self) -> Iterator[tuple[ServiceKey, int, tuple[str, ...], bool]]:
+        """(key, offset, zones, provisional) for every row served, sorted by key."""
+        merged = self.allocations
+        for key in sorted(merged):
+            provisional = key in self.provisional
+            yield key, merged[key].offset, merged[key].zones, provisional

@@ -1,0 +1,234 @@
+"""VIP allocation: pure, deterministic, time passed in.
+
+A VIP belongs to a (mesh, service) key.  The candidate offset is a hash of
+``mesh/service`` (SHA-256, first 8 bytes, big-endian) modulo the range size; on a
+collision the next free offset upwards wins, wrapping.  A released VIP is held for
+the hold-down period before another key may take it; the key that held it gets it
+back if it returns first.  The IPv6 VIP sits at the same offset in the v6 range.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+__all__ = [
+    "Allocation",
+    "Hold",
+    "ServiceKey",
+    "TableDelta",
+    "VipAllocator",
+    "VipRange",
+]
+
+
+@dataclass(frozen=True, order=True)
+class ServiceKey:
+    """A service: a ``kuma.io/service`` tag value within one mesh."""
+
+    mesh: str
+    service: str
+
+    def __str__(self) -> str:
+        return f"{self.mesh}/{self.service}"
+
+
+class VipRange:
+    """The usable offsets of an IPv4 CIDR and the matching IPv6 addresses.
+
+    Offsets run from 0 to size - 1 and map to the addresses after the network
+    address: the network address and, for prefixes shorter than /31, the
+    broadcast address are never handed out.
+    """
+
+    def __init__(self, cidr: IPv4Network, cidr6: IPv6Network) -> None:
+        if cidr6.num_addresses < cidr.num_addresses:
+            raise ValueError(f"IPv6 range {cidr6} is smaller than IPv4 range {cidr}")
+        self.cidr = cidr
+        self.cidr6 = cidr6
+        self.size = cidr.num_addresses - 2 if cidr.prefixlen < 31 else cidr.num_addresses
+        self._first = 1 if cidr.prefixlen < 31 else 0
+        if self.size < 1:
+            raise ValueError(f"IPv4 range {cidr} has no usable address")
+        self._base4 = int(cidr.network_address)
+        self._base6 = int(cidr6.network_address)
+
+    def candidate(self, key: ServiceKey) -> int:
+        """The offset this key asks for first."""
+        digest = hashlib.sha256(f"{key.mesh}/{key.service}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.size
+
+    def next_offset(self, offset: int) -> int:
+        """The offset probed after C{offset}, wrapping."""
+        return (offset + 1) % self.size
+
+    def ipv4(self, offset: int) -> IPv4Address:
+        """The IPv4 VIP at C{offset}."""
+        return IPv4Address(self._base4 + self._first + offset)
+
+    def ipv6(self, offset: int) -> IPv6Address:
+        """The IPv6 VIP at C{offset}."""
+        return IPv6Address(self._base6 + self._first + offset)
+
+    def offset_of(self, address: IPv4Address | IPv6Address) -> int | None:
+        """The offset of a VIP of this range, or None if it is not one."""
+        if isinstance(address, IPv4Address):
+            offset = int(address) - self._base4 - self._first
+        else:
+            offset = int(address) - self._base6 - self._first
+        return offset if 0 <= offset < self.size else None
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """One row of the VIP table (C{zones}: where the service is, when federated)."""
+
+    key: ServiceKey
+    offset: int
+    zones: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A released offset, unavailable to other keys until C{until}."""
+
+    key: ServiceKey
+    offset: int
+    until: float
+
+
+@dataclass
+class TableDelta:
+    """What one reconciliation changed, for the store and the listeners."""
+
+    added: list[Allocation] = field(default_factory=list)
+    removed: list[Allocation] = field(default_factory=list)
+    holds_added: list[Hold] = field(default_factory=list)
+    holds_dropped: list[Hold] = field(default_factory=list)
+    exhausted: list[ServiceKey] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        """Whether the table itself (not only holds) changed."""
+        return bool(self.added or self.removed)
+
+    @property
+    def anything(self) -> bool:
+        """Whether there is anything to persist."""
+        return bool(self.added or self.removed or self.holds_added or self.holds_dropped)
+
+
+class VipAllocator:
+    """The VIP table: allocations, hold-downs and a version that grows on change."""
+
+    def __init__(
+        self,
+        vip_range: VipRange,
+        hold_down: float,
+        allocations: Iterable[Allocation] = (),
+        holds: Iterable[Hold] = (),
+        version: int = 0,
+    ) -> None:
+        self.range = vip_range
+        self.hold_down = hold_down
+        self.version = version
+        self.allocations: dict[ServiceKey, Allocation] = {}
+        self._owner: dict[int, ServiceKey] = {}
+        self.holds: dict[int, Hold] = {}
+        self._held_by: dict[ServiceKey, Hold] = {}
+        #: Keys wanted but without a VIP because the range is full.
+        self.exhausted: set[ServiceKey] = set()
+        for allocation in allocations:
+            if allocation.offset in self._owner:
+                raise ValueError(f"offset {allocation.offset} allocated twice")
+            self.allocations[allocation.key] = allocation
+            self._owner[allocation.offset] = allocation.key
+        for hold in holds:
+            self._add_hold(hold)
+
+    def _add_hold(self, hold: Hold) -> None:
+        self.holds[hold.offset] = hold
+        self._held_by[hold.key] = hold
+
+    def _drop_hold(self, hold: Hold) -> None:
+        del self.holds[hold.offset]
+        if self._held_by.get(hold.key) is hold:
+            del self._held_by[hold.key]
+
+    def vip(self, key: ServiceKey) -> tuple[IPv4Address, IPv6Address] | None:
+        """The (IPv4, IPv6) VIP of C{key}, or None."""
+        allocation = self.allocations.get(key)
+        if allocation is None:
+            return None
+        return self.range.ipv4(allocation.offset), self.range.ipv6(allocation.offset)
+
+    def owner(self, offset: int) -> ServiceKey | None:
+        """The key holding C{offset}, or None."""
+        return self._owner.get(offset)
+
+    def due(self, now: float) -> bool:
+        """Whether a reconciliation at C{now} could change anything by itself:
+        a hold-down has run out, or services wait for room in a full range."""
+        return bool(self.exhausted) or any(h.until <= now for h in self.holds.values())
+
+    @property
+    def used(self) -> int:
+        """How many offsets are taken or held."""
+        return len(self._owner) + len(self.holds)
+
+    def reconcile(self, wanted: Iterable[ServiceKey], now: float) -> TableDelta:
+        """Make the table hold exactly C{wanted}; return what changed.
+
+        New keys are placed in sorted order, so two tables fed the same keys
+        place them the same way.
+        """
+        delta = TableDelta()
+        wanted_set = set(wanted)
+        for hold in [h for h in self.holds.values() if h.until <= now]:
+            self._drop_hold(hold)
+            delta.holds_dropped.append(hold)
+        for key in sorted(k for k in self.allocations if k not in wanted_set):
+            allocation = self.allocations.pop(key)
+            del self._owner[allocation.offset]
+            delta.removed.append(allocation)
+            hold = Hold(key, allocation.offset, now + self.hold_down)
+            previous = self._held_by.get(key)
+            if previous is not None:
+                self._drop_hold(previous)
+                delta.holds_dropped.append(previous)
+            self._add_hold(hold)
+            delta.holds_added.append(hold)
+        self.exhausted = set()
+        for key in sorted(k for k in wanted_set if k not in self.allocations):
+            offset = self._place(key, delta)
+            if offset is None:
+                self.exhausted.add(key)
+                delta.exhausted.append(key)
+                continue
+            allocation = Allocation(key, offset)
+            self.allocations[key] = allocation
+            self._owner[offset] = key
+            delta.added.append(allocation)
+        if delta.changed:
+            self.version += 1
+        return delta
+
+    def _place(self, key: ServiceKey, delta: TableDelta) -> int | None:
+        own_hold = self._held_by.get(key)
+        if own_hold is not None:
+            self._drop_hold(own_hold)
+            delta.holds_dropped.append(own_hold)
+            return own_hold.offset
+        if self.used >= self.range.size:
+            return None
+        offset = self.range.candidate(key)
+        while offset in self._owner or offset in self.holds:
+            offset = self.range.next_offset(offset)
+        return offset
+
+    def served(self) -> Iterator[tuple[ServiceKey, int, tuple[str, ...], bool]]:
+        """(key, offset, zones, provisional) for every allocation, sorted by key."""
+        for key in sorted(self.allocations):
+            yield key, self.allocations[key].offset, (), False

@@ -1,0 +1,1 @@
+"""Zone <-> global sync: framing and heartbeats, each side's logic, TLS, certificates."""

@@ -1,0 +1,135 @@
+"""A zone's side of zone sync: send the inventory, apply the global's table."""
+
+from __future__ import annotations
+
+from collections.abc import Set as AbstractSet
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from kumazone.core.federation import FederatedView
+from kumazone.core.messages import (
+    Ack,
+    Error,
+    Hello,
+    Message,
+    Ping,
+    TableUpdate,
+    Welcome,
+    inventory_messages,
+)
+from kumazone.core.ratelimit import RateLimiter, limited
+from kumazone.core.vips import ServiceKey
+from kumazone.core.zone import Zone
+from kumazone.sync.metrics import SyncMetrics
+from kumazone.sync.protocol import SyncProtocol
+
+__all__ = ["ZoneSync"]
+
+
+def _pairs(keys: AbstractSet[ServiceKey]) -> list[tuple[str, str]]:
+    return [(key.mesh, key.service) for key in keys]
+
+
+class ZoneSync:
+    """A zone's sync logic: send the inventory, apply the global's table.
+
+    One instance lives as long as the zone; each connection calls
+    L{connected} afresh.
+    """
+
+    log = Logger()
+
+    def __init__(self, zone: Zone, clock: IReactorTime, metrics: SyncMetrics) -> None:
+        self.zone = zone
+        self.clock = clock
+        self.metrics = metrics
+        self.proto: SyncProtocol | None = None
+        self.sent: AbstractSet[ServiceKey] = frozenset()
+        self.global_table_id: str | None = None
+        self.force_full = False
+        self.connected_since: float | None = None
+        self.last_table_at: float | None = None
+        zone.listeners.append(lambda snapshot: self.inventory_changed())
+        self._log_failure = limited(
+            RateLimiter(burst=5, interval=60.0), clock, lambda line: self.log.warn(line)
+        )
+
+    def connected(self, proto: SyncProtocol) -> None:
+        self.proto = proto
+        proto.zone = self.zone.name
+        table = self.zone.table
+        if isinstance(table, FederatedView):
+            table.forget_partial()
+        # After a change it could not apply, the zone claims no table at all, so
+        # that the global sends the whole one.
+        claimed = "" if self.force_full else self.zone.table_id
+        have = table.version if claimed else 0
+        proto.send(
+            Hello(
+                self.zone.name,
+                have,
+                claimed,
+                str(self.zone.config.cidr),
+                str(self.zone.config.cidr6),
+            )
+        )
+        self.sent = self.zone.wanted()
+        for message in inventory_messages(_pairs(self.sent), full=True):
+            proto.send(message)
+
+    def inventory_changed(self) -> None:
+        if self.proto is None or self.proto.closed or self.global_table_id is None:
+            return
+        wanted = self.zone.wanted()
+        if wanted == self.sent:
+            return
+        add, remove = wanted - self.sent, self.sent - wanted
+        self.sent = wanted
+        for message in inventory_messages(_pairs(add), _pairs(remove), full=False):
+            self.proto.send(message)
+
+    def received(self, proto: SyncProtocol, message: Message) -> None:
+        if isinstance(message, Welcome):
+            self.global_table_id = message.table_id
+            self.connected_since = self.clock.seconds()
+            self.metrics.connected.labels(self.zone.name).set(1)
+            self.log.info(
+                "connected to the global (table version {version})", version=message.version
+            )
+            self.inventory_changed()  # anything that changed while connecting
+        elif isinstance(message, TableUpdate):
+            if self.global_table_id is None:
+                proto.fail("table before welcome")
+                return
+            try:
+                done = self.zone.apply_global(message, self.global_table_id, self.clock.seconds())
+            except ValueError as e:
+                self.force_full = True
+                proto.fail(f"cannot apply table change: {e}; reconnecting for a full table")
+                return
+            if done:
+                self.force_full = False
+                self.last_table_at = self.clock.seconds()
+                self.metrics.table_version.labels(self.zone.name).set(message.version)
+                proto.send(Ack(message.version))
+        elif isinstance(message, Error):
+            self._log_failure(f"the global refused this zone: {message.message}")
+        elif not isinstance(message, Ping):
+            proto.fail(f"unexpected {message.kind} from the global")
+
+    def disconnected(self, proto: SyncProtocol, reason: Failure) -> None:
+        if self.proto is proto:
+            self.proto = None
+        if self.global_table_id is not None:
+            self.log.warn(
+                "lost the global: {why}; serving table version {version}",
+                why=reason.getErrorMessage(),
+                version=self.zone.table.version,
+            )
+        else:
+            self._log_failure(f"could not sync with the global: {reason.getErrorMessage()}")
+        self.global_table_id = None
+        self.connected_since = None
+        self.metrics.connected.labels(self.zone.name).set(0)

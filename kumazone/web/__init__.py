@@ -1,0 +1,1 @@
+"""HTTP: the API (resources, /vips, /zones) and diagnostics (/ready, /healthy, /metrics)."""

@@ -1,0 +1,194 @@
+"""The zone control plane as a Twisted service: store, resources, DNS, API, diagnostics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.internet import ClientService, TimerService, backoffPolicy
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import CannotListenError
+
+from kumazone.control_plane import TICK_INTERVAL, ControlPlane
+from kumazone.core.config import DnsServerConfig
+from kumazone.core.zone import DEFAULT_MESH, Zone, ZoneSnapshot
+from kumazone.dns import udpbatch
+from kumazone.dns.authority import MeshAuthority
+from kumazone.dns.server import KumaDNSDatagramProtocol, KumaDNSServerFactory
+from kumazone.metrics import Metrics
+from kumazone.resource_dir import ResourceDirectory
+from kumazone.store.sqlite import SQLiteStore
+from kumazone.sync.metrics import SyncMetrics
+from kumazone.sync.protocol import SyncFactory
+from kumazone.sync.tls import TLSFiles, client_options
+from kumazone.sync.zone_side import ZoneSync
+from kumazone.web.api import ApiResource
+
+__all__ = ["ZoneService", "ZoneSettings", "mesh_lookup"]
+
+#: How often the resources directory is looked at (a change is live within a second).
+SCAN_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class ZoneSettings:
+    """What a zone control plane needs to start, validated by the options."""
+
+    zone: str
+    dns: DnsServerConfig
+    data_dir: str
+    store_path: str
+    resources_dir: str | None = None
+    dns_interface: str = "0.0.0.0"
+    api_port: int = 5681
+    api_interface: str = "127.0.0.1"
+    diagnostics_port: int = 5680
+    diagnostics_interface: str = ""
+    #: The global to sync with (host, port), or None for a standalone zone.
+    global_address: tuple[str, int] | None = None
+    tls: TLSFiles | None = None
+
+
+def mesh_lookup(get_snapshot: Callable[[], ZoneSnapshot]) -> Callable[[str], str]:
+    """A function from a client address to its mesh (``default`` if unknown)."""
+
+    def mesh_of(host: str) -> str:
+        if host.startswith("::ffff:"):
+            host = host[7:]
+        return get_snapshot().mesh_of_address.get(host, DEFAULT_MESH)
+
+    return mesh_of
+
+
+class ZoneService(ControlPlane):
+    """A zone control plane: standalone, or synced with a global."""
+
+    def __init__(self, settings: ZoneSettings, reactor: Any) -> None:
+        super().__init__(settings.data_dir, reactor, Metrics(settings.zone))
+        self.settings = settings
+        self.zone: Zone | None = None
+        self.sync: ZoneSync | None = None
+
+    def _start(self) -> None:
+        settings = self.settings
+        store = self._store = SQLiteStore(settings.store_path)
+        federated = settings.global_address is not None
+        zone = Zone(
+            settings.zone,
+            settings.dns,
+            store,
+            warn=lambda m: self.log.warn(m),
+            federated=federated,
+        )
+        self.zone = zone
+        zone.listeners.append(self._update_gauges)
+        now = self.reactor.seconds
+        loaded = 0
+        if settings.resources_dir is not None:
+            directory = ResourceDirectory(settings.resources_dir, zone, self.metrics, self.reactor)
+            loaded = directory.scan()
+            self.addService(TimerService(SCAN_INTERVAL, self._guarded, directory.scan))
+        if not loaded:
+            zone.update(now())  # the scan reconciled already if it loaded anything
+        self.addService(TimerService(TICK_INTERVAL, self._guarded, lambda: zone.tick(now())))
+        if settings.global_address is not None:
+            self._connect_global(zone, settings.global_address)
+
+        nameservers = (
+            [] if settings.dns_interface in ("", "0.0.0.0", "::") else [settings.dns_interface]
+        )
+        authority = MeshAuthority(settings.dns, nameservers)
+        authority.update(zone.snapshot)
+        zone.listeners.append(authority.update)
+        factory = KumaDNSServerFactory(
+            authority, mesh_lookup(lambda: zone.snapshot), self.metrics, self.reactor
+        )
+        # After the authority has the new table, no old answer may be served.
+        zone.listeners.append(lambda snapshot: factory.hot.clear())
+        self.ports["dns"] = self._listen_dns(factory)
+        self._listen_web(
+            ApiResource(zone, self.metrics, self.reactor, self._sync_status),
+            settings.api_port,
+            settings.api_interface,
+            settings.diagnostics_port,
+            settings.diagnostics_interface,
+        )
+        snapshot = zone.snapshot
+        self.log.info(
+            "zone {zone} serving {count} service(s), table version {version}; "
+            "DNS on {dns}/udp+tcp, API on {api}, diagnostics on {diagnostics}",
+            zone=settings.zone,
+            count=len(snapshot.entries),
+            version=snapshot.version,
+            **self.ports,
+        )
+
+    def _connect_global(self, zone: Zone, address: tuple[str, int]) -> None:
+        host, port = address
+        sync_metrics = SyncMetrics(self.metrics.registry)
+        sync_metrics.connected.labels(zone.name).set(0)
+        self.sync = ZoneSync(zone, self.reactor, sync_metrics)
+        sync = self.sync
+        factory = SyncFactory(lambda: sync, self.reactor, sync_metrics)
+        endpoint: Any = HostnameEndpoint(self.reactor, host, port)
+        if self.settings.tls is not None:
+            endpoint = wrapClientTLS(client_options(self.settings.tls, host), endpoint)
+        self.addService(ClientService(endpoint, factory, retryPolicy=backoffPolicy(0.5, 10.0)))
+        self.log.info(
+            "syncing with the global at {host}:{port} ({how})",
+            host=host,
+            port=port,
+            how="TLS" if self.settings.tls else "insecure, no TLS",
+        )
+
+    def _sync_status(self) -> dict[str, Any] | None:
+        if self.settings.global_address is None or self.sync is None:
+            return None
+        host, port = self.settings.global_address
+        return {
+            "global": f"{host}:{port}",
+            "connected": self.sync.connected_since is not None,
+            "connectedSince": self.sync.connected_since,
+            "lastTable": self.sync.last_table_at,
+        }
+
+    def _listen_udp(self, port: int, protocol: KumaDNSDatagramProtocol, interface: str) -> Any:
+        """Batched reads and writes where the system has them, else Twisted's own port."""
+        if udpbatch.available:
+            listening = udpbatch.BatchedDNSPort(port, protocol, interface, reactor=self.reactor)
+            try:
+                listening.startListening()
+            except OSError as e:
+                self.log.warn("DNS over UDP: one datagram per system call ({why})", why=e)
+            else:
+                return listening
+            protocol = KumaDNSDatagramProtocol(protocol.controller)
+        return self.reactor.listenUDP(port, protocol, interface=interface)
+
+    def _listen_dns(self, factory: KumaDNSServerFactory) -> int:
+        """UDP and TCP on one port; with port 0, a port free for both."""
+        wanted = self.settings.dns.port
+        interface = self.settings.dns_interface
+        for _attempt in range(50):
+            udp = self._listen_udp(wanted, KumaDNSDatagramProtocol(factory), interface)
+            port = udp.getHost().port
+            try:
+                tcp = self.reactor.listenTCP(port, factory, interface=interface)
+            except CannotListenError:
+                udp.stopListening()
+                if wanted != 0:
+                    raise
+                continue
+            self._listening += [udp, tcp]
+            return int(port)
+        raise CannotListenError(interface, wanted, "no port free for both UDP and TCP")
+
+    def _update_gauges(self, snapshot: ZoneSnapshot) -> None:
+        self.metrics.vips_allocated.set(len(snapshot.entries))
+        self.metrics.vip_range_size.set(snapshot.range_size)
+        self.metrics.vip_range_used.set(
+            snapshot.range_used / snapshot.range_size if snapshot.range_size else 0.0
+        )
+        self.metrics.vips_exhausted.set(len(snapshot.exhausted))
+        self.metrics.table_version.set(snapshot.version)

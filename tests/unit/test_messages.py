@@ -1,0 +1,506 @@
+"""Tests for kumazone.sync: the zone <-> global wire codec (pure, no Twisted)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kumazone.core.messages import (
+    CHUNK_ITEMS,
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    Ack,
+    Error,
+    FrameDecoder,
+    Hello,
+    Inventory,
+    Message,
+    Ping,
+    ProtocolError,
+    Row,
+    TableUpdate,
+    Welcome,
+    decode,
+    encode,
+    inventory_messages,
+    table_messages,
+)
+
+# -- strategies -------------------------------------------------------------------
+
+#: Any text JSON can carry (lone surrogates included: json escapes them).
+texts = st.text(max_size=40)
+names = st.text(min_size=1, max_size=40)
+offsets = st.integers(min_value=0, max_value=2**64)
+versions = st.integers(min_value=0, max_value=2**63)
+keys = st.tuples(names, names)
+key_lists = st.lists(keys, max_size=8).map(tuple)
+zone_lists = st.lists(texts, max_size=5).map(tuple)
+rows = st.builds(Row, names, names, offsets, zone_lists)
+
+hellos = st.builds(Hello, texts, versions, texts, texts, texts)
+inventories = st.builds(Inventory, st.booleans(), versions, st.booleans(), key_lists, key_lists)
+acks = st.builds(Ack, versions)
+pings = st.just(Ping())
+welcomes = st.builds(Welcome, versions, texts)
+tables = st.builds(
+    TableUpdate,
+    versions,
+    versions,
+    st.booleans(),
+    versions,
+    st.booleans(),
+    st.lists(rows, max_size=8).map(tuple),
+    key_lists,
+)
+errors = st.builds(Error, texts)
+messages = st.one_of(hellos, inventories, acks, pings, welcomes, tables, errors)
+
+
+def frame(body: bytes) -> bytes:
+    return struct.pack("!I", len(body)) + body
+
+
+def raw(document: dict[str, Any]) -> bytes:
+    """A frame body from a JSON document (version added unless given)."""
+    return json.dumps({"v": PROTOCOL_VERSION, **document}).encode()
+
+
+def decode_stream(data: bytes, splits: list[int] | None = None) -> list[Message]:
+    decoder = FrameDecoder()
+    out: list[Message] = []
+    cuts = sorted(set(splits or []))
+    start = 0
+    for cut in [*cuts, len(data)]:
+        out.extend(decoder.feed(data[start:cut]))
+        start = cut
+    return out
+
+
+# -- round trips ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Hello("zone-1", 7, "abc", "240.0.0.0/4", "fd00:fd00::/64"),
+        Hello("zone-1"),
+        Inventory(True, 0, True, (("default", "redis"),), ()),
+        Inventory(False, 3, False, (), (("m", "s"),)),
+        Ack(12),
+        Ping(),
+        Welcome(42, "table-id"),
+        TableUpdate(5, 4, False, 1, True, (Row("default", "redis", 9, ("zone-1", "zone-2")),), ()),
+        TableUpdate(0, 0, True),
+        Error("nope"),
+    ],
+)
+def test_each_message_type_round_trips(message: Message) -> None:
+    data = encode(message)
+    (length,) = struct.unpack("!I", data[:4])
+    assert length == len(data) - 4
+    assert decode(data[4:]) == message
+    document = json.loads(data[4:])
+    assert document["v"] == PROTOCOL_VERSION
+
+
+def test_frame_body_is_compact_utf8_json_with_type_names() -> None:
+    types = {
+        "hello": Hello("z"),
+        "inventory": Inventory(True),
+        "ack": Ack(1),
+        "ping": Ping(),
+        "welcome": Welcome(1),
+        "table": TableUpdate(1, 0, True),
+        "error": Error("x"),
+    }
+    for name, message in types.items():
+        body = encode(message)[4:]
+        assert json.loads(body.decode("utf-8"))["t"] == name
+        assert b" " not in body
+
+
+@settings(max_examples=300)
+@given(messages)
+def test_any_message_round_trips(message: Message) -> None:
+    assert decode(encode(message)[4:]) == message
+
+
+@given(st.lists(rows, max_size=20).map(tuple), key_lists)
+def test_table_rows_keep_names_offsets_and_zones(upsert, remove) -> None:
+    message = TableUpdate(3, 2, False, 0, True, upsert, remove)
+    decoded = decode(encode(message)[4:])
+    assert isinstance(decoded, TableUpdate)
+    assert [(r.mesh, r.service, r.offset, r.zones) for r in decoded.upsert] == [
+        (r.mesh, r.service, r.offset, r.zones) for r in upsert
+    ]
+    assert decoded.remove == remove
+
+
+# -- framing ----------------------------------------------------------------------
+
+
+@settings(max_examples=100)
+@given(st.lists(messages, max_size=8), st.data())
+def test_decoder_gives_the_same_messages_whatever_the_splits(stream, data) -> None:
+    wire = b"".join(encode(m) for m in stream)
+    assert decode_stream(wire) == stream
+    splits = data.draw(st.lists(st.integers(0, len(wire)), max_size=20))
+    assert decode_stream(wire, splits) == stream
+
+
+@settings(max_examples=20)
+@given(st.lists(messages, min_size=1, max_size=4))
+def test_decoder_fed_one_octet_at_a_time(stream) -> None:
+    wire = b"".join(encode(m) for m in stream)
+    assert decode_stream(wire, list(range(len(wire)))) == stream
+
+
+def test_decoder_waits_for_a_whole_frame() -> None:
+    wire = encode(Welcome(1, "t"))
+    decoder = FrameDecoder()
+    assert list(decoder.feed(wire[:3])) == []
+    assert list(decoder.feed(wire[3:-1])) == []
+    assert list(decoder.feed(wire[-1:])) == [Welcome(1, "t")]
+    assert list(decoder.feed(b"")) == []
+
+
+def test_a_frame_of_exactly_max_frame_is_accepted() -> None:
+    overhead = len(encode(Error(""))) - 4
+    message = Error("x" * (MAX_FRAME - overhead))
+    wire = encode(message)
+    assert len(wire) - 4 == MAX_FRAME
+    assert list(FrameDecoder().feed(wire)) == [message]
+
+
+def test_encoding_a_message_over_max_frame_raises() -> None:
+    overhead = len(encode(Error(""))) - 4
+    with pytest.raises(ProtocolError):
+        encode(Error("x" * (MAX_FRAME - overhead + 1)))
+
+
+def test_a_frame_over_max_frame_is_refused_from_its_header() -> None:
+    decoder = FrameDecoder()
+    # Only the header: the decoder must not wait for (or buffer) a megabyte first.
+    with pytest.raises(ProtocolError):
+        list(decoder.feed(struct.pack("!I", MAX_FRAME + 1)))
+    with pytest.raises(ProtocolError):
+        list(FrameDecoder().feed(b"\xff\xff\xff\xff"))
+
+
+def test_a_smaller_max_frame_is_honoured() -> None:
+    decoder = FrameDecoder(max_frame=16)
+    with pytest.raises(ProtocolError):
+        list(decoder.feed(encode(Error("more than sixteen octets"))))
+
+
+def test_messages_before_a_bad_frame_are_still_delivered() -> None:
+    decoder = FrameDecoder()
+    received: list[Message] = []
+    with pytest.raises(ProtocolError):
+        for message in decoder.feed(encode(Ping()) + frame(b"{nope")):
+            received.append(message)
+    assert received == [Ping()]
+
+
+# -- refusals ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"\xff\xfe\x00",
+        b"",
+        b"[1, 2]",
+        b'"hello"',
+        b"null",
+    ],
+)
+def test_bad_json_raises(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode(body)
+    with pytest.raises(ProtocolError):
+        list(FrameDecoder().feed(frame(body)))
+
+
+@pytest.mark.parametrize("version", [None, 0, 2, "1", 1.5, 1.0, True, [1]])
+def test_wrong_protocol_version_raises(version: object) -> None:
+    document: dict[str, Any] = {"t": "ping"}
+    if version is not None:
+        document["v"] = version
+    with pytest.raises(ProtocolError):
+        decode(json.dumps(document).encode())
+
+
+@pytest.mark.parametrize("kind", ["pong", "", None, 1, "Hello", "HELLO"])
+def test_unknown_type_raises(kind: object) -> None:
+    document: dict[str, Any] = {} if kind is None else {"t": kind}
+    with pytest.raises(ProtocolError):
+        decode(raw(document))
+
+
+GOOD: dict[str, dict[str, Any]] = {
+    "hello": {"t": "hello", "zone": "z", "have": 0, "table": "", "cidr": "", "cidr6": ""},
+    "inventory": {"t": "inventory", "full": True, "part": 0, "last": True, "add": [["m", "s"]]},
+    "ack": {"t": "ack", "version": 1},
+    "welcome": {"t": "welcome", "version": 1, "table": "t"},
+    "table": {
+        "t": "table",
+        "version": 2,
+        "base": 1,
+        "full": False,
+        "part": 0,
+        "last": True,
+        "upsert": [["m", "s", 3, ["zone-1"]]],
+        "remove": [["m", "gone"]],
+    },
+    "error": {"t": "error", "message": "m"},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GOOD))
+def test_the_good_documents_decode(kind: str) -> None:
+    decode(raw(GOOD[kind]))
+
+
+BAD_FIELDS: list[tuple[str, str, object]] = [
+    ("hello", "zone", 5),
+    ("hello", "zone", None),
+    ("hello", "have", "1"),
+    ("hello", "have", -1),
+    ("hello", "have", True),
+    ("hello", "have", 1.0),
+    ("hello", "table", 0),
+    ("hello", "cidr", ["240.0.0.0/4"]),
+    ("hello", "cidr6", None),
+    ("inventory", "full", "yes"),
+    ("inventory", "full", 1),
+    ("inventory", "part", -2),
+    ("inventory", "last", None),
+    ("inventory", "add", "m/s"),
+    ("inventory", "add", [["m"]]),
+    ("inventory", "add", [["m", "s", "x"]]),
+    ("inventory", "add", [["m", 1]]),
+    ("inventory", "add", [["", "s"]]),
+    ("inventory", "add", [("m", "")]),
+    ("inventory", "add", [{"mesh": "m", "service": "s"}]),
+    ("inventory", "remove", {"m": "s"}),
+    ("ack", "version", "3"),
+    ("ack", "version", None),
+    ("ack", "version", False),
+    ("welcome", "version", -1),
+    ("welcome", "table", 7),
+    ("table", "version", "2"),
+    ("table", "base", None),
+    ("table", "full", 0),
+    ("table", "part", 0.5),
+    ("table", "last", "true"),
+    ("table", "upsert", {"m": "s"}),
+    ("table", "upsert", [["m", "s", 3]]),
+    ("table", "upsert", [["m", "s", "3", []]]),
+    ("table", "upsert", [["m", "s", -3, []]]),
+    ("table", "upsert", [["m", "s", True, []]]),
+    ("table", "upsert", [["m", "s", 3, "zone-1"]]),
+    ("table", "upsert", [["m", "s", 3, [1]]]),
+    ("table", "upsert", [["", "s", 3, []]]),
+    ("table", "upsert", [["m", None, 3, []]]),
+    ("table", "remove", [["m"]]),
+    ("error", "message", None),
+    ("error", "message", {"text": "x"}),
+]
+
+
+@pytest.mark.parametrize(("kind", "name", "value"), BAD_FIELDS)
+def test_wrong_field_types_raise(kind: str, name: str, value: object) -> None:
+    document = {**GOOD[kind], name: value}
+    with pytest.raises(ProtocolError):
+        decode(raw(document))
+    with pytest.raises(ProtocolError):
+        list(FrameDecoder().feed(frame(raw(document))))
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("hello", "zone"),
+        ("hello", "have"),
+        ("inventory", "full"),
+        ("inventory", "last"),
+        ("ack", "version"),
+        ("welcome", "version"),
+        ("table", "version"),
+        ("table", "base"),
+        ("error", "message"),
+    ],
+)
+def test_missing_required_fields_raise(kind: str, name: str) -> None:
+    document = {k: v for k, v in GOOD[kind].items() if k != name}
+    with pytest.raises(ProtocolError):
+        decode(raw(document))
+
+
+def test_protocol_error_is_a_value_error() -> None:
+    assert issubclass(ProtocolError, ValueError)
+
+
+# -- part messages ----------------------------------------------------------------
+
+MANY = 100_000
+
+
+def many_keys(count: int = MANY) -> list[tuple[str, str]]:
+    """Realistic Kuma service names, in several meshes."""
+    return [
+        (f"mesh-{i % 7}", f"service-{i:06d}_namespace-{i % 97}_svc_{8000 + i % 1000}")
+        for i in range(count)
+    ]
+
+
+def check_parts(parts: list[Any]) -> None:
+    assert [p.part for p in parts] == list(range(len(parts)))
+    assert [p.last for p in parts] == [False] * (len(parts) - 1) + [True]
+    for part in parts:
+        data = encode(part)  # raises if over MAX_FRAME
+        assert len(data) - 4 <= MAX_FRAME
+        assert decode(data[4:]) == part
+
+
+def test_inventory_of_100000_services_goes_in_parts() -> None:
+    keys = many_keys()
+    parts = inventory_messages(keys)
+    assert len(parts) > 1
+    check_parts(parts)
+    assert all(p.full for p in parts)
+    assert all(len(p.add) <= CHUNK_ITEMS for p in parts)
+    collected = [k for p in parts for k in p.add]
+    assert len(collected) == len(keys)
+    assert set(collected) == set(keys)
+    assert all(p.remove == () for p in parts)
+
+
+def test_inventory_change_of_100000_adds_and_removes_goes_in_parts() -> None:
+    keys = many_keys()
+    add, remove = keys[: MANY // 2], [*keys[MANY // 2 :], ("other", "x")]
+    parts = inventory_messages(add, remove, full=False)
+    check_parts(parts)
+    assert not any(p.full for p in parts)
+    assert sorted(k for p in parts for k in p.add) == sorted(add)
+    assert sorted(k for p in parts for k in p.remove) == sorted(remove)
+
+
+def test_uneven_adds_and_removes_are_all_sent() -> None:
+    add = [("m", f"a{i}") for i in range(5)]
+    remove = [("m", f"r{i}") for i in range(1)]
+    parts = inventory_messages(add, remove, full=False, size=2)
+    check_parts(parts)
+    assert len(parts) == 3
+    assert sorted(k for p in parts for k in p.add) == sorted(add)
+    assert [k for p in parts for k in p.remove] == remove
+
+
+def test_table_of_100000_rows_goes_in_parts() -> None:
+    keys = many_keys()
+    zones = ("zone-1", "zone-2", "zone-eu-west-3")
+    upsert = [Row(m, s, 268_435_000 - i, zones[: 1 + i % 3]) for i, (m, s) in enumerate(keys)]
+    parts = table_messages(99, 0, True, upsert)
+    assert len(parts) > 1
+    check_parts(parts)
+    assert all(p.version == 99 and p.base == 0 and p.full for p in parts)
+    assert [r for p in parts for r in p.upsert] == upsert
+
+
+def test_table_change_of_100000_rows_goes_in_parts() -> None:
+    keys = many_keys()
+    upsert = [Row(m, s, i, ("zone-1",)) for i, (m, s) in enumerate(keys[:30_000])]
+    remove = keys[30_000:]
+    parts = table_messages(12, 11, False, upsert, remove)
+    check_parts(parts)
+    assert all(p.version == 12 and p.base == 11 and not p.full for p in parts)
+    assert [r for p in parts for r in p.upsert] == upsert
+    assert [k for p in parts for k in p.remove] == remove
+
+
+def test_parts_stay_below_max_frame_for_the_longest_names() -> None:
+    # Resource names stop at 253 characters, mesh names at 63.
+    keys = [(f"m{i % 3}".ljust(63, "m"), f"s{i:06d}".ljust(253, "s")) for i in range(10_000)]
+    check_parts(inventory_messages(keys))
+    check_parts(table_messages(1, 0, True, [Row(m, s, 2**28, ("zone-1",)) for m, s in keys]))
+
+
+def test_table_parts_stay_below_max_frame_when_services_are_in_many_zones() -> None:
+    # Services deployed in every zone of a 30-zone federation: each row lists 30 zones.
+    zones = tuple(f"zone-{region}-{n:02d}" for region in ("eu-west", "us-east") for n in range(15))
+    keys = many_keys(10_000)
+    upsert = [Row(m, s, i, zones) for i, (m, s) in enumerate(keys)]
+    parts = table_messages(1, 0, True, upsert)
+    check_parts(parts)
+    assert [r for p in parts for r in p.upsert] == upsert
+
+
+def test_parts_stay_below_max_frame_for_long_service_tags() -> None:
+    # A kuma.io/service tag value has no length limit in the resource validator, and
+    # the design gives such a service a VIP (without a DNS name): its inventory and
+    # table rows must still travel.
+    keys = [("default", f"s{i:06d}".ljust(600, "s")) for i in range(4000)]
+    check_parts(inventory_messages(keys))
+    check_parts(
+        table_messages(1, 0, True, [Row(m, s, i, ("zone-1",)) for i, (m, s) in enumerate(keys)])
+    )
+
+
+def test_empty_full_inventory_is_one_message() -> None:
+    parts = inventory_messages([])
+    assert parts == [Inventory(True, 0, True, (), ())]
+    check_parts(parts)
+
+
+def test_empty_full_table_is_one_message() -> None:
+    parts = table_messages(7, 0, True, [])
+    assert parts == [TableUpdate(7, 0, True, 0, True, (), ())]
+    check_parts(parts)
+
+
+def test_empty_change_is_one_message() -> None:
+    assert inventory_messages([], [], full=False) == [Inventory(False, 0, True, (), ())]
+    assert table_messages(8, 7, False, [], []) == [TableUpdate(8, 7, False, 0, True, (), ())]
+
+
+@given(
+    st.sets(keys, max_size=60),
+    st.sets(keys, max_size=60),
+    st.booleans(),
+    st.integers(1, 7),
+)
+def test_inventory_parts_reassemble(add, remove, full, size) -> None:
+    parts = inventory_messages(add, remove, full=full, size=size)
+    check_parts(parts)
+    assert all(p.full == full for p in parts)
+    assert all(len(p.add) <= size and len(p.remove) <= size for p in parts)
+    collected_add = [k for p in parts for k in p.add]
+    collected_remove = [k for p in parts for k in p.remove]
+    assert sorted(collected_add) == sorted(add) and len(collected_add) == len(add)
+    assert sorted(collected_remove) == sorted(remove) and len(collected_remove) == len(remove)
+    expected = max(1, -(-len(add) // size), -(-len(remove) // size))
+    assert len(parts) == expected
+
+
+@given(
+    st.lists(rows, max_size=60),
+    st.lists(keys, max_size=60),
+    versions,
+    versions,
+    st.booleans(),
+    st.integers(1, 7),
+)
+def test_table_parts_reassemble(upsert, remove, version, base, full, size) -> None:
+    parts = table_messages(version, base, full, upsert, remove, size=size)
+    check_parts(parts)
+    assert all((p.version, p.base, p.full) == (version, base, full) for p in parts)
+    assert [r for p in parts for r in p.upsert] == upsert
+    assert [k for p in parts for k in p.remove] == remove

@@ -1,0 +1,256 @@
+"""Tests for kumazone.names: service names to DNS names."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kumazone.core.names import (
+    MAX_LABEL_OCTETS,
+    MAX_NAME_OCTETS,
+    ServiceNames,
+    name_problem,
+    nameserver_name,
+    service_names,
+)
+
+# -- service_names -------------------------------------------------------------
+
+
+def test_both_forms_underscore_form_first() -> None:
+    result = service_names("echo-server_echo-example_svc_1010", "mesh")
+    assert result == ServiceNames(
+        names=("echo-server_echo-example_svc_1010.mesh", "echo-server.echo-example.svc.1010.mesh"),
+        problems=(),
+    )
+
+
+def test_single_underscore_gives_two_names() -> None:
+    assert service_names("a_b", "mesh").names == ("a_b.mesh", "a.b.mesh")
+
+
+def test_no_underscore_gives_one_name() -> None:
+    result = service_names("redis", "mesh")
+    assert result.names == ("redis.mesh",)
+    assert result.problems == ()
+
+
+def test_names_are_lower_cased() -> None:
+    result = service_names("Echo_Server", "Mesh")
+    assert result.names == ("echo_server.mesh", "echo.server.mesh")
+
+
+def test_lower_casing_does_not_duplicate() -> None:
+    result = service_names("REDIS", "mesh")
+    assert result.names == ("redis.mesh",)
+    assert len(set(result.names)) == len(result.names)
+
+
+def test_domain_with_several_labels() -> None:
+    assert service_names("web_v2", "mesh.example").names == (
+        "web_v2.mesh.example",
+        "web.v2.mesh.example",
+    )
+
+
+def test_label_of_63_octets_is_allowed() -> None:
+    service = "a" * MAX_LABEL_OCTETS
+    assert service_names(service, "mesh").names == (f"{service}.mesh",)
+
+
+def test_label_over_63_octets_is_dropped_with_reason() -> None:
+    service = "a" * (MAX_LABEL_OCTETS + 1)
+    result = service_names(service, "mesh")
+    assert result.names == ()
+    assert len(result.problems) == 1
+    assert "64" in result.problems[0]
+    assert "63" in result.problems[0]
+
+
+def test_long_label_only_in_underscore_form() -> None:
+    # 40 + 1 + 40 octets: the underscore form has one 81-octet label, the dotted
+    # form two labels of 40.
+    service = "a" * 40 + "_" + "b" * 40
+    result = service_names(service, "mesh")
+    assert result.names == ("a" * 40 + "." + "b" * 40 + ".mesh",)
+    assert len(result.problems) == 1
+    assert repr(f"{service}.mesh") in result.problems[0]
+    assert "label" in result.problems[0]
+
+
+def _service_of_wire_length(total: int, domain: str = "mesh") -> str:
+    """A dotted service name whose full name is C{total} octets on the wire."""
+    # wire length = sum(len(label) + 1) + 1 (root); domain "mesh" costs 5.
+    remaining = total - 1 - (len(domain) + 1)
+    labels = []
+    while remaining > 0:
+        size = min(MAX_LABEL_OCTETS, remaining - 1)
+        labels.append("x" * size)
+        remaining -= size + 1
+    assert remaining == 0
+    return ".".join(labels)
+
+
+def test_name_of_255_octets_is_allowed() -> None:
+    service = _service_of_wire_length(MAX_NAME_OCTETS)
+    result = service_names(service, "mesh")
+    assert result.names == (f"{service}.mesh",)
+    assert result.problems == ()
+
+
+def test_name_over_255_octets_is_dropped_with_reason() -> None:
+    service = _service_of_wire_length(MAX_NAME_OCTETS + 1)
+    result = service_names(service, "mesh")
+    assert result.names == ()
+    assert len(result.problems) == 1
+    assert "256" in result.problems[0]
+    assert "255" in result.problems[0]
+
+
+@pytest.mark.parametrize("service", ["web server", "web/api", "wéb", "web*", "web\n", "a:b"])
+def test_bad_characters_are_dropped_with_reason(service: str) -> None:
+    result = service_names(service, "mesh")
+    assert result.names == ()
+    assert len(result.problems) == 1
+    assert "not allowed" in result.problems[0]
+
+
+def test_bad_character_is_named_in_reason() -> None:
+    (problem,) = service_names("web/api", "mesh").problems
+    assert "'/'" in problem
+
+
+def test_double_underscore_keeps_underscore_form_only() -> None:
+    result = service_names("a__b", "mesh")
+    assert result.names == ("a__b.mesh",)
+    assert len(result.problems) == 1
+    assert "'a..b.mesh'" in result.problems[0]
+    assert "empty label" in result.problems[0]
+
+
+@pytest.mark.parametrize("service", ["_a", "a_"])
+def test_leading_or_trailing_underscore_dotted_form_dropped(service: str) -> None:
+    result = service_names(service, "mesh")
+    assert result.names == (f"{service}.mesh",)
+    assert len(result.problems) == 1
+    assert "empty label" in result.problems[0]
+
+
+def test_empty_label_in_service_itself() -> None:
+    result = service_names("a..b", "mesh")
+    assert result.names == ()
+    assert "empty label" in result.problems[0]
+
+
+@pytest.mark.parametrize("service", ["dns", "DNS", "x.dns", "ns.dns", "a.b.dns"])
+def test_reserved_nameserver_subtree(service: str) -> None:
+    result = service_names(service, "mesh")
+    assert result.names == ()
+    assert len(result.problems) == 1
+    assert "dns.mesh" in result.problems[0]
+    assert "reserved" in result.problems[0]
+
+
+def test_reserved_only_in_dotted_form() -> None:
+    result = service_names("ns_dns", "mesh")
+    assert result.names == ("ns_dns.mesh",)
+    assert len(result.problems) == 1
+    assert "reserved" in result.problems[0]
+
+
+@pytest.mark.parametrize("service", ["dnsx", "xdns", "dns-server", "dns_", "my-dns"])
+def test_names_near_the_reserved_subtree_are_allowed(service: str) -> None:
+    assert f"{service}.mesh" in service_names(service, "mesh").names
+
+
+def test_nameserver_name_is_in_the_reserved_subtree() -> None:
+    assert nameserver_name("mesh") == "ns.dns.mesh"
+    assert name_problem(nameserver_name("mesh")) is None
+
+
+# -- name_problem ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["a", "redis.mesh", "a_b.mesh", "A-B.c-d.mesh", "0.1.2", "x" * 63 + ".mesh"],
+)
+def test_name_problem_accepts_valid_names(name: str) -> None:
+    assert name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "word"),
+    [
+        ("", "not allowed"),
+        ("a b", "not allowed"),
+        ("a..b", "empty label"),
+        (".a", "empty label"),
+        ("a.", "empty label"),
+        ("x" * 64 + ".mesh", "label"),
+        (_service_of_wire_length(256) + ".mesh", "256"),
+        ("café.mesh", "not allowed"),
+    ],
+)
+def test_name_problem_rejects(name: str, word: str) -> None:
+    problem = name_problem(name)
+    assert problem is not None
+    assert word in problem
+
+
+def test_name_problem_wire_length_boundary() -> None:
+    name_255 = _service_of_wire_length(MAX_NAME_OCTETS) + ".mesh"
+    name_256 = _service_of_wire_length(MAX_NAME_OCTETS + 1) + ".mesh"
+    assert name_problem(name_255) is None
+    assert name_problem(name_256) is not None
+
+
+# -- properties ----------------------------------------------------------------------
+
+_service_text = st.text(
+    alphabet=st.sampled_from("abcXYZ019_.-/ é"), min_size=0, max_size=80
+) | st.text(max_size=300)
+_domains = st.sampled_from(["mesh", "MESH", "mesh.example", "svc.cluster.local"])
+
+
+@given(_service_text, _domains)
+def test_every_returned_name_is_valid_and_in_the_domain(service: str, domain: str) -> None:
+    result = service_names(service, domain)
+    for name in result.names:
+        assert name_problem(name) is None
+        assert name.endswith("." + domain.lower())
+        assert name == name.lower()
+        assert not name.endswith(".dns." + domain.lower())
+    assert len(set(result.names)) == len(result.names)
+
+
+@given(_service_text, _domains)
+def test_every_form_is_either_named_or_explained(service: str, domain: str) -> None:
+    result = service_names(service, domain)
+    forms = 2 if "_" in service else 1
+    assert len(result.names) + len(result.problems) == forms
+
+
+# At most 5 x 11 + 4 = 59 characters: every label and the whole name fit.
+@given(st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,10}(_[a-z0-9][a-z0-9-]{0,10}){0,4}\Z"))
+def test_well_formed_services_get_every_form(service: str) -> None:
+    result = service_names(service, "mesh")
+    expected = [f"{service}.mesh"]
+    if "_" in service:
+        expected.append(service.replace("_", ".") + ".mesh")
+    expected = [name for name in expected if name != "dns.mesh" and not name.endswith(".dns.mesh")]
+    assert list(result.names) == expected
+
+
+def test_claim_names_gives_each_name_one_owner_per_mesh() -> None:
+    from kumazone.core.names import claim_names, service_names
+
+    claimed: dict[tuple[str, str], str] = {}
+    first = claim_names("default", "a.b", service_names("a.b", "mesh"), claimed)
+    second = claim_names("default", "a_b", service_names("a_b", "mesh"), claimed)
+    other_mesh = claim_names("payments", "a_b", service_names("a_b", "mesh"), claimed)
+    assert first == (("a.b.mesh",), ())
+    assert second[0] == ("a_b.mesh",)
+    assert second[1] == ("a.b.mesh is service a.b's name in this mesh",)
+    assert other_mesh == (("a_b.mesh", "a.b.mesh"), ())

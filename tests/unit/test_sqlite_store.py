@@ -1,0 +1,369 @@
+"""Tests for kumazone.store: the SQLite store."""
+
+from __future__ import annotations
+
+import sqlite3
+from ipaddress import IPv4Network, IPv6Network
+from pathlib import Path
+
+import pytest
+
+from kumazone.core.resources import DATAPLANE, Resource, ResourceKey, parse_resource
+from kumazone.core.storage import StoreChanges, StoredState, StoreError
+from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta, VipAllocator, VipRange
+from kumazone.store.sqlite import SCHEMA_VERSION, SQLiteStore
+
+
+def dataplane(name: str, service: str, address: str = "192.0.2.10", mesh: str = "default"):
+    return parse_resource(
+        {
+            "type": "Dataplane",
+            "mesh": mesh,
+            "name": name,
+            "networking": {
+                "address": address,
+                "inbound": [{"port": 8080, "tags": {"kuma.io/service": service}}],
+            },
+        }
+    )
+
+
+def external(name: str) -> Resource:
+    return parse_resource(
+        {
+            "type": "ExternalService",
+            "mesh": "default",
+            "name": name,
+            "tags": {"kuma.io/service": name},
+            "networking": {"address": f"{name}.example:443"},
+        }
+    )
+
+
+def by_offset(row: Allocation | Hold) -> int:
+    return row.offset
+
+
+def key(service: str, mesh: str = "default") -> ServiceKey:
+    return ServiceKey(mesh, service)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> str:
+    return str(tmp_path / "data" / "kumazone.sqlite")
+
+
+@pytest.fixture
+def store(path: str):
+    store = SQLiteStore(path)
+    yield store
+    store.close()
+
+
+def test_new_store_is_empty(store: SQLiteStore) -> None:
+    state = store.load()
+    assert state == StoredState()
+    assert state.table_version == 0
+    assert state.vip_range == ""
+
+
+def test_store_creates_missing_directories(path: str) -> None:
+    assert not Path(path).parent.exists()
+    SQLiteStore(path).close()
+    assert Path(path).exists()
+
+
+def test_round_trip_after_reopen(path: str) -> None:
+    store = SQLiteStore(path)
+    redis, web = dataplane("redis-1", "redis"), dataplane("web-1", "web")
+    httpbin = external("httpbin")
+    delta = TableDelta(
+        added=[Allocation(key("redis"), 7), Allocation(key("web"), 3)],
+        holds_added=[Hold(key("old"), 11, 1234.5)],
+    )
+    store.commit(
+        StoreChanges(
+            puts=[redis, web, httpbin],
+            delta=delta,
+            table_version=42,
+            vip_range="240.0.0.0/4 fd00:fd00::/64",
+        )
+    )
+    store.close()
+
+    state = SQLiteStore(path).load()
+    assert sorted(r.key for r in state.resources) == sorted([redis.key, web.key, httpbin.key])
+    by_key = {r.key: r for r in state.resources}
+    assert by_key[redis.key].document == redis.document
+    assert by_key[redis.key].services == ("redis",)
+    assert by_key[redis.key].address == "192.0.2.10"
+    assert by_key[httpbin.key].document == httpbin.document
+    assert sorted(state.allocations, key=by_offset) == [
+        Allocation(key("web"), 3),
+        Allocation(key("redis"), 7),
+    ]
+    assert state.holds == [Hold(key("old"), 11, 1234.5)]
+    assert state.table_version == 42
+    assert state.vip_range == "240.0.0.0/4 fd00:fd00::/64"
+    assert state.bad_resources == []
+
+
+def test_round_trip_of_a_real_table(path: str) -> None:
+    vip_range = VipRange(IPv4Network("10.0.0.0/29"), IPv6Network("fd00::/125"))
+    table = VipAllocator(vip_range, 100.0)
+    store = SQLiteStore(path)
+    keys = [key(f"s{i}") for i in range(5)]
+    for now, wanted in [(0.0, keys), (1.0, keys[1:]), (2.0, keys[2:]), (50.0, keys[:1] + keys[3:])]:
+        delta = table.reconcile(wanted, now)
+        store.commit(StoreChanges(delta=delta, table_version=table.version))
+    store.close()
+
+    state = SQLiteStore(path).load()
+    assert sorted(state.allocations, key=by_offset) == sorted(
+        table.allocations.values(), key=by_offset
+    )
+    assert sorted(state.holds, key=by_offset) == sorted(table.holds.values(), key=by_offset)
+    assert state.table_version == table.version
+    reloaded = VipAllocator(vip_range, 100.0, state.allocations, state.holds, state.table_version)
+    assert reloaded.allocations == table.allocations
+    assert reloaded.holds == table.holds
+
+
+def test_put_replaces_and_delete_removes(store: SQLiteStore) -> None:
+    store.commit(StoreChanges(puts=[dataplane("redis-1", "redis")]))
+    store.commit(StoreChanges(puts=[dataplane("redis-1", "cache", address="192.0.2.99")]))
+    (resource,) = store.load().resources
+    assert resource.services == ("cache",)
+    assert resource.address == "192.0.2.99"
+    store.commit(StoreChanges(deletes=[resource.key]))
+    assert store.load().resources == []
+
+
+def test_delete_of_missing_resource_is_harmless(store: SQLiteStore) -> None:
+    store.commit(StoreChanges(deletes=[ResourceKey(DATAPLANE, "default", "nope")]))
+    assert store.load().resources == []
+
+
+def test_removed_allocations_and_dropped_holds(store: SQLiteStore) -> None:
+    store.commit(
+        StoreChanges(
+            delta=TableDelta(
+                added=[Allocation(key("a"), 1), Allocation(key("b"), 2)],
+                holds_added=[Hold(key("c"), 3, 10.0)],
+            )
+        )
+    )
+    store.commit(
+        StoreChanges(
+            delta=TableDelta(
+                removed=[Allocation(key("a"), 1)],
+                holds_added=[Hold(key("a"), 1, 20.0)],
+                holds_dropped=[Hold(key("c"), 3, 10.0)],
+            )
+        )
+    )
+    state = store.load()
+    assert state.allocations == [Allocation(key("b"), 2)]
+    assert state.holds == [Hold(key("a"), 1, 20.0)]
+
+
+def test_hold_taken_back_by_its_key_in_one_commit(store: SQLiteStore) -> None:
+    store.commit(StoreChanges(delta=TableDelta(holds_added=[Hold(key("a"), 4, 10.0)])))
+    store.commit(
+        StoreChanges(
+            delta=TableDelta(
+                added=[Allocation(key("a"), 4)], holds_dropped=[Hold(key("a"), 4, 10.0)]
+            )
+        )
+    )
+    state = store.load()
+    assert state.allocations == [Allocation(key("a"), 4)]
+    assert state.holds == []
+
+
+def test_reset_table_clears_vips_and_holds_but_not_resources(store: SQLiteStore) -> None:
+    store.commit(
+        StoreChanges(
+            puts=[dataplane("redis-1", "redis")],
+            delta=TableDelta(
+                added=[Allocation(key("redis"), 5)], holds_added=[Hold(key("x"), 6, 1.0)]
+            ),
+            table_version=3,
+            vip_range="old",
+        )
+    )
+    store.commit(
+        StoreChanges(
+            delta=TableDelta(added=[Allocation(key("redis"), 9)]),
+            table_version=4,
+            vip_range="new",
+            reset_table=True,
+        )
+    )
+    state = store.load()
+    assert state.allocations == [Allocation(key("redis"), 9)]
+    assert state.holds == []
+    assert len(state.resources) == 1
+    assert (state.table_version, state.vip_range) == (4, "new")
+
+
+def test_commit_without_version_keeps_the_version(store: SQLiteStore) -> None:
+    store.commit(StoreChanges(table_version=7, vip_range="r"))
+    store.commit(StoreChanges(puts=[dataplane("redis-1", "redis")]))
+    state = store.load()
+    assert (state.table_version, state.vip_range) == (7, "r")
+
+
+def _populated(store: SQLiteStore) -> StoredState:
+    store.commit(
+        StoreChanges(
+            puts=[dataplane("redis-1", "redis")],
+            delta=TableDelta(
+                added=[Allocation(key("redis"), 5)], holds_added=[Hold(key("old"), 6, 9.0)]
+            ),
+            table_version=10,
+            vip_range="240.0.0.0/4 fd00:fd00::/64",
+        )
+    )
+    return store.load()
+
+
+def test_failing_commit_rolls_back_completely(store: SQLiteStore) -> None:
+    before = _populated(store)
+    with pytest.raises((sqlite3.Error, StoreError)):
+        store.commit(
+            StoreChanges(
+                puts=[dataplane("web-1", "web")],
+                deletes=[ResourceKey(DATAPLANE, "default", "redis-1")],
+                delta=TableDelta(
+                    removed=[Allocation(key("redis"), 5)],
+                    holds_dropped=[Hold(key("old"), 6, 9.0)],
+                    holds_added=[Hold(key("redis"), 5, 99.0)],
+                    added=[Allocation(key("web"), 1), Allocation(key("api"), 1)],
+                ),
+                table_version=11,
+                vip_range="changed",
+                reset_table=True,
+            )
+        )
+    after = store.load()
+    assert after == before
+    assert after.table_version == 10
+
+
+def test_failing_commit_against_an_existing_offset(store: SQLiteStore) -> None:
+    before = _populated(store)
+    with pytest.raises((sqlite3.Error, StoreError)):
+        store.commit(
+            StoreChanges(delta=TableDelta(added=[Allocation(key("web"), 5)]), table_version=11)
+        )
+    assert store.load() == before
+
+
+def test_store_usable_after_a_failed_commit(path: str, store: SQLiteStore) -> None:
+    _populated(store)
+    with pytest.raises((sqlite3.Error, StoreError)):
+        store.commit(
+            StoreChanges(delta=TableDelta(added=[Allocation(key("a"), 1), Allocation(key("b"), 1)]))
+        )
+    store.commit(StoreChanges(delta=TableDelta(added=[Allocation(key("a"), 1)]), table_version=11))
+    store.close()
+    state = SQLiteStore(path).load()
+    assert sorted(state.allocations, key=by_offset) == [
+        Allocation(key("a"), 1),
+        Allocation(key("redis"), 5),
+    ]
+    assert state.table_version == 11
+
+
+def test_failing_commit_leaves_the_file_intact_for_another_reader(
+    path: str, store: SQLiteStore
+) -> None:
+    before = _populated(store)
+    with pytest.raises((sqlite3.Error, StoreError)):
+        store.commit(
+            StoreChanges(
+                puts=[dataplane("web-1", "web")],
+                delta=TableDelta(added=[Allocation(key("a"), 2), Allocation(key("b"), 2)]),
+            )
+        )
+    other = SQLiteStore(path)
+    try:
+        assert other.load() == before
+    finally:
+        other.close()
+
+
+def test_one_service_cannot_hold_two_offsets(store: SQLiteStore) -> None:
+    store.commit(StoreChanges(delta=TableDelta(added=[Allocation(key("a"), 1)])))
+    with pytest.raises((sqlite3.Error, StoreError)):
+        store.commit(StoreChanges(delta=TableDelta(added=[Allocation(key("a"), 2)])))
+    assert store.load().allocations == [Allocation(key("a"), 1)]
+
+
+def test_schema_version_mismatch(path: str) -> None:
+    SQLiteStore(path).close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError) as info:
+        SQLiteStore(path)
+    assert str(SCHEMA_VERSION + 1) in str(info.value)
+    assert path in str(info.value)
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.sqlite"
+    path.write_bytes(b"this is not an SQLite database, not at all" * 100)
+    with pytest.raises(StoreError):
+        SQLiteStore(str(path))
+
+
+def test_memory_store() -> None:
+    store = SQLiteStore(":memory:")
+    assert store.load() == StoredState()
+    store.commit(
+        StoreChanges(
+            puts=[dataplane("redis-1", "redis")],
+            delta=TableDelta(added=[Allocation(key("redis"), 1)]),
+            table_version=1,
+        )
+    )
+    state = store.load()
+    assert [r.key for r in state.resources] == [ResourceKey(DATAPLANE, "default", "redis-1")]
+    assert state.allocations == [Allocation(key("redis"), 1)]
+    assert state.table_version == 1
+    store.close()
+
+
+def test_memory_stores_are_independent() -> None:
+    one, two = SQLiteStore(":memory:"), SQLiteStore(":memory:")
+    one.commit(StoreChanges(table_version=5))
+    assert two.load().table_version == 0
+    one.close()
+    two.close()
+
+
+def test_stored_resource_that_no_longer_validates_is_reported(path: str) -> None:
+    store = SQLiteStore(path)
+    store.commit(StoreChanges(puts=[dataplane("redis-1", "redis")]))
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute(
+        "INSERT INTO resources (type, mesh, name, document) VALUES (?, ?, ?, ?)",
+        ("Dataplane", "default", "bad", '{"type": "Dataplane", "name": "bad"}'),
+    )
+    db.execute(
+        "INSERT INTO resources (type, mesh, name, document) VALUES (?, ?, ?, ?)",
+        ("Dataplane", "default", "garbled", "{not json"),
+    )
+    db.commit()
+    db.close()
+    state = SQLiteStore(path).load()
+    assert [r.name for r in state.resources] == ["redis-1"]
+    assert [k for k, _ in state.bad_resources] == [
+        ResourceKey("Dataplane", "default", "bad"),
+        ResourceKey("Dataplane", "default", "garbled"),
+    ]
+    assert "networking" in dict(state.bad_resources)[ResourceKey("Dataplane", "default", "bad")]

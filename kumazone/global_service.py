@@ -11,9 +11,9 @@ from twisted.internet.task import deferLater
 
 from kumazone.control_plane import TICK_INTERVAL, ControlPlane
 from kumazone.core.config import DnsServerConfig
-from kumazone.core.federation import MergedTable
-from kumazone.core.storage import StoreChanges, StoreError
-from kumazone.core.vips import TableDelta, VipRange
+from kumazone.core.federation import Federation
+from kumazone.core.storage import StoreError
+from kumazone.core.vips import TableDelta
 from kumazone.metrics import Metrics
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.sync.global_side import GlobalHub
@@ -47,88 +47,28 @@ class GlobalService(ControlPlane):
     def __init__(self, settings: GlobalSettings, reactor: Any) -> None:
         super().__init__(settings.data_dir, reactor, Metrics("global"))
         self.settings = settings
+        self.federation: Federation | None = None
         self.hub: GlobalHub | None = None
 
     def _start(self) -> None:
         settings = self.settings
         store = self._store = SQLiteStore(settings.store_path)
-        state = store.load()
-        range_id = f"{settings.dns.cidr} {settings.dns.cidr6}"
-        allocations, holds = state.allocations, state.holds
-        reset = False
-        if state.vip_range and state.vip_range != range_id:
-            self.log.warn(
-                "VIP range changed from {old} to {new}: every VIP is allocated anew",
-                old=state.vip_range,
-                new=range_id,
-            )
-            allocations, holds, reset = [], [], True
-        table = MergedTable(
-            VipRange(settings.dns.cidr, settings.dns.cidr6),
-            settings.dns.hold_down,
-            allocations,
-            holds,
-            state.table_version,
-            state.zones,
+        federation = self.federation = Federation(
+            settings.dns, store, uuid.uuid4().hex, warn=lambda m: self.log.warn(m)
         )
-        # A new table id at every start: a zone then takes the whole table rather
-        # than changes from a version this process may never have had.
-        table_id = uuid.uuid4().hex
-        store.commit(StoreChanges(table_id=table_id, vip_range=range_id, reset_table=reset))
         sync_metrics = SyncMetrics(self.metrics.registry)
-
-        def persist(delta: TableDelta | None, zones: list[str], deleted: list[str]) -> None:
-            try:
-                store.commit(
-                    StoreChanges(
-                        delta=delta,
-                        table_version=table.version,
-                        zones_put=[table.zones[z] for z in zones if z in table.zones],
-                        zones_deleted=deleted,
-                    )
-                )
-            except StoreError as e:
-                # Nothing is pushed that is not stored: back to the stored table.
-                self.log.error("global: {error}; back to the stored table", error=str(e))
-                stored = store.load()
-                table.restore(stored.allocations, stored.holds, stored.table_version, stored.zones)
-                raise
-            self._update_gauges()
-
         hub = self.hub = GlobalHub(
-            table,
-            table_id,
+            federation.merged,
+            federation.table_id,
             (str(settings.dns.cidr), str(settings.dns.cidr6)),
-            persist,
+            self._persist,
             self.reactor,
             sync_metrics,
             require_certificates=settings.tls is not None,
         )
-        for record in table.zones.values():
-            record.connected = False
-        now = self.reactor.seconds
-        hub.changed(table.reconcile(now()), [], [])
-
-        def tick() -> None:
-            if table.allocator.due(now()):
-                delta = table.reconcile(now())
-                if delta.anything:
-                    hub.changed(delta, [], [])
-            hub.update_metrics()
-
-        self.addService(TimerService(TICK_INTERVAL, self._guarded, tick))
-        factory = SyncFactory(hub.session, self.reactor, sync_metrics)
-        if settings.tls is not None:
-            listening = self.reactor.listenSSL(
-                settings.kds_port,
-                factory,
-                server_options(settings.tls),
-                interface=settings.kds_interface,
-            )
-            self._listening.append(listening)
-            self.ports["kds"] = int(listening.getHost().port)
-        else:
-            self.ports["kds"] = self._listen_tcp(settings.kds_port, factory, settings.kds_interface)
+        hub.changed(federation.merged.reconcile(self.reactor.seconds()), [], [])
+        self.addService(TimerService(TICK_INTERVAL, self._guarded, self._tick))
+        self._listen_kds(SyncFactory(hub.session, self.reactor, sync_metrics))
         self._listen_web(
             GlobalApiResource(hub, settings.dns.domain, self.metrics, self.reactor),
             settings.api_port,
@@ -136,13 +76,51 @@ class GlobalService(ControlPlane):
             settings.diagnostics_port,
             settings.diagnostics_interface,
         )
+        self._log_started()
+
+    def _persist(self, delta: TableDelta | None, zones: list[str], deleted: list[str]) -> None:
+        """Store a change (the hub pushes only what this stored)."""
+        assert self.federation is not None
+        try:
+            self.federation.persist(delta, zones, deleted)
+        except StoreError as e:
+            self.log.error("global: {error}; back to the stored table", error=str(e))
+            raise
+        self._update_gauges()
+
+    def _tick(self) -> None:
+        """Expire hold-downs and retry a full range when due; refresh the sync metrics."""
+        assert self.federation is not None and self.hub is not None
+        delta = self.federation.tick(self.reactor.seconds())
+        if delta is not None:
+            self.hub.changed(delta, [], [])
+        self.hub.update_metrics()
+
+    def _listen_kds(self, factory: SyncFactory) -> None:
+        """Zone sync: mutual TLS, or plain TCP when told --insecure."""
+        settings = self.settings
+        if settings.tls is None:
+            self.ports["kds"] = self._listen_tcp(settings.kds_port, factory, settings.kds_interface)
+            return
+        listening = self.reactor.listenSSL(
+            settings.kds_port,
+            factory,
+            server_options(settings.tls),
+            interface=settings.kds_interface,
+        )
+        self._listening.append(listening)
+        self.ports["kds"] = int(listening.getHost().port)
+
+    def _log_started(self) -> None:
+        assert self.hub is not None
+        merged = self.hub.merged
         self.log.info(
             "global: {count} service(s) from {zones} zone(s), table version {version}; "
             "zone sync on {kds} ({how}), API on {api}, diagnostics on {diagnostics}",
-            count=len(table.allocator.allocations),
-            zones=len(table.zones),
-            version=table.version,
-            how="mutual TLS" if settings.tls else "insecure, no TLS",
+            count=len(merged.allocator.allocations),
+            zones=len(merged.zones),
+            version=merged.version,
+            how="mutual TLS" if self.settings.tls else "insecure, no TLS",
             **self.ports,
         )
 

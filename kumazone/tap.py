@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from kumazone.core.config import ConfigError, load_config, parse_port
+from kumazone.core.config import ConfigError, DnsServerConfig, load_config, parse_port
 from kumazone.core.names import ZONE_NAME
 from kumazone.global_service import GlobalService, GlobalSettings
 from kumazone.sync.tls import TLSFiles
@@ -59,22 +59,9 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        """Check every option; a bad one stops start-up with one line naming it."""
         role = self["role"]
-        if role not in ("zone", "global"):
-            raise _fail(f"--role: {role!r} must be zone or global")
-        if role == "zone":
-            zone = self["zone"]
-            if zone is None:
-                raise _fail("--zone: a zone name is required with --role=zone")
-            if not ZONE_NAME.match(zone):
-                raise _fail(
-                    f"--zone: {zone!r} is not a valid zone name "
-                    "(lower-case letters, digits and '-', at most 63)"
-                )
-        else:
-            for flag in ("zone", "global", "resources"):
-                if self[flag] is not None:
-                    raise _fail(f"--{flag}: {self[flag]!r} is for --role=zone, not global")
+        self._check_role(role)
         for flag in ("diagnostics-port", "api-port", "kds-port"):
             try:
                 self[flag] = parse_port(self[flag])
@@ -82,6 +69,35 @@ class Options(usage.Options):
                 raise _fail(f"--{flag}: {self[flag]!r} {e}") from None
         self.global_address = None if self["global"] is None else parse_global(self["global"])
         self.tls = self._tls(syncs=role == "global" or self.global_address is not None)
+        self.dns = self._dns_config()
+        if self["resources"] is not None and not os.path.isdir(self["resources"]):
+            raise _fail(f"--resources: {self['resources']!r} is not a directory")
+        data_dir = self["data-dir"] or os.path.join(
+            "kumazone-data", self["zone"] if role == "zone" else "global"
+        )
+        self["data-dir"] = data_dir
+        self.store_path = self._store_path(self["store"], data_dir)
+
+    def _check_role(self, role: str) -> None:
+        """The role is known, and the flags given are ones it takes."""
+        if role not in ("zone", "global"):
+            raise _fail(f"--role: {role!r} must be zone or global")
+        if role == "global":
+            for flag in ("zone", "global", "resources"):
+                if self[flag] is not None:
+                    raise _fail(f"--{flag}: {self[flag]!r} is for --role=zone, not global")
+            return
+        zone = self["zone"]
+        if zone is None:
+            raise _fail("--zone: a zone name is required with --role=zone")
+        if not ZONE_NAME.match(zone):
+            raise _fail(
+                f"--zone: {zone!r} is not a valid zone name "
+                "(lower-case letters, digits and '-', at most 63)"
+            )
+
+    def _dns_config(self) -> DnsServerConfig:
+        """The dnsServer config: the --config file, the environment, then the flags."""
         text = None
         if self["config"] is not None:
             try:
@@ -90,18 +106,11 @@ class Options(usage.Options):
             except (OSError, UnicodeDecodeError) as e:
                 raise _fail(f"--config: {self['config']!r} cannot be read ({e})") from None
         try:
-            self.dns = load_config(
+            return load_config(
                 text, os.environ, {"port": self["dns-port"]}, source_name=self["config"] or ""
             )
         except ConfigError as e:
             raise _fail(str(e)) from None
-        if self["resources"] is not None and not os.path.isdir(self["resources"]):
-            raise _fail(f"--resources: {self['resources']!r} is not a directory")
-        data_dir = self["data-dir"] or os.path.join(
-            "kumazone-data", self["zone"] if role == "zone" else "global"
-        )
-        self["data-dir"] = data_dir
-        self.store_path = self._store_path(self["store"], data_dir)
 
     def _tls(self, syncs: bool) -> TLSFiles | None:
         given = [f for f in ("tls-cert", "tls-key", "tls-ca") if self[f] is not None]

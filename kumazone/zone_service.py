@@ -72,41 +72,15 @@ class ZoneService(ControlPlane):
 
     def _start(self) -> None:
         settings = self.settings
-        store = self._store = SQLiteStore(settings.store_path)
-        federated = settings.global_address is not None
-        zone = Zone(
-            settings.zone,
-            settings.dns,
-            store,
-            warn=lambda m: self.log.warn(m),
-            federated=federated,
+        zone = self.zone = self._open_zone()
+        self._load_resources(zone)
+        clock = self.reactor
+        self.addService(
+            TimerService(TICK_INTERVAL, self._guarded, lambda: zone.tick(clock.seconds()))
         )
-        self.zone = zone
-        zone.listeners.append(self._update_gauges)
-        now = self.reactor.seconds
-        loaded = 0
-        if settings.resources_dir is not None:
-            directory = ResourceDirectory(settings.resources_dir, zone, self.metrics, self.reactor)
-            loaded = directory.scan()
-            self.addService(TimerService(SCAN_INTERVAL, self._guarded, directory.scan))
-        if not loaded:
-            zone.update(now())  # the scan reconciled already if it loaded anything
-        self.addService(TimerService(TICK_INTERVAL, self._guarded, lambda: zone.tick(now())))
         if settings.global_address is not None:
             self._connect_global(zone, settings.global_address)
-
-        nameservers = (
-            [] if settings.dns_interface in ("", "0.0.0.0", "::") else [settings.dns_interface]
-        )
-        authority = MeshAuthority(settings.dns, nameservers)
-        authority.update(zone.snapshot)
-        zone.listeners.append(authority.update)
-        factory = KumaDNSServerFactory(
-            authority, mesh_lookup(lambda: zone.snapshot), self.metrics, self.reactor
-        )
-        # After the authority has the new table, no old answer may be served.
-        zone.listeners.append(lambda snapshot: factory.hot.clear())
-        self.ports["dns"] = self._listen_dns(factory)
+        self.ports["dns"] = self._listen_dns(self._dns_factory(zone))
         self._listen_web(
             ApiResource(zone, self.metrics, self.reactor, self._sync_status),
             settings.api_port,
@@ -114,11 +88,54 @@ class ZoneService(ControlPlane):
             settings.diagnostics_port,
             settings.diagnostics_interface,
         )
+        self._log_started(zone)
+
+    def _open_zone(self) -> Zone:
+        """The zone over its store, as the store left it."""
+        settings = self.settings
+        store = self._store = SQLiteStore(settings.store_path)
+        zone = Zone(
+            settings.zone,
+            settings.dns,
+            store,
+            warn=lambda m: self.log.warn(m),
+            federated=settings.global_address is not None,
+        )
+        zone.listeners.append(self._update_gauges)
+        return zone
+
+    def _load_resources(self, zone: Zone) -> None:
+        """Load the resources directory (watched from now on) and reconcile once."""
+        loaded = 0
+        if self.settings.resources_dir is not None:
+            directory = ResourceDirectory(
+                self.settings.resources_dir, zone, self.metrics, self.reactor
+            )
+            loaded = directory.scan()
+            self.addService(TimerService(SCAN_INTERVAL, self._guarded, directory.scan))
+        if not loaded:
+            zone.update(self.reactor.seconds())  # a scan that loaded anything reconciled
+
+    def _dns_factory(self, zone: Zone) -> KumaDNSServerFactory:
+        """The DNS server factory over an authority that follows the zone's table."""
+        interface = self.settings.dns_interface
+        nameservers = [] if interface in ("", "0.0.0.0", "::") else [interface]
+        authority = MeshAuthority(self.settings.dns, nameservers)
+        authority.update(zone.snapshot)
+        zone.listeners.append(authority.update)
+        factory = KumaDNSServerFactory(
+            authority, mesh_lookup(lambda: zone.snapshot), self.metrics, self.reactor
+        )
+        # After the authority has the new table, no old answer may be served.
+        zone.listeners.append(lambda snapshot: factory.hot.clear())
+        return factory
+
+    def _log_started(self, zone: Zone) -> None:
         snapshot = zone.snapshot
         self.log.info(
             "zone {zone} serving {count} service(s), table version {version}; "
             "DNS on {dns}/udp+tcp, API on {api}, diagnostics on {diagnostics}",
-            zone=settings.zone,
+            zone=self.settings.zone,
             count=len(snapshot.entries),
             version=snapshot.version,
             **self.ports,

@@ -140,48 +140,80 @@ def load_config(
 ) -> DnsServerConfig:
     """The config from a YAML text, overridden by C{environ}, overridden by C{flags}.
 
-    C{flags} maps field names (``port``) to raw values.
+    C{flags} maps field names (C{port}) to raw values; a flag of None is not given.
+    Raises L{ConfigError} with one line naming the key and the value.
     """
     values: dict[str, Any] = {}
     if yaml_text is not None:
-        try:
-            document = yaml.safe_load(yaml_text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{source_name}: not valid YAML{where}") from None
-        if document is None:
-            document = {}
-        if not isinstance(document, dict):
-            raise ConfigError(f"{source_name}: must be a mapping with a dnsServer key")
-        for key, value in document.items():
-            if key != "dnsServer":
-                raise ConfigError(
-                    f"{_show(key)}: {_brief(value)} unknown key (only dnsServer is read)"
-                )
-        section = document.get("dnsServer")
-        if section is None:
-            section = {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"dnsServer: {section!r} must be a mapping")
-        for key, value in section.items():
-            if key not in _KEYS:
-                known = ", ".join(_KEYS)
-                raise ConfigError(
-                    f"dnsServer.{_show(key)}: {_brief(value)} unknown key (known: {known})"
-                )
-            field, _, parser = _KEYS[key]
-            values[field] = _parse(f"dnsServer.{key}", value, parser)
-    for _key, (field, variable, parser) in _KEYS.items():
-        if variable in environ:
-            values[field] = _parse(variable, environ[variable], parser)
-    flag_names = {"port": "--dns-port"}
-    for field, value in (flags or {}).items():
+        values.update(_from_file(_dns_server_section(yaml_text, source_name)))
+    values.update(_from_environment(environ))
+    values.update(_from_flags(flags or {}))
+    return _checked(replace(DnsServerConfig(), **values))
+
+
+def _dns_server_section(yaml_text: str, source_name: str) -> dict[Any, Any]:
+    """The C{dnsServer} mapping of a config file; every other top-level key is an error."""
+    try:
+        document = yaml.safe_load(yaml_text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source_name}: not valid YAML{where}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ConfigError(f"{source_name}: must be a mapping with a dnsServer key")
+    for key, value in document.items():
+        if key != "dnsServer":
+            raise ConfigError(f"{_show(key)}: {_brief(value)} unknown key (only dnsServer is read)")
+    section = document.get("dnsServer")
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"dnsServer: {section!r} must be a mapping")
+    return section
+
+
+def _from_file(section: Mapping[Any, Any]) -> dict[str, Any]:
+    """Field values from the file's C{dnsServer} keys."""
+    values: dict[str, Any] = {}
+    for key, value in section.items():
+        if key not in _KEYS:
+            known = ", ".join(_KEYS)
+            raise ConfigError(
+                f"dnsServer.{_show(key)}: {_brief(value)} unknown key (known: {known})"
+            )
+        field, _, parser = _KEYS[key]
+        values[field] = _parse(f"dnsServer.{key}", value, parser)
+    return values
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Field values from the C{KUMA_DNS_SERVER_*} variables that are set."""
+    return {
+        field: _parse(variable, environ[variable], parser)
+        for field, variable, parser in _KEYS.values()
+        if variable in environ
+    }
+
+
+#: The command-line flag that sets a field, for error lines.
+_FLAG_NAMES = {"port": "--dns-port"}
+
+
+def _from_flags(flags: Mapping[str, object]) -> dict[str, Any]:
+    """Field values from the flags that were given."""
+    values: dict[str, Any] = {}
+    for field, value in flags.items():
         if value is None:
             continue
         parser = next(p for f, _, p in _KEYS.values() if f == field)
-        values[field] = _parse(flag_names.get(field, field), value, parser)
-    config = replace(DnsServerConfig(), **values)
+        values[field] = _parse(_FLAG_NAMES.get(field, field), value, parser)
+    return values
+
+
+def _checked(config: DnsServerConfig) -> DnsServerConfig:
+    """C{config}, if its values agree with one another."""
     if config.cidr6.num_addresses < config.cidr.num_addresses:
         raise ConfigError(
             f"dnsServer.CIDRv6: {str(config.cidr6)!r} is smaller than dnsServer.CIDR "

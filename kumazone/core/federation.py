@@ -1,6 +1,7 @@
 """Federation logic, pure: the global's merged table and a zone's view of it.
 
-L{MergedTable} merges every zone's inventory, allocates with the same rules as a
+L{Federation} is the global's core object: the merged table kept equal to its
+store.  L{MergedTable} merges every zone's inventory, allocates with the same rules as a
 standalone zone (L{VipAllocator}), keeps a bounded change log so that a zone that
 comes back gets only what changed since the version it holds, and records each
 zone's state.  L{FederatedView} is a zone's table: the global's rows plus
@@ -9,13 +10,18 @@ provisional VIPs for local services the global has not allocated yet.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kumazone.core.messages import Inventory, ProtocolError, Row, TableUpdate
+from kumazone.core.storage import Store, StoreChanges, StoreError
 from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta, VipAllocator, VipRange
 
-__all__ = ["FederatedView", "MergedTable", "ZoneRecord"]
+if TYPE_CHECKING:
+    from kumazone.core.config import DnsServerConfig
+
+__all__ = ["FederatedView", "Federation", "MergedTable", "ZoneRecord"]
 
 #: Versions kept in the change log; a zone further behind gets the whole table.
 CHANGE_LOG_VERSIONS = 1024
@@ -281,3 +287,80 @@ class FederatedView:
         for key in sorted(merged):
             provisional = key in self.provisional
             yield key, merged[key].offset, merged[key].zones, provisional
+
+
+class Federation:
+    """The global's core: the merged table kept equal to its store.
+
+    It restores the table from the store at start-up (allocating anew when the
+    VIP range changed), persists every change, and after a failed write puts the
+    table back to what the store holds, so that nothing unstored is pushed.
+    """
+
+    def __init__(
+        self,
+        config: DnsServerConfig,
+        store: Store,
+        table_id: str,
+        warn: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        """
+        @param table_id: this process's table id, new at every start, so that a
+            zone takes the whole table rather than changes from a version this
+            process may never have had.
+        """
+        self.store = store
+        self.table_id = table_id
+        self._range_id = f"{config.cidr} {config.cidr6}"
+        state = store.load()
+        allocations, holds, reset = state.allocations, state.holds, False
+        if state.vip_range and state.vip_range != self._range_id:
+            warn(
+                f"VIP range changed from {state.vip_range} to {self._range_id}: "
+                "every VIP is allocated anew"
+            )
+            allocations, holds, reset = [], [], True
+        self.merged = MergedTable(
+            VipRange(config.cidr, config.cidr6),
+            config.hold_down,
+            allocations,
+            holds,
+            state.table_version,
+            state.zones,
+        )
+        for record in self.merged.zones.values():
+            record.connected = False
+        store.commit(StoreChanges(table_id=table_id, vip_range=self._range_id, reset_table=reset))
+
+    def persist(
+        self, delta: TableDelta | None, zones: Iterable[str], deleted: Iterable[str]
+    ) -> None:
+        """Store a change: the table delta, the records of C{zones}, C{deleted} zones.
+
+        Raises L{StoreError} after putting the table back to what the store holds.
+        """
+        merged = self.merged
+        try:
+            self.store.commit(
+                StoreChanges(
+                    delta=delta,
+                    table_version=merged.version,
+                    zones_put=tuple(merged.zones[z] for z in zones if z in merged.zones),
+                    zones_deleted=tuple(deleted),
+                )
+            )
+        except StoreError:
+            self._recover()
+            raise
+
+    def _recover(self) -> None:
+        """After a failed write: memory goes back to what the store holds."""
+        stored = self.store.load()
+        self.merged.restore(stored.allocations, stored.holds, stored.table_version, stored.zones)
+
+    def tick(self, now: float) -> TableDelta | None:
+        """Periodic work: expire hold-downs and retry a full range when due; the change, if any."""
+        if not self.merged.allocator.due(now):
+            return None
+        delta = self.merged.reconcile(now)
+        return delta if delta.anything else None

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from kumazone.core.federation import ZoneRecord
 from kumazone.core.resources import Resource, ResourceKey
 from kumazone.core.vips import Allocation, Hold, TableDelta
+
+if TYPE_CHECKING:
+    # federation.py depends on this interface; its ZoneRecord only annotates here.
+    from kumazone.core.federation import ZoneRecord
 
 __all__ = ["Store", "StoreChanges", "StoreError", "StoredState"]
 

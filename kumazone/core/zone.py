@@ -318,43 +318,59 @@ class Zone:
                 self._warn(f"a listener of the table failed: {type(e).__name__}: {e}")
 
     def _build_snapshot(self) -> ZoneSnapshot:
+        """The view the DNS server and the API serve, from the table and the inventory."""
+        entries = self._build_entries()
+        resources = self.resources()
         vip_range = self.table.range
-        entries = []
+        return ZoneSnapshot(
+            version=self.table.version,
+            entries=tuple(entries),
+            mesh_of_address=self._mesh_of_address(resources),
+            exhausted=tuple(sorted(self.table.exhausted)),
+            range_size=vip_range.size,
+            range_used=len(entries),
+            meshes=_meshes(resources),
+            zone=self.name,
+        )
+
+    def _build_entries(self) -> list[VipEntry]:
+        """One entry per served service, sorted; an unchanged service keeps its entry."""
         if len(self._names) > 2 * len(self._entries) + 1024:
             self._names.clear()
         previous, self._entries = self._entries, {}
         claimed: dict[tuple[str, str], str] = {}
+        entries = []
         for key, offset, zones, provisional in self.table.served():
             names = self._names.get(key.service)
             if names is None:
                 names = self._names[key.service] = service_names(key.service, self.config.domain)
             owned, problems = claim_names(key.mesh, key.service, names, claimed)
             for problem in problems:
-                message = f"service {key}: {problem}"
-                if message not in self._warned:
-                    self._warned.add(message)
-                    self._warn(message)
+                self._warn_once(f"service {key}: {problem}")
+            zones = zones or (self.name,)
             cached = previous.get(key)
             entry = cached[1] if cached is not None and cached[0] == offset else None
-            if (
-                entry is None
-                or entry.names != owned
-                or entry.problems != problems
-                or entry.provisional != provisional
-                or entry.zones != (zones or (self.name,))
+            if entry is None or (entry.names, entry.problems, entry.provisional, entry.zones) != (
+                owned,
+                problems,
+                provisional,
+                zones,
             ):
                 entry = VipEntry(
                     key,
-                    str(vip_range.ipv4(offset)),
-                    str(vip_range.ipv6(offset)),
+                    str(self.table.range.ipv4(offset)),
+                    str(self.table.range.ipv6(offset)),
                     owned,
                     problems,
                     provisional,
-                    zones or (self.name,),
+                    zones,
                 )
             self._entries[key] = (offset, entry)
             entries.append(entry)
-        resources = self.resources()
+        return entries
+
+    def _mesh_of_address(self, resources: Mapping[ResourceKey, Resource]) -> dict[str, str]:
+        """Each Dataplane address to its mesh; an address in several meshes gets none."""
         mesh_of_address: dict[str, str] = {}
         ambiguous: set[str] = set()
         for resource in resources.values():
@@ -363,20 +379,20 @@ class Zone:
                 if first != resource.mesh:
                     ambiguous.add(resource.address)
         for address in sorted(ambiguous):
-            message = f"address {address} is a Dataplane in several meshes; it gets mesh default"
-            if message not in self._warned:
-                self._warned.add(message)
-                self._warn(message)
+            self._warn_once(
+                f"address {address} is a Dataplane in several meshes; it gets mesh default"
+            )
             del mesh_of_address[address]
-        meshes = {DEFAULT_MESH} | {r.mesh for r in resources.values() if r.type != MESH}
-        meshes |= {r.name for r in resources.values() if r.type == MESH}
-        return ZoneSnapshot(
-            version=self.table.version,
-            entries=tuple(entries),
-            mesh_of_address=mesh_of_address,
-            exhausted=tuple(sorted(self.table.exhausted)),
-            range_size=vip_range.size,
-            range_used=len(entries),
-            meshes=tuple(sorted(meshes)),
-            zone=self.name,
-        )
+        return mesh_of_address
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            self._warn(message)
+
+
+def _meshes(resources: Mapping[ResourceKey, Resource]) -> tuple[str, ...]:
+    """Every mesh the inventory names (and the default mesh), sorted."""
+    meshes = {DEFAULT_MESH} | {r.mesh for r in resources.values() if r.type != MESH}
+    meshes |= {r.name for r in resources.values() if r.type == MESH}
+    return tuple(sorted(meshes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from collections.abc import Iterable
 from ipaddress import IPv4Network, IPv6Network
 
@@ -10,9 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kumazone.core.federation import CHANGE_LOG_VERSIONS, FederatedView, MergedTable
+from kumazone.core.config import DnsServerConfig
+from kumazone.core.federation import CHANGE_LOG_VERSIONS, FederatedView, Federation, MergedTable
 from kumazone.core.messages import Inventory, Row, TableUpdate, inventory_messages, table_messages
+from kumazone.core.storage import StoreError
 from kumazone.core.vips import Allocation, ServiceKey, VipRange
+from kumazone.store.sqlite import SQLiteStore
 
 HOLD_DOWN = 3600.0
 BIG = VipRange(IPv4Network("240.0.0.0/4"), IPv6Network("fd00:fd00::/64"))
@@ -626,3 +630,95 @@ def test_provisional_vips_are_what_the_global_allocates(remote, local, others) -
     glob.receive_inventory("zone-1", full(*local), 1.0)
     allocated = offsets(glob)
     assert zone.provisional == {k: allocated[k] for k in zone.provisional}
+
+
+# -- Federation: the merged table kept equal to its store --------------------------------
+
+
+def _federation(path: str, config: DnsServerConfig | None = None) -> Federation:
+    return Federation(config or DnsServerConfig(), SQLiteStore(path), table_id="t-1")
+
+
+Picture = tuple[dict[ServiceKey, int], int, dict[str, set[ServiceKey]]]
+
+
+def _merged_from_store(path: str) -> Picture:
+    store = SQLiteStore(path)
+    try:
+        state = store.load()
+    finally:
+        store.close()
+    return (
+        {a.key: a.offset for a in state.allocations},
+        state.table_version,
+        {z.name: z.services for z in state.zones},
+    )
+
+
+def _memory(
+    federation: Federation,
+) -> tuple[dict[ServiceKey, int], int, dict[str, set[ServiceKey]]]:
+    merged = federation.merged
+    return (
+        offsets(merged),
+        merged.version,
+        {name: record.services for name, record in merged.zones.items()},
+    )
+
+
+def _receive(federation: Federation, zone: str, *keys: ServiceKey, now: float = 0.0) -> None:
+    delta = federation.merged.receive_inventory(zone, full(*keys), now)
+    federation.persist(delta, [zone], [])
+
+
+def test_federation_restores_table_and_zones_from_the_store(tmp_path) -> None:
+    path = str(tmp_path / "global.sqlite3")
+    first = _federation(path)
+    _receive(first, "zone-1", key("redis"), key("web"))
+    before = _memory(first)
+    first.store.close()
+    again = _federation(path)
+    assert _memory(again) == before
+    assert not any(record.connected for record in again.merged.zones.values())
+    assert again.store.load().table_id == "t-1"
+
+
+def test_federation_allocates_anew_when_the_range_changes(tmp_path) -> None:
+    path = str(tmp_path / "global.sqlite3")
+    first = _federation(path)
+    _receive(first, "zone-1", key("redis"))
+    first.store.close()
+    warnings: list[str] = []
+    other = DnsServerConfig(cidr=IPv4Network("241.0.0.0/8"))
+    again = Federation(other, SQLiteStore(path), table_id="t-2", warn=warnings.append)
+    assert offsets(again.merged) == {}
+    assert warnings and "VIP range changed" in warnings[0]
+    assert again.store.load().allocations == []
+
+
+def test_a_failed_write_puts_memory_back_to_the_store(tmp_path) -> None:
+    path = str(tmp_path / "global.sqlite3")
+    federation = _federation(path)
+    _receive(federation, "zone-1", key("redis"))
+    # Another process holds the write lock: BEGIN IMMEDIATE fails ("database is locked").
+    other = sqlite3.connect(path, timeout=0.1)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError):
+            _receive(federation, "zone-1", key("redis"), key("web"), now=1.0)
+    finally:
+        other.rollback()
+        other.close()
+    assert _memory(federation) == _merged_from_store(path)
+    assert key("web") not in offsets(federation.merged)
+
+
+def test_tick_expires_a_hold_down_only_when_due(tmp_path) -> None:
+    path = str(tmp_path / "global.sqlite3")
+    federation = _federation(path)
+    _receive(federation, "zone-1", key("redis"))
+    _receive(federation, "zone-1", now=10.0)
+    hold_down = DnsServerConfig().hold_down
+    assert federation.tick(10.0 + hold_down - 1) is None
+    delta = federation.tick(10.0 + hold_down)
+    assert delta is not None and [h.key for h in delta.holds_dropped] == [key("redis")]

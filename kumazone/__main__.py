@@ -1,4 +1,4 @@
-"""``python -m kumazone``: the same as the ``kumazone`` command."""
+"""C{python -m kumazone}: the same as the C{kumazone} command."""
 
 import sys
 

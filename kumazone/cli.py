@@ -1,4 +1,4 @@
-"""The ``kumazone`` command (also ``python -m kumazone``).
+"""The C{kumazone} command (also C{python -m kumazone}).
 
 kumazone run [twistd plugin options]   run a control plane in the foreground
 kumazone check PATH...                 validate resource files or directories

@@ -143,7 +143,7 @@ class Options(usage.Options):
 
 
 def parse_global(value: str) -> tuple[str, int]:
-    """``HOST``, ``HOST:PORT`` or ``[IPv6]:PORT`` to (host, port); port 5685 by default."""
+    """C{HOST}, C{HOST:PORT} or C{[IPv6]:PORT} to (host, port); port 5685 by default."""
     host, port = value, "5685"
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")

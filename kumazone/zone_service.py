@@ -51,7 +51,7 @@ class ZoneSettings:
 
 
 def mesh_lookup(get_snapshot: Callable[[], ZoneSnapshot]) -> Callable[[str], str]:
-    """A function from a client address to its mesh (``default`` if unknown)."""
+    """A function from a client address to its mesh (C{default} if unknown)."""
 
     def mesh_of(host: str) -> str:
         if host.startswith("::ffff:"):

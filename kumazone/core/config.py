@@ -1,4 +1,4 @@
-"""Configuration: Kuma's ``dnsServer`` keys from YAML, environment, then flags. Pure.
+"""Configuration: Kuma's C{dnsServer} keys from YAML, environment, then flags. Pure.
 
 Every bad value raises L{ConfigError} whose text is one line naming the key and the
 value, so start-up can stop with that line and no traceback.
@@ -29,7 +29,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DnsServerConfig:
-    """The ``dnsServer`` section, validated."""
+    """The C{dnsServer} section, validated."""
 
     domain: str = "mesh"
     port: int = 5653

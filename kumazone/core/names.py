@@ -1,9 +1,9 @@
 """Service names to DNS names: pure functions, no Twisted.
 
-A service ``S`` in domain ``D`` is reachable as ``S.D`` (underscores kept) and as
-the DNS-compliant form with every ``_`` replaced by ``.``.  A form that cannot be a
+A service C{S} in domain C{D} is reachable as C{S.D} (underscores kept) and as
+the DNS-compliant form with every C{_} replaced by C{.}.  A form that cannot be a
 DNS name (a label over 63 octets, a name over 255, an empty label, a character
-outside ``[A-Za-z0-9_.-]``) is left out, with a reason.
+outside C{[A-Za-z0-9_.-]}) is left out, with a reason.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
 
 MAX_LABEL_OCTETS = 63
 MAX_NAME_OCTETS = 255
-#: The subtree ``dns.<domain>`` holds the zone's own NS name; services cannot use it.
+#: The subtree C{dns.<domain>} holds the server's own NS name; services cannot use it.
 NAMESERVER_LABEL = "dns"
 
 _ALLOWED = re.compile(r"\A[A-Za-z0-9_.-]+\Z")

@@ -1,7 +1,7 @@
 """Kuma Universal resources: parsing and validation, pure.
 
 A resource that does not validate raises L{ResourceError} naming the field that is
-wrong, in Kuma's dotted form (``networking.inbound[0].tags``).  Only what kumazone
+wrong, in Kuma's dotted form (C{networking.inbound[0].tags}).  Only what kumazone
 uses is checked in depth; other well-known Kuma fields are accepted as they are,
 unknown top-level fields are refused.
 """
@@ -92,7 +92,7 @@ class Resource:
 
     key: ResourceKey
     raw: bytes
-    #: ``kuma.io/service`` values a Dataplane provides (empty for other types).
+    #: C{kuma.io/service} values a Dataplane provides (empty for other types).
     services: tuple[str, ...] = ()
     #: The Dataplane's networking address, if it is an IP address.
     address: str | None = None

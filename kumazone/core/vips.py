@@ -1,7 +1,7 @@
 """VIP allocation: pure, deterministic, time passed in.
 
 A VIP belongs to a (mesh, service) key.  The candidate offset is a hash of
-``mesh/service`` (SHA-256, first 8 bytes, big-endian) modulo the range size; on a
+C{mesh/service} (SHA-256, first 8 bytes, big-endian) modulo the range size; on a
 collision the next free offset upwards wins, wrapping.  A released VIP is held for
 the hold-down period before another key may take it; the key that held it gets it
 back if it returns first.  The IPv6 VIP sits at the same offset in the v6 range.
@@ -26,7 +26,7 @@ __all__ = [
 
 @dataclass(frozen=True, order=True)
 class ServiceKey:
-    """A service: a ``kuma.io/service`` tag value within one mesh."""
+    """A service: a C{kuma.io/service} tag value within one mesh."""
 
     mesh: str
     service: str

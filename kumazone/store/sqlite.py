@@ -1,7 +1,7 @@
 """The store: resources given through the API and the VIP table, in SQLite.
 
 Every change is one transaction, so a process killed at any moment restarts with a
-consistent table; ``UNIQUE(vip_offset)`` makes a VIP on two services impossible.  No
+consistent table; C{UNIQUE(vip_offset)} makes a VIP on two services impossible.  No
 Twisted here: the zone calls it from the reactor thread (one transaction per change;
 a change of many rows, such as a first load, writes them all in it).
 """
@@ -28,7 +28,7 @@ def _schema(version: int) -> str:
 
 
 class SQLiteStore:
-    """SQLite-backed store; C{path} may be ``:memory:``."""
+    """SQLite-backed store; C{path} may be C{:memory:}."""
 
     def __init__(self, path: str) -> None:
         self.path = path

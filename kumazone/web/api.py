@@ -63,7 +63,7 @@ class HttpError(Exception):
 
 
 def vips_document(snapshot: ZoneSnapshot) -> dict[str, Any]:
-    """The ``GET /vips`` body."""
+    """The C{GET /vips} body."""
     document: dict[str, Any] = {
         "version": snapshot.version,
         "items": [
@@ -281,7 +281,7 @@ def _timestamp(seconds: float) -> str | None:
 class GlobalApiResource(_JsonApi):
     """The global's API: the VIP table and the zones.
 
-    Routes: ``GET /``, ``GET /vips``, ``GET /zones``, ``GET|DELETE /zones/{name}``.
+    Routes: C{GET /}, C{GET /vips}, C{GET /zones}, C{GET|DELETE /zones/{name}}.
     """
 
     def __init__(self, hub: GlobalHub, domain: str, metrics: Metrics, clock: IReactorTime) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from kumazone.core.messages import Inventory, ProtocolError, Row, TableUpdate
 from kumazone.core.storage import Store, StoreChanges, StoreError
@@ -25,6 +25,13 @@ __all__ = ["FederatedView", "Federation", "MergedTable", "ZoneRecord"]
 
 #: Versions kept in the change log; a zone further behind gets the whole table.
 CHANGE_LOG_VERSIONS = 1024
+
+
+class _Change(NamedTuple):
+    """One entry of the change log: the services a version changed."""
+
+    version: int
+    keys: frozenset[ServiceKey]
 
 
 @dataclass
@@ -59,10 +66,11 @@ class MergedTable:
         self.zones: dict[str, ZoneRecord] = {z.name: z for z in zones}
         self._zones_of: dict[ServiceKey, tuple[str, ...]] = self._compute_zones_of()
         #: (version, keys changed in that version), oldest first.
-        self._log: list[tuple[int, frozenset[ServiceKey]]] = []
+        self._log: list[_Change] = []
 
     @property
     def version(self) -> int:
+        """The table's version (the SOA serial zones serve)."""
         return self.allocator.version
 
     def restore(
@@ -148,7 +156,7 @@ class MergedTable:
         if changed and not delta.changed:
             self.allocator.version += 1  # only the zones of some services changed
         if changed:
-            self._log.append((self.version, frozenset(changed)))
+            self._log.append(_Change(self.version, frozenset(changed)))
             del self._log[:-CHANGE_LOG_VERSIONS]
             for record in self.zones.values():
                 if record.behind_since is None:
@@ -156,6 +164,7 @@ class MergedTable:
         return delta
 
     def row(self, key: ServiceKey) -> Row:
+        """The row of service C{key}, as sent to zones."""
         allocation = self.allocator.allocations[key]
         return Row(key.mesh, key.service, allocation.offset, self._zones_of.get(key, ()))
 
@@ -171,7 +180,7 @@ class MergedTable:
         """Rows to upsert and keys to remove to go from C{base} to now; None if too old."""
         if base == self.version:
             return [], []
-        if base > self.version or not self._log or self._log[0][0] > base + 1:
+        if base > self.version or not self._log or self._log[0].version > base + 1:
             return None
         keys: set[ServiceKey] = set()
         for version, changed in self._log:
@@ -211,6 +220,7 @@ class FederatedView:
 
     @property
     def allocations(self) -> Mapping[ServiceKey, Allocation]:
+        """The global's rows and the provisional VIPs, merged."""
         merged = dict(self.global_rows)
         for key, offset in self.provisional.items():
             merged[key] = Allocation(key, offset)

@@ -105,14 +105,17 @@ class Resource:
 
     @property
     def type(self) -> str:
+        """The resource type (C{Dataplane}, C{ExternalService}, C{Mesh})."""
         return self.key.type
 
     @property
     def mesh(self) -> str:
+        """The mesh the resource belongs to ('' for a Mesh itself)."""
         return self.key.mesh
 
     @property
     def name(self) -> str:
+        """The resource's name."""
         return self.key.name
 
 

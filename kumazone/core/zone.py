@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.federation import FederatedView
@@ -45,6 +46,13 @@ class VipEntry:
     problems: tuple[str, ...] = ()
     provisional: bool = False
     zones: tuple[str, ...] = ()
+
+
+class _BuiltEntry(NamedTuple):
+    """An entry of the last snapshot and the offset it was built for."""
+
+    offset: int
+    entry: VipEntry
 
 
 @dataclass(frozen=True)
@@ -88,7 +96,7 @@ class Zone:
         self._wanted: frozenset[ServiceKey] | None = None
         #: Built entries of the last snapshot and names per service: a change of
         #: one service rebuilds one entry, not all of them.
-        self._entries: dict[ServiceKey, tuple[int, VipEntry]] = {}
+        self._entries: dict[ServiceKey, _BuiltEntry] = {}
         self._names: dict[str, ServiceNames] = {}
         self._range_id = f"{config.cidr} {config.cidr6}"
         self.table: VipAllocator | FederatedView
@@ -349,7 +357,7 @@ class Zone:
                 self._warn_once(f"service {key}: {problem}")
             zones = zones or (self.name,)
             cached = previous.get(key)
-            entry = cached[1] if cached is not None and cached[0] == offset else None
+            entry = cached.entry if cached is not None and cached.offset == offset else None
             if entry is None or (entry.names, entry.problems, entry.provisional, entry.zones) != (
                 owned,
                 problems,
@@ -365,7 +373,7 @@ class Zone:
                     provisional,
                     zones,
                 )
-            self._entries[key] = (offset, entry)
+            self._entries[key] = _BuiltEntry(offset, entry)
             entries.append(entry)
         return entries
 

@@ -1,25 +1,16 @@
 """The zone <-> global sync messages: a pure codec, no Twisted.
 
 A frame is a 4-octet big-endian length followed by that many octets of UTF-8
-JSON: one object with ``"v"`` (the protocol version) and ``"t"`` (the message
-type).  Frames are at most L{MAX_FRAME} octets; a large inventory or table goes
-as several ``part`` messages, the last one marked ``last``, so 100,000 services
-never make a frame too large for either side.
+JSON: one object with C{"v"} (the protocol version, L{PROTOCOL_VERSION}) and
+C{"t"} (the message's kind), then the message's own fields.  Frames are at most
+L{MAX_FRAME} octets; a large inventory or table goes as several C{part}
+messages, the last one marked C{last}, so 100,000 services never make a frame
+too large for either side.
 
-Zone to global::
-
-    hello      {zone, have: table version held, table: id of the table held, cidr, cidr6}
-    inventory  {full, part, last, add: [[mesh, service]...], remove: [...]}
-    ack        {version}
-    ping       {}
-
-Global to zone::
-
-    welcome    {version, table: id of the global's table}
-    table      {version, base, full, part, last,
-                upsert: [[mesh, service, offset, [zone...]]...], remove: [[mesh, service]...]}
-    error      {message}
-    ping       {}
+Zone to global: L{Hello} (first), L{Inventory}, L{Ack}.  Global to zone:
+L{Welcome}, L{TableUpdate}.  Both ways: L{Ping}, L{Error}.  Each class's
+docstring gives its JSON object; L{encode} and L{decode} turn one into the
+other.
 """
 
 from __future__ import annotations
@@ -28,10 +19,11 @@ import json
 import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 __all__ = [
     "CHUNK_ITEMS",
+    "KINDS",
     "MAX_FRAME",
     "PROTOCOL_VERSION",
     "Ack",
@@ -58,152 +50,38 @@ CHUNK_ITEMS = 2000
 _LENGTH = struct.Struct("!I")
 
 Key = tuple[str, str]
+_Document = dict[str, Any]
 
 
 class ProtocolError(ValueError):
     """A frame or message that breaks the protocol; the peer is dropped."""
 
 
-@dataclass(frozen=True)
-class Row:
-    """One VIP table row as sent: (mesh, service) at an offset, in some zones."""
-
-    mesh: str
-    service: str
-    offset: int
-    zones: tuple[str, ...] = ()
+# -- reading fields ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Hello:
-    kind: ClassVar[str] = "hello"
-    zone: str
-    have: int = 0
-    table_id: str = ""
-    cidr: str = ""
-    cidr6: str = ""
-
-
-@dataclass(frozen=True)
-class Inventory:
-    kind: ClassVar[str] = "inventory"
-    full: bool
-    part: int = 0
-    last: bool = True
-    add: tuple[Key, ...] = ()
-    remove: tuple[Key, ...] = ()
-
-
-@dataclass(frozen=True)
-class Ack:
-    kind: ClassVar[str] = "ack"
-    version: int
-
-
-@dataclass(frozen=True)
-class Ping:
-    kind: ClassVar[str] = "ping"
-    pass
-
-
-@dataclass(frozen=True)
-class Welcome:
-    kind: ClassVar[str] = "welcome"
-    version: int
-    table_id: str = ""
-
-
-@dataclass(frozen=True)
-class TableUpdate:
-    kind: ClassVar[str] = "table"
-    version: int
-    base: int
-    full: bool
-    part: int = 0
-    last: bool = True
-    upsert: tuple[Row, ...] = field(default=())
-    remove: tuple[Key, ...] = ()
-
-
-@dataclass(frozen=True)
-class Error:
-    kind: ClassVar[str] = "error"
-    message: str
-
-
-Message = Hello | Inventory | Ack | Ping | Welcome | TableUpdate | Error
-
-
-def _body(message: Message) -> dict[str, Any]:
-    if isinstance(message, Hello):
-        return {
-            "t": "hello",
-            "zone": message.zone,
-            "have": message.have,
-            "table": message.table_id,
-            "cidr": message.cidr,
-            "cidr6": message.cidr6,
-        }
-    if isinstance(message, Inventory):
-        return {
-            "t": "inventory",
-            "full": message.full,
-            "part": message.part,
-            "last": message.last,
-            "add": [list(k) for k in message.add],
-            "remove": [list(k) for k in message.remove],
-        }
-    if isinstance(message, Ack):
-        return {"t": "ack", "version": message.version}
-    if isinstance(message, Ping):
-        return {"t": "ping"}
-    if isinstance(message, Welcome):
-        return {"t": "welcome", "version": message.version, "table": message.table_id}
-    if isinstance(message, TableUpdate):
-        return {
-            "t": "table",
-            "version": message.version,
-            "base": message.base,
-            "full": message.full,
-            "part": message.part,
-            "last": message.last,
-            "upsert": [[r.mesh, r.service, r.offset, list(r.zones)] for r in message.upsert],
-            "remove": [list(k) for k in message.remove],
-        }
-    return {"t": "error", "message": message.message}
-
-
-def encode(message: Message) -> bytes:
-    """One frame: length prefix and JSON body."""
-    body = json.dumps({"v": PROTOCOL_VERSION, **_body(message)}, separators=(",", ":"))
-    data = body.encode("utf-8")
-    if len(data) > MAX_FRAME:
-        raise ProtocolError(f"message of {len(data)} octets exceeds {MAX_FRAME}")
-    return _LENGTH.pack(len(data)) + data
-
-
-def _string(document: dict[str, Any], name: str) -> str:
+def _string(document: _Document, name: str) -> str:
     value = document.get(name)
     if not isinstance(value, str):
         raise ProtocolError(f"{name}: must be a string")
     return value
 
 
-def _int(document: dict[str, Any], name: str) -> int:
+def _int(document: _Document, name: str) -> int:
     value = document.get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ProtocolError(f"{name}: must be a non-negative integer")
     return value
 
 
-def _bool(document: dict[str, Any], name: str) -> bool:
+def _bool(document: _Document, name: str) -> bool:
     value = document.get(name)
     if not isinstance(value, bool):
         raise ProtocolError(f"{name}: must be true or false")
     return value
 
 
-def _keys(document: dict[str, Any], name: str) -> tuple[Key, ...]:
+def _keys(document: _Document, name: str) -> tuple[Key, ...]:
     value = document.get(name, [])
     if not isinstance(value, list):
         raise ProtocolError(f"{name}: must be a list")
@@ -219,7 +97,7 @@ def _keys(document: dict[str, Any], name: str) -> tuple[Key, ...]:
     return tuple(keys)
 
 
-def _rows(document: dict[str, Any]) -> tuple[Row, ...]:
+def _rows(document: _Document) -> tuple[Row, ...]:
     value = document.get("upsert", [])
     if not isinstance(value, list):
         raise ProtocolError("upsert: must be a list")
@@ -243,6 +121,261 @@ def _rows(document: dict[str, Any]) -> tuple[Row, ...]:
     return tuple(rows)
 
 
+# -- the messages -----------------------------------------------------------------
+#
+# Each message class has its wire kind ("t"), _fields (its JSON fields, in the
+# order they are written) and _parse (the message from a decoded JSON object).
+
+
+@dataclass(frozen=True)
+class Row:
+    """One VIP table row as sent: (mesh, service) at an offset, in some zones.
+
+    On the wire, inside a L{TableUpdate}: C{[mesh, service, offset, [zone...]]}.
+    """
+
+    mesh: str
+    service: str
+    offset: int
+    zones: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hello:
+    """A zone says who it is, which table it holds and which VIP ranges it uses.
+
+    Zone to global, first on each connection; the global refuses a zone whose
+    name, certificate or ranges do not fit.  On the wire::
+
+        {"v": 1, "t": "hello", "zone": "zone-1", "have": 41, "table": "<table id>",
+         "cidr": "240.0.0.0/4", "cidr6": "fd00:fd00::/64"}
+
+    @ivar zone: the zone's name.
+    @ivar have: the version of the table the zone holds (0: none).
+    @ivar table_id: the id of the global's table it holds (C{"table"}; C{""}: none).
+    @ivar cidr: the zone's IPv4 VIP range.
+    @ivar cidr6: the zone's IPv6 VIP range.
+    """
+
+    kind: ClassVar[str] = "hello"
+    zone: str
+    have: int = 0
+    table_id: str = ""
+    cidr: str = ""
+    cidr6: str = ""
+
+    def _fields(self) -> _Document:
+        return {
+            "zone": self.zone,
+            "have": self.have,
+            "table": self.table_id,
+            "cidr": self.cidr,
+            "cidr6": self.cidr6,
+        }
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        return cls(
+            _string(document, "zone"),
+            _int(document, "have"),
+            _string(document, "table"),
+            _string(document, "cidr"),
+            _string(document, "cidr6"),
+        )
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """A zone's services: all of them (C{full}) or what changed, in parts.
+
+    Zone to global, a full one after L{Hello}, then changes.  On the wire::
+
+        {"v": 1, "t": "inventory", "full": true, "part": 0, "last": true,
+         "add": [[mesh, service]...], "remove": [[mesh, service]...]}
+
+    @ivar full: whether C{add} (over all parts) is the zone's whole inventory.
+    @ivar part: this part's index, from 0.
+    @ivar last: whether this is the last part.
+    """
+
+    kind: ClassVar[str] = "inventory"
+    full: bool
+    part: int = 0
+    last: bool = True
+    add: tuple[Key, ...] = ()
+    remove: tuple[Key, ...] = ()
+
+    def _fields(self) -> _Document:
+        return {
+            "full": self.full,
+            "part": self.part,
+            "last": self.last,
+            "add": [list(k) for k in self.add],
+            "remove": [list(k) for k in self.remove],
+        }
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        return cls(
+            _bool(document, "full"),
+            _int(document, "part"),
+            _bool(document, "last"),
+            _keys(document, "add"),
+            _keys(document, "remove"),
+        )
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A zone holds table version C{version} (sent once a table's last part applied).
+
+    Zone to global.  On the wire::
+
+        {"v": 1, "t": "ack", "version": 42}
+    """
+
+    kind: ClassVar[str] = "ack"
+    version: int
+
+    def _fields(self) -> _Document:
+        return {"version": self.version}
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        return cls(_int(document, "version"))
+
+
+@dataclass(frozen=True)
+class Ping:
+    """A heartbeat: the sender is still there.
+
+    Both ways, every few seconds.  On the wire::
+
+        {"v": 1, "t": "ping"}
+    """
+
+    kind: ClassVar[str] = "ping"
+
+    def _fields(self) -> _Document:
+        return {}
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        return cls()
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """The global accepts a zone: its table's version and id.
+
+    Global to zone, once, in answer to L{Hello}.  On the wire::
+
+        {"v": 1, "t": "welcome", "version": 42, "table": "<table id>"}
+
+    @ivar table_id: the id of the global's table (C{"table"} on the wire).
+    """
+
+    kind: ClassVar[str] = "welcome"
+    version: int
+    table_id: str = ""
+
+    def _fields(self) -> _Document:
+        return {"version": self.version, "table": self.table_id}
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        return cls(_int(document, "version"), _string(document, "table"))
+
+
+@dataclass(frozen=True)
+class TableUpdate:
+    """The VIP table at C{version}: whole (C{full}) or the changes from C{base}, in parts.
+
+    Global to zone, after L{Welcome} and on every change.  On the wire::
+
+        {"v": 1, "t": "table", "version": 42, "base": 41, "full": false,
+         "part": 0, "last": true,
+         "upsert": [[mesh, service, offset, [zone...]]...], "remove": [[mesh, service]...]}
+
+    @ivar base: the version the changes apply to (0 for a full table).
+    @ivar part: this part's index, from 0.
+    @ivar last: whether this is the last part.
+    @ivar upsert: rows added or changed (L{Row}).
+    """
+
+    kind: ClassVar[str] = "table"
+    version: int
+    base: int
+    full: bool
+    part: int = 0
+    last: bool = True
+    upsert: tuple[Row, ...] = field(default=())
+    remove: tuple[Key, ...] = ()
+
+    def _fields(self) -> _Document:
+        return {
+            "version": self.version,
+            "base": self.base,
+            "full": self.full,
+            "part": self.part,
+            "last": self.last,
+            "upsert": [[r.mesh, r.service, r.offset, list(r.zones)] for r in self.upsert],
+            "remove": [list(k) for k in self.remove],
+        }
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        return cls(
+            _int(document, "version"),
+            _int(document, "base"),
+            _bool(document, "full"),
+            _int(document, "part"),
+            _bool(document, "last"),
+            _rows(document),
+            _keys(document, "remove"),
+        )
+
+
+@dataclass(frozen=True)
+class Error:
+    """Why the sender closes the connection (or, from the global, refuses a zone).
+
+    Both ways, just before closing.  On the wire::
+
+        {"v": 1, "t": "error", "message": "VIP ranges differ: ..."}
+    """
+
+    kind: ClassVar[str] = "error"
+    message: str
+
+    def _fields(self) -> _Document:
+        return {"message": self.message}
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        return cls(_string(document, "message"))
+
+
+Message = Hello | Inventory | Ack | Ping | Welcome | TableUpdate | Error
+
+#: Each kind's message class, by its wire kind (C{"t"}).
+KINDS: dict[str, type[Message]] = {
+    cls.kind: cls for cls in (Hello, Inventory, Ack, Ping, Welcome, TableUpdate, Error)
+}
+
+
+# -- frames -----------------------------------------------------------------------
+
+
+def encode(message: Message) -> bytes:
+    """One frame: length prefix and JSON body."""
+    document = {"v": PROTOCOL_VERSION, "t": message.kind, **message._fields()}
+    data = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(data)} octets exceeds {MAX_FRAME}")
+    return _LENGTH.pack(len(data)) + data
+
+
 def decode(data: bytes) -> Message:
     """One frame's body to a message; raises L{ProtocolError} on anything wrong."""
     try:
@@ -255,41 +388,10 @@ def decode(data: bytes) -> Message:
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
     kind = document.get("t")
-    if kind == "hello":
-        return Hello(
-            _string(document, "zone"),
-            _int(document, "have"),
-            _string(document, "table"),
-            _string(document, "cidr"),
-            _string(document, "cidr6"),
-        )
-    if kind == "inventory":
-        return Inventory(
-            _bool(document, "full"),
-            _int(document, "part"),
-            _bool(document, "last"),
-            _keys(document, "add"),
-            _keys(document, "remove"),
-        )
-    if kind == "ack":
-        return Ack(_int(document, "version"))
-    if kind == "ping":
-        return Ping()
-    if kind == "welcome":
-        return Welcome(_int(document, "version"), _string(document, "table"))
-    if kind == "table":
-        return TableUpdate(
-            _int(document, "version"),
-            _int(document, "base"),
-            _bool(document, "full"),
-            _int(document, "part"),
-            _bool(document, "last"),
-            _rows(document),
-            _keys(document, "remove"),
-        )
-    if kind == "error":
-        return Error(_string(document, "message"))
-    raise ProtocolError(f"unknown message type {kind!r}")
+    cls = KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    return cls._parse(document)
 
 
 class FrameDecoder:

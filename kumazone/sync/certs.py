@@ -1,6 +1,6 @@
-"""`kumazone certs`: a CA, the global's server certificate, one client certificate per zone.
+"""C{kumazone certs}: a CA, the global's server certificate, a client certificate per zone.
 
-Run again with the same ``--out`` it reuses the CA and what exists, and adds what
+Run again with the same C{--out} it reuses the CA and what exists, and adds what
 is missing.  Keys are written with mode 0600.  No Twisted here.
 """
 
@@ -111,18 +111,31 @@ def _issue(
 
 
 def _load_or_make_ca(out: Path, now: datetime.datetime) -> tuple[x509.Certificate, _Key, bool]:
+    """The CA in C{out}, made there if missing; and whether it was made."""
     cert_path, key_path = out / "ca.pem", out / "ca-key.pem"
     if cert_path.exists() and key_path.exists():
-        try:
-            certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        except ValueError as e:
-            raise CertError(f"{cert_path} or {key_path} cannot be read: {e}") from None
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise CertError(f"{key_path} is not an EC key made by kumazone certs")
+        certificate, key = _load_ca(cert_path, key_path)
         return certificate, key, False
     if cert_path.exists() or key_path.exists():
         raise CertError(f"{out} has only one of ca.pem and ca-key.pem; remove it or add the other")
+    certificate, key = _make_ca(now)
+    _write_private(key_path, _key_pem(key))
+    _write_public(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
+    return certificate, key, True
+
+
+def _load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, _Key]:
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except ValueError as e:
+        raise CertError(f"{cert_path} or {key_path} cannot be read: {e}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CertError(f"{key_path} is not an EC key made by kumazone certs")
+    return certificate, key
+
+
+def _make_ca(now: datetime.datetime) -> tuple[x509.Certificate, _Key]:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kumazone CA")])
     certificate = (
@@ -151,9 +164,7 @@ def _load_or_make_ca(out: Path, now: datetime.datetime) -> tuple[x509.Certificat
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_private(key_path, _key_pem(key))
-    _write_public(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
-    return certificate, key, True
+    return certificate, key
 
 
 def _covers(path: Path, hosts: Sequence[str]) -> bool:
@@ -167,6 +178,15 @@ def _covers(path: Path, hosts: Sequence[str]) -> bool:
     return set(_names(hosts)) <= set(san)
 
 
+def _check_zone(zone: str) -> None:
+    if zone in RESERVED:
+        raise CertError(f"--zone: {zone!r} is the name of the {zone} files; pick another")
+    if not ZONE_NAME.match(zone):
+        raise CertError(
+            f"--zone: {zone!r} is not a valid zone name (lower-case letters, digits, '-')"
+        )
+
+
 def make_certs(
     out: Path,
     global_hosts: Sequence[str],
@@ -176,12 +196,7 @@ def make_certs(
     """Make (or complete) the certificate set in C{out}; returns what was done."""
     now = now or datetime.datetime.now(datetime.UTC)
     for zone in zones:
-        if zone in RESERVED:
-            raise CertError(f"--zone: {zone!r} is the name of the {zone} files; pick another")
-        if not ZONE_NAME.match(zone):
-            raise CertError(
-                f"--zone: {zone!r} is not a valid zone name (lower-case letters, digits, '-')"
-            )
+        _check_zone(zone)
     out.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key, made = _load_or_make_ca(out, now)
     done = [f"{'made' if made else 'reused'} {out / 'ca.pem'}"]

@@ -1,8 +1,9 @@
-"""The global's side of zone sync: one merged table, one session per zone."""
+"""The global's side of zone sync: one merged table (L{GlobalHub}), a session per zone."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -14,7 +15,6 @@ from kumazone.core.messages import (
     Error,
     Hello,
     Inventory,
-    Message,
     Ping,
     Welcome,
     table_messages,
@@ -61,9 +61,11 @@ class GlobalHub:
         )
 
     def session(self) -> GlobalSession:
+        """A session for a new zone connection."""
         return GlobalSession(self)
 
     def refused(self, reason: str, line: str) -> None:
+        """Count a refused connection under C{reason} and log C{line} (rate-limited)."""
         self.metrics.refused.labels(reason).inc()
         self._refusal_log(line)
 
@@ -83,19 +85,23 @@ class GlobalHub:
         if delta is None:
             return False
         self.changed(delta, [], [name])
-        for label in (
+        self._forget_metrics(name)
+        return True
+
+    def _forget_metrics(self, zone: str) -> None:
+        for gauge in (
             self.metrics.connected,
             self.metrics.table_version,
             self.metrics.lag_versions,
             self.metrics.lag_seconds,
         ):
             try:
-                label.remove(name)
+                gauge.remove(zone)
             except KeyError:
                 pass
-        return True
 
     def update_metrics(self) -> None:
+        """Set each zone's connection and lag gauges."""
         now = self.clock.seconds()
         for name, record in self.merged.zones.items():
             self.metrics.connected.labels(name).set(1 if record.connected else 0)
@@ -107,93 +113,111 @@ class GlobalHub:
             )
 
 
+class _Refusal(NamedTuple):
+    """Why a hello is refused: a metric reason, a log line, the text the zone gets."""
+
+    reason: str
+    line: str
+    why: str
+
+
 class GlobalSession:
-    """One zone's connection to the global."""
+    """One zone's connection to the global: one method per kind of message it takes."""
+
+    #: Who sends a session its messages, as error texts say it.
+    peer_role = "a zone"
 
     def __init__(self, hub: GlobalHub) -> None:
         self.hub = hub
         self.zone: str | None = None
-        #: Set when _hello refused the zone (already logged and counted).
+        #: Set when the hello was refused (already logged and counted).
         self.refused = False
         self.sent_version = -1
         self.proto: SyncProtocol
 
+    @property
+    def awaiting(self) -> str | None:
+        """C{"hello"} until the zone has said who it is; then C{None}."""
+        return "hello" if self.zone is None else None
+
     def connected(self, proto: SyncProtocol) -> None:
+        """A zone connected; it has not said who it is yet."""
         self.proto = proto
 
+    # -- hello --------------------------------------------------------------------
+
+    def hello_received(self, proto: SyncProtocol, hello: Hello) -> None:
+        """Accept the zone (welcome it, send its table) or refuse it."""
+        if self.zone is not None:
+            proto.fail(f"unexpected {hello.kind} from {self.peer_role}")
+            return
+        refusal = (
+            self._name_refusal(hello)
+            or self._certificate_refusal(hello)
+            or self._cidr_refusal(hello)
+        )
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        self._take_over(hello, self.hub.clock.seconds())
+        self._welcome(hello)
+
+    def _name_refusal(self, hello: Hello) -> _Refusal | None:
+        if ZONE_NAME.match(hello.zone):
+            return None
+        return _Refusal(
+            "bad-name",
+            f"zone connection from {self.proto.peer()} refused: {hello.zone[:80]!r} "
+            "is not a zone name",
+            "not a zone name (lower-case letters, digits and '-', at most 63)",
+        )
+
+    def _certificate_refusal(self, hello: Hello) -> _Refusal | None:
+        names = self._certificate_names()
+        if names is None:
+            if not self.hub.require_certificates:
+                return None
+            return _Refusal(
+                "no-certificate",
+                f"zone {hello.zone!r} refused: no client certificate",
+                "a client certificate is required",
+            )
+        if hello.zone in names:
+            return None
+        return _Refusal(
+            "wrong-zone",
+            f"zone connection from {self.proto.peer()} refused: its certificate names "
+            f"{', '.join(sorted(names)) or 'nothing'}, it claims zone {hello.zone!r}",
+            f"certificate does not name zone {hello.zone!r}",
+        )
+
     def _certificate_names(self) -> set[str] | None:
-        transport = self.proto.transport
-        get = getattr(transport, "getPeerCertificate", None)
+        """The names in the zone's certificate; C{None} without TLS."""
+        get = getattr(self.proto.transport, "getPeerCertificate", None)
         if get is None:
             return None
         peer = get()
         return certificate_names(peer) if peer is not None else set()
 
-    def received(self, proto: SyncProtocol, message: Message) -> None:
-        hub = self.hub
-        now = hub.clock.seconds()
-        if self.zone is None:
-            if not isinstance(message, Hello):
-                proto.fail(f"expected hello, got {message.kind}")
-                return
-            self._hello(message, now)
-            return
-        record = hub.merged.zone(self.zone)
-        record.last_contact = now
-        if isinstance(message, Inventory):
-            delta = hub.merged.receive_inventory(self.zone, message, now)
-            if message.last:
-                hub.changed(delta, [self.zone], [])
-        elif isinstance(message, Ack):
-            hub.merged.acknowledge(self.zone, message.version, now)
-            hub.update_metrics()
-        elif isinstance(message, Ping):
-            pass
-        elif isinstance(message, Error):
-            hub.log.warn("zone {zone} reports: {message}", zone=self.zone, message=message.message)
-        else:
-            proto.fail(f"unexpected {message.kind} from a zone")
+    def _cidr_refusal(self, hello: Hello) -> _Refusal | None:
+        cidr, cidr6 = self.hub.cidrs
+        if (hello.cidr, hello.cidr6) == (cidr, cidr6):
+            return None
+        return _Refusal(
+            "cidr",
+            f"zone {hello.zone!r} refused: its CIDRs {hello.cidr} {hello.cidr6} differ "
+            f"from the global's {cidr} {cidr6}",
+            f"VIP ranges differ: zone {hello.cidr} {hello.cidr6}, global {cidr} {cidr6}",
+        )
 
-    def _refuse(self, reason: str, line: str, why: str) -> None:
+    def _refuse(self, refusal: _Refusal) -> None:
         self.refused = True
-        self.hub.refused(reason, line)
-        self.proto.fail(why, log=False)
+        self.hub.refused(refusal.reason, refusal.line)
+        self.proto.fail(refusal.why, log=False)
 
-    def _hello(self, hello: Hello, now: float) -> None:
+    def _take_over(self, hello: Hello, now: float) -> None:
+        """Make this the zone's session, closing any it had before."""
         hub = self.hub
-        if not ZONE_NAME.match(hello.zone):
-            self._refuse(
-                "bad-name",
-                f"zone connection from {self.proto.peer()} refused: {hello.zone[:80]!r} "
-                "is not a zone name",
-                "not a zone name (lower-case letters, digits and '-', at most 63)",
-            )
-            return
-        names = self._certificate_names()
-        if names is None and hub.require_certificates:
-            self._refuse(
-                "no-certificate",
-                f"zone {hello.zone!r} refused: no client certificate",
-                "a client certificate is required",
-            )
-            return
-        if names is not None and hello.zone not in names:
-            self._refuse(
-                "wrong-zone",
-                f"zone connection from {self.proto.peer()} refused: its certificate names "
-                f"{', '.join(sorted(names)) or 'nothing'}, it claims zone {hello.zone!r}",
-                f"certificate does not name zone {hello.zone!r}",
-            )
-            return
-        if (hello.cidr, hello.cidr6) != hub.cidrs:
-            self._refuse(
-                "cidr",
-                f"zone {hello.zone!r} refused: its CIDRs {hello.cidr} {hello.cidr6} differ "
-                f"from the global's {hub.cidrs[0]} {hub.cidrs[1]}",
-                f"VIP ranges differ: zone {hello.cidr} {hello.cidr6}, "
-                f"global {hub.cidrs[0]} {hub.cidrs[1]}",
-            )
-            return
         previous = hub.sessions.get(hello.zone)
         if previous is not None:
             previous.proto.fail("replaced by a new connection from the same zone")
@@ -210,11 +234,47 @@ class GlobalSession:
             peer=self.proto.peer(),
             have=hello.have,
         )
+
+    def _welcome(self, hello: Hello) -> None:
+        """Welcome the zone and send it what it lacks of the table."""
+        hub = self.hub
         self.proto.send(Welcome(hub.merged.version, hub.table_id))
         self.sent_version = hello.have if hello.table_id == hub.table_id else -1
         self.push()
         hub.persist(None, [hello.zone], [])
         hub.update_metrics()
+
+    # -- after hello --------------------------------------------------------------
+
+    def _heard(self) -> tuple[str, float]:
+        """This zone's name and the time now, noted as its last contact."""
+        # The protocol hands a session nothing but a hello until the zone is known.
+        assert self.zone is not None
+        now = self.hub.clock.seconds()
+        self.hub.merged.zone(self.zone).last_contact = now
+        return self.zone, now
+
+    def inventory_received(self, proto: SyncProtocol, inventory: Inventory) -> None:
+        """Take in (a part of) the zone's inventory; after its last part, share the change."""
+        zone, now = self._heard()
+        delta = self.hub.merged.receive_inventory(zone, inventory, now)
+        if inventory.last:
+            self.hub.changed(delta, [zone], [])
+
+    def ack_received(self, proto: SyncProtocol, ack: Ack) -> None:
+        """Note the table version the zone now holds."""
+        zone, now = self._heard()
+        self.hub.merged.acknowledge(zone, ack.version, now)
+        self.hub.update_metrics()
+
+    def ping_received(self, proto: SyncProtocol, ping: Ping) -> None:
+        """The zone is still there."""
+        self._heard()
+
+    def error_received(self, proto: SyncProtocol, error: Error) -> None:
+        """Log what the zone reports."""
+        zone, _now = self._heard()
+        self.hub.log.warn("zone {zone} reports: {message}", zone=zone, message=error.message)
 
     def push(self) -> None:
         """Send what changed since the version this zone was last sent."""
@@ -231,25 +291,27 @@ class GlobalSession:
             self.proto.send(message)
         self.sent_version = table.version
 
+    # -- the end ------------------------------------------------------------------
+
     def disconnected(self, proto: SyncProtocol, reason: Failure) -> None:
-        hub = self.hub
+        """The connection is gone: count it if it never said hello, else mark the zone."""
         if self.zone is None:
-            if self.refused:
-                return  # logged and counted when it was refused
-            hub.refused(
-                "before-hello",
-                f"sync connection from {proto.peer()} closed before hello: "
-                f"{reason.getErrorMessage()}",
-            )
-            return
-        if hub.sessions.get(self.zone) is self:
-            del hub.sessions[self.zone]
-            record = hub.merged.zones.get(self.zone)
-            if record is not None:
-                record.connected = False
-                record.last_contact = hub.clock.seconds()
-                hub.persist(None, [self.zone], [])
-            hub.log.info(
-                "zone {zone} disconnected: {why}", zone=self.zone, why=reason.getErrorMessage()
-            )
-            hub.update_metrics()
+            if not self.refused:  # a refused one was logged and counted then
+                self.hub.refused(
+                    "before-hello",
+                    f"sync connection from {proto.peer()} closed before hello: "
+                    f"{reason.getErrorMessage()}",
+                )
+        elif self.hub.sessions.get(self.zone) is self:
+            self._zone_lost(self.zone, reason)
+
+    def _zone_lost(self, zone: str, reason: Failure) -> None:
+        hub = self.hub
+        del hub.sessions[zone]
+        record = hub.merged.zones.get(zone)
+        if record is not None:
+            record.connected = False
+            record.last_contact = hub.clock.seconds()
+            hub.persist(None, [zone], [])
+        hub.log.info("zone {zone} disconnected: {why}", zone=zone, why=reason.getErrorMessage())
+        hub.update_metrics()

@@ -1,10 +1,11 @@
-"""Zone <-> global sync: framing, heartbeats and silence detection.
+"""Zone <-> global sync: framing, heartbeats, silence detection and dispatch.
 
 L{SyncProtocol} frames messages (L{kumazone.core.messages}), sends a heartbeat
 every C{heartbeat} seconds and drops a peer silent for C{silence} seconds; it
-hands each message to its handler: L{kumazone.sync.global_side.GlobalSession} on
-the global, L{kumazone.sync.zone_side.ZoneSync} on a zone.  Time comes from an
-injected clock.
+hands each message to its handler's method for the message's kind
+(C{<kind>_received}): L{kumazone.sync.global_side.GlobalSession} on the global,
+L{kumazone.sync.zone_side.ZoneSync} on a zone.  Time comes from an injected
+clock.
 """
 
 from __future__ import annotations
@@ -29,15 +30,30 @@ SILENCE = 15.0
 
 
 class Handler(Protocol):
-    """What L{SyncProtocol} calls."""
+    """The sync logic one side puts behind a L{SyncProtocol}.
 
-    def connected(self, proto: SyncProtocol) -> None: ...
-    def received(self, proto: SyncProtocol, message: Message) -> None: ...
-    def disconnected(self, proto: SyncProtocol, reason: Failure) -> None: ...
+    Besides these, a handler has one method per kind of message it takes,
+    C{<kind>_received(proto, message)} (C{hello_received}, C{table_received},
+    ...); a message of any other kind closes the connection as unexpected.
+    """
+
+    @property
+    def peer_role(self) -> str:
+        """Who sends this handler its messages, as error texts say it (C{"a zone"})."""
+
+    @property
+    def awaiting(self) -> str | None:
+        """The kind that must come before any other, or C{None} when any may come."""
+
+    def connected(self, proto: SyncProtocol) -> None:
+        """A connection is up."""
+
+    def disconnected(self, proto: SyncProtocol, reason: Failure) -> None:
+        """The connection is gone."""
 
 
 class SyncProtocol(protocol.Protocol):
-    """Framing, heartbeats and silence detection; logic lives in the handler."""
+    """Framing, heartbeats, silence detection and dispatch; logic lives in the handler."""
 
     log = Logger()
     _silence_log = RateLimiter(burst=10, interval=60.0)
@@ -62,38 +78,45 @@ class SyncProtocol(protocol.Protocol):
         self.closed = False
 
     def connectionMade(self) -> None:
+        """Start the heartbeat and tell the handler."""
         self.last_heard = self.clock.seconds()
+        self._no_delay()
+        self._beat = LoopingCall(self._tick)
+        self._beat.clock = self.clock
+        self._beat.start(self.heartbeat, now=False)
+        self.handler.connected(self)
+
+    def _no_delay(self) -> None:
         # Messages are small and latency matters: no Nagle delay (under TLS the
         # TCP transport is the wrapper's own transport).
         transport: Any = self.transport
         while transport is not None:
             if hasattr(transport, "setTcpNoDelay"):
                 transport.setTcpNoDelay(True)
-                break
+                return
             transport = getattr(transport, "transport", None)
-        self._beat = LoopingCall(self._tick)
-        self._beat.clock = self.clock
-        self._beat.start(self.heartbeat, now=False)
-        self.handler.connected(self)
 
     def _tick(self) -> None:
-        if self.clock.seconds() - self.last_heard > self.silence:
+        now = self.clock.seconds()
+        if now - self.last_heard > self.silence:
             # Anyone can open a connection and stay silent: a bounded log.
-            if SyncProtocol._silence_log.allow(self.clock.seconds()):
+            if SyncProtocol._silence_log.allow(now):
                 self.log.warn(
                     "sync peer {peer} silent for {seconds:.0f}s: dropped",
                     peer=self.peer(),
-                    seconds=self.clock.seconds() - self.last_heard,
+                    seconds=now - self.last_heard,
                 )
             self.abort()
             return
         self.send(Ping())
 
     def peer(self) -> str:
+        """The peer's address as C{host:port}, for logs."""
         address = self.transport.getPeer() if self.transport is not None else None
         return f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
 
     def dataReceived(self, data: bytes) -> None:
+        """Hand every complete message to the handler; close on a protocol error."""
         self.last_heard = self.clock.seconds()
         messages: list[Message] = []
         try:
@@ -101,7 +124,7 @@ class SyncProtocol(protocol.Protocol):
                 messages.append(message)
                 if self.closed:
                     break
-                self.handler.received(self, message)
+                self._dispatch(message)
         except ProtocolError as e:
             self.metrics.refused.labels("protocol").inc()
             self.fail(f"protocol error: {e}")
@@ -112,7 +135,19 @@ class SyncProtocol(protocol.Protocol):
             for message in messages:
                 self.metrics.messages.labels(zone, "in", message.kind.capitalize()).inc()
 
+    def _dispatch(self, message: Message) -> None:
+        awaiting = self.handler.awaiting
+        if awaiting is not None and message.kind != awaiting:
+            self.fail(f"expected {awaiting}, got {message.kind}")
+            return
+        received = getattr(self.handler, f"{message.kind}_received", None)
+        if received is None:
+            self.fail(f"unexpected {message.kind} from {self.handler.peer_role}")
+            return
+        received(self, message)
+
     def send(self, message: Message) -> None:
+        """Send C{message}, unless the connection is closed."""
         if self.closed or self.transport is None:
             return
         data = encode(message)
@@ -133,16 +168,19 @@ class SyncProtocol(protocol.Protocol):
         self.close()
 
     def close(self) -> None:
+        """Close once what was sent is written."""
         if not self.closed and self.transport is not None:
             self.closed = True
             self.transport.loseConnection()
 
     def abort(self) -> None:
+        """Close now, dropping anything unwritten."""
         self.closed = True
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        """Stop the heartbeat and tell the handler."""
         self.closed = True
         if self._beat is not None and self._beat.running:
             self._beat.stop()
@@ -169,6 +207,7 @@ class SyncFactory(protocol.Factory):
         self.silence = silence
 
     def buildProtocol(self, addr: Any) -> SyncProtocol:
+        """A protocol around a new handler."""
         return SyncProtocol(
             self.make_handler(), self.clock, self.metrics, self.heartbeat, self.silence
         )

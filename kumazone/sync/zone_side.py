@@ -13,7 +13,6 @@ from kumazone.core.messages import (
     Ack,
     Error,
     Hello,
-    Message,
     Ping,
     TableUpdate,
     Welcome,
@@ -40,6 +39,10 @@ class ZoneSync:
     """
 
     log = Logger()
+    #: Who sends this handler its messages, as error texts say it.
+    peer_role = "the global"
+    #: Any kind may come first (a refusal comes as an error, without a welcome).
+    awaiting: str | None = None
 
     def __init__(self, zone: Zone, clock: IReactorTime, metrics: SyncMetrics) -> None:
         self.zone = zone
@@ -57,6 +60,7 @@ class ZoneSync:
         )
 
     def connected(self, proto: SyncProtocol) -> None:
+        """Say hello and send the whole inventory."""
         self.proto = proto
         proto.zone = self.zone.name
         table = self.zone.table
@@ -80,6 +84,7 @@ class ZoneSync:
             proto.send(message)
 
     def inventory_changed(self) -> None:
+        """Send the global what changed in the inventory since it was last sent."""
         if self.proto is None or self.proto.closed or self.global_table_id is None:
             return
         wanted = self.zone.wanted()
@@ -90,36 +95,41 @@ class ZoneSync:
         for message in inventory_messages(_pairs(add), _pairs(remove), full=False):
             self.proto.send(message)
 
-    def received(self, proto: SyncProtocol, message: Message) -> None:
-        if isinstance(message, Welcome):
-            self.global_table_id = message.table_id
-            self.connected_since = self.clock.seconds()
-            self.metrics.connected.labels(self.zone.name).set(1)
-            self.log.info(
-                "connected to the global (table version {version})", version=message.version
-            )
-            self.inventory_changed()  # anything that changed while connecting
-        elif isinstance(message, TableUpdate):
-            if self.global_table_id is None:
-                proto.fail("table before welcome")
-                return
-            try:
-                done = self.zone.apply_global(message, self.global_table_id, self.clock.seconds())
-            except ValueError as e:
-                self.force_full = True
-                proto.fail(f"cannot apply table change: {e}; reconnecting for a full table")
-                return
-            if done:
-                self.force_full = False
-                self.last_table_at = self.clock.seconds()
-                self.metrics.table_version.labels(self.zone.name).set(message.version)
-                proto.send(Ack(message.version))
-        elif isinstance(message, Error):
-            self._log_failure(f"the global refused this zone: {message.message}")
-        elif not isinstance(message, Ping):
-            proto.fail(f"unexpected {message.kind} from the global")
+    def welcome_received(self, proto: SyncProtocol, welcome: Welcome) -> None:
+        """The global accepted this zone: send what changed while connecting."""
+        self.global_table_id = welcome.table_id
+        self.connected_since = self.clock.seconds()
+        self.metrics.connected.labels(self.zone.name).set(1)
+        self.log.info("connected to the global (table version {version})", version=welcome.version)
+        self.inventory_changed()  # anything that changed while connecting
+
+    def table_received(self, proto: SyncProtocol, update: TableUpdate) -> None:
+        """Apply (a part of) the global's table; acknowledge it once whole."""
+        if self.global_table_id is None:
+            proto.fail("table before welcome")
+            return
+        now = self.clock.seconds()
+        try:
+            done = self.zone.apply_global(update, self.global_table_id, now)
+        except ValueError as e:
+            self.force_full = True
+            proto.fail(f"cannot apply table change: {e}; reconnecting for a full table")
+            return
+        if done:
+            self.force_full = False
+            self.last_table_at = now
+            self.metrics.table_version.labels(self.zone.name).set(update.version)
+            proto.send(Ack(update.version))
+
+    def error_received(self, proto: SyncProtocol, error: Error) -> None:
+        """Log what the global says before it closes (rate-limited)."""
+        self._log_failure(f"the global refused this zone: {error.message}")
+
+    def ping_received(self, proto: SyncProtocol, ping: Ping) -> None:
+        """The global is still there."""
 
     def disconnected(self, proto: SyncProtocol, reason: Failure) -> None:
+        """Lost the global (or never reached it): keep serving the table held."""
         if self.proto is proto:
             self.proto = None
         if self.global_table_id is not None:

@@ -1,4 +1,4 @@
-"""Tests for kumazone.certs and the `kumazone certs` command."""
+"""Tests for L{kumazone.sync.certs} and the C{kumazone certs} command."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A real federation on loopback: a global and three zones, mutual TLS, real certificates.
 
 One federation is shared by the module (starting it costs a few seconds); every
-test starts from it running and synced (the ``fed`` fixture restarts what an
+test starts from it running and synced (the C{fed} fixture restarts what an
 earlier test left stopped).  Tests that need other processes (impostor zones, an
 insecure pair) start them in a group stopped at the end of the test.
 """
@@ -23,7 +23,6 @@ from typing import Any
 import dns.rcode
 import dns.rdatatype
 import pytest
-import yaml
 
 from tests import builders
 from tests.fedprocess import (
@@ -51,13 +50,9 @@ Row = tuple[str, str]
 # -- resources ---------------------------------------------------------------------
 
 
-def dataplane(name: str, mesh: str, address: str, *services: str) -> dict[str, Any]:
-    return builders.dataplane(name, *services, mesh=mesh, address=address)
-
-
 def write_resources(directory: Path, *documents: dict[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "federation-test.yaml").write_text(yaml.safe_dump_all(documents))
+    (directory / "federation-test.yaml").write_text(builders.as_yaml(*documents))
 
 
 def registered(zone: ZoneProcess) -> set[Key]:
@@ -194,10 +189,12 @@ def federation(
         directory = resources[name] = workdir / f"resources-{name}"
         if name != "zone-3":
             shutil.copytree(REPO / "zones" / name, directory)
-        client = dataplane(f"client-{name}", "payments", PAYMENTS_CLIENT[name], "payments-client")
+        client = builders.dataplane(
+            f"client-{name}", "payments-client", mesh="payments", address=PAYMENTS_CLIENT[name]
+        )
         write_resources(directory, client)
     (resources["zone-3"] / "only-zone-3.yaml").write_text(
-        yaml.safe_dump(dataplane("stock-1", "default", "203.0.113.30", "stock"))
+        builders.as_yaml(builders.dataplane("stock-1", "stock", address="203.0.113.30"))
     )
     # Zone sync listens on the default interface (every address) so that 127.0.0.2,
     # a name its certificate lacks, reaches it too; all traffic stays on loopback.
@@ -319,7 +316,7 @@ def test_random_churn_converges_to_one_table(fed: Federation) -> None:
             status, body = zone.api(
                 "PUT",
                 f"/meshes/{mesh}/dataplanes/{name}",
-                dataplane(name, mesh, address, *chosen),
+                builders.dataplane(name, *chosen, mesh=mesh, address=address),
             )
             assert status == (200 if (mesh, name) in held else 201), (step, body)
             held[(mesh, name)] = chosen
@@ -390,7 +387,7 @@ def test_the_global_exports_sync_metrics(fed: Federation) -> None:
     status, body = zone1.api(
         "PUT",
         "/meshes/default/dataplanes/metrics-1",
-        dataplane("metrics-1", "default", "192.0.2.250", "metrics-probe"),
+        builders.dataplane("metrics-1", "metrics-probe", address="192.0.2.250"),
     )
     assert status in (200, 201), body
 
@@ -543,7 +540,7 @@ def test_a_zone_with_a_certificate_of_another_ca_is_refused(
 ) -> None:
     """The zone trusts the federation's CA, so it is the global that must say no."""
     resources = tmp_path / "resources"
-    write_resources(resources, dataplane("foreign-1", "default", "192.0.2.77", "foreign"))
+    write_resources(resources, builders.dataplane("foreign-1", "foreign", address="192.0.2.77"))
     mark = len(fed.global_.log())
     foreign = start_zone(
         tmp_path,
@@ -618,7 +615,7 @@ def test_insecure_on_both_sides_syncs_without_tls(extra: ProcessGroup, tmp_path:
     global_ = extra.add(GlobalProcess(tmp_path, None, args=["--insecure"]))
     global_.start()
     resources = tmp_path / "resources"
-    write_resources(resources, dataplane("plain-1", "default", "192.0.2.88", "plain"))
+    write_resources(resources, builders.dataplane("plain-1", "plain", address="192.0.2.88"))
     zone = start_zone(
         tmp_path,
         "zone-1",
@@ -662,7 +659,7 @@ def test_a_partition_keeps_every_name_and_heals(fed: Federation) -> None:
     status, body = zone1.api(
         "PUT",
         "/meshes/default/dataplanes/late-1",
-        dataplane("late-1", "default", "192.0.2.240", "late-arrival"),
+        builders.dataplane("late-1", "late-arrival", address="192.0.2.240"),
     )
     assert status == 201, body
     # At once in zone-1, provisional.

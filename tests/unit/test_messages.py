@@ -1,4 +1,4 @@
-"""Tests for kumazone.sync: the zone <-> global wire codec (pure, no Twisted)."""
+"""Tests for L{kumazone.core.messages}: the zone <-> global wire codec (pure, no Twisted)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kumazone.core.messages import (
     CHUNK_ITEMS,
+    KINDS,
     MAX_FRAME,
     PROTOCOL_VERSION,
     Ack,
@@ -123,6 +124,53 @@ def test_frame_body_is_compact_utf8_json_with_type_names() -> None:
         body = encode(message)[4:]
         assert json.loads(body.decode("utf-8"))["t"] == name
         assert b" " not in body
+
+
+#: One message of each kind and its frame as the codec has always written it.
+PINNED: list[tuple[Message, bytes]] = [
+    (
+        Hello("zone-1", 7, "abc", "240.0.0.0/4", "fd00:fd00::/64"),
+        b'\x00\x00\x00h{"v":1,"t":"hello","zone":"zone-1","have":7,"table":"abc",'
+        b'"cidr":"240.0.0.0/4","cidr6":"fd00:fd00::/64"}',
+    ),
+    (
+        Inventory(False, 3, False, (("default", "redis"),), (("m", "gone"),)),
+        b'\x00\x00\x00n{"v":1,"t":"inventory","full":false,"part":3,"last":false,'
+        b'"add":[["default","redis"]],"remove":[["m","gone"]]}',
+    ),
+    (Ack(12), b'\x00\x00\x00\x1e{"v":1,"t":"ack","version":12}'),
+    (Ping(), b'\x00\x00\x00\x12{"v":1,"t":"ping"}'),
+    (
+        Welcome(42, "table-id"),
+        b'\x00\x00\x005{"v":1,"t":"welcome","version":42,"table":"table-id"}',
+    ),
+    (
+        TableUpdate(
+            5,
+            4,
+            False,
+            1,
+            True,
+            (Row("default", "redis", 9, ("zone-1", "zone-2")),),
+            (("m", "gone"),),
+        ),
+        b'\x00\x00\x00\x97{"v":1,"t":"table","version":5,"base":4,"full":false,"part":1,'
+        b'"last":true,"upsert":[["default","redis",9,["zone-1","zone-2"]]],"remove":[["m","gone"]]}',
+    ),
+    (Error("nope: \u00e9"), b'\x00\x00\x00,{"v":1,"t":"error","message":"nope: \\u00e9"}'),
+]
+
+
+@pytest.mark.parametrize(("message", "wire"), PINNED, ids=[m.kind for m, _w in PINNED])
+def test_each_kind_encodes_to_the_same_bytes_as_ever(message: Message, wire: bytes) -> None:
+    assert encode(message) == wire
+    assert decode(wire[4:]) == message
+
+
+def test_every_kind_is_pinned() -> None:
+    kinds = ["ack", "error", "hello", "inventory", "ping", "table", "welcome"]
+    assert sorted(m.kind for m, _w in PINNED) == sorted(KINDS) == kinds
+    assert all(KINDS[m.kind] is type(m) for m, _w in PINNED)
 
 
 @settings(max_examples=300)
@@ -238,7 +286,7 @@ def test_wrong_protocol_version_raises(version: object) -> None:
         decode(json.dumps(document).encode())
 
 
-@pytest.mark.parametrize("kind", ["pong", "", None, 1, "Hello", "HELLO"])
+@pytest.mark.parametrize("kind", ["pong", "", None, 1, "Hello", "HELLO", ["hello"], {"t": 1}])
 def test_unknown_type_raises(kind: object) -> None:
     document: dict[str, Any] = {} if kind is None else {"t": kind}
     with pytest.raises(ProtocolError):

@@ -1,4 +1,4 @@
-"""Tests for kumazone.kds: zone <-> global sync protocols, in memory (no sockets).
+"""Tests for L{kumazone.sync}: zone <-> global sync protocols, in memory (no sockets).
 
 The global (L{GlobalHub} over a L{MergedTable}) and zones (L{ZoneSync} over a
 federated L{Zone}) talk through L{twisted.test.iosim} pumps, or one side is driven
@@ -38,7 +38,6 @@ from kumazone.core.messages import (
     encode,
     inventory_messages,
 )
-from kumazone.core.resources import Resource, parse_resource
 from kumazone.core.vips import ServiceKey, TableDelta, VipRange
 from kumazone.core.zone import Zone
 from kumazone.store.sqlite import SQLiteStore
@@ -48,6 +47,7 @@ from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import HEARTBEAT, SILENCE, SyncFactory, SyncProtocol
 from kumazone.sync.tls import TLSFiles, client_options, server_options
 from kumazone.sync.zone_side import ZoneSync
+from tests.builders import dataplane_resource
 
 CONFIG = load_config(None, {})
 CIDRS = (str(CONFIG.cidr), str(CONFIG.cidr6))
@@ -58,32 +58,15 @@ HOLD_DOWN = 3600.0
 # -- helpers ----------------------------------------------------------------------
 
 
-def dataplane(name: str, *services: str, mesh: str = "default") -> Resource:
-    return parse_resource(
-        {
-            "type": "Dataplane",
-            "mesh": mesh,
-            "name": name,
-            "networking": {
-                "address": "192.0.2.10",
-                "inbound": [
-                    {"port": 1000 + i, "tags": {"kuma.io/service": service}}
-                    for i, service in enumerate(services)
-                ],
-            },
-        }
-    )
-
-
 def make_zone(name: str, *services: str, config: DnsServerConfig = CONFIG) -> Zone:
     zone = Zone(name, config, SQLiteStore(":memory:"), federated=True)
     if services:
-        zone.set_file("/resources/services.yaml", [dataplane(f"{name}-dp", *services)], 0.0)
+        set_services(zone, *services, now=0.0)
     return zone
 
 
 def set_services(zone: Zone, *services: str, now: float = 1.0) -> None:
-    resources = [dataplane(f"{zone.name}-dp", *services)] if services else []
+    resources = [dataplane_resource(f"{zone.name}-dp", *services)] if services else []
     zone.set_file("/resources/services.yaml", resources, now)
 
 
@@ -110,7 +93,11 @@ class Persisted:
 
 
 class Recording:
-    """A sync handler in front of another: records each message, then hands it on."""
+    """A sync handler in front of another: records each message, then hands it on.
+
+    It has the per-kind methods its inner handler has, and no others, so that the
+    protocol refuses the same kinds with it in front.
+    """
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -118,13 +105,20 @@ class Recording:
         self.protos: list[SyncProtocol] = []
         self.lost: list[Failure] = []
 
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.inner, name)  # peer_role, awaiting, <kind>_received
+        if not name.endswith("_received"):
+            return attribute
+
+        def received(proto: SyncProtocol, message: Message) -> None:
+            self.messages.append(message)
+            attribute(proto, message)
+
+        return received
+
     def connected(self, proto: SyncProtocol) -> None:
         self.protos.append(proto)
         self.inner.connected(proto)
-
-    def received(self, proto: SyncProtocol, message: Message) -> None:
-        self.messages.append(message)
-        self.inner.received(proto, message)
 
     def disconnected(self, proto: SyncProtocol, reason: Failure) -> None:
         self.lost.append(reason)
@@ -683,27 +677,86 @@ def test_anything_heard_resets_the_silence() -> None:
 
 
 @pytest.mark.parametrize(
-    "data",
+    "message",
     [
-        encode(Inventory(True, 0, True, (("default", "redis"),))),
-        encode(Ack(1)),
-        encode(Ping()),
-        encode(Welcome(1, "x")),
+        Inventory(True, 0, True, (("default", "redis"),)),
+        Ack(1),
+        Ping(),
+        Welcome(1, "x"),
+        TableUpdate(1, 0, True),
+        Error("x"),
     ],
-    ids=["inventory", "ack", "ping", "welcome"],
+    ids=lambda message: message.kind,
 )
-def test_a_message_before_hello_closes_with_an_error(data: bytes) -> None:
+def test_a_message_before_hello_closes_with_an_error(message: Message) -> None:
     glob = Global(Clock())
     proto, transport = glob.server()
-    proto.dataReceived(data + hello())  # the hello after it is not looked at
+    proto.dataReceived(encode(message) + hello())  # the hello after it is not looked at
     messages = sent(transport)
     assert len(messages) == 1 and isinstance(messages[0], Error)
-    assert "hello" in messages[0].message
+    assert messages[0].message == f"expected hello, got {message.kind}"
     assert transport.disconnecting
     assert glob.hub.sessions == {}
     assert "zone-1" not in glob.table.zones
     proto.connectionLost(Failure(ConnectionDone()))
     assert glob.refused("before-hello") == 1
+
+
+@pytest.mark.parametrize(
+    "message",
+    [Hello("zone-1", 0, "", *CIDRS), Welcome(1, "x"), TableUpdate(1, 0, True)],
+    ids=lambda message: message.kind,
+)
+def test_a_kind_the_global_does_not_take_from_a_zone_closes_it(message: Message) -> None:
+    glob = Global(Clock())
+    proto, transport = glob.server()
+    proto.dataReceived(hello())
+    transport.clear()
+    proto.dataReceived(encode(message))
+    assert sent(transport) == [Error(f"unexpected {message.kind} from a zone")]
+    assert transport.disconnecting
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert glob.hub.sessions == {}
+    assert not glob.table.zones["zone-1"].connected
+
+
+@pytest.mark.parametrize(
+    "message",
+    [Hello("zone-1"), Inventory(True), Ack(1)],
+    ids=lambda message: message.kind,
+)
+def test_a_kind_a_zone_does_not_take_from_the_global_closes_it(message: Message) -> None:
+    zone = ZoneEnd(Clock(), make_zone("zone-1", "redis"))
+    proto = zone.factory().buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(encode(Welcome(0, TABLE_ID)))
+    transport.clear()
+    proto.dataReceived(encode(message))
+    assert sent(transport) == [Error(f"unexpected {message.kind} from the global")]
+    assert transport.disconnecting
+    assert zone.recording.messages == [Welcome(0, TABLE_ID)]
+
+
+def test_messages_are_counted_by_kind_capitalized() -> None:
+    zone = ZoneEnd(Clock(), make_zone("zone-1", "redis"))
+    proto = zone.factory().buildProtocol(None)
+    proto.makeConnection(StringTransport())  # sends a hello and an inventory
+    for message in (Ack(1), Ping(), Welcome(1), TableUpdate(1, 0, True), Error("x")):
+        proto.send(message)
+    proto.dataReceived(encode(Welcome(0, TABLE_ID)) + encode(Ping()))
+    (family,) = [m for m in zone.registry.collect() if m.name == "kumazone_sync_messages"]
+    counted = {
+        (sample.labels["direction"], sample.labels["type"]): sample.value
+        for sample in family.samples
+        if sample.name == "kumazone_sync_messages_total" and sample.labels["zone"] == "zone-1"
+    }
+    out = ["Hello", "Inventory", "Ack", "Ping", "Welcome", "Table", "Error"]
+    assert counted == {
+        **{("out", kind): 1.0 for kind in out},
+        ("in", "Welcome"): 1.0,
+        ("in", "Ping"): 1.0,
+    }
 
 
 @pytest.mark.parametrize(

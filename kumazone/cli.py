@@ -2,6 +2,9 @@
 
 kumazone run [twistd plugin options]   run a control plane in the foreground
 kumazone check PATH...                 validate resource files or directories
+kumazone certs --out DIR ...           make a CA and certificates for zone sync
+kumazone install dns --flavor F ...    print cluster or host DNS config for the domain
+kumazone uninstall dns --flavor F ...  print it again without what install added
 kumazone version
 """
 
@@ -13,10 +16,14 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from kumazone import __version__
 from kumazone.core.resources import Resource, ResourceError, parse_documents
 from kumazone.resource_dir import RESOURCE_SUFFIXES
+
+if TYPE_CHECKING:
+    from kumazone.core.config import DnsServerConfig
 
 __all__ = ["main"]
 
@@ -59,6 +66,115 @@ def check(paths: Sequence[str]) -> int:
     return 1 if errors else 0
 
 
+def _dns_config(path: str | None) -> DnsServerConfig:
+    """The dnsServer config, as C{run} reads it: C{--config}, then the environment."""
+    from kumazone.core.config import ConfigError, load_config
+    from kumazone.install.cluster_dns import InstallError
+
+    text = None
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InstallError(f"--config: {path!r} cannot be read ({e})") from None
+    try:
+        return load_config(text, os.environ, source_name=path or "")
+    except ConfigError as e:
+        raise InstallError(str(e)) from None
+
+
+def install_dns(args: argparse.Namespace, install: bool) -> int:
+    """Print what C{install dns} / C{uninstall dns} give for C{args.flavor}."""
+    from kumazone.install import cluster_dns
+    from kumazone.install.kubectl import read_configmap
+
+    flavor = args.flavor
+    try:
+        config = _dns_config(args.config)
+        if flavor in ("dnsmasq", "unbound") and not install:
+            return _remove_dropin(flavor, args.file)
+        if flavor in cluster_dns.CONFIGMAP_NAMES:
+            text, source = read_configmap(cluster_dns.CONFIGMAP_NAMES[flavor], args.source)
+        if install:
+            address = cluster_dns.parse_cp_address(args.cp_address, config.port)
+            if flavor == "coredns":
+                output = cluster_dns.coredns_install(text, config, address, source)
+            elif flavor == "kube-dns":
+                output = cluster_dns.kube_dns_install(text, config, address, source)
+            elif flavor == "dnsmasq":
+                output = cluster_dns.dnsmasq_dropin(config, address)
+            else:
+                output = cluster_dns.unbound_dropin(config, address)
+        elif flavor == "coredns":
+            output = cluster_dns.coredns_uninstall(text, source)
+        else:
+            output = cluster_dns.kube_dns_uninstall(text, config, source)
+    except cluster_dns.InstallError as e:
+        print(f"kumazone: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(output)
+    return 0
+
+
+def _remove_dropin(flavor: str, path: str | None) -> int:
+    """Delete the drop-in file that C{install dns --flavor flavor} printed."""
+    from kumazone.install.cluster_dns import InstallError, is_dropin
+
+    if path is None:
+        raise InstallError(f"uninstall dns --flavor {flavor} needs --file: the drop-in to remove")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ours = is_dropin(f.read(), flavor)
+        if not ours:
+            raise InstallError(
+                f"--file: {path!r} was not written by kumazone install dns --flavor {flavor}"
+            )
+        os.unlink(path)
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InstallError(f"--file: {path!r} cannot be removed ({reason})") from None
+    print(f"removed {path}: restart or reload {flavor} to stop forwarding")
+    return 0
+
+
+def _add_dns_parsers(commands: Any) -> None:
+    """The C{install dns} and C{uninstall dns} subcommands."""
+    from kumazone.install.cluster_dns import FLAVORS
+
+    for verb, what in (("install", "print"), ("uninstall", "undo")):
+        parser = commands.add_parser(verb, help=f"{what} DNS configuration for the domain")
+        targets = parser.add_subparsers(dest="target", required=True)
+        dns = targets.add_parser(
+            "dns",
+            help="cluster DNS (coredns, kube-dns) or a host forwarder (dnsmasq, unbound)",
+            description="Send the domain and the VIP reverse zones to the control plane: "
+            + (
+                "prints the patched ConfigMap (for kubectl apply -f -) or a drop-in file."
+                if verb == "install"
+                else "prints the ConfigMap without what install added, or removes a drop-in."
+            ),
+        )
+        dns.add_argument("--flavor", required=True, choices=FLAVORS)
+        if verb == "install":
+            dns.add_argument(
+                "--cp-address",
+                required=True,
+                metavar="HOST[:PORT]",
+                help="the control plane's DNS address (port: dnsServer.port, 5653)",
+            )
+        else:
+            dns.add_argument("--file", help="dnsmasq, unbound: the drop-in file to remove")
+        dns.add_argument(
+            "--from",
+            dest="source",
+            metavar="FILE",
+            help="coredns, kube-dns: the current ConfigMap "
+            "(default: kubectl -n kube-system get configmap ... -o yaml)",
+        )
+        dns.add_argument("--config", metavar="FILE", help="YAML file with Kuma's dnsServer keys")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console command."""
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -86,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="a zone to make a client certificate for (repeatable)",
     )
+    _add_dns_parsers(commands)
     commands.add_parser("version", help="print the version")
     args = parser.parse_args(arguments)
     if args.command == "version":
@@ -103,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kumazone certs: {e}", file=sys.stderr)
             return 1
         return 0
+    if args.command in ("install", "uninstall"):
+        return install_dns(args, install=args.command == "install")
     parser.error(f"unknown command {args.command!r}")
     return 2
 

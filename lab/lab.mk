@@ -15,15 +15,28 @@ COMPOSE ?= docker compose
 .PHONY: lab lab-down lab-status lab-tools lab-docker lab-docker-down
 
 # dnsmasq-base is the bare binary: unlike the dnsmasq package it starts no system-wide
-# resolver when installed.
+# resolver when installed.  unbound (with dns-root-data, the root trust anchor) is for
+# tests/lab/test_cluster_dns.py, which runs the binary itself: the system service the
+# package enables is stopped and disabled at once, so nothing holds port 53 on the host
+# or points resolv.conf at it.
 lab-tools:
 	@missing=""; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || missing="$$missing dnsmasq-base"; \
 	command -v dig >/dev/null || missing="$$missing bind9-dnsutils"; \
+	command -v unbound >/dev/null || [ -x /usr/sbin/unbound ] || missing="$$missing unbound"; \
+	[ -f /usr/share/dns/root.key ] || missing="$$missing dns-root-data"; \
 	if [ -n "$$missing" ]; then \
 	  echo "lab: installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  case " $$missing " in *" unbound "*) \
+	    if [ -d /run/systemd/system ]; then \
+	      systemctl disable --now unbound.service unbound-resolvconf.service >/dev/null 2>&1 || true; \
+	    elif [ -x /etc/init.d/unbound ]; then \
+	      /etc/init.d/unbound stop >/dev/null 2>&1 || true; \
+	      update-rc.d unbound disable >/dev/null 2>&1 || true; \
+	    fi;; \
+	  esac; \
 	fi
 
 lab: $(LAB_VENV) lab-tools

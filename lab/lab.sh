@@ -46,8 +46,6 @@ DNS_PORT=5653
 API_PORT=5681
 DIAGNOSTICS_PORT=5680
 KDS_PORT=5685
-# Kumazone's VIP ranges (the defaults): their reverse zones are forwarded as well.
-REVERSE_V6=0.0.0.0.0.0.0.0.0.0.d.f.0.0.d.f.ip6.arpa
 
 say() { printf 'lab: %s\n' "$*"; }
 die() {
@@ -248,10 +246,10 @@ start_control_plane() {
 # -- client resolvers ----------------------------------------------------------------
 
 start_resolver() {
-  local client=$1 ns zone server pidfile log dnsmasq octet
+  local client=$1 ns zone server pidfile log dnsmasq dropin
   ns=$(ns_of "$client")
   zone=${ZONE_OF[$client]}
-  server="${IPV4[$zone]}#$DNS_PORT"
+  server="${IPV4[$zone]}:$DNS_PORT"
   pidfile=$(pidfile_of "$client-dnsmasq")
   log=$(logfile_of "$client-dnsmasq")
   dnsmasq=$(find_dnsmasq)
@@ -267,22 +265,25 @@ start_resolver() {
 nameserver ${IPV4[$client]}
 options timeout:1 attempts:2
 EOF
-  local reverse=(--server="/$REVERSE_V6/$server")
-  for octet in $(seq 240 255); do reverse+=(--server="/$octet.in-addr.arpa/$server"); done
-  # --no-resolv and no server but the zone's: any other name is refused, nothing
-  # leaves the lab.  --cache-size=0: every answer is the control plane's of the moment
-  # (a real cluster resolver would cache for the TTL, 60 s).  Runs as root so that it
-  # can write its log wherever the state directory is.
+  # What to forward (the domain and the VIP reverse zones, as the zones are configured:
+  # same environment) is kumazone's own drop-in, loaded as dnsmasq's one config file.
+  dropin="$STATE/dns/$client-dnsmasq.conf"
+  mkdir -p "$STATE/dns"
+  "$BIN/kumazone" install dns --flavor dnsmasq --cp-address "$server" >"$dropin" ||
+    die "kumazone install dns --flavor dnsmasq --cp-address $server failed"
+  # The rest are this host's settings.  --no-resolv and no server but the drop-in's:
+  # any other name is refused, nothing leaves the lab.  --cache-size=0: every answer
+  # is the control plane's of the moment (a real host resolver would cache for the
+  # TTL, 60 s).  Runs as root so that it can write its log wherever the state is.
   local listen=(--listen-address="${IPV4[$client]}")
   if ((HAVE_IPV6)); then listen+=(--listen-address="${IPV6[$client]}"); fi
-  if ! ip netns exec "$ns" "$dnsmasq" --conf-file=/dev/null --user=root --group=root \
+  if ! ip netns exec "$ns" "$dnsmasq" --conf-file="$dropin" --user=root --group=root \
     --pid-file="$pidfile" --log-facility="$log" --log-queries "${listen[@]}" --bind-interfaces \
-    --port=53 --no-resolv --no-hosts --no-poll --domain-needed --cache-size=0 \
-    --server="/mesh/$server" "${reverse[@]}"; then
+    --port=53 --no-resolv --no-hosts --no-poll --domain-needed --cache-size=0; then
     tail_log "$client-dnsmasq"
     die "$client's resolver (dnsmasq) did not start (log: $log)"
   fi
-  say "$client up in $ns: resolver dnsmasq on ${IPV4[$client]}:53 -> mesh. at $zone ($server)"
+  say "$client up in $ns: resolver dnsmasq on ${IPV4[$client]}:53 -> mesh. at $zone ($server), config $dropin"
 }
 
 # -- commands ------------------------------------------------------------------------
@@ -324,7 +325,7 @@ cmd_up() {
   trap 'exit 130' INT TERM HUP PIPE
   # A fresh lab every time: state from an earlier run goes, the CA is kept.
   mkdir -p "$STATE"
-  rm -rf -- "$STATE/data" "$STATE/zones" "$STATE/logs" "$STATE/run" "$STATE/lab.json"
+  rm -rf -- "$STATE/data" "$STATE/zones" "$STATE/logs" "$STATE/run" "$STATE/dns" "$STATE/lab.json"
   mkdir -p "$STATE/data" "$STATE/zones" "$STATE/logs" "$STATE/run"
   cp -r -- "$REPO/zones/zone-1" "$REPO/zones/zone-2" "$STATE/zones/"
 

@@ -14,6 +14,7 @@ import dns.rcode
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
+from tests.builders import as_yaml, dataplane, external_service
 from tests.kzprocess import REPO, TWISTD, ZoneProcess
 
 #: Every flag DESIGN.md names (ports table and "Other flags").
@@ -111,9 +112,7 @@ def test_check_names_the_field_of_a_bad_file(tmp_path: Path) -> None:
     good = (REPO / "zones" / "zone-1" / "default.yaml").read_text()
     (tmp_path / "good.yaml").write_text(good)
     (tmp_path / "bad.yaml").write_text(
-        "type: Dataplane\nmesh: default\nname: broken-1\nnetworking:\n"
-        "  address: 192.0.2.1\n  inbound:\n    - port: 70000\n"
-        "      tags:\n        kuma.io/service: broken\n"
+        as_yaml(dataplane("broken-1", "broken", address="192.0.2.1", port=70000))
     )
     result = run(*kumazone_command(), "check", str(tmp_path))
     assert result.returncode == 1, result.stdout + result.stderr
@@ -126,10 +125,9 @@ def test_check_names_the_field_of_a_bad_file(tmp_path: Path) -> None:
 
 def test_check_a_single_bad_file(tmp_path: Path) -> None:
     path = tmp_path / "es.yaml"
-    path.write_text(
-        "type: ExternalService\nmesh: default\nname: x\n"
-        "tags:\n  app: x\nnetworking:\n  address: example.com:443\n"
-    )
+    document = external_service("x", address="example.com:443")
+    document["tags"] = {"app": "x"}  # no kuma.io/service
+    path.write_text(as_yaml(document))
     result = run(*kumazone_command(), "check", str(path))
     assert result.returncode == 1
     assert 'tags["kuma.io/service"]' in result.stdout + result.stderr
@@ -266,15 +264,7 @@ def test_metrics_follow_the_table(zone_process) -> None:
     status, _ = zone.api(
         "PUT",
         "/meshes/default/dataplanes/m-1",
-        {
-            "type": "Dataplane",
-            "mesh": "default",
-            "name": "m-1",
-            "networking": {
-                "address": "192.0.2.5",
-                "inbound": [{"port": 1, "tags": {"kuma.io/service": "metered"}}],
-            },
-        },
+        dataplane("m-1", "metered", address="192.0.2.5", port=1),
     )
     assert status == 201
     lines = metric_lines(zone)

@@ -10,26 +10,11 @@ from typing import Any
 import dns.rcode
 import dns.rdatatype
 
+from tests.builders import as_yaml, dataplane
 from tests.kzprocess import ZoneProcess
 
 #: The contract says "within a second"; the scan interval is 0.5 s, so 1.5 s is generous.
 LIVE_WITHIN = 1.5
-
-
-def dataplane_yaml(
-    name: str, service: str, port: int = 8080, address: str = "192.0.2.150", mesh: str = "default"
-) -> str:
-    return (
-        "type: Dataplane\n"
-        f"mesh: {mesh}\n"
-        f"name: {name}\n"
-        "networking:\n"
-        f"  address: {address}\n"
-        "  inbound:\n"
-        f"    - port: {port}\n"
-        "      tags:\n"
-        f"        kuma.io/service: {service}\n"
-    )
 
 
 def wait_for(condition: Callable[[], bool], within: float = LIVE_WITHIN) -> float:
@@ -76,7 +61,9 @@ def test_a_file_added_resolves_within_the_limit(zone_process) -> None:
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     assert rcode(zone, "cache.mesh") == dns.rcode.NXDOMAIN
-    (zone.resources / "cache.yaml").write_text(dataplane_yaml("cache-1", "cache"))
+    (zone.resources / "cache.yaml").write_text(
+        as_yaml(dataplane("cache-1", "cache", address="192.0.2.150"))
+    )
     wait_for(resolves(zone, "cache.mesh"))
     assert address_of(zone, "cache.mesh") == [services(zone)["default", "cache"]["vip"]]
     status, body = zone.api("GET", "/meshes/default/dataplanes/cache-1")
@@ -86,26 +73,11 @@ def test_a_file_added_resolves_within_the_limit(zone_process) -> None:
 def test_json_and_yml_files_and_subdirectories_are_read(zone_process) -> None:
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
-    documents = [
-        json.loads(
-            json.dumps(
-                {
-                    "type": "Dataplane",
-                    "mesh": "default",
-                    "name": f"j{n}-1",
-                    "networking": {
-                        "address": "192.0.2.151",
-                        "inbound": [{"port": 80, "tags": {"kuma.io/service": f"json{n}"}}],
-                    },
-                }
-            )
-        )
-        for n in (1, 2)
-    ]
+    documents = [dataplane(f"j{n}-1", f"json{n}", address="192.0.2.151", port=80) for n in (1, 2)]
     (zone.resources / "list.json").write_text(json.dumps(documents))
     (zone.resources / "nested").mkdir()
-    (zone.resources / "nested" / "more.yml").write_text(dataplane_yaml("yml-1", "ymlsvc"))
-    (zone.resources / "notes.txt").write_text(dataplane_yaml("txt-1", "txtsvc"))
+    (zone.resources / "nested" / "more.yml").write_text(as_yaml(dataplane("yml-1", "ymlsvc")))
+    (zone.resources / "notes.txt").write_text(as_yaml(dataplane("txt-1", "txtsvc")))
     for name in ("json1.mesh", "json2.mesh", "ymlsvc.mesh"):
         wait_for(resolves(zone, name))
     assert rcode(zone, "txtsvc.mesh") == dns.rcode.NXDOMAIN
@@ -115,10 +87,10 @@ def test_a_file_changed_takes_effect_within_the_limit(zone_process) -> None:
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     path = zone.resources / "cache.yaml"
-    path.write_text(dataplane_yaml("cache-1", "alpha"))
+    path.write_text(as_yaml(dataplane("cache-1", "alpha")))
     wait_for(resolves(zone, "alpha.mesh"))
 
-    path.write_text(dataplane_yaml("cache-1", "gamma"))  # same size: only the content moves
+    path.write_text(as_yaml(dataplane("cache-1", "gamma")))  # same size: only the content moves
     wait_for(lambda: resolves(zone, "gamma.mesh")() and gone(zone, "alpha.mesh")())
     table = services(zone)
     assert ("default", "alpha") not in table and ("default", "gamma") in table
@@ -135,7 +107,7 @@ def test_a_file_removed_takes_effect_within_the_limit(zone_process) -> None:
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     path = zone.resources / "cache.yaml"
-    path.write_text(dataplane_yaml("cache-1", "cache"))
+    path.write_text(as_yaml(dataplane("cache-1", "cache")))
     wait_for(resolves(zone, "cache.mesh"))
 
     path.unlink()
@@ -154,12 +126,10 @@ def test_one_bad_document_is_logged_once_and_the_others_load(zone_process) -> No
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     before = services(zone)
-    text = "---\n".join(
-        [
-            dataplane_yaml("good-1", "goodone"),
-            dataplane_yaml("bad-1", "badone", port=70000),
-            dataplane_yaml("good-2", "goodtwo"),
-        ]
+    text = as_yaml(
+        dataplane("good-1", "goodone"),
+        dataplane("bad-1", "badone", port=70000),
+        dataplane("good-2", "goodtwo"),
     )
     (zone.resources / "mixed.yaml").write_text(text)
     wait_for(lambda: resolves(zone, "goodone.mesh")() and resolves(zone, "goodtwo.mesh")())
@@ -179,7 +149,7 @@ def test_a_file_edited_into_invalid_yaml_keeps_what_it_had(zone_process) -> None
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     path = zone.resources / "cache.yaml"
-    path.write_text(dataplane_yaml("cache-1", "cache") + "---\n" + dataplane_yaml("q-1", "queue"))
+    path.write_text(as_yaml(dataplane("cache-1", "cache"), dataplane("q-1", "queue")))
     wait_for(lambda: resolves(zone, "cache.mesh")() and resolves(zone, "queue.mesh")())
     table = services(zone)
     version = zone.vips()["version"]
@@ -194,7 +164,7 @@ def test_a_file_edited_into_invalid_yaml_keeps_what_it_had(zone_process) -> None
     assert zone.api("GET", "/meshes/default/dataplanes/cache-1")[0] == 200
 
     # Fixed again: the file's new content replaces the old.
-    path.write_text(dataplane_yaml("cache-1", "cache"))
+    path.write_text(as_yaml(dataplane("cache-1", "cache")))
     wait_for(gone(zone, "queue.mesh"))
     assert address_of(zone, "cache.mesh") == [table["default", "cache"]["vip"]]
 
@@ -203,13 +173,11 @@ def test_a_document_edited_into_a_bad_one_keeps_its_last_good_version(zone_proce
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     path = zone.resources / "pair.yaml"
-    path.write_text(dataplane_yaml("one-1", "one") + "---\n" + dataplane_yaml("two-1", "two"))
+    path.write_text(as_yaml(dataplane("one-1", "one"), dataplane("two-1", "two")))
     wait_for(lambda: resolves(zone, "one.mesh")() and resolves(zone, "two.mesh")())
 
     # two-1 gets a bad port; one-1 is renamed to a new service.
-    path.write_text(
-        dataplane_yaml("one-1", "uno") + "---\n" + dataplane_yaml("two-1", "two", port=0)
-    )
+    path.write_text(as_yaml(dataplane("one-1", "uno"), dataplane("two-1", "two", port=0)))
     wait_for(lambda: resolves(zone, "uno.mesh")() and gone(zone, "one.mesh")())
     assert resolves(zone, "two.mesh")()
     lines = log_lines(zone, "pair.yaml", "networking.inbound[0].port")
@@ -223,11 +191,11 @@ def test_a_service_that_cannot_be_a_dns_name_gets_a_vip_and_a_warning(zone_proce
     half = "b" * 40
     mixed_service = f"{half}_{half}"  # 81 octets with '_', fine as two labels with '.'
     (zone.resources / "long.yaml").write_text(
-        dataplane_yaml("long-1", long_service)
-        + "---\n"
-        + dataplane_yaml("mixed-1", mixed_service)
-        + "---\n"
-        + dataplane_yaml("fine-1", "fine")
+        as_yaml(
+            dataplane("long-1", long_service),
+            dataplane("mixed-1", mixed_service),
+            dataplane("fine-1", "fine"),
+        )
     )
     wait_for(resolves(zone, "fine.mesh"))
     table = services(zone)
@@ -254,7 +222,7 @@ def test_the_same_resource_in_two_files_is_served_once(zone_process) -> None:
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     (zone.resources / "zz-copy.yaml").write_text(
-        dataplane_yaml("redis-1", "stolen", address="192.0.2.99")
+        as_yaml(dataplane("redis-1", "stolen", address="192.0.2.99"))
     )
     wait_for(lambda: bool(log_lines(zone, "zz-copy.yaml", "redis-1")))
     assert rcode(zone, "stolen.mesh") == dns.rcode.NXDOMAIN
@@ -267,12 +235,12 @@ def test_a_resource_moved_to_another_file_stays_served(zone_process) -> None:
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     old, new = zone.resources / "b-old.yaml", zone.resources / "a-new.yaml"
-    old.write_text(dataplane_yaml("cache-1", "cache") + "---\n" + dataplane_yaml("q-1", "queue"))
+    old.write_text(as_yaml(dataplane("cache-1", "cache"), dataplane("q-1", "queue")))
     wait_for(lambda: resolves(zone, "cache.mesh")() and resolves(zone, "queue.mesh")())
     vip = services(zone)["default", "cache"]["vip"]
 
-    new.write_text(dataplane_yaml("cache-1", "cache"))
-    old.write_text(dataplane_yaml("q-1", "queue"))
+    new.write_text(as_yaml(dataplane("cache-1", "cache")))
+    old.write_text(as_yaml(dataplane("q-1", "queue")))
     time.sleep(LIVE_WITHIN)
     assert address_of(zone, "cache.mesh") == [vip]
     assert services(zone)["default", "cache"]["vip"] == vip
@@ -284,7 +252,7 @@ def test_a_file_renamed_keeps_its_services_and_vips(zone_process) -> None:
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     path = zone.resources / "cache.yaml"
-    path.write_text(dataplane_yaml("cache-1", "cache"))
+    path.write_text(as_yaml(dataplane("cache-1", "cache")))
     wait_for(resolves(zone, "cache.mesh"))
     vip = services(zone)["default", "cache"]["vip"]
 
@@ -299,7 +267,7 @@ def test_a_file_with_yaml_timestamps_is_served_by_the_api(zone_process) -> None:
     zone: ZoneProcess = zone_process()
     assert zone.resources is not None
     (zone.resources / "timed.yaml").write_text(
-        dataplane_yaml("timed-1", "timed").replace(
+        as_yaml(dataplane("timed-1", "timed")).replace(
             "type: Dataplane\n", "type: Dataplane\ncreationTime: 2024-01-01T00:00:00Z\n"
         )
     )

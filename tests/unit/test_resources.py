@@ -1,4 +1,4 @@
-"""Tests for kumazone.resources: parsing and validating Kuma Universal resources."""
+"""Tests for kumazone.core.resources: parsing and validating Kuma Universal resources."""
 
 from __future__ import annotations
 
@@ -20,44 +20,7 @@ from kumazone.core.resources import (
     parse_documents,
     parse_resource,
 )
-
-
-def dataplane(**overrides: Any) -> dict[str, Any]:
-    document: dict[str, Any] = {
-        "type": "Dataplane",
-        "mesh": "default",
-        "name": "redis-1",
-        "networking": {
-            "address": "192.0.2.10",
-            "inbound": [{"port": 6379, "tags": {"kuma.io/service": "redis"}}],
-        },
-    }
-    document.update(overrides)
-    return document
-
-
-def external_service(**overrides: Any) -> dict[str, Any]:
-    document: dict[str, Any] = {
-        "type": "ExternalService",
-        "mesh": "default",
-        "name": "httpbin",
-        "tags": {"kuma.io/service": "httpbin"},
-        "networking": {"address": "httpbin.org:443"},
-    }
-    document.update(overrides)
-    return document
-
-
-def gateway_dataplane() -> dict[str, Any]:
-    return {
-        "type": "Dataplane",
-        "mesh": "default",
-        "name": "edge-gw",
-        "networking": {
-            "address": "192.0.2.20",
-            "gateway": {"type": "BUILTIN", "tags": {"kuma.io/service": "edge-gateway"}},
-        },
-    }
+from tests.builders import as_yaml, dataplane, external_service, gateway
 
 
 def assert_field(document: object, field: str) -> ResourceError:
@@ -73,7 +36,7 @@ def assert_field(document: object, field: str) -> ResourceError:
 
 
 def test_valid_dataplane() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis", address="192.0.2.10")
     resource = parse_resource(document)
     assert resource.key == ResourceKey(DATAPLANE, "default", "redis-1")
     assert (resource.type, resource.mesh, resource.name) == (DATAPLANE, "default", "redis-1")
@@ -83,7 +46,7 @@ def test_valid_dataplane() -> None:
 
 
 def test_dataplane_with_several_inbounds_lists_each_service_once() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["inbound"] = [
         {"port": 80, "tags": {"kuma.io/service": "web", "version": "v1"}},
         {"port": 81, "servicePort": 8081, "tags": {"kuma.io/service": "admin"}},
@@ -93,13 +56,13 @@ def test_dataplane_with_several_inbounds_lists_each_service_once() -> None:
 
 
 def test_dataplane_mesh_defaults_to_default() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     del document["mesh"]
     assert parse_resource(document).key == ResourceKey(DATAPLANE, "default", "redis-1")
 
 
 def test_dataplane_with_hostname_address_has_no_ip() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["address"] = "redis.internal"
     resource = parse_resource(document)
     assert resource.address is None
@@ -107,19 +70,20 @@ def test_dataplane_with_hostname_address_has_no_ip() -> None:
 
 
 def test_dataplane_with_ipv6_address() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["address"] = "2001:db8::10"
     assert parse_resource(document).address == "2001:db8::10"
 
 
 def test_dataplane_accepts_known_kuma_fields() -> None:
-    document = dataplane(
-        labels={"team": "a"},
-        creationTime="2024-01-01T00:00:00Z",
-        modificationTime="2024-01-01T00:00:00Z",
-        metrics={"type": "prometheus"},
-        probes={"port": 9000},
-    )
+    document = {
+        **dataplane("redis-1", "redis"),
+        "labels": {"team": "a"},
+        "creationTime": "2024-01-01T00:00:00Z",
+        "modificationTime": "2024-01-01T00:00:00Z",
+        "metrics": {"type": "prometheus"},
+        "probes": {"port": 9000},
+    }
     document["networking"]["advertisedAddress"] = "198.51.100.1"
     document["networking"]["outbound"] = [{"port": 10001, "tags": {"kuma.io/service": "x"}}]
     document["networking"]["transparentProxying"] = {"redirectPortInbound": 15006}
@@ -128,20 +92,20 @@ def test_dataplane_accepts_known_kuma_fields() -> None:
 
 
 def test_valid_gateway_dataplane() -> None:
-    resource = parse_resource(gateway_dataplane())
+    resource = parse_resource(gateway("edge-gw", "edge-gateway"))
     assert resource.key == ResourceKey(DATAPLANE, "default", "edge-gw")
     assert resource.services == ("edge-gateway",)
     assert resource.address == "192.0.2.20"
 
 
 def test_gateway_type_defaults_to_delegated() -> None:
-    document = gateway_dataplane()
+    document = gateway("edge-gw", "edge-gateway")
     del document["networking"]["gateway"]["type"]
     assert parse_resource(document).services == ("edge-gateway",)
 
 
 def test_valid_external_service() -> None:
-    resource = parse_resource(external_service())
+    resource = parse_resource(external_service("httpbin"))
     assert resource.key == ResourceKey(EXTERNAL_SERVICE, "default", "httpbin")
     assert resource.services == ()
     assert resource.address is None
@@ -151,7 +115,7 @@ def test_valid_external_service() -> None:
     "address", ["httpbin.org:443", "192.0.2.1:80", "[2001:db8::1]:443", "a:1", "h.org:65535"]
 )
 def test_external_service_addresses(address: str) -> None:
-    document = external_service()
+    document = external_service("httpbin")
     document["networking"] = {"address": address, "tls": {"enabled": True}}
     assert parse_resource(document).type == EXTERNAL_SERVICE
 
@@ -173,7 +137,7 @@ def test_resource_key_str() -> None:
 
 
 def _inbound(**values: Any) -> dict[str, Any]:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     inbound = document["networking"]["inbound"][0]
     for key, value in values.items():
         if value is _DELETE:
@@ -196,7 +160,7 @@ def test_missing_inbound_port() -> None:
 
 
 def test_bad_inbound_port_in_second_inbound() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["inbound"].append({"port": 99999, "tags": {"kuma.io/service": "b"}})
     assert_field(document, "networking.inbound[1].port")
 
@@ -241,7 +205,7 @@ def test_missing_tags() -> None:
 
 @pytest.mark.parametrize("inbound", [None, "redis", 6379, []])
 def test_inbound_entry_not_a_mapping(inbound: object) -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["inbound"] = [inbound]
     assert_field(document, "networking.inbound[0]")
 
@@ -251,13 +215,13 @@ def test_bad_inbound_address() -> None:
 
 
 def test_inbound_not_a_list() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["inbound"] = {"port": 1}
     assert_field(document, "networking.inbound")
 
 
 def test_no_inbound_and_no_gateway() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["inbound"] = []
     assert_field(document, "networking")
 
@@ -266,47 +230,47 @@ def test_no_inbound_and_no_gateway() -> None:
     "address", ["", "not an address", "-bad.example", "bad.example-", "a_b", "1.2.3.4:80", 5, None]
 )
 def test_bad_networking_address(address: object) -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["address"] = address
     assert_field(document, "networking.address")
 
 
 def test_missing_networking_address() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     del document["networking"]["address"]
     assert_field(document, "networking.address")
 
 
 def test_address_longer_than_253_is_refused() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["address"] = ".".join(["a" * 50] * 6)  # 305 characters
     assert_field(document, "networking.address")
 
 
 @pytest.mark.parametrize("networking", [None, [], "192.0.2.1"])
 def test_networking_not_a_mapping(networking: object) -> None:
-    assert_field(dataplane(networking=networking), "networking")
+    assert_field({**dataplane("redis-1", "redis"), "networking": networking}, "networking")
 
 
 def test_unknown_networking_field() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document["networking"]["adress"] = "192.0.2.1"
     assert_field(document, "networking.adress")
 
 
 @pytest.mark.parametrize("kind", [None, "dataplane", "Service", "", 5, "Dataplanes"])
 def test_bad_type(kind: object) -> None:
-    error = assert_field(dataplane(type=kind), "type")
+    error = assert_field({**dataplane("redis-1", "redis"), "type": kind}, "type")
     assert "Dataplane" in error.message
 
 
 @pytest.mark.parametrize("kind", [[], {}, ["Dataplane"], {"Dataplane": 1}])
 def test_unhashable_type(kind: object) -> None:
-    assert_field(dataplane(type=kind), "type")
+    assert_field({**dataplane("redis-1", "redis"), "type": kind}, "type")
 
 
 def test_missing_type() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     del document["type"]
     assert_field(document, "type")
 
@@ -315,22 +279,22 @@ def test_missing_type() -> None:
     "name", ["", "-redis", "redis-", "red is", "redis/1", ".redis", "r" * 254, None, 5]
 )
 def test_bad_name(name: object) -> None:
-    assert_field(dataplane(name=name), "name")
+    assert_field({**dataplane("redis-1", "redis"), "name": name}, "name")
 
 
 def test_missing_name() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     del document["name"]
     assert_field(document, "name")
 
 
 def test_name_of_253_characters_is_accepted() -> None:
-    assert parse_resource(dataplane(name="r" * 253)).name == "r" * 253
+    assert parse_resource({**dataplane("redis-1", "redis"), "name": "r" * 253}).name == "r" * 253
 
 
 @pytest.mark.parametrize("mesh", ["", "m" * 64, "bad mesh", None, 1])
 def test_bad_mesh(mesh: object) -> None:
-    assert_field(dataplane(mesh=mesh), "mesh")
+    assert_field({**dataplane("redis-1", "redis"), "mesh": mesh}, "mesh")
 
 
 def test_mesh_resource_name_limit() -> None:
@@ -344,19 +308,19 @@ def test_mesh_resource_has_no_mesh_field() -> None:
 
 @pytest.mark.parametrize("field", ["spec", "Name", "meta", "tags"])
 def test_unknown_top_level_field(field: str) -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     document[field] = {}
     error = assert_field(document, field)
     assert "unknown" in error.message
 
 
 def test_unknown_top_level_field_on_external_service() -> None:
-    assert_field(external_service(inbound=[]), "inbound")
+    assert_field({**external_service("httpbin"), "inbound": []}, "inbound")
 
 
 def test_bad_labels() -> None:
-    assert_field(dataplane(labels=["a"]), "labels")
-    assert_field(dataplane(labels={"team": 5}), 'labels["team"]')
+    assert_field({**dataplane("redis-1", "redis"), "labels": ["a"]}, "labels")
+    assert_field({**dataplane("redis-1", "redis"), "labels": {"team": 5}}, 'labels["team"]')
 
 
 @pytest.mark.parametrize("document", [None, [], "Dataplane", 5, 1.5, True])
@@ -369,35 +333,35 @@ def test_non_string_keys() -> None:
 
 
 def test_gateway_with_inbound_is_refused() -> None:
-    document = gateway_dataplane()
+    document = gateway("edge-gw", "edge-gateway")
     document["networking"]["inbound"] = [{"port": 80, "tags": {"kuma.io/service": "x"}}]
     assert_field(document, "networking.inbound")
 
 
 def test_gateway_bad_type() -> None:
-    document = gateway_dataplane()
+    document = gateway("edge-gw", "edge-gateway")
     document["networking"]["gateway"]["type"] = "EXTERNAL"
     assert_field(document, "networking.gateway.type")
 
 
 def test_gateway_without_service_tag() -> None:
-    document = gateway_dataplane()
+    document = gateway("edge-gw", "edge-gateway")
     document["networking"]["gateway"]["tags"] = {"zone": "a"}
     assert_field(document, 'networking.gateway.tags["kuma.io/service"]')
 
 
 def test_gateway_not_a_mapping() -> None:
-    document = gateway_dataplane()
+    document = gateway("edge-gw", "edge-gateway")
     document["networking"]["gateway"] = "BUILTIN"
     assert_field(document, "networking.gateway")
 
 
 def test_external_service_without_service_tag() -> None:
-    assert_field(external_service(tags={"a": "b"}), 'tags["kuma.io/service"]')
+    assert_field({**external_service("httpbin"), "tags": {"a": "b"}}, 'tags["kuma.io/service"]')
 
 
 def test_external_service_without_tags() -> None:
-    document = external_service()
+    document = external_service("httpbin")
     del document["tags"]
     assert_field(document, "tags")
 
@@ -419,7 +383,7 @@ def test_external_service_without_tags() -> None:
     ],
 )
 def test_bad_external_service_address(address: object) -> None:
-    document = external_service()
+    document = external_service("httpbin")
     document["networking"] = {"address": address}
     assert_field(document, "networking.address")
 
@@ -427,13 +391,13 @@ def test_bad_external_service_address(address: object) -> None:
 @pytest.mark.parametrize("port", ["\u00b2", "\u0663", "\uff18\uff10", "+80", " 80", "80 "])
 def test_external_service_port_with_non_ascii_digit_or_sign(port: str) -> None:
     # str.isdigit() accepts '²' (which int() refuses) and '٣' (which int() reads as 3).
-    document = external_service()
+    document = external_service("httpbin")
     document["networking"] = {"address": f"httpbin.org:{port}"}
     assert_field(document, "networking.address")
 
 
 def test_external_service_unknown_networking_field() -> None:
-    document = external_service()
+    document = external_service("httpbin")
     document["networking"]["inbound"] = []
     assert_field(document, "networking.inbound")
 
@@ -446,7 +410,7 @@ def test_error_is_a_value_error_with_field_and_message() -> None:
 
 
 def test_parse_does_not_mutate_the_document() -> None:
-    document = dataplane()
+    document = dataplane("redis-1", "redis")
     before = copy.deepcopy(document)
     parse_resource(document)
     assert document == before
@@ -454,39 +418,15 @@ def test_parse_does_not_mutate_the_document() -> None:
 
 # -- parse_documents -------------------------------------------------------------------
 
-MULTI = """\
-type: Dataplane
-mesh: default
-name: redis-1
-networking:
-  address: 192.0.2.10
-  inbound:
-    - port: 6379
-      tags:
-        kuma.io/service: redis
----
-type: Dataplane
-mesh: default
-name: broken
-networking:
-  address: 192.0.2.11
-  inbound:
-    - port: 99999
-      tags:
-        kuma.io/service: broken
----
-type: ExternalService
-mesh: default
-name: httpbin
-tags:
-  kuma.io/service: httpbin
-networking:
-  address: httpbin.org:443
----
----
-type: Mesh
-name: default
-"""
+MULTI = (
+    as_yaml(
+        dataplane("redis-1", "redis", address="192.0.2.10", port=6379),
+        dataplane("broken", "broken", address="192.0.2.11", port=99999),
+        external_service("httpbin"),
+    )
+    + "---\n---\n"  # an empty document between two
+    + as_yaml({"type": "Mesh", "name": "default"})
+)
 
 
 def test_parse_documents_keeps_good_ones_and_reports_the_bad_one() -> None:
@@ -511,20 +451,26 @@ def test_parse_documents_empty_text() -> None:
 
 
 def test_parse_documents_json() -> None:
-    text = json.dumps(dataplane())
+    text = json.dumps(dataplane("redis-1", "redis"))
     (resource,) = parse_documents(text, json_only=True)
     assert isinstance(resource, Resource)
     assert resource.services == ("redis",)
 
 
 def test_parse_documents_json_list() -> None:
-    text = json.dumps([dataplane(), external_service(), dataplane(name=None)])
+    text = json.dumps(
+        [
+            dataplane("redis-1", "redis"),
+            external_service("httpbin"),
+            {**dataplane("redis-1", "redis"), "name": None},
+        ]
+    )
     results = parse_documents(text, json_only=True)
     assert [type(r) for r in results] == [Resource, Resource, ResourceError]
 
 
 def test_json_is_also_yaml() -> None:
-    (resource,) = parse_documents(json.dumps(dataplane()))
+    (resource,) = parse_documents(json.dumps(dataplane("redis-1", "redis")))
     assert isinstance(resource, Resource)
 
 
@@ -661,20 +607,20 @@ def _mutations() -> st.SearchStrategy[object]:
         return document
 
     paths = [
-        (dataplane(), ["type"]),
-        (dataplane(), ["name"]),
-        (dataplane(), ["mesh"]),
-        (dataplane(), ["networking"]),
-        (dataplane(), ["networking", "address"]),
-        (dataplane(), ["networking", "inbound"]),
-        (dataplane(), ["networking", "inbound", "0"]),
-        (dataplane(), ["networking", "inbound", "0", "tags"]),
-        (dataplane(), ["networking", "inbound", "0", "port"]),
-        (dataplane(), ["networking", "gateway"]),
-        (gateway_dataplane(), ["networking", "gateway", "type"]),
-        (external_service(), ["tags"]),
-        (external_service(), ["networking", "address"]),
-        (external_service(), ["networking"]),
+        (dataplane("redis-1", "redis"), ["type"]),
+        (dataplane("redis-1", "redis"), ["name"]),
+        (dataplane("redis-1", "redis"), ["mesh"]),
+        (dataplane("redis-1", "redis"), ["networking"]),
+        (dataplane("redis-1", "redis"), ["networking", "address"]),
+        (dataplane("redis-1", "redis"), ["networking", "inbound"]),
+        (dataplane("redis-1", "redis"), ["networking", "inbound", "0"]),
+        (dataplane("redis-1", "redis"), ["networking", "inbound", "0", "tags"]),
+        (dataplane("redis-1", "redis"), ["networking", "inbound", "0", "port"]),
+        (dataplane("redis-1", "redis"), ["networking", "gateway"]),
+        (gateway("edge-gw", "edge-gateway"), ["networking", "gateway", "type"]),
+        (external_service("httpbin"), ["tags"]),
+        (external_service("httpbin"), ["networking", "address"]),
+        (external_service("httpbin"), ["networking"]),
         ({"type": "Mesh", "name": "m"}, ["name"]),
     ]
     return st.sampled_from(paths).flatmap(
@@ -722,7 +668,7 @@ def test_parse_documents_never_raises(text: str) -> None:
 
 @example({"type": []})
 @example({"type": {"Dataplane": 1}})
-@example(external_service(networking={"address": "h.org:\u00b2"}))
+@example(external_service("httpbin", address="h.org:\u00b2"))
 @given(json_values)
 def test_values_that_once_raised_other_errors(document: object) -> None:
     _only_resource_errors(document)

@@ -1,4 +1,4 @@
-"""Tests for kumazone.store: the SQLite store."""
+"""Tests for kumazone.store.sqlite: the SQLite store."""
 
 from __future__ import annotations
 
@@ -8,36 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kumazone.core.resources import DATAPLANE, Resource, ResourceKey, parse_resource
+from kumazone.core.resources import DATAPLANE, ResourceKey, parse_resource
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta, VipAllocator, VipRange
 from kumazone.store.sqlite import SCHEMA_VERSION, SQLiteStore
-
-
-def dataplane(name: str, service: str, address: str = "192.0.2.10", mesh: str = "default"):
-    return parse_resource(
-        {
-            "type": "Dataplane",
-            "mesh": mesh,
-            "name": name,
-            "networking": {
-                "address": address,
-                "inbound": [{"port": 8080, "tags": {"kuma.io/service": service}}],
-            },
-        }
-    )
-
-
-def external(name: str) -> Resource:
-    return parse_resource(
-        {
-            "type": "ExternalService",
-            "mesh": "default",
-            "name": name,
-            "tags": {"kuma.io/service": name},
-            "networking": {"address": f"{name}.example:443"},
-        }
-    )
+from tests.builders import dataplane_resource, external_service
 
 
 def by_offset(row: Allocation | Hold) -> int:
@@ -75,8 +50,9 @@ def test_store_creates_missing_directories(path: str) -> None:
 
 def test_round_trip_after_reopen(path: str) -> None:
     store = SQLiteStore(path)
-    redis, web = dataplane("redis-1", "redis"), dataplane("web-1", "web")
-    httpbin = external("httpbin")
+    redis = dataplane_resource("redis-1", "redis", address="192.0.2.10")
+    web = dataplane_resource("web-1", "web")
+    httpbin = parse_resource(external_service("httpbin"))
     delta = TableDelta(
         added=[Allocation(key("redis"), 7), Allocation(key("web"), 3)],
         holds_added=[Hold(key("old"), 11, 1234.5)],
@@ -130,8 +106,8 @@ def test_round_trip_of_a_real_table(path: str) -> None:
 
 
 def test_put_replaces_and_delete_removes(store: SQLiteStore) -> None:
-    store.commit(StoreChanges(puts=[dataplane("redis-1", "redis")]))
-    store.commit(StoreChanges(puts=[dataplane("redis-1", "cache", address="192.0.2.99")]))
+    store.commit(StoreChanges(puts=[dataplane_resource("redis-1", "redis")]))
+    store.commit(StoreChanges(puts=[dataplane_resource("redis-1", "cache", address="192.0.2.99")]))
     (resource,) = store.load().resources
     assert resource.services == ("cache",)
     assert resource.address == "192.0.2.99"
@@ -184,7 +160,7 @@ def test_hold_taken_back_by_its_key_in_one_commit(store: SQLiteStore) -> None:
 def test_reset_table_clears_vips_and_holds_but_not_resources(store: SQLiteStore) -> None:
     store.commit(
         StoreChanges(
-            puts=[dataplane("redis-1", "redis")],
+            puts=[dataplane_resource("redis-1", "redis")],
             delta=TableDelta(
                 added=[Allocation(key("redis"), 5)], holds_added=[Hold(key("x"), 6, 1.0)]
             ),
@@ -209,7 +185,7 @@ def test_reset_table_clears_vips_and_holds_but_not_resources(store: SQLiteStore)
 
 def test_commit_without_version_keeps_the_version(store: SQLiteStore) -> None:
     store.commit(StoreChanges(table_version=7, vip_range="r"))
-    store.commit(StoreChanges(puts=[dataplane("redis-1", "redis")]))
+    store.commit(StoreChanges(puts=[dataplane_resource("redis-1", "redis")]))
     state = store.load()
     assert (state.table_version, state.vip_range) == (7, "r")
 
@@ -217,7 +193,7 @@ def test_commit_without_version_keeps_the_version(store: SQLiteStore) -> None:
 def _populated(store: SQLiteStore) -> StoredState:
     store.commit(
         StoreChanges(
-            puts=[dataplane("redis-1", "redis")],
+            puts=[dataplane_resource("redis-1", "redis")],
             delta=TableDelta(
                 added=[Allocation(key("redis"), 5)], holds_added=[Hold(key("old"), 6, 9.0)]
             ),
@@ -233,7 +209,7 @@ def test_failing_commit_rolls_back_completely(store: SQLiteStore) -> None:
     with pytest.raises((sqlite3.Error, StoreError)):
         store.commit(
             StoreChanges(
-                puts=[dataplane("web-1", "web")],
+                puts=[dataplane_resource("web-1", "web")],
                 deletes=[ResourceKey(DATAPLANE, "default", "redis-1")],
                 delta=TableDelta(
                     removed=[Allocation(key("redis"), 5)],
@@ -283,7 +259,7 @@ def test_failing_commit_leaves_the_file_intact_for_another_reader(
     with pytest.raises((sqlite3.Error, StoreError)):
         store.commit(
             StoreChanges(
-                puts=[dataplane("web-1", "web")],
+                puts=[dataplane_resource("web-1", "web")],
                 delta=TableDelta(added=[Allocation(key("a"), 2), Allocation(key("b"), 2)]),
             )
         )
@@ -325,7 +301,7 @@ def test_memory_store() -> None:
     assert store.load() == StoredState()
     store.commit(
         StoreChanges(
-            puts=[dataplane("redis-1", "redis")],
+            puts=[dataplane_resource("redis-1", "redis")],
             delta=TableDelta(added=[Allocation(key("redis"), 1)]),
             table_version=1,
         )
@@ -347,7 +323,7 @@ def test_memory_stores_are_independent() -> None:
 
 def test_stored_resource_that_no_longer_validates_is_reported(path: str) -> None:
     store = SQLiteStore(path)
-    store.commit(StoreChanges(puts=[dataplane("redis-1", "redis")]))
+    store.commit(StoreChanges(puts=[dataplane_resource("redis-1", "redis")]))
     store.close()
     db = sqlite3.connect(path)
     db.execute(

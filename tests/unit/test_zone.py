@@ -1,4 +1,4 @@
-"""Tests for kumazone.zone: the inventory and the VIP table, kept with the store."""
+"""Tests for kumazone.core.zone: the inventory and the VIP table, kept with the store."""
 
 from __future__ import annotations
 
@@ -20,27 +20,9 @@ from kumazone.core.storage import StoreError
 from kumazone.core.vips import ServiceKey, VipAllocator
 from kumazone.core.zone import ConflictError, VipEntry, Zone, ZoneSnapshot
 from kumazone.store.sqlite import SQLiteStore
-from tests.builders import dataplane as dataplane_document
+from tests.builders import dataplane_resource, external_service
 
 TINY = DnsServerConfig(cidr=IPv4Network("10.0.0.0/29"), cidr6=IPv6Network("fd00::/125"))
-
-
-def dataplane(
-    name: str, *services: str, mesh: str = "default", address: str = "192.0.2.10"
-) -> Resource:
-    return parse_resource(dataplane_document(name, *services, mesh=mesh, address=address))
-
-
-def external(name: str, service: str | None = None, mesh: str = "default") -> Resource:
-    return parse_resource(
-        {
-            "type": "ExternalService",
-            "mesh": mesh,
-            "name": name,
-            "tags": {"kuma.io/service": service or name},
-            "networking": {"address": f"{name}.example:443"},
-        }
-    )
 
 
 def mesh(name: str) -> Resource:
@@ -101,8 +83,12 @@ def test_empty_zone(db_path: str) -> None:
 
 def test_file_and_api_resources_merge(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.set_file("/r/a.yaml", [dataplane("redis-1", "redis"), external("httpbin")], now=0.0)
-    assert zone.put(dataplane("web-1", "web", address="192.0.2.11"), now=1.0) is True
+    zone.set_file(
+        "/r/a.yaml",
+        [dataplane_resource("redis-1", "redis"), parse_resource(external_service("httpbin"))],
+        now=0.0,
+    )
+    assert zone.put(dataplane_resource("web-1", "web", address="192.0.2.11"), now=1.0) is True
     assert set(entries(zone)) == {key("redis"), key("web")}
     assert set(zone.resources()) == {
         ResourceKey(DATAPLANE, "default", "redis-1"),
@@ -116,7 +102,7 @@ def test_file_and_api_resources_merge(db_path: str) -> None:
 
 def test_entries_carry_vips_and_names(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("echo-1", "echo-server_echo-example_svc_1010"), now=0.0)
+    zone.put(dataplane_resource("echo-1", "echo-server_echo-example_svc_1010"), now=0.0)
     (entry,) = zone.snapshot.entries
     assert entry.names == (
         "echo-server_echo-example_svc_1010.mesh",
@@ -135,8 +121,8 @@ def test_service_without_dns_name_still_gets_vip_and_one_warning(db_path: str) -
     recorder = Recorder()
     zone = open_zone(db_path, recorder=recorder)
     service = "s" * 64
-    zone.put(dataplane("long-1", service), now=0.0)
-    zone.put(dataplane("other-1", "other"), now=1.0)
+    zone.put(dataplane_resource("long-1", service), now=0.0)
+    zone.put(dataplane_resource("other-1", "other"), now=1.0)
     entry = entries(zone)[key(service)]
     assert entry.names == ()
     assert entry.problems
@@ -146,17 +132,17 @@ def test_service_without_dns_name_still_gets_vip_and_one_warning(db_path: str) -
 
 def test_dataplane_with_several_services(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("multi-1", "a", "b", "c"), now=0.0)
+    zone.put(dataplane_resource("multi-1", "a", "b", "c"), now=0.0)
     assert set(entries(zone)) == {key("a"), key("b"), key("c")}
     assert len({entry.vip for entry in zone.snapshot.entries}) == 3
 
 
 def test_entries_are_sorted_by_mesh_and_service(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("z-1", "zeta", mesh="beta"), now=0.0)
-    zone.put(dataplane("a-1", "alpha", mesh="beta", address="192.0.2.2"), now=0.0)
-    zone.put(dataplane("m-1", "mu", address="192.0.2.3"), now=0.0)
-    zone.put(dataplane("b-1", "beta", mesh="alpha", address="192.0.2.4"), now=0.0)
+    zone.put(dataplane_resource("z-1", "zeta", mesh="beta"), now=0.0)
+    zone.put(dataplane_resource("a-1", "alpha", mesh="beta", address="192.0.2.2"), now=0.0)
+    zone.put(dataplane_resource("m-1", "mu", address="192.0.2.3"), now=0.0)
+    zone.put(dataplane_resource("b-1", "beta", mesh="alpha", address="192.0.2.4"), now=0.0)
     assert [e.key for e in zone.snapshot.entries] == [
         key("beta", "alpha"),
         key("alpha", "beta"),
@@ -170,8 +156,8 @@ def test_entries_are_sorted_by_mesh_and_service(db_path: str) -> None:
 
 def test_external_services_never_get_a_vip(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(external("httpbin"), now=0.0)
-    zone.set_file("/r/es.yaml", [external("api", service="payments")], now=1.0)
+    zone.put(parse_resource(external_service("httpbin")), now=0.0)
+    zone.set_file("/r/es.yaml", [parse_resource(external_service("api", "payments"))], now=1.0)
     assert zone.snapshot.entries == ()
     assert zone.wanted() == set()
     assert len(zone.resources()) == 2
@@ -179,9 +165,9 @@ def test_external_services_never_get_a_vip(db_path: str) -> None:
 
 def test_external_service_sharing_a_name_with_a_dataplane_service(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("redis-1", "redis"), now=0.0)
-    zone.put(external("redis-ext", service="redis"), now=1.0)
-    zone.put(external("other-ext", service="other"), now=2.0)
+    zone.put(dataplane_resource("redis-1", "redis"), now=0.0)
+    zone.put(parse_resource(external_service("redis-ext", "redis")), now=1.0)
+    zone.put(parse_resource(external_service("other-ext", "other")), now=2.0)
     assert set(entries(zone)) == {key("redis")}
     zone.delete(ResourceKey(DATAPLANE, "default", "redis-1"), now=3.0)
     assert zone.snapshot.entries == ()
@@ -192,8 +178,8 @@ def test_external_service_sharing_a_name_with_a_dataplane_service(db_path: str) 
 
 def test_restart_gives_the_same_vips(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("web-1", "web"), now=0.0)
-    zone.set_file("/r/a.yaml", [dataplane("redis-1", "redis", "cache")], now=1.0)
+    zone.put(dataplane_resource("web-1", "web"), now=0.0)
+    zone.set_file("/r/a.yaml", [dataplane_resource("redis-1", "redis", "cache")], now=1.0)
     before, version = vips(zone), zone.snapshot.version
     zone.store.close()
 
@@ -202,7 +188,7 @@ def test_restart_gives_the_same_vips(db_path: str) -> None:
     assert vips(restarted) == before
     assert restarted.snapshot.version == version
     assert set(restarted.api) == {ResourceKey(DATAPLANE, "default", "web-1")}
-    restarted.set_file("/r/a.yaml", [dataplane("redis-1", "redis", "cache")], now=100.0)
+    restarted.set_file("/r/a.yaml", [dataplane_resource("redis-1", "redis", "cache")], now=100.0)
     assert vips(restarted) == before
     assert restarted.snapshot.version == version
 
@@ -213,7 +199,9 @@ def test_restart_keeps_collision_winners_in_place(db_path: str) -> None:
     zone = open_zone(db_path, TINY)
     services = ["s5", "s4", "s3", "s2", "s1"]
     for i, service in enumerate(services):
-        zone.put(dataplane(f"dp-{service}", service, address=f"192.0.2.{i + 1}"), now=float(i))
+        zone.put(
+            dataplane_resource(f"dp-{service}", service, address=f"192.0.2.{i + 1}"), now=float(i)
+        )
     before = vips(zone)
     assert len({vip for vip, _ in before.values()}) == 5
     # Placing all five at once would give another table, so the test can tell.
@@ -231,7 +219,7 @@ def test_restart_keeps_collision_winners_in_place(db_path: str) -> None:
 
 def test_restart_during_hold_down_keeps_the_hold(db_path: str) -> None:
     zone = open_zone(db_path, TINY)
-    zone.put(dataplane("redis-1", "redis"), now=0.0)
+    zone.put(dataplane_resource("redis-1", "redis"), now=0.0)
     (vip,) = vips(zone).values()
     zone.delete(ResourceKey(DATAPLANE, "default", "redis-1"), now=10.0)
     assert zone.snapshot.entries == ()
@@ -239,26 +227,28 @@ def test_restart_during_hold_down_keeps_the_hold(db_path: str) -> None:
 
     restarted = open_zone(db_path, TINY)
     for i in range(5):
-        restarted.put(dataplane(f"o-{i}", f"other{i}", address=f"192.0.2.{i + 20}"), now=20.0)
+        restarted.put(
+            dataplane_resource(f"o-{i}", f"other{i}", address=f"192.0.2.{i + 20}"), now=20.0
+        )
     assert vip not in vips(restarted).values()
-    restarted.put(dataplane("redis-1", "redis"), now=30.0)
+    restarted.put(dataplane_resource("redis-1", "redis"), now=30.0)
     assert vips(restarted)[key("redis")] == vip
 
 
 def test_delete_and_recreate_through_the_api_gives_the_same_vip(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("redis-1", "redis"), now=0.0)
+    zone.put(dataplane_resource("redis-1", "redis"), now=0.0)
     vip = vips(zone)[key("redis")]
     assert zone.delete(ResourceKey(DATAPLANE, "default", "redis-1"), now=1.0) is True
     assert zone.delete(ResourceKey(DATAPLANE, "default", "redis-1"), now=2.0) is False
-    assert zone.put(dataplane("redis-2", "redis"), now=3.0) is True
+    assert zone.put(dataplane_resource("redis-2", "redis"), now=3.0) is True
     assert vips(zone)[key("redis")] == vip
 
 
 def test_put_reports_created_or_replaced(db_path: str) -> None:
     zone = open_zone(db_path)
-    assert zone.put(dataplane("redis-1", "redis"), now=0.0) is True
-    assert zone.put(dataplane("redis-1", "redis", "cache"), now=1.0) is False
+    assert zone.put(dataplane_resource("redis-1", "redis"), now=0.0) is True
+    assert zone.put(dataplane_resource("redis-1", "redis", "cache"), now=1.0) is False
     assert set(entries(zone)) == {key("redis"), key("cache")}
 
 
@@ -267,11 +257,11 @@ def test_put_reports_created_or_replaced(db_path: str) -> None:
 
 def test_api_cannot_change_a_file_defined_resource(db_path: str) -> None:
     zone = open_zone(db_path)
-    original = dataplane("redis-1", "redis")
+    original = dataplane_resource("redis-1", "redis")
     zone.set_file("/r/a.yaml", [original], now=0.0)
     before = zone.snapshot
     with pytest.raises(ConflictError) as info:
-        zone.put(dataplane("redis-1", "hijacked"), now=1.0)
+        zone.put(dataplane_resource("redis-1", "hijacked"), now=1.0)
     assert "/r/a.yaml" in str(info.value)
     with pytest.raises(ConflictError):
         zone.delete(original.key, now=2.0)
@@ -284,15 +274,15 @@ def test_api_cannot_change_a_file_defined_resource(db_path: str) -> None:
 
 def test_api_may_use_the_same_name_in_another_mesh_or_type(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.set_file("/r/a.yaml", [dataplane("redis-1", "redis")], now=0.0)
-    zone.put(dataplane("redis-1", "redis", mesh="other"), now=1.0)
-    zone.put(external("redis-1"), now=2.0)
+    zone.set_file("/r/a.yaml", [dataplane_resource("redis-1", "redis")], now=0.0)
+    zone.put(dataplane_resource("redis-1", "redis", mesh="other"), now=1.0)
+    zone.put(parse_resource(external_service("redis-1")), now=2.0)
     assert len(zone.resources()) == 3
 
 
 def test_file_removal_drops_its_services(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.set_file("/r/a.yaml", [dataplane("redis-1", "redis")], now=0.0)
+    zone.set_file("/r/a.yaml", [dataplane_resource("redis-1", "redis")], now=0.0)
     zone.set_file("/r/a.yaml", [], now=1.0)
     assert zone.snapshot.entries == ()
     assert zone.resources() == {}
@@ -301,16 +291,16 @@ def test_file_removal_drops_its_services(db_path: str) -> None:
 def test_second_file_defining_a_resource_is_ignored_with_a_warning(db_path: str) -> None:
     recorder = Recorder()
     zone = open_zone(db_path, recorder=recorder)
-    zone.set_file("/r/a.yaml", [dataplane("redis-1", "redis")], now=0.0)
-    zone.set_file("/r/b.yaml", [dataplane("redis-1", "other")], now=1.0)
+    zone.set_file("/r/a.yaml", [dataplane_resource("redis-1", "redis")], now=0.0)
+    zone.set_file("/r/b.yaml", [dataplane_resource("redis-1", "other")], now=1.0)
     assert set(entries(zone)) == {key("redis")}
     assert any("/r/b.yaml" in w and "/r/a.yaml" in w for w in recorder.warnings)
 
 
 def test_resource_moved_between_files_is_not_lost(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.set_file("/r/a.yaml", [dataplane("redis-1", "redis")], now=0.0)
-    zone.set_file("/r/b.yaml", [dataplane("redis-1", "redis")], now=1.0)
+    zone.set_file("/r/a.yaml", [dataplane_resource("redis-1", "redis")], now=0.0)
+    zone.set_file("/r/b.yaml", [dataplane_resource("redis-1", "redis")], now=1.0)
     # The operator removes it from a.yaml; b.yaml still defines it.
     zone.set_file("/r/a.yaml", [], now=2.0)
     assert zone.owner_of(ResourceKey(DATAPLANE, "default", "redis-1")) == "/r/b.yaml"
@@ -322,9 +312,11 @@ def test_resource_moved_between_files_is_not_lost(db_path: str) -> None:
 
 def test_mesh_of_address(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("a-1", "a", mesh="m1", address="192.0.2.1"), now=0.0)
-    zone.set_file("/r/f.yaml", [dataplane("b-1", "b", mesh="m2", address="2001:db8::2")], now=1.0)
-    zone.put(dataplane("c-1", "c", address="host.internal"), now=2.0)
+    zone.put(dataplane_resource("a-1", "a", mesh="m1", address="192.0.2.1"), now=0.0)
+    zone.set_file(
+        "/r/f.yaml", [dataplane_resource("b-1", "b", mesh="m2", address="2001:db8::2")], now=1.0
+    )
+    zone.put(dataplane_resource("c-1", "c", address="host.internal"), now=2.0)
     assert dict(zone.snapshot.mesh_of_address) == {"192.0.2.1": "m1", "2001:db8::2": "m2"}
 
 
@@ -340,31 +332,31 @@ def test_mesh_of_address_uses_the_canonical_address(
     db_path: str, written: str, canonical: str
 ) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("a-1", "a", mesh="m1", address=written), now=0.0)
+    zone.put(dataplane_resource("a-1", "a", mesh="m1", address=written), now=0.0)
     assert dict(zone.snapshot.mesh_of_address) == {canonical: "m1"}
 
 
 def test_address_in_two_meshes_is_dropped_with_a_warning(db_path: str) -> None:
     recorder = Recorder()
     zone = open_zone(db_path, recorder=recorder)
-    zone.put(dataplane("a-1", "a", mesh="m1", address="192.0.2.1"), now=0.0)
-    zone.put(dataplane("a-2", "a", mesh="m2", address="192.0.2.1"), now=1.0)
-    zone.put(dataplane("b-1", "b", mesh="m1", address="192.0.2.2"), now=2.0)
+    zone.put(dataplane_resource("a-1", "a", mesh="m1", address="192.0.2.1"), now=0.0)
+    zone.put(dataplane_resource("a-2", "a", mesh="m2", address="192.0.2.1"), now=1.0)
+    zone.put(dataplane_resource("b-1", "b", mesh="m1", address="192.0.2.2"), now=2.0)
     assert dict(zone.snapshot.mesh_of_address) == {"192.0.2.2": "m1"}
     assert len([w for w in recorder.warnings if "192.0.2.1" in w]) == 1
 
 
 def test_two_dataplanes_same_address_same_mesh(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("a-1", "a", mesh="m1", address="192.0.2.1"), now=0.0)
-    zone.put(dataplane("a-2", "b", mesh="m1", address="192.0.2.1"), now=1.0)
+    zone.put(dataplane_resource("a-1", "a", mesh="m1", address="192.0.2.1"), now=0.0)
+    zone.put(dataplane_resource("a-2", "b", mesh="m1", address="192.0.2.1"), now=1.0)
     assert dict(zone.snapshot.mesh_of_address) == {"192.0.2.1": "m1"}
 
 
 def test_same_service_in_two_meshes_gets_two_vips(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("redis-1", "redis", mesh="default"), now=0.0)
-    zone.put(dataplane("redis-1", "redis", mesh="other", address="192.0.2.11"), now=1.0)
+    zone.put(dataplane_resource("redis-1", "redis", mesh="default"), now=0.0)
+    zone.put(dataplane_resource("redis-1", "redis", mesh="other", address="192.0.2.11"), now=1.0)
     table = vips(zone)
     assert set(table) == {key("redis", "default"), key("redis", "other")}
     assert table[key("redis", "default")] != table[key("redis", "other")]
@@ -377,14 +369,17 @@ def test_same_service_in_two_meshes_gets_two_vips(db_path: str) -> None:
 def test_same_service_in_many_meshes_on_a_tiny_range(db_path: str) -> None:
     zone = open_zone(db_path, TINY)
     for i, mesh_name in enumerate(["m1", "m2", "m3", "m4", "m5", "m6"]):
-        zone.put(dataplane("redis-1", "redis", mesh=mesh_name, address=f"192.0.2.{i + 1}"), now=0.0)
+        zone.put(
+            dataplane_resource("redis-1", "redis", mesh=mesh_name, address=f"192.0.2.{i + 1}"),
+            now=0.0,
+        )
     assert len(set(vips(zone).values())) == 6
 
 
 def test_meshes_listed(db_path: str) -> None:
     zone = open_zone(db_path)
     zone.set_file("/r/m.yaml", [mesh("prod")], now=0.0)
-    zone.put(dataplane("a-1", "a", mesh="dev"), now=1.0)
+    zone.put(dataplane_resource("a-1", "a", mesh="dev"), now=1.0)
     assert zone.snapshot.meshes == ("default", "dev", "prod")
 
 
@@ -393,8 +388,8 @@ def test_meshes_listed(db_path: str) -> None:
 
 def test_cidr_change_resets_the_table_with_a_warning(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("redis-1", "redis"), now=0.0)
-    zone.put(dataplane("web-1", "web", address="192.0.2.11"), now=0.0)
+    zone.put(dataplane_resource("redis-1", "redis"), now=0.0)
+    zone.put(dataplane_resource("web-1", "web", address="192.0.2.11"), now=0.0)
     zone.delete(ResourceKey(DATAPLANE, "default", "web-1"), now=1.0)
     old_version = zone.snapshot.version
     zone.store.close()
@@ -428,10 +423,10 @@ def test_exhaustion_warns_once_and_keeps_serving(db_path: str) -> None:
     recorder = Recorder()
     zone = open_zone(db_path, TINY, recorder)
     for i in range(6):
-        zone.put(dataplane(f"dp-{i}", f"s{i}", address=f"192.0.2.{i + 1}"), now=0.0)
+        zone.put(dataplane_resource(f"dp-{i}", f"s{i}", address=f"192.0.2.{i + 1}"), now=0.0)
     served = vips(zone)
-    zone.put(dataplane("dp-6", "s6", address="192.0.2.7"), now=1.0)
-    zone.put(dataplane("dp-7", "s7", address="192.0.2.8"), now=2.0)
+    zone.put(dataplane_resource("dp-6", "s6", address="192.0.2.7"), now=1.0)
+    zone.put(dataplane_resource("dp-7", "s7", address="192.0.2.8"), now=2.0)
     assert vips(zone) == served
     assert zone.snapshot.exhausted == (key("s6"), key("s7"))
     assert (zone.snapshot.range_size, zone.snapshot.range_used) == (6, 6)
@@ -449,14 +444,14 @@ def test_listeners_get_the_new_snapshot(db_path: str) -> None:
     recorder = Recorder()
     zone = open_zone(db_path)
     zone.listeners.append(recorder.snapshot)
-    zone.put(dataplane("redis-1", "redis"), now=0.0)
+    zone.put(dataplane_resource("redis-1", "redis"), now=0.0)
     assert len(recorder.snapshots) == 1
     (snapshot,) = recorder.snapshots
     assert snapshot is zone.snapshot
     assert [e.key for e in snapshot.entries] == [key("redis")]
     assert snapshot.version == 1
 
-    zone.set_file("/r/a.yaml", [dataplane("web-1", "web", address="192.0.2.11")], now=1.0)
+    zone.set_file("/r/a.yaml", [dataplane_resource("web-1", "web", address="192.0.2.11")], now=1.0)
     assert recorder.snapshots[-1] is zone.snapshot
     assert {e.key for e in recorder.snapshots[-1].entries} == {key("redis"), key("web")}
     assert recorder.snapshots[-1].version == 2
@@ -472,21 +467,21 @@ def test_every_listener_is_called(db_path: str) -> None:
     first, second = Recorder(), Recorder()
     zone = open_zone(db_path)
     zone.listeners.extend([first.snapshot, second.snapshot])
-    zone.put(dataplane("redis-1", "redis"), now=0.0)
+    zone.put(dataplane_resource("redis-1", "redis"), now=0.0)
     assert first.snapshots == second.snapshots == [zone.snapshot]
 
 
 def test_snapshot_version_matches_the_store(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("redis-1", "redis"), now=0.0)
-    zone.put(external("httpbin"), now=1.0)
+    zone.put(dataplane_resource("redis-1", "redis"), now=0.0)
+    zone.put(parse_resource(external_service("httpbin")), now=1.0)
     assert zone.store.load().table_version == zone.snapshot.version == 1
 
 
 def test_waiting_copy_takes_over_with_its_own_content(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.set_file("/r/a.yaml", [dataplane("redis-1", "from-a")], now=0.0)
-    zone.set_file("/r/b.yaml", [dataplane("redis-1", "from-b")], now=1.0)
+    zone.set_file("/r/a.yaml", [dataplane_resource("redis-1", "from-a")], now=0.0)
+    zone.set_file("/r/b.yaml", [dataplane_resource("redis-1", "from-b")], now=1.0)
     assert set(entries(zone)) == {key("from-a")}
     zone.set_file("/r/a.yaml", [], now=2.0)
     assert set(entries(zone)) == {key("from-b")}
@@ -506,13 +501,13 @@ def _stored_table(db_path: str) -> tuple[dict[ServiceKey, int], int]:
 
 def test_failed_commit_leaves_memory_and_store_agreeing(db_path: str) -> None:
     zone = open_zone(db_path)
-    zone.put(dataplane("web-1", "web"), now=0.0)
+    zone.put(dataplane_resource("web-1", "web"), now=0.0)
     # Another process holds the write lock: BEGIN IMMEDIATE fails ("database is locked").
     other = sqlite3.connect(db_path, timeout=0.1)
     other.execute("BEGIN EXCLUSIVE")
     try:
         with pytest.raises((sqlite3.Error, StoreError)):
-            zone.put(dataplane("redis-1", "redis", address="192.0.2.11"), now=1.0)
+            zone.put(dataplane_resource("redis-1", "redis", address="192.0.2.11"), now=1.0)
     finally:
         other.rollback()
         other.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import stat
 from collections.abc import Callable
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
@@ -38,7 +37,6 @@ from kumazone.install.cluster_dns import (
     server_blocks,
     unbound_dropin,
 )
-from kumazone.install.kubectl import read_configmap
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "cluster_dns"
 COREDNS = sorted(FIXTURES.glob("coredns-*.yaml"))
@@ -425,35 +423,6 @@ def test_cli_without_from_or_kubectl(
     status, out, err = run(capsys, "uninstall", "dns", "--flavor", "coredns")
     assert status == 1 and out == ""
     assert err.startswith("kumazone: kubectl is not on PATH: give the current ConfigMap")
-
-
-def fake_kubectl(directory: Path, script: str) -> Callable[[str], str | None]:
-    """A `which` that finds a kubectl script (no cluster is ever contacted)."""
-    kubectl = directory / "kubectl"
-    kubectl.write_text("#!/bin/sh\n" + script)
-    kubectl.chmod(kubectl.stat().st_mode | stat.S_IXUSR)
-    return lambda name: str(kubectl) if name == "kubectl" else None
-
-
-def test_read_configmap_runs_kubectl(tmp_path: Path) -> None:
-    fixture = FIXTURES / "coredns-k3s.yaml"
-    args = tmp_path / "args"
-    which = fake_kubectl(tmp_path, f"printf '%s\\n' \"$@\" > {args}\ncat {fixture}\n")
-    text, source = read_configmap("coredns", None, which)
-    assert text == fixture.read_text()
-    assert args.read_text().split() == "-n kube-system get configmap coredns -o yaml".split()
-    assert source == "kubectl -n kube-system get configmap coredns"
-
-
-def test_read_configmap_kubectl_fails(tmp_path: Path) -> None:
-    which = fake_kubectl(
-        tmp_path, "echo \"noise\" >&2\necho 'Error from server (NotFound): nope' >&2\nexit 1\n"
-    )
-    with pytest.raises(InstallError) as raised:
-        read_configmap("kube-dns", None, which)
-    assert str(raised.value) == (
-        "kubectl -n kube-system get configmap kube-dns: Error from server (NotFound): nope"
-    )
 
 
 @pytest.mark.usefixtures("no_kuma_env")

@@ -1,4 +1,4 @@
-"""Tests for kumazone.config: YAML, then environment, then flags."""
+"""Tests for kumazone.core.config: YAML, then environment, then flags."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for kumazone.federation: the global's merged table and a zone's view of it."""
+"""Tests for kumazone.core.federation: the merged table, a zone's view of it, the Federation."""
 
 from __future__ import annotations
 

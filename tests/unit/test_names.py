@@ -1,4 +1,4 @@
-"""Tests for kumazone.names: service names to DNS names."""
+"""Tests for kumazone.core.names: service names to DNS names."""
 
 from __future__ import annotations
 

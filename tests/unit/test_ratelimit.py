@@ -1,4 +1,4 @@
-"""Tests for kumazone.ratelimit: bounded logging of attacker-driven events."""
+"""Tests for kumazone.core.ratelimit: bounded logging of attacker-driven events."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for kumazone.vips: the VIP range and the VIP table."""
+"""Tests for kumazone.core.vips: the VIP range and the VIP allocator."""
 
 from __future__ import annotations
 

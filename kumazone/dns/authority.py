@@ -1,6 +1,6 @@
-"""The zone's DNS authority: a twisted.names L{IResolver} over the VIP table.
+"""The DNS authority: a twisted.names L{IResolver} over a Kuma zone's VIP table.
 
-Authoritative for the configured domain and for the reverse zones of both CIDRs.
+Authoritative for the configured domain and for the reverse domains of both CIDRs.
 Keys are lower-cased bytes; answers repeat the name as it was asked.  A name that
 is not ours raises L{dns.DomainError} (REFUSED); a name that is ours and does not
 exist raises L{NameNotFound}, which carries the SOA for the authority section.
@@ -9,7 +9,7 @@ exist raises L{NameNotFound}, which carries the SOA for the authority section.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Network, IPv6Network
 
@@ -25,16 +25,18 @@ from kumazone.core.zone import DEFAULT_MESH, VipEntry, ZoneSnapshot
 
 __all__ = ["MeshAuthority", "NameNotFound", "NotOurs", "Result", "reverse_domains"]
 
+#: An answer as twisted.names' resolvers give one: answer, authority and additional records.
 Result = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
 
 _SERVED_CLASSES = (dns.IN, dns.ANY)
-_ZONE_TRANSFERS = (dns.AXFR, dns.IXFR)
+#: AXFR and IXFR: the table is not handed out whole.
+_TRANSFERS = (dns.AXFR, dns.IXFR)
 #: A full reverse name: 4 octet labels + in-addr.arpa, 32 nibbles + ip6.arpa.
 _FULL_REVERSE_LABELS = {b"in-addr.arpa": 6, b"ip6.arpa": 34}
 
 
 class NameNotFound(AuthoritativeDomainError):
-    """NXDOMAIN: the name is in our zone and does not exist; carries the SOA."""
+    """NXDOMAIN: the name is in our domain and does not exist; carries the SOA."""
 
     def __init__(self, name: bytes, authority: list[dns.RRHeader]) -> None:
         super().__init__(name)
@@ -46,20 +48,20 @@ class NotOurs(DomainError):
 
 
 def reverse_domains(network: IPv4Network | IPv6Network) -> list[str]:
-    """The reverse zones (octet or nibble aligned) that exactly cover C{network}."""
+    """The reverse domains (octet or nibble aligned) that exactly cover C{network}."""
     if isinstance(network, IPv4Network):
         step, suffix = 8, "in-addr.arpa"
     else:
         step, suffix = 4, "ip6.arpa"
     aligned = -(-network.prefixlen // step) * step
-    zones = []
+    domains = []
     for subnet in network.subnets(new_prefix=aligned):
         labels = subnet.network_address.reverse_pointer.split(".")
         keep = aligned // step
         address_labels = labels[: len(labels) - 2]
         kept = address_labels[len(address_labels) - keep :] if keep else []
-        zones.append(".".join([*kept, suffix]))
-    return zones
+        domains.append(".".join([*kept, suffix]))
+    return domains
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,8 +102,22 @@ def _reverse_address(name: bytes) -> int | None:
     return None
 
 
+def _reverse_index(
+    entries: Iterable[_Served], forward: dict[str, dict[bytes, _Served]]
+) -> dict[int, _Served]:
+    """VIP offsets to their entries, each PTR naming a name that resolves back to it."""
+    by_offset: dict[int, _Served] = {}
+    for served in entries:
+        in_mesh = forward[served.entry.key.mesh]
+        owned = [name for name in served.names if in_mesh[name] is served]
+        if served.ptr is not None and (not owned or owned[-1] != served.ptr):
+            served = replace(served, ptr=owned[-1] if owned else None)
+        by_offset[served.offset] = served
+    return by_offset
+
+
 class MeshAuthority(ResolverBase):
-    """Answers for the domain and the VIP reverse zones from a L{ZoneSnapshot}."""
+    """Answers for the domain and the VIPs' reverse domains from a L{ZoneSnapshot}."""
 
     def __init__(self, config: DnsServerConfig, nameserver_addresses: Sequence[str] = ()) -> None:
         super().__init__()
@@ -113,9 +129,9 @@ class MeshAuthority(ResolverBase):
         self.hostmaster = b"hostmaster." + self.apex
         self._nameserver_addresses = [ipaddress.ip_address(a) for a in nameserver_addresses]
         self.reverse_apexes = [
-            zone.encode("ascii")
+            domain.encode("ascii")
             for network in (config.cidr, config.cidr6)
-            for zone in reverse_domains(network)
+            for domain in reverse_domains(network)
         ]
         self.version = 0
         self._range = VipRange(config.cidr, config.cidr6)
@@ -134,19 +150,27 @@ class MeshAuthority(ResolverBase):
         update of a 100,000-service table that changes one service costs
         dictionary work.
         """
-        built: dict[VipEntry, _Served] = {}
+        built = {entry: self._built.get(entry) or self._serve(entry) for entry in snapshot.entries}
+        forward, empty = self._forward_index(built.values())
+        by_offset = _reverse_index(built.values(), forward)
+        self._built = built
+        self._forward, self._empty, self._by_offset = forward, empty, by_offset
+        self.version = snapshot.version
+
+    def _serve(self, entry: VipEntry) -> _Served:
+        """C{entry} as the authority serves it."""
+        names = tuple(text.encode("ascii") for text in entry.names)
+        offset = self._range.offset_of(ipaddress.IPv4Address(entry.vip))
+        return _Served(entry, -1 if offset is None else offset, names, names[-1] if names else None)
+
+    def _forward_index(
+        self, entries: Iterable[_Served]
+    ) -> tuple[dict[str, dict[bytes, _Served]], dict[bytes, set[str]]]:
+        """Each mesh's names to their entries; and the empty non-terminals, to their meshes."""
         forward: dict[str, dict[bytes, _Served]] = {}
         empty: dict[bytes, set[str]] = {self.nameserver.split(b".", 1)[1]: {"*"}}
-        for entry in snapshot.entries:
-            served = self._built.get(entry)
-            if served is None:
-                names = tuple(text.encode("ascii") for text in entry.names)
-                offset = self._range.offset_of(ipaddress.IPv4Address(entry.vip))
-                served = _Served(
-                    entry, -1 if offset is None else offset, names, names[-1] if names else None
-                )
-            built[entry] = served
-            mesh = entry.key.mesh
+        for served in entries:
+            mesh = served.entry.key.mesh
             in_mesh = forward.get(mesh)
             if in_mesh is None:
                 in_mesh = forward[mesh] = {}
@@ -160,21 +184,12 @@ class MeshAuthority(ResolverBase):
                     if parent == self.apex or not parent.endswith(self._suffix):
                         break
                     empty.setdefault(parent, set()).add(mesh)
-        by_offset: dict[int, _Served] = {}
-        for served in built.values():
-            in_mesh = forward[served.entry.key.mesh]
-            owned = [name for name in served.names if in_mesh[name] is served]
-            if served.ptr is not None and (not owned or owned[-1] != served.ptr):
-                # The PTR must name a name that resolves back to this VIP.
-                served = replace(served, ptr=owned[-1] if owned else None)
-            by_offset[served.offset] = served
-        self._built = built
-        self._forward, self._empty, self._by_offset = forward, empty, by_offset
-        self.version = snapshot.version
+        return forward, empty
 
     # -- records ----------------------------------------------------------------
 
     def _soa(self, owner: bytes) -> dns.RRHeader:
+        """The SOA record, owned by C{owner}, its serial the table's version."""
         record = dns.Record_SOA(
             mname=self.nameserver,
             rname=self.hostmaster,
@@ -188,9 +203,11 @@ class MeshAuthority(ResolverBase):
         return dns.RRHeader(owner, dns.SOA, dns.IN, self.ttl, record, auth=True)
 
     def _rr(self, owner: bytes, record: dns.IEncodableRecord, kind: int) -> dns.RRHeader:
+        """C{record} as an authoritative answer owned by C{owner}."""
         return dns.RRHeader(owner, kind, dns.IN, self.ttl, record, auth=True)
 
     def _apex_answer(self, asked: bytes, apex: bytes, qtype: int) -> Result:
+        """SOA and NS at C{apex}; NODATA for any other type."""
         answers = []
         if qtype in (dns.SOA, dns.ALL_RECORDS):
             answers.append(self._soa(asked))
@@ -204,7 +221,7 @@ class MeshAuthority(ResolverBase):
 
     def resolve(self, asked: bytes, qtype: int, qclass: int, mesh: str = DEFAULT_MESH) -> Result:
         """Answer C{asked} for a client in C{mesh}; raises L{NameNotFound} or L{NotOurs}."""
-        if qclass not in _SERVED_CLASSES or qtype in _ZONE_TRANSFERS:
+        if qclass not in _SERVED_CLASSES or qtype in _TRANSFERS:
             raise NotOurs(asked)
         name = asked.lower().rstrip(b".")
         if name == self.apex or name.endswith(self._suffix):
@@ -215,6 +232,7 @@ class MeshAuthority(ResolverBase):
         raise NotOurs(asked)
 
     def _forward_answer(self, asked: bytes, name: bytes, qtype: int, mesh: str) -> Result:
+        """A name in the domain: the apex, the nameserver, a service of C{mesh}, or none."""
         if name == self.apex:
             return self._apex_answer(asked, self.apex, qtype)
         if name == self.nameserver:
@@ -236,6 +254,7 @@ class MeshAuthority(ResolverBase):
         raise NameNotFound(asked, [self._soa(self.apex)])
 
     def _nameserver_answer(self, asked: bytes, qtype: int) -> Result:
+        """The nameserver's own addresses."""
         answers = []
         for address in self._nameserver_addresses:
             if address.version == 4 and qtype in (dns.A, dns.ALL_RECORDS):
@@ -250,6 +269,7 @@ class MeshAuthority(ResolverBase):
     def _reverse_answer(
         self, asked: bytes, name: bytes, apex: bytes, qtype: int, mesh: str
     ) -> Result:
+        """A name under the reverse domain C{apex}: a VIP of C{mesh}, an interior name, or none."""
         address = _reverse_address(name)
         served = None
         if address is not None:
@@ -263,7 +283,7 @@ class MeshAuthority(ResolverBase):
         if name == apex and (served is None or qtype in (dns.SOA, dns.NS)):
             return self._apex_answer(asked, apex, qtype)
         if served is not None:
-            # (With a /30 or /31, a reverse zone's apex is itself a VIP's name.)
+            # (With a /30 or /31, a reverse domain's apex is itself a VIP's name.)
             assert served.ptr is not None
             if qtype not in (dns.PTR, dns.ALL_RECORDS):
                 return [], [self._soa(apex)], []
@@ -291,6 +311,7 @@ class MeshAuthority(ResolverBase):
     def _lookup(
         self, name: bytes, cls: int, type: int, timeout: Sequence[int] | None
     ) -> defer.Deferred[Result]:
+        """L{ResolverBase}'s lookups, for a client in the default mesh."""
         try:
             return defer.succeed(self.resolve(name, type, cls))
         except (DomainError, AuthoritativeDomainError):

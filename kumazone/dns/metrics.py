@@ -89,6 +89,7 @@ class QueryStats(Collector):
         self.seconds += seconds * count
 
     def collect(self) -> Iterator[Metric]:
+        """The counters and the latency histogram, as they stand."""
         queries = CounterMetricFamily(
             "kumazone_dns_queries",
             "DNS queries answered, by type, rcode and transport",

@@ -1,16 +1,17 @@
-"""The DNS server: twisted.names' L{DNSServerFactory} around the zone authority.
+"""The DNS server: twisted.names' L{DNSServerFactory} around the L{MeshAuthority}.
 
 What twisted.names leaves out and kumazone adds: FORMERR for malformed queries
 (silence when not even the header can be read), the SOA in the authority section
 of NXDOMAIN and NODATA answers, EDNS0 answered per RFC 6891 (OPT echoed only when
 the query had one, BADVERS for versions above 0), UDP answers truncated by whole
 records with TC set, the client's mesh chosen by its source address, and metrics.
+The wire checks and the encoder are in L{kumazone.dns.wire}; the pre-encoded
+answers in L{kumazone.dns.hotpath}.
 """
 
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -23,7 +24,8 @@ from twisted.python.failure import Failure
 
 from kumazone.core.ratelimit import Clock, RateLimiter, limited
 from kumazone.dns.authority import MeshAuthority, NameNotFound, Result
-from kumazone.dns.hotpath import HotCache, HotKey, encode_message, hot_key
+from kumazone.dns.hotpath import HotCache, HotKey, HotQuery, answer_from, hot_key
+from kumazone.dns.wire import encode_response, formerr_for, servfail_for, wire_problem
 from kumazone.metrics import Metrics
 
 __all__ = [
@@ -31,7 +33,6 @@ __all__ = [
     "KumaDNSDatagramProtocol",
     "KumaDNSProtocol",
     "KumaDNSServerFactory",
-    "encode_response",
 ]
 
 #: Our EDNS0 UDP payload size (the 2020 DNS flag day value).
@@ -43,17 +44,15 @@ MAX_TCP_CONNECTIONS = 512
 #: UDP socket buffers asked for (NSD asks for about as much).
 SOCKET_BUFFER = 4 * 1024 * 1024
 
-_HEADER = struct.Struct("!HHHHHH")
-
 #: Either of the two protocols that feed the factory.
 _Proto = dns.DNSDatagramProtocol | dns.DNSProtocol
 
 
 class _Query(dns._EDNSMessage):
-    """A received query, with the time it arrived and its hot-path key."""
+    """A received query, with the time it arrived and, if it has one, its hot-path key."""
 
     timeReceived: float
-    hot: tuple[HotKey, int, bytes] | None = None
+    hot: HotQuery | None = None
 
 
 def _peer_host(proto: _Proto, address: tuple[str, int] | None) -> str:
@@ -63,156 +62,71 @@ def _peer_host(proto: _Proto, address: tuple[str, int] | None) -> str:
     return str(getattr(cast(Any, proto.transport).getPeer(), "host", ""))
 
 
-def _name_end(data: bytes, start: int) -> int:
-    """Where the name at C{start} ends; raises ValueError for anything malformed.
-
-    Compression pointers must point strictly backwards (so they cannot loop);
-    labels of the reserved types, labels holding a dot and names over 255 octets
-    are refused.
-    """
-    position, total, end = start, 0, None
-    while True:
-        if position >= len(data):
-            raise ValueError("a name runs past the end of the packet")
-        length = data[position]
-        if length & 0xC0 == 0xC0:
-            if position + 1 >= len(data):
-                raise ValueError("a compression pointer is cut off")
-            target = ((length & 0x3F) << 8) | data[position + 1]
-            if target >= position:
-                raise ValueError("a compression pointer does not point backwards")
-            if end is None:
-                end = position + 2
-            position = target
-            continue
-        if length & 0xC0:
-            raise ValueError(f"label type {length >> 6:#x} is not supported")
-        if length == 0:
-            total += 1
-            if total > 255:
-                raise ValueError("a name is over 255 octets")
-            return end if end is not None else position + 1
-        label = data[position + 1 : position + 1 + length]
-        if len(label) < length:
-            raise ValueError("a label runs past the end of the packet")
-        if b"." in label:
-            raise ValueError("a label holds a '.'")
-        total += length + 1
-        if total > 255:
-            raise ValueError("a name is over 255 octets")
-        position += 1 + length
-
-
-def wire_problem(data: bytes) -> str | None:
-    """Why C{data} is not a well-formed DNS message, or None.
-
-    twisted.names' parser is lenient (it ignores missing records and trailing
-    octets); a query must pass this walk of every section first.
-    """
-    if len(data) < _HEADER.size:
-        return "shorter than a DNS header"
-    questions, answers, authority, additional = struct.unpack_from("!HHHH", data, 4)
-    offset = _HEADER.size
+def _parse(data: bytes) -> tuple[_Query, int] | str:
+    """C{data} as a message, and how many OPT records it held; or why it is malformed."""
+    problem = wire_problem(data)
+    if problem is not None:
+        return problem
     try:
-        for _ in range(questions):
-            offset = _name_end(data, offset) + 4
-            if offset > len(data):
-                raise ValueError("a question is cut off")
-        for _ in range(answers + authority + additional):
-            offset = _name_end(data, offset)
-            if offset + 10 > len(data):
-                raise ValueError("a record header is cut off")
-            (rdlength,) = struct.unpack_from("!H", data, offset + 8)
-            offset += 10 + rdlength
-            if offset > len(data):
-                raise ValueError("record data runs past the end of the packet")
-    except ValueError as e:
-        return str(e)
-    if offset != len(data):
-        return f"{len(data) - offset} octets after the last record"
-    return None
+        plain = dns.Message()
+        plain.fromStr(data)
+        opt_records = sum(1 for r in plain.additional if r.type == dns.OPT)
+        if any(r.type == dns.OPT and r.name.name for r in plain.additional):
+            raise ValueError("an OPT record whose owner is not the root (RFC 6891)")
+        return _Query._fromMessage(plain), opt_records
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
 
 
-def formerr_for(data: bytes) -> bytes | None:
-    """A FORMERR answer built from a raw packet's header, or None to stay silent.
-
-    Silent when the header cannot be read or the packet is itself a response.
-    """
-    if len(data) < _HEADER.size:
-        return None
-    message_id, flags = struct.unpack("!HH", data[:4])
-    if flags & 0x8000:
-        return None
-    opcode = (flags >> 11) & 0xF
-    recursion_desired = flags & 0x0100
-    return _HEADER.pack(
-        message_id, 0x8000 | (opcode << 11) | recursion_desired | dns.EFORMAT, 0, 0, 0, 0
+def _response(
+    message: dns._EDNSMessage,
+    rcode: int,
+    answers: Sequence[dns.RRHeader],
+    authority: Sequence[dns.RRHeader],
+    additional: Sequence[dns.RRHeader],
+    authoritative: bool,
+) -> dns._EDNSMessage:
+    """The response to C{message}: its ID, opcode, RD and question; EDNS0 if it had EDNS."""
+    edns = message.ednsVersion is not None
+    response = dns._EDNSMessage(
+        id=message.id,
+        answer=True,
+        opCode=message.opCode,
+        auth=authoritative,
+        recDes=message.recDes,
+        recAv=False,
+        rCode=rcode,
+        ednsVersion=0 if edns else None,
+        dnssecOK=message.dnssecOK,
+        maxSize=MAX_UDP_PAYLOAD,
+        queries=message.queries[:],
+        answers=list(answers),
+        authority=list(authority),
+        additional=list(additional),
     )
+    if rcode == dns.EFORMAT and len(message.queries) != 1:
+        response.queries = []
+    return response
 
 
-def _wire(response: dns._EDNSMessage) -> bytes:
-    """Encode without twisted.names' own truncation.
-
-    L{dns.Message.encode} cuts the body at C{maxSize} octets (512 by default)
-    mid-record and leaves the counts as they were; we size answers ourselves,
-    and compress names case-insensitively (see L{kumazone.hotpath}).
-    """
-    return encode_message(response._toMessage())
-
-
-def encode_response(response: dns._EDNSMessage, limit: int | None) -> tuple[bytes, bool]:
-    """Encode C{response} to at most C{limit} octets, dropping whole records.
-
-    Additional records go first (without TC, RFC 2181 9), then authority and
-    answer records from the end, with TC set.  Returns the bytes and whether TC
-    was set.
-    """
-    data = _wire(response)
-    if limit is None or len(data) <= limit:
-        return data, False
-    trimmed = dns._EDNSMessage(
-        id=response.id,
-        answer=response.answer,
-        opCode=response.opCode,
-        auth=response.auth,
-        recDes=response.recDes,
-        recAv=response.recAv,
-        rCode=response.rCode,
-        ednsVersion=response.ednsVersion,
-        dnssecOK=response.dnssecOK,
-        maxSize=response.maxSize,
-        queries=response.queries[:],
-        answers=response.answers[:],
-        authority=response.authority[:],
-        additional=response.additional[:],
-    )
-    while trimmed.additional:
-        trimmed.additional.pop()
-        data = _wire(trimmed)
-        if len(data) <= limit:
-            return data, False
-    trimmed.trunc = True
-    while trimmed.authority or trimmed.answers:
-        (trimmed.authority or trimmed.answers).pop()
-        data = _wire(trimmed)
-        if len(data) <= limit:
-            return data, True
-    if len(data) > limit:
-        # The question alone does not fit (a 255-octet name in 512 octets cannot
-        # happen, but a header is always possible).
-        trimmed.queries = []
-        data = _wire(trimmed)
-    return data, True
+def _size_limit(message: dns._EDNSMessage, address: tuple[str, int] | None) -> int | None:
+    """The most octets an answer to C{message} may take: None over TCP."""
+    if address is None:
+        return None
+    if message.ednsVersion is not None:
+        return max(CLASSIC_UDP_PAYLOAD, min(message.maxSize, MAX_UDP_PAYLOAD))
+    return CLASSIC_UDP_PAYLOAD
 
 
 class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
-    """UDP: hands every datagram, parsed or not, to the factory."""
+    """UDP: answers from the hot path, and hands every other datagram to the factory."""
 
     controller: KumaDNSServerFactory
     noisy = False
     _sendto: Callable[[bytes, tuple[str, int]], int]
 
     def startProtocol(self) -> None:
+        """Enlarge the socket's buffers, and keep its C{sendto} for the hot path."""
         sock = cast(Any, self.transport).socket
         # A burst of queries must wait in the kernel, not be dropped: ask for a
         # few megabytes (the kernel caps it at net.core.rmem_max).
@@ -226,6 +140,7 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
         self._sendto = sock.sendto
 
     def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
+        """Answer one datagram: from the hot path if it can, else through the factory."""
         controller = self.controller
         stats = controller.stats
         # Reading the clock can be a system call (on VMs without a usable TSC),
@@ -249,22 +164,30 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
 
     def hot_answer(self, data: bytes, mesh: str) -> bytes | None:
         """The hot path's answer to C{data} from a client in C{mesh}, counted; or None."""
-        hot = self.controller.hot
-        known = hot.exact.get(mesh)
+        known = self.controller.hot.exact.get(mesh)
         if known is not None and len(data) > 12 and not data[2] & 0xFE:
             seen = known.get(data[4:])
             if seen is not None:
                 template, counter = seen
                 counter[0] += 1
-                return data[:2] + bytes((template[2] | (data[2] & 0x01),)) + template[3:]
+                return answer_from(template, data)
+        return self.template_answer(data, mesh)
+
+    def template_answer(self, data: bytes, mesh: str) -> bytes | None:
+        """The answer to C{data} from its key's template, counted; or None.
+
+        The answer is also kept for queries in exactly C{data}'s octets.
+        """
         found = hot_key(data, mesh)
         if found is None:
             return None
-        entry = hot.templates.get(found[0])
+        key, end = found
+        hot = self.controller.hot
+        entry = hot.templates.get(key)
         if entry is None:
             return None
         template, counter = entry
-        answer = HotCache.answer(template, data, found[1])
+        answer = HotCache.answer(template, data, end)
         hot.remember(data, mesh, answer, counter)
         counter[0] += 1
         return answer
@@ -276,14 +199,17 @@ class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
     controller: KumaDNSServerFactory
 
     def connectionMade(self) -> None:
+        """Start the idle timer."""
         super().connectionMade()
         self.setTimeout(TCP_IDLE_TIMEOUT)
 
     def stringReceived(self, data: bytes) -> None:
+        """Hand one message to the factory."""
         self.resetTimeout()
         self.controller.packetReceived(data, self, None)
 
     def timeoutConnection(self) -> None:
+        """Close an idle connection."""
         cast(Any, self.transport).loseConnection()
 
 
@@ -297,7 +223,7 @@ _MONOTONIC = _Monotonic()
 
 
 class KumaDNSServerFactory(server.DNSServerFactory):
-    """Serves the zone authority over UDP and TCP."""
+    """Serves a L{MeshAuthority} over UDP and TCP, each client the answers of its mesh."""
 
     protocol = KumaDNSProtocol
     _messageFactory = dns._EDNSMessage  # type: ignore[assignment]
@@ -311,12 +237,16 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         metrics: Metrics,
         clock: Clock = _MONOTONIC,
     ) -> None:
+        """
+        @param mesh_of: the mesh of a client, from its address.
+        @param clock: what the rate of log lines is measured by (answer latency is
+            measured by C{time.perf_counter}, a stopwatch whatever the clock is).
+        """
         super().__init__(authorities=[authority])
         self.authority = authority
         self.mesh_of = mesh_of
         self.metrics = metrics
-        #: Bound once: answers are timed on the hot path.
-        self.seconds = clock.seconds
+        self.clock = clock
         self.stats = metrics.dns
         #: Responses for common UDP queries, emptied whenever the table changes.
         self.hot = HotCache()
@@ -325,6 +255,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         )
 
     def buildProtocol(self, addr: object) -> KumaDNSProtocol | None:
+        """A TCP protocol, or None (refused) when too many connections are open."""
         if len(self.connections) >= MAX_TCP_CONNECTIONS:
             # Each idle connection holds a descriptor for TCP_IDLE_TIMEOUT seconds.
             self.metrics.tcp_refused.inc()
@@ -343,38 +274,54 @@ class KumaDNSServerFactory(server.DNSServerFactory):
     ) -> None:
         """Parse one packet and answer it; never raises.
 
-        C{hot} is the packet's hot-path key when it has one: the answer then
-        becomes the template for later queries with that key.
+        @param address: the client's, for UDP; None for TCP.
+        @param hot: the packet's hot-path key and where its name ends, when it has
+            one: the answer then becomes the template for later queries with that key.
         """
         started = time.perf_counter()
         transport = "udp" if address is not None else "tcp"
-        problem = wire_problem(data)
-        if problem is not None:
-            self._malformed(data, proto, address, transport, problem)
+        parsed = _parse(data)
+        if isinstance(parsed, str):
+            self._malformed(data, proto, address, transport, parsed)
             return
-        try:
-            plain = dns.Message()
-            plain.fromStr(data)
-            opt_records = sum(1 for r in plain.additional if r.type == dns.OPT)
-            if any(r.type == dns.OPT and r.name.name for r in plain.additional):
-                raise ValueError("an OPT record whose owner is not the root (RFC 6891)")
-            message = _Query._fromMessage(plain)
-        except Exception as e:
-            self._malformed(data, proto, address, transport, f"{type(e).__name__}: {e}")
-            return
+        message, opt_records = parsed
         if message.answer:
             return  # a response sent to us: never answer one (no loops)
         message.timeReceived = started
-        message.hot = (hot[0], hot[1], data) if hot is not None else None
+        if hot is not None:
+            key, end = hot
+            message.hot = HotQuery(key, end, data)
         if opt_records > 1 or message.answers or message.authority or message.additional:
             # A query carries its question and at most one OPT record; we take no
             # TSIG, and records elsewhere would be answered as if they were not there.
             self.metrics.malformed.labels(transport).inc()
             self._reply(proto, message, address, dns.EFORMAT)
-            return
-        if len(message.queries) != 1:
+        elif len(message.queries) != 1:
             self._reply(proto, message, address, dns.EFORMAT)
-            return
+        else:
+            self._answer(message, proto, address, data)
+
+    def _malformed(
+        self,
+        data: bytes,
+        proto: _Proto,
+        address: tuple[str, int] | None,
+        transport: str,
+        why: str,
+    ) -> None:
+        """Count and log a packet that cannot be parsed; FORMERR if its header can be read."""
+        self.metrics.malformed.labels(transport).inc()
+        peer = _peer_host(proto, address)
+        self.limited_log(f"malformed DNS packet ({len(data)} octets) from {peer}: {why}")
+        answer = formerr_for(data)
+        if answer is not None:
+            self._count_query(0, dns.EFORMAT, transport)
+            self._write(proto, answer, address)
+
+    def _answer(
+        self, message: _Query, proto: _Proto, address: tuple[str, int] | None, data: bytes
+    ) -> None:
+        """Answer a well-formed query (C{data}, parsed); SERVFAIL on a bug of ours."""
         try:
             self.messageReceived(message, proto, address)
         except Exception as e:
@@ -383,13 +330,9 @@ class KumaDNSServerFactory(server.DNSServerFactory):
             try:
                 self._reply(proto, message, address, dns.ESERVER)
             except Exception:
-                answer = formerr_for(data)
+                answer = servfail_for(data)
                 if answer is not None:
-                    self._write(
-                        proto,
-                        answer[:3] + bytes((answer[3] & 0xF0 | dns.ESERVER,)) + answer[4:],
-                        address,
-                    )
+                    self._write(proto, answer, address)
 
     def messageReceived(
         self,
@@ -403,35 +346,20 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         else:
             self._reply(proto, message, address, dns.ENOTIMP)
 
-    def _malformed(
-        self,
-        data: bytes,
-        proto: _Proto,
-        address: tuple[str, int] | None,
-        transport: str,
-        why: str,
-    ) -> None:
-        self.metrics.malformed.labels(transport).inc()
-        peer = _peer_host(proto, address)
-        self.limited_log(f"malformed DNS packet ({len(data)} octets) from {peer}: {why}")
-        answer = formerr_for(data)
-        if answer is not None:
-            self._count_query(0, dns.EFORMAT, transport)
-            self._write(proto, answer, address)
-
     def handleQuery(
         self,
         message: dns._EDNSMessage,
         protocol: _Proto,
         address: tuple[str, int] | None,
     ) -> None:
+        """Answer a QUERY from the authority, for the client's mesh."""
         if message.ednsVersion is not None and message.ednsVersion > 0:
             self._reply(protocol, message, address, dns.EBADVERSION)
             return
         hot = getattr(message, "hot", None)
         # A query with a hot-path key is answered for the mesh in its key, so that
         # its answer can only become the template of that mesh.
-        mesh = hot[0][3] if hot is not None else self.mesh_of(_peer_host(protocol, address))
+        mesh = hot.mesh if hot is not None else self.mesh_of(_peer_host(protocol, address))
         query = message.queries[0]
         # The authority answers synchronously: call it directly rather than
         # through a Deferred (IResolver.query remains for other callers).
@@ -451,6 +379,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         message: dns._EDNSMessage,
         address: tuple[str, int] | None,
     ) -> None:
+        """Send the authority's records, authoritatively."""
         answers, authority, additional = response
         self._reply(protocol, message, address, dns.OK, answers, authority, additional, True)
 
@@ -461,6 +390,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         message: dns._EDNSMessage,
         address: tuple[str, int] | None,
     ) -> None:
+        """Send NXDOMAIN with the SOA, REFUSED for names not ours, or SERVFAIL."""
         if failure.check(NameNotFound):
             authority = failure.value.authority  # type: ignore[union-attr]
             self._reply(protocol, message, address, dns.ENAME, [], authority, [], True)
@@ -481,46 +411,35 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         additional: Sequence[dns.RRHeader] = (),
         authoritative: bool = False,
     ) -> None:
-        edns = message.ednsVersion is not None
-        response = dns._EDNSMessage(
-            id=message.id,
-            answer=True,
-            opCode=message.opCode,
-            auth=authoritative,
-            recDes=message.recDes,
-            recAv=False,
-            rCode=rcode,
-            ednsVersion=0 if edns else None,
-            dnssecOK=message.dnssecOK,
-            maxSize=MAX_UDP_PAYLOAD,
-            queries=message.queries[:],
-            answers=list(answers),
-            authority=list(authority),
-            additional=list(additional),
-        )
-        if rcode == dns.EFORMAT and len(message.queries) != 1:
-            response.queries = []
-        if address is None:
-            limit = None
-        elif edns:
-            limit = max(CLASSIC_UDP_PAYLOAD, min(message.maxSize, MAX_UDP_PAYLOAD))
-        else:
-            limit = CLASSIC_UDP_PAYLOAD
-        data, truncated = encode_response(response, limit)
+        """Send the response to C{message}, truncated to what the client can receive."""
+        response = _response(message, rcode, answers, authority, additional, authoritative)
+        data, truncated = encode_response(response, _size_limit(message, address))
         if truncated:
             self.metrics.truncated.inc()
+        self._account(message, address, rcode, data, truncated)
+        self._write(proto, data, address)
+
+    def _account(
+        self,
+        message: dns._EDNSMessage,
+        address: tuple[str, int] | None,
+        rcode: int,
+        data: bytes,
+        truncated: bool,
+    ) -> None:
+        """Count the answer C{data} to C{message}, keep it as a template if it can be, time it."""
         qtype = message.queries[0].type if message.queries else 0
         transport = "udp" if address is not None else "tcp"
         counter = self._count_query(qtype, rcode, transport)
         hot = getattr(message, "hot", None)
         if hot is not None and not truncated:
-            self.hot.store(hot[0], hot[1], hot[2], data, counter)
+            self.hot.store(hot, data, counter)
         started = getattr(message, "timeReceived", None)
         if started is not None:
             self.stats.observe(time.perf_counter() - started)
-        self._write(proto, data, address)
 
     def _count_query(self, qtype: int, rcode: int, transport: str) -> list[int]:
+        """Count one answer; the counter, for the hot path to count its copies in."""
         cell = self.stats.cell(qtype, rcode, transport)
         cell[0] += 1
         return cell
@@ -531,6 +450,7 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         data: bytes,
         address: tuple[str, int] | None,
     ) -> None:
+        """Send C{data}: to C{address} over UDP (a failure counted), else over TCP."""
         if address is not None:
             try:
                 cast(KumaDNSDatagramProtocol, proto)._sendto(data, address)

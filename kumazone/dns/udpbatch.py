@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import udp
 
-from kumazone.dns.hotpath import hot_key
+from kumazone.dns.hotpath import Client, hot_key
 
 if TYPE_CHECKING:
     from kumazone.dns.server import KumaDNSDatagramProtocol
@@ -175,79 +175,90 @@ class BatchedDNSPort(udp.Port):
             raise OSError(number, f"recvmmsg/sendmmsg: {os.strerror(number)}")
 
     def doRead(self) -> None:
-        """Read up to L{ROUNDS} batches; answer what the hot path knows in one call each.
-
-        A query seen before in the same octets (after its ID and flags) is answered
-        here, straight from the buffers; the other ones go through the protocol's
-        hot path and, if it has no answer, to the authority path.
-        """
-        protocol = self.protocol
-        controller = protocol.controller
-        stats = controller.stats
-        clients = controller.hot.clients
-        hot_answer = protocol.hot_answer
-        received, answers = self._received, self._answers
-        headers, data, names = received.header_bytes, received.data_bytes, received.name_bytes
-        out_iovecs, out_data = answers.iovec_bytes, answers.data_bytes
-        ip_start, ip_stop = self._ip.start, self._ip.stop
+        """Read up to L{ROUNDS} batches of queries, and answer each batch."""
         fd = self.socket.fileno()
+        address = self._received.address
         for _round in range(ROUNDS):
-            count = self._recvmmsg(fd, received.address, BATCH, _MSG_DONTWAIT, None)
+            count = self._recvmmsg(fd, address, BATCH, _MSG_DONTWAIT, None)
             if count <= 0:
                 if count < 0:
                     self._read_failed(ctypes.get_errno())
                 return
-            started = time.perf_counter()
-            run = 0  # the first answer not sent yet
-            slow = 0
-            for i in range(count):
-                base = i * SLOT
-                (length,) = _read_length(headers, i * _HEADER_SIZE + _LENGTH_OFFSET)
-                flags = data[base + 2]
-                name = i * NAME_SLOT
-                ip = bytes(names[name + ip_start : name + ip_stop])
-                size = 0  # stays 0 when the query takes the authority path
-                try:
-                    client = clients.get(ip)
-                    if client is None:
-                        client = self._client(ip)
-                    seen = None
-                    if length > 12 and not flags & 0xFE:
-                        seen = client[1].get(bytes(data[base + 4 : base + length]))
-                    if seen is not None:
-                        template, counter = seen
-                        counter[0] += 1
-                        size = len(template)
-                        out_data[base : base + size] = template
-                        out_data[base : base + 2] = data[base : base + 2]
-                        out_data[base + 2] = template[2] | (flags & 0x01)
-                    else:
-                        query = bytes(data[base : base + length])
-                        answer = hot_answer(query, client[0])
-                        if answer is None:
-                            self._answer_slowly(query, name, client[0])
-                        else:
-                            size = len(answer)
-                            out_data[base : base + size] = answer
-                except Exception as e:
-                    # A bug of ours: the client retries, the log says why (bounded).
-                    controller.limited_log(f"answering a query failed: {type(e).__name__}: {e}")
-                if size:
-                    _write_length(out_iovecs, i * _IOVEC_SIZE + _IOV_LEN_OFFSET, size)
-                else:
-                    if i > run:
-                        self._send(run, i)
-                    run = i + 1
-                    slow += 1
-            if count > run:
-                self._send(run, count)
-            if count > slow:
-                stats.hot_answers += count - slow
-                stats.observe_many(time.perf_counter() - started, count - slow)
+            self._answer_batch(count)
             if count < BATCH:
                 return
 
-    def _client(self, ip: bytes) -> tuple[str, dict[bytes, tuple[bytes, Any]]]:
+    def _answer_batch(self, count: int) -> None:
+        """Answer the C{count} queries just read; hot answers go out in runs, one call each.
+
+        A query seen before in the same octets (after its ID and flags) is answered
+        here, straight from the buffers; the other ones go through the protocol's
+        templates and, if there is none, to the authority path.
+        """
+        # The loop is one piece on purpose: each of its lines runs once per datagram.
+        # Moving just the copy of a known answer into a function cost 4% (1.65 to
+        # 1.73 us of Python per datagram, batches of 64, the kernel calls stubbed);
+        # this method itself, called once per batch, cost nothing measurable.
+        started = time.perf_counter()
+        protocol = self.protocol
+        controller = protocol.controller
+        clients = controller.hot.clients
+        template_answer = protocol.template_answer
+        received, answers = self._received, self._answers
+        headers, data, names = received.header_bytes, received.data_bytes, received.name_bytes
+        out_iovecs, out_data = answers.iovec_bytes, answers.data_bytes
+        ip_start, ip_stop = self._ip.start, self._ip.stop
+        run = 0  # the first answer not sent yet
+        slow = 0
+        for i in range(count):
+            base = i * SLOT
+            (length,) = _read_length(headers, i * _HEADER_SIZE + _LENGTH_OFFSET)
+            flags = data[base + 2]
+            name = i * NAME_SLOT
+            ip = bytes(names[name + ip_start : name + ip_stop])
+            size = 0  # stays 0 when the query takes the authority path
+            try:
+                client = clients.get(ip)
+                if client is None:
+                    client = self._client(ip)
+                seen = None
+                if length > 12 and not flags & 0xFE:
+                    seen = client[1].get(bytes(data[base + 4 : base + length]))
+                if seen is not None:
+                    # hotpath.answer_from's patch, done in place in the send
+                    # buffer: a call and a copy per datagram cost more here.
+                    template, counter = seen
+                    counter[0] += 1
+                    size = len(template)
+                    out_data[base : base + size] = template
+                    out_data[base : base + 2] = data[base : base + 2]
+                    out_data[base + 2] = template[2] | (flags & 0x01)
+                else:
+                    query = bytes(data[base : base + length])
+                    answer = template_answer(query, client[0])
+                    if answer is None:
+                        self._answer_slowly(query, name, client[0])
+                    else:
+                        size = len(answer)
+                        out_data[base : base + size] = answer
+            except Exception as e:
+                # A bug of ours: the client retries, the log says why (bounded).
+                controller.limited_log(f"answering a query failed: {type(e).__name__}: {e}")
+            if size:
+                _write_length(out_iovecs, i * _IOVEC_SIZE + _IOV_LEN_OFFSET, size)
+            else:
+                if i > run:
+                    self._send(run, i)
+                run = i + 1
+                slow += 1
+        if count > run:
+            self._send(run, count)
+        if count > slow:
+            stats = controller.stats
+            stats.hot_answers += count - slow
+            stats.observe_many(time.perf_counter() - started, count - slow)
+
+    def _client(self, ip: bytes) -> Client:
         """The mesh of a client address and its exact answers, kept until the table changes."""
         controller = self.protocol.controller
         return controller.hot.client(

@@ -28,6 +28,7 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 
+from tests.builders import as_yaml, dataplane
 from tests.kzprocess import REPO, ZoneProcess
 
 DEFAULT_CLIENT = "127.0.0.1"
@@ -36,18 +37,10 @@ CLIENT_OF_MESH = {"default": DEFAULT_CLIENT, "payments": PAYMENTS_CLIENT}
 TTL = 60
 ECHO_SERVICE = "echo-server_echo-example_svc_1010"
 
-LOOPBACK_CLIENTS = f"""\
 # A Dataplane of mesh payments on a loopback address: queries from it are payments'.
-type: Dataplane
-mesh: payments
-name: ledger-loopback
-networking:
-  address: {PAYMENTS_CLIENT}
-  inbound:
-    - port: 9000
-      tags:
-        kuma.io/service: ledger
-"""
+LOOPBACK_CLIENTS = as_yaml(
+    dataplane("ledger-loopback", "ledger", mesh="payments", address=PAYMENTS_CLIENT, port=9000)
+)
 
 TRANSPORTS = pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
 TOOLS = pytest.mark.parametrize("tool", ["dig", "kdig"])

@@ -9,23 +9,12 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
+from tests.builders import dataplane
 from tests.kzprocess import ZoneProcess
 
 PAYMENTS_CLIENT = "127.0.0.2"
 DEFAULT_CLIENT = "127.0.0.3"
 UNKNOWN_CLIENT = "127.0.0.1"
-
-
-def client(name: str, mesh: str, address: str, service: str) -> dict[str, Any]:
-    return {
-        "type": "Dataplane",
-        "mesh": mesh,
-        "name": name,
-        "networking": {
-            "address": address,
-            "inbound": [{"port": 9999, "tags": {"kuma.io/service": service}}],
-        },
-    }
 
 
 def addresses(answer: Any, rdtype: str = "A") -> list[str]:
@@ -44,7 +33,9 @@ def zone(zone_process) -> ZoneProcess:
         ("default", DEFAULT_CLIENT, "default-client"),
     ]:
         status, body = process.api(
-            "PUT", f"/meshes/{mesh}/dataplanes/client-1", client("client-1", mesh, address, service)
+            "PUT",
+            f"/meshes/{mesh}/dataplanes/client-1",
+            dataplane("client-1", service, mesh=mesh, address=address, port=9999),
         )
         assert status == 201, body
     return process
@@ -123,7 +114,9 @@ def test_a_client_moved_to_another_mesh_follows_at_once(zone: ZoneProcess) -> No
     status, _ = zone.api(
         "PUT",
         "/meshes/payments/dataplanes/client-2",
-        client("client-2", "payments", PAYMENTS_CLIENT, "payments-client"),
+        dataplane(
+            "client-2", "payments-client", mesh="payments", address=PAYMENTS_CLIENT, port=9999
+        ),
     )
     assert status == 201
     assert addresses(zone.query("redis.mesh", source=PAYMENTS_CLIENT)) == [payments_redis["vip"]]
@@ -134,7 +127,7 @@ def test_the_same_address_in_two_meshes_gets_default(zone: ZoneProcess) -> None:
     status, _ = zone.api(
         "PUT",
         "/meshes/default/dataplanes/client-dup",
-        client("client-dup", "default", PAYMENTS_CLIENT, "default-client"),
+        dataplane("client-dup", "default-client", address=PAYMENTS_CLIENT, port=9999),
     )
     assert status == 201
     assert addresses(zone.query("redis.mesh", source=PAYMENTS_CLIENT)) == [

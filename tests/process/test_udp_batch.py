@@ -27,7 +27,6 @@ from twisted.internet import udp
 from twisted.internet.epollreactor import EPollReactor
 
 from kumazone.core.config import load_config
-from kumazone.core.resources import parse_resource
 from kumazone.core.zone import Zone
 from kumazone.dns import udpbatch
 from kumazone.dns.authority import MeshAuthority
@@ -35,7 +34,7 @@ from kumazone.dns.server import KumaDNSDatagramProtocol, KumaDNSServerFactory
 from kumazone.metrics import Metrics
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.zone_service import mesh_lookup
-from tests.builders import dataplane
+from tests.builders import dataplane_resource
 
 pytestmark = pytest.mark.skipif(
     not udpbatch.available, reason="recvmmsg/sendmmsg exist on Linux only"
@@ -67,20 +66,16 @@ def zone() -> Zone:
 def inventory(payments_client_mesh: str = "payments") -> list[Any]:
     """The services, and a Dataplane for each client of a known mesh (::1 in payments)."""
     resources = [
-        parse_resource(dataplane(f"dp-{i}", service, mesh=mesh, address=f"10.1.0.{i + 1}"))
+        dataplane_resource(f"dp-{i}", service, mesh=mesh, address=f"10.1.0.{i + 1}")
         for i, (service, mesh) in enumerate(SERVICES)
     ]
     resources += [
-        parse_resource(dataplane("client-default", "client", address=CLIENTS["default"])),
-        parse_resource(
-            dataplane(
-                "client-payments", "client", mesh=payments_client_mesh, address=CLIENTS["payments"]
-            )
+        dataplane_resource("client-default", "client", address=CLIENTS["default"]),
+        dataplane_resource(
+            "client-payments", "client", mesh=payments_client_mesh, address=CLIENTS["payments"]
         ),
     ]
-    resources.append(
-        parse_resource(dataplane("client-v6", "client", mesh="payments", address="::1"))
-    )
+    resources.append(dataplane_resource("client-v6", "client", mesh="payments", address="::1"))
     return resources
 
 

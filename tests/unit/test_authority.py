@@ -1,4 +1,4 @@
-"""Tests for kumazone.authority: reverse zones and answers from a hand-built snapshot.
+"""Tests for kumazone.dns.authority: reverse domains and answers from a hand-built snapshot.
 
 No sockets: L{MeshAuthority.resolve} is called directly, the way the DNS server
 calls it for a client of a given mesh.

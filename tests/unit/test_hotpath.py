@@ -13,7 +13,6 @@ give the same bytes.
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import dns.edns
 import dns.message
@@ -24,13 +23,14 @@ import dns.reversename
 import pytest
 
 from kumazone.core.config import load_config
-from kumazone.core.resources import ResourceKey, parse_resource
+from kumazone.core.resources import ResourceKey
 from kumazone.core.zone import Zone
 from kumazone.dns.authority import MeshAuthority
 from kumazone.dns.server import KumaDNSDatagramProtocol, KumaDNSServerFactory
 from kumazone.metrics import Metrics
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.zone_service import mesh_lookup
+from tests.builders import dataplane_resource
 
 SEED = 20261127
 CONFIG = load_config(None, {})
@@ -38,20 +38,6 @@ CONFIG = load_config(None, {})
 CLIENTS = {"default": "192.0.2.1", "payments": "192.0.2.2", "unknown": "192.0.2.200"}
 TYPES = ["A", "AAAA", "PTR", "SOA", "NS", "ANY", "TXT", "MX", "SRV", "CNAME", "HTTPS", "CAA"]
 LONG_LABEL = "a" * 63
-
-
-def dataplane(name: str, service: str, mesh: str, address: str) -> Any:
-    return parse_resource(
-        {
-            "type": "Dataplane",
-            "mesh": mesh,
-            "name": name,
-            "networking": {
-                "address": address,
-                "inbound": [{"port": 80, "tags": {"kuma.io/service": service}}],
-            },
-        }
-    )
 
 
 class Capture:
@@ -78,10 +64,15 @@ def served() -> tuple[Zone, KumaDNSServerFactory, KumaDNSDatagramProtocol, Captu
         ("a_b", "default"),
         ("a.b", "default"),
     ]
-    resources = [dataplane(f"dp-{i}", s, m, f"10.1.0.{i + 1}") for i, (s, m) in enumerate(services)]
+    resources = [
+        dataplane_resource(f"dp-{i}", s, mesh=m, address=f"10.1.0.{i + 1}", port=80)
+        for i, (s, m) in enumerate(services)
+    ]
     resources += [
-        dataplane("client-default", "client", "default", CLIENTS["default"]),
-        dataplane("client-payments", "client", "payments", CLIENTS["payments"]),
+        dataplane_resource("client-default", "client", address=CLIENTS["default"], port=80),
+        dataplane_resource(
+            "client-payments", "client", mesh="payments", address=CLIENTS["payments"], port=80
+        ),
     ]
     zone.set_file("/inventory.yaml", resources, 0.0)
     authority = MeshAuthority(CONFIG, ["127.0.0.1"])
@@ -248,7 +239,7 @@ def test_a_table_change_is_visible_on_the_hot_path_at_once(served) -> None:
         proto.datagramReceived(query, (host, 5353))
     assert dns.message.from_wire(capture.sent[-1]).rcode() == dns.rcode.NXDOMAIN
     assert factory.stats.hot_answers == 2
-    zone.put(dataplane("cache-1", "cache", "default", "10.1.1.1"), 1.0)
+    zone.put(dataplane_resource("cache-1", "cache", address="10.1.1.1", port=80), 1.0)
     proto.datagramReceived(query, (host, 5353))
     answer = dns.message.from_wire(capture.sent[-1])
     assert answer.rcode() == dns.rcode.NOERROR

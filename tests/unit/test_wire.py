@@ -1,4 +1,4 @@
-"""Tests for the pure wire helpers of kumazone.dnsserver: encode_response and formerr_for.
+"""Tests for the pure wire helpers of kumazone.dns.wire: encode_response and formerr_for.
 
 No sockets.  Every encoded response is read back with dnspython, an independent
 decoder: what a client would see.
@@ -16,7 +16,7 @@ import dns.rdatatype
 import pytest
 from twisted.names import dns as tdns
 
-from kumazone.dns.server import encode_response, formerr_for
+from kumazone.dns.wire import encode_response, formerr_for
 
 NAME = b"redis.mesh"
 A_RECORD_OCTETS = 16  # compressed owner (2) + type, class, TTL, rdlength (10) + 4

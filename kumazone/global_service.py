@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -12,6 +12,8 @@ from twisted.internet.task import deferLater
 from kumazone.control_plane import TICK_INTERVAL, ControlPlane
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.federation import Federation
+from kumazone.core.limits import ZoneLimits
+from kumazone.core.ratelimit import RateLimiter, limited
 from kumazone.core.storage import StoreError
 from kumazone.core.vips import TableDelta
 from kumazone.metrics import Metrics
@@ -37,8 +39,9 @@ class GlobalSettings:
     api_port: int = 5681
     api_interface: str = "127.0.0.1"
     diagnostics_port: int = 5680
-    diagnostics_interface: str = ""
+    diagnostics_interface: str = "127.0.0.1"
     tls: TLSFiles | None = None
+    limits: ZoneLimits = field(default_factory=ZoneLimits)
 
 
 class GlobalService(ControlPlane):
@@ -49,6 +52,10 @@ class GlobalService(ControlPlane):
         self.settings = settings
         self.federation: Federation | None = None
         self.hub: GlobalHub | None = None
+        # A failing store fails every zone message: one line per such message would flood.
+        self._store_log = limited(
+            RateLimiter(burst=10, interval=60.0), reactor, lambda line: self.log.error(line)
+        )
 
     def _start(self) -> None:
         settings = self.settings
@@ -65,10 +72,20 @@ class GlobalService(ControlPlane):
             self.reactor,
             sync_metrics,
             require_certificates=settings.tls is not None,
+            limits=settings.limits,
         )
-        hub.changed(federation.merged.reconcile(self.reactor.seconds()), [], [])
+        hub.changed(
+            federation.merged.reconcile(self.reactor.seconds()), federation.cleaned_zones, []
+        )
         self.addService(TimerService(TICK_INTERVAL, self._guarded, self._tick))
-        self._listen_kds(SyncFactory(hub.session, self.reactor, sync_metrics))
+        self._listen_kds(
+            SyncFactory(
+                hub.session,
+                self.reactor,
+                sync_metrics,
+                max_pending=settings.limits.max_pending_octets,
+            )
+        )
         self._listen_web(
             GlobalApiResource(hub, settings.dns.domain, self.metrics, self.reactor),
             settings.api_port,
@@ -84,7 +101,7 @@ class GlobalService(ControlPlane):
         try:
             self.federation.persist(delta, zones, deleted)
         except StoreError as e:
-            self.log.error("global: {error}; back to the stored table", error=str(e))
+            self._store_log(f"global: {e}; back to the stored table")
             raise
         self._update_gauges()
 

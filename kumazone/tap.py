@@ -13,6 +13,7 @@ from typing import Any
 from twisted.python import usage
 
 from kumazone.core.config import ConfigError, DnsServerConfig, load_config, parse_port
+from kumazone.core.limits import ZoneLimits
 from kumazone.core.names import ZONE_NAME
 from kumazone.global_service import GlobalService, GlobalSettings
 from kumazone.sync.tls import TLSFiles
@@ -46,10 +47,38 @@ class Options(usage.Options):
         ["dns-port", None, None, "DNS port, UDP and TCP (default 5653; 0 picks a free one)."],
         ["dns-interface", None, "0.0.0.0", "Address the DNS server listens on."],
         ["diagnostics-port", None, "5680", "Port of /ready, /healthy, /metrics (0: free)."],
+        ["diagnostics-interface", None, "127.0.0.1", "Address the diagnostics port listens on."],
+        [
+            "nameserver-addresses",
+            None,
+            None,
+            "Addresses of the apex NS name, comma-separated (dnsServer.nameserverAddresses; "
+            "default: --dns-interface, or loopback when that is a wildcard).",
+        ],
         ["api-port", None, "5681", "HTTP API port (0: free)."],
         ["api-interface", None, "127.0.0.1", "Address the HTTP API listens on."],
         ["kds-port", None, "5685", "Zone sync port (role global)."],
-        ["kds-interface", None, "0.0.0.0", "Address zone sync listens on (role global)."],
+        [
+            "kds-interface",
+            None,
+            None,
+            "Address zone sync listens on (role global; default 0.0.0.0, "
+            "127.0.0.1 with --insecure).",
+        ],
+        ["kds-zone-max-services", None, "10000", "Services one zone may have (role global)."],
+        ["kds-zone-max-parts", None, "64", "Parts of one zone's inventory (role global)."],
+        [
+            "kds-zone-max-messages-per-second",
+            None,
+            "100",
+            "Messages per second one zone may send, twice as many at once (role global).",
+        ],
+        [
+            "kds-zone-max-pending-bytes",
+            None,
+            str(32 << 20),
+            "Bytes queued for a zone that does not read before it is dropped (role global).",
+        ],
         ["tls-cert", None, None, "PEM certificate for zone sync."],
         ["tls-key", None, None, "PEM private key for zone sync."],
         ["tls-ca", None, None, "PEM CA certificate that signs the peers' certificates."],
@@ -69,6 +98,11 @@ class Options(usage.Options):
                 raise _fail(f"--{flag}: {self[flag]!r} {e}") from None
         self.global_address = None if self["global"] is None else parse_global(self["global"])
         self.tls = self._tls(syncs=role == "global" or self.global_address is not None)
+        if self["kds-interface"] is None:
+            # Without TLS anyone who reaches the port can be any zone: loopback only.
+            insecure = self["insecure"] and self.tls is None
+            self["kds-interface"] = "127.0.0.1" if insecure else "0.0.0.0"
+        self.limits = self._limits()
         self.dns = self._dns_config()
         if self["resources"] is not None and not os.path.isdir(self["resources"]):
             raise _fail(f"--resources: {self['resources']!r} is not a directory")
@@ -96,6 +130,24 @@ class Options(usage.Options):
                 "(lower-case letters, digits and '-', at most 63)"
             )
 
+    def _limits(self) -> ZoneLimits:
+        """The per-zone limits of the global, from the C{--kds-zone-max-*} flags."""
+        values: dict[str, float] = {}
+        for flag, field, kind in (
+            ("kds-zone-max-services", "max_services", int),
+            ("kds-zone-max-parts", "max_parts", int),
+            ("kds-zone-max-messages-per-second", "max_messages_per_second", float),
+            ("kds-zone-max-pending-bytes", "max_pending_octets", int),
+        ):
+            try:
+                value = kind(self[flag])
+            except ValueError:
+                value = 0
+            if not 0 < value < 1 << 62:
+                raise _fail(f"--{flag}: {self[flag]!r} must be a positive number")
+            values[field] = value
+        return ZoneLimits(**values)  # type: ignore[arg-type]
+
     def _dns_config(self) -> DnsServerConfig:
         """The dnsServer config: the --config file, the environment, then the flags."""
         text = None
@@ -107,7 +159,10 @@ class Options(usage.Options):
                 raise _fail(f"--config: {self['config']!r} cannot be read ({e})") from None
         try:
             return load_config(
-                text, os.environ, {"port": self["dns-port"]}, source_name=self["config"] or ""
+                text,
+                os.environ,
+                {"port": self["dns-port"], "nameserver_addresses": self["nameserver-addresses"]},
+                source_name=self["config"] or "",
             )
         except ConfigError as e:
             raise _fail(str(e)) from None
@@ -176,11 +231,15 @@ def makeService(options: Options) -> Any:
         "api_port": options["api-port"],
         "api_interface": options["api-interface"],
         "diagnostics_port": options["diagnostics-port"],
+        "diagnostics_interface": options["diagnostics-interface"],
         "tls": options.tls,
     }
     if options["role"] == "global":
         settings = GlobalSettings(
-            kds_port=options["kds-port"], kds_interface=options["kds-interface"], **common
+            kds_port=options["kds-port"],
+            kds_interface=options["kds-interface"],
+            limits=options.limits,
+            **common,
         )
         return GlobalService(settings, reactor)
     return ZoneService(

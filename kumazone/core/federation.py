@@ -10,13 +10,25 @@ provisional VIPs for local services the global has not allocated yet.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from kumazone.core.limits import ZoneLimits, ZoneRefused, check_service_keys
 from kumazone.core.messages import Inventory, ProtocolError, Row, TableUpdate
+from kumazone.core.names import assign_names, service_names
 from kumazone.core.storage import Store, StoreChanges, StoreError
-from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta, VipAllocator, VipRange
+from kumazone.core.vips import (
+    PROVISIONAL_CLAIM,
+    Allocation,
+    Hold,
+    Served,
+    ServiceKey,
+    TableDelta,
+    VipAllocator,
+    VipRange,
+)
 
 if TYPE_CHECKING:
     from kumazone.core.config import DnsServerConfig
@@ -107,28 +119,60 @@ class MergedTable:
             record = self.zones[name] = ZoneRecord(name)
         return record
 
-    def receive_inventory(self, name: str, message: Inventory, now: float) -> TableDelta | None:
-        """Apply one inventory part; a delta when the merged set changed, else None."""
+    def receive_inventory(
+        self, name: str, message: Inventory, now: float, limits: ZoneLimits | None = None
+    ) -> TableDelta | None:
+        """Apply one inventory part; a delta when the merged set changed, else None.
+
+        Raises L{ZoneRefused} (dropping the whole inventory being received, and
+        keeping the zone's services as they were) for a part that breaks the
+        rules or C{limits}.
+        """
         record = self.zone(name)
         record.last_contact = now
-        adds = {ServiceKey(m, s) for m, s in message.add}
-        removes = {ServiceKey(m, s) for m, s in message.remove}
-        _check_part(message.part, record.pending_part)
-        record.pending_part = None if message.last else message.part
-        if message.part == 0 or record.pending is None:
-            # A change is applied whole, like a full inventory: one version for it.
-            record.pending = set() if message.full else set(record.services)
-        if message.full:
-            record.pending |= adds
-        else:
-            record.pending = (record.pending | adds) - removes
+        try:
+            pending = self._gather(record, message, limits or ZoneLimits())
+        except ZoneRefused:
+            record.pending, record.pending_part = None, None
+            raise
         if not message.last:
+            record.pending, record.pending_part = pending, message.part
             return None
-        services, record.pending = record.pending, None
-        if services == record.services:
+        record.pending, record.pending_part = None, None
+        if pending == record.services:
             return None
-        record.services = services
+        record.services = pending
         return self.reconcile(now)
+
+    def _gather(
+        self, record: ZoneRecord, message: Inventory, limits: ZoneLimits
+    ) -> set[ServiceKey]:
+        """The zone's services once C{message} is added to the parts received so far."""
+        try:
+            _check_part(message.part, record.pending_part)
+        except ProtocolError as e:
+            raise ZoneRefused("bad-part", str(e)) from None
+        if message.part >= limits.max_parts:
+            raise ZoneRefused(
+                "too-many-parts",
+                f"inventory of more than {limits.max_parts} parts (the limit)",
+            )
+        check_service_keys(message.add, "add")
+        check_service_keys(message.remove, "remove")
+        pending = record.pending
+        if message.part == 0 or pending is None:
+            # A change is applied whole, like a full inventory: one version for it.
+            pending = set() if message.full else set(record.services)
+        pending = pending | {ServiceKey(m, s) for m, s in message.add}
+        if not message.full:
+            pending -= {ServiceKey(m, s) for m, s in message.remove}
+        if len(pending) > limits.max_services:
+            raise ZoneRefused(
+                "too-many-services",
+                f"zone {record.name} would have {len(pending)} services, "
+                f"more than its limit of {limits.max_services}",
+            )
+        return pending
 
     def delete_zone(self, name: str, now: float) -> TableDelta | None:
         """Forget a zone and its services; None if there was no such zone."""
@@ -138,7 +182,11 @@ class MergedTable:
         return self.reconcile(now)
 
     def acknowledge(self, name: str, version: int, now: float) -> None:
-        """A zone says it holds table C{version}."""
+        """A zone says it holds table C{version}; L{ZoneRefused} for one never made."""
+        if version > self.version:
+            raise ZoneRefused(
+                "bad-ack", f"ack of table version {version}, the table is at {self.version}"
+            )
         record = self.zone(name)
         record.acked = version
         record.last_contact = now
@@ -166,11 +214,23 @@ class MergedTable:
     def row(self, key: ServiceKey) -> Row:
         """The row of service C{key}, as sent to zones."""
         allocation = self.allocator.allocations[key]
-        return Row(key.mesh, key.service, allocation.offset, self._zones_of.get(key, ()))
+        return Row(
+            key.mesh, key.service, allocation.offset, self._zones_of.get(key, ()), allocation.claim
+        )
 
     def rows(self) -> list[Row]:
         """The whole table, sorted by mesh and service."""
         return [self.row(key) for key in sorted(self.allocator.allocations)]
+
+    def names(self, domain: str) -> dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]]:
+        """Each row's DNS names and problems, owned as every zone computes them."""
+        return assign_names(
+            (
+                (key.mesh, key.service, allocation.claim)
+                for key, allocation in self.allocator.allocations.items()
+            ),
+            functools.lru_cache(maxsize=None)(lambda service: service_names(service, domain)),
+        )
 
     def zones_of(self, key: ServiceKey) -> tuple[str, ...]:
         """The zones that have service C{key}."""
@@ -199,17 +259,26 @@ def _check_part(part: int, previous: int | None) -> None:
 
 
 class FederatedView:
-    """A zone's table: the global's rows, plus provisional VIPs for local services."""
+    """A zone's table: the global's rows, plus provisional VIPs for local services.
+
+    The zone keeps hold-downs of its own: a VIP the global's table dropped, and a
+    provisional VIP the zone dropped, are kept from other services' provisional
+    VIPs for the hold-down period, as the global keeps them from allocation.
+    """
 
     def __init__(
         self,
         vip_range: VipRange,
         rows: Iterable[Allocation] = (),
         version: int = 0,
+        hold_down: float = 3600.0,
+        holds: Iterable[Hold] = (),
     ) -> None:
         self.range = vip_range
         self.version = version
+        self.hold_down = hold_down
         self.global_rows: dict[ServiceKey, Allocation] = {a.key: a for a in rows}
+        self.holds: dict[int, Hold] = {h.offset: h for h in holds}
         self.provisional: dict[ServiceKey, int] = {}
         self.exhausted: set[ServiceKey] = set()
         self._local: set[ServiceKey] = set()
@@ -217,46 +286,85 @@ class FederatedView:
         self.changed = False
         self._pending: dict[ServiceKey, Allocation] | None = None
         self._pending_part: int | None = None
+        #: Hold-downs the last applied table made, for the next reconcile's delta.
+        self._new_holds: list[Hold] = []
 
     @property
     def allocations(self) -> Mapping[ServiceKey, Allocation]:
         """The global's rows and the provisional VIPs, merged."""
         merged = dict(self.global_rows)
         for key, offset in self.provisional.items():
-            merged[key] = Allocation(key, offset)
+            merged[key] = Allocation(key, offset, claim=PROVISIONAL_CLAIM)
         return merged
+
+    def due(self, now: float) -> bool:
+        """Whether a reconciliation at C{now} would expire a hold-down."""
+        return any(h.until <= now for h in self.holds.values())
 
     def reconcile(self, wanted: Iterable[ServiceKey], now: float) -> TableDelta:
         """Give every local service the global has not allocated a provisional VIP.
 
         The candidate is the one the global will compute, avoiding every VIP the
-        table already holds, so the global almost always confirms it.
+        table holds and every hold-down of another service, so the global almost
+        always confirms it.  The delta carries only hold-downs (provisional VIPs
+        are never stored: they are recomputed at start-up).
         """
         self._local = set(wanted)
         before = self.provisional
+        delta = TableDelta(holds_added=self._new_holds)
+        self._new_holds = []
         taken = {a.offset for a in self.global_rows.values()}
+        self._expire_holds(taken, now, delta)
         self.provisional = {}
         self.exhausted = set()
         for key in sorted(self._local - self.global_rows.keys()):
-            if len(taken) >= self.range.size:
+            offset = self._place(key, taken)
+            if offset is None:
                 self.exhausted.add(key)
                 continue
-            offset = self.range.candidate(key)
-            while offset in taken:
-                offset = self.range.next_offset(offset)
             taken.add(offset)
             self.provisional[key] = offset
-        # Provisional VIPs are never persisted (they are recomputed at start-up):
-        # the delta carries nothing for the store.
-        delta = TableDelta(exhausted=sorted(self.exhausted))
+        self._hold_dropped(before, now, delta)
+        delta.exhausted = sorted(self.exhausted)
         self.changed = before != self.provisional
         return delta
+
+    def _place(self, key: ServiceKey, taken: set[int]) -> int | None:
+        """A provisional offset for C{key}: its own hold-down, else the free candidate."""
+        for hold in self.holds.values():
+            if hold.key == key and hold.offset not in taken:
+                return hold.offset
+        if len(taken) + len(self.holds) >= self.range.size:
+            return None
+        offset = self.range.candidate(key)
+        while offset in taken or offset in self.holds:
+            offset = self.range.next_offset(offset)
+        return offset
+
+    def _expire_holds(self, taken: set[int], now: float, delta: TableDelta) -> None:
+        """Drop hold-downs run out, and those of VIPs the global's table now uses."""
+        for hold in list(self.holds.values()):
+            if hold.until <= now or hold.offset in taken:
+                del self.holds[hold.offset]
+                delta.holds_dropped.append(hold)
+
+    def _hold_dropped(
+        self, before: Mapping[ServiceKey, int], now: float, delta: TableDelta
+    ) -> None:
+        """Hold back the provisional VIPs given up that the global's table does not use."""
+        used = {a.offset for a in self.global_rows.values()} | set(self.provisional.values())
+        for key, offset in before.items():
+            if self.provisional.get(key) == offset or offset in used or offset in self.holds:
+                continue
+            hold = Hold(key, offset, now + self.hold_down)
+            self.holds[offset] = hold
+            delta.holds_added.append(hold)
 
     def forget_partial(self) -> None:
         """A new connection: whatever arrived of an unfinished message is void."""
         self._pending, self._pending_part = None, None
 
-    def apply(self, message: TableUpdate) -> TableDelta | None:
+    def apply(self, message: TableUpdate, now: float = 0.0) -> TableDelta | None:
         """Apply one table part; returns the change to persist once complete, else None.
 
         Raises ValueError if a change does not start from the version held.
@@ -277,7 +385,7 @@ class FederatedView:
             if row.offset >= self.range.size:
                 raise ProtocolError(f"offset {row.offset} is outside the VIP range")
             key = ServiceKey(row.mesh, row.service)
-            pending[key] = Allocation(key, row.offset, row.zones)
+            pending[key] = Allocation(key, row.offset, row.zones, row.claim)
         if not message.last:
             return None
         new_rows, self._pending = pending, None
@@ -287,16 +395,32 @@ class FederatedView:
             added=[a for k, a in new_rows.items() if self.global_rows.get(k) != a],
             removed=[a for k, a in self.global_rows.items() if new_rows.get(k) != a],
         )
+        self._hold_released(delta.removed, new_rows, now)
         self.global_rows = new_rows
         self.version = message.version
         return delta
 
-    def served(self) -> Iterator[tuple[ServiceKey, int, tuple[str, ...], bool]]:
-        """(key, offset, zones, provisional) for every row served, sorted by key."""
+    def _hold_released(
+        self, removed: Iterable[Allocation], new_rows: Mapping[ServiceKey, Allocation], now: float
+    ) -> None:
+        """Hold back the VIPs the global's table gave up (the global holds them too)."""
+        used = {a.offset for a in new_rows.values()}
+        for allocation in removed:
+            if allocation.offset in used or allocation.offset in self.holds:
+                continue
+            hold = Hold(allocation.key, allocation.offset, now + self.hold_down)
+            self.holds[hold.offset] = hold
+            self._new_holds.append(hold)
+
+    def served(self) -> Iterator[Served]:
+        """Every row served, sorted by key; provisional ones claim after all others."""
         merged = self.allocations
         for key in sorted(merged):
-            provisional = key in self.provisional
-            yield key, merged[key].offset, merged[key].zones, provisional
+            allocation = merged[key]
+            if key in self.provisional:
+                yield Served(key, allocation.offset, allocation.zones, True, PROVISIONAL_CLAIM)
+            else:
+                yield Served(key, allocation.offset, allocation.zones, False, allocation.claim)
 
 
 class Federation:
@@ -340,7 +464,25 @@ class Federation:
         )
         for record in self.merged.zones.values():
             record.connected = False
+        #: Zones whose stored services did not all validate (dropped; store them again).
+        self.cleaned_zones = self._drop_invalid_services(warn)
         store.commit(StoreChanges(table_id=table_id, vip_range=self._range_id, reset_table=reset))
+
+    def _drop_invalid_services(self, warn: Callable[[str], None]) -> list[str]:
+        """Drop stored services that break the rules (stored by an older kumazone)."""
+        cleaned = []
+        for name, record in sorted(self.merged.zones.items()):
+            bad = set()
+            for key in record.services:
+                try:
+                    check_service_keys([(key.mesh, key.service)], "service")
+                except ZoneRefused:
+                    bad.add(key)
+            if bad:
+                record.services -= bad
+                cleaned.append(name)
+                warn(f"zone {name}: {len(bad)} stored service(s) are not valid names: dropped")
+        return cleaned
 
     def persist(
         self, delta: TableDelta | None, zones: Iterable[str], deleted: Iterable[str]

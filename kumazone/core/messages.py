@@ -25,6 +25,7 @@ __all__ = [
     "CHUNK_ITEMS",
     "KINDS",
     "MAX_FRAME",
+    "MAX_NUMBER",
     "PROTOCOL_VERSION",
     "Ack",
     "Error",
@@ -43,8 +44,11 @@ __all__ = [
     "table_messages",
 ]
 
-PROTOCOL_VERSION = 1
+#: 2: table rows carry their claim order (L{Row.claim}); version 1 peers are refused.
+PROTOCOL_VERSION = 2
 MAX_FRAME = 1 << 20
+#: The largest number a message may carry (a store's signed 64-bit integer).
+MAX_NUMBER = (1 << 63) - 1
 #: Items per part message: 2,000 rows of ~60 octets stay far below MAX_FRAME.
 CHUNK_ITEMS = 2000
 _LENGTH = struct.Struct("!I")
@@ -67,10 +71,16 @@ def _string(document: _Document, name: str) -> str:
     return value
 
 
+def _is_number(value: object) -> bool:
+    """Whether C{value} is an integer in [0, L{MAX_NUMBER}] (booleans are not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_NUMBER
+
+
 def _int(document: _Document, name: str) -> int:
     value = document.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ProtocolError(f"{name}: must be a non-negative integer")
+    if not _is_number(value):
+        raise ProtocolError(f"{name}: must be an integer in [0, {MAX_NUMBER}]")
+    assert isinstance(value, int)
     return value
 
 
@@ -97,28 +107,29 @@ def _keys(document: _Document, name: str) -> tuple[Key, ...]:
     return tuple(keys)
 
 
+def _row(item: object) -> Row:
+    """One C{[mesh, service, offset, [zone...], claim]} of an upsert list."""
+    if not (
+        isinstance(item, list)
+        and len(item) == 5
+        and isinstance(item[0], str)
+        and item[0]
+        and isinstance(item[1], str)
+        and item[1]
+        and _is_number(item[2])
+        and isinstance(item[3], list)
+        and all(isinstance(z, str) for z in item[3])
+        and _is_number(item[4])
+    ):
+        raise ProtocolError("upsert: items must be [mesh, service, offset, [zone...], claim]")
+    return Row(item[0], item[1], item[2], tuple(item[3]), item[4])
+
+
 def _rows(document: _Document) -> tuple[Row, ...]:
     value = document.get("upsert", [])
     if not isinstance(value, list):
         raise ProtocolError("upsert: must be a list")
-    rows = []
-    for item in value:
-        if not (
-            isinstance(item, list)
-            and len(item) == 4
-            and isinstance(item[0], str)
-            and item[0]
-            and isinstance(item[1], str)
-            and item[1]
-            and isinstance(item[2], int)
-            and not isinstance(item[2], bool)
-            and item[2] >= 0
-            and isinstance(item[3], list)
-            and all(isinstance(z, str) for z in item[3])
-        ):
-            raise ProtocolError("upsert: items must be [mesh, service, offset, [zone...]]")
-        rows.append(Row(item[0], item[1], item[2], tuple(item[3])))
-    return tuple(rows)
+    return tuple(_row(item) for item in value)
 
 
 # -- the messages -----------------------------------------------------------------
@@ -131,13 +142,18 @@ def _rows(document: _Document) -> tuple[Row, ...]:
 class Row:
     """One VIP table row as sent: (mesh, service) at an offset, in some zones.
 
-    On the wire, inside a L{TableUpdate}: C{[mesh, service, offset, [zone...]]}.
+    On the wire, inside a L{TableUpdate}: C{[mesh, service, offset, [zone...], claim]}.
+
+    @ivar claim: the table version at which the row was first allocated; of the
+        services that map to one DNS name, the one with the lowest claim (then
+        mesh and service) holds it (L{kumazone.core.names.assign_names}).
     """
 
     mesh: str
     service: str
     offset: int
     zones: tuple[str, ...] = ()
+    claim: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,7 +163,7 @@ class Hello:
     Zone to global, first on each connection; the global refuses a zone whose
     name, certificate or ranges do not fit.  On the wire::
 
-        {"v": 1, "t": "hello", "zone": "zone-1", "have": 41, "table": "<table id>",
+        {"v": 2, "t": "hello", "zone": "zone-1", "have": 41, "table": "<table id>",
          "cidr": "240.0.0.0/4", "cidr6": "fd00:fd00::/64"}
 
     @ivar zone: the zone's name.
@@ -190,7 +206,7 @@ class Inventory:
 
     Zone to global, a full one after L{Hello}, then changes.  On the wire::
 
-        {"v": 1, "t": "inventory", "full": true, "part": 0, "last": true,
+        {"v": 2, "t": "inventory", "full": true, "part": 0, "last": true,
          "add": [[mesh, service]...], "remove": [[mesh, service]...]}
 
     @ivar full: whether C{add} (over all parts) is the zone's whole inventory.
@@ -231,7 +247,7 @@ class Ack:
 
     Zone to global.  On the wire::
 
-        {"v": 1, "t": "ack", "version": 42}
+        {"v": 2, "t": "ack", "version": 42}
     """
 
     kind: ClassVar[str] = "ack"
@@ -251,7 +267,7 @@ class Ping:
 
     Both ways, every few seconds.  On the wire::
 
-        {"v": 1, "t": "ping"}
+        {"v": 2, "t": "ping"}
     """
 
     kind: ClassVar[str] = "ping"
@@ -270,7 +286,7 @@ class Welcome:
 
     Global to zone, once, in answer to L{Hello}.  On the wire::
 
-        {"v": 1, "t": "welcome", "version": 42, "table": "<table id>"}
+        {"v": 2, "t": "welcome", "version": 42, "table": "<table id>"}
 
     @ivar table_id: the id of the global's table (C{"table"} on the wire).
     """
@@ -293,9 +309,10 @@ class TableUpdate:
 
     Global to zone, after L{Welcome} and on every change.  On the wire::
 
-        {"v": 1, "t": "table", "version": 42, "base": 41, "full": false,
+        {"v": 2, "t": "table", "version": 42, "base": 41, "full": false,
          "part": 0, "last": true,
-         "upsert": [[mesh, service, offset, [zone...]]...], "remove": [[mesh, service]...]}
+         "upsert": [[mesh, service, offset, [zone...], claim]...],
+         "remove": [[mesh, service]...]}
 
     @ivar base: the version the changes apply to (0 for a full table).
     @ivar part: this part's index, from 0.
@@ -319,7 +336,7 @@ class TableUpdate:
             "full": self.full,
             "part": self.part,
             "last": self.last,
-            "upsert": [[r.mesh, r.service, r.offset, list(r.zones)] for r in self.upsert],
+            "upsert": [_row_document(r) for r in self.upsert],
             "remove": [list(k) for k in self.remove],
         }
 
@@ -342,7 +359,7 @@ class Error:
 
     Both ways, just before closing.  On the wire::
 
-        {"v": 1, "t": "error", "message": "VIP ranges differ: ..."}
+        {"v": 2, "t": "error", "message": "VIP ranges differ: ..."}
     """
 
     kind: ClassVar[str] = "error"
@@ -367,10 +384,19 @@ KINDS: dict[str, type[Message]] = {
 # -- frames -----------------------------------------------------------------------
 
 
+def _row_document(row: Row) -> list[Any]:
+    return [row.mesh, row.service, row.offset, list(row.zones), row.claim]
+
+
+def _dumps(value: Any) -> bytes:
+    """The one JSON encoding of frames and of the part-size count: compact, ASCII only."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
 def encode(message: Message) -> bytes:
     """One frame: length prefix and JSON body."""
     document = {"v": PROTOCOL_VERSION, "t": message.kind, **message._fields()}
-    data = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    data = _dumps(document)
     if len(data) > MAX_FRAME:
         raise ProtocolError(f"message of {len(data)} octets exceeds {MAX_FRAME}")
     return _LENGTH.pack(len(data)) + data
@@ -382,12 +408,20 @@ def decode(data: bytes) -> Message:
         document = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(f"not JSON: {e}") from None
+    except RecursionError:
+        raise ProtocolError("not JSON: nested too deeply") from None
     if not isinstance(document, dict):
         raise ProtocolError("message must be an object")
+    kind = document.get("t")
     version = document.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
-        raise ProtocolError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
-    kind = document.get("t")
+        if kind == Error.kind and isinstance(document.get("message"), str):
+            # A peer of another version says why it refuses: readable at any version.
+            return Error._parse(document)
+        raise ProtocolError(
+            f"the peer speaks sync protocol version {str(version)[:20]}, this kumazone "
+            f"speaks version {PROTOCOL_VERSION}: run the same kumazone release on both sides"
+        )
     cls = KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
@@ -420,10 +454,12 @@ PART_BUDGET = MAX_FRAME // 2 - 4096
 
 
 def _item_size(item: Any) -> int:
-    """An upper bound of an item's octets in a part's JSON (UTF-8)."""
+    """An item's exact octets in a part's JSON, with its separating comma."""
     if isinstance(item, Row):
-        item = [item.mesh, item.service, item.offset, list(item.zones)]
-    return len(json.dumps(item, ensure_ascii=False).encode("utf-8")) + 1
+        item = _row_document(item)
+    elif isinstance(item, tuple):
+        item = list(item)
+    return len(_dumps(item)) + 1
 
 
 def _chunks(items: Sequence[Any], cap: int, budget: int = PART_BUDGET) -> list[Sequence[Any]]:

@@ -9,6 +9,7 @@ outside C{[A-Za-z0-9_.-]}) is left out, with a reason.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 __all__ = [
@@ -17,7 +18,7 @@ __all__ = [
     "NAMESERVER_LABEL",
     "ZONE_NAME",
     "ServiceNames",
-    "claim_names",
+    "assign_names",
     "name_problem",
     "nameserver_name",
     "service_names",
@@ -84,21 +85,38 @@ def service_names(service: str, domain: str) -> ServiceNames:
     return ServiceNames(tuple(dict.fromkeys(names)), tuple(problems))
 
 
-def claim_names(
-    mesh: str, service: str, names: ServiceNames, claimed: dict[tuple[str, str], str]
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The names C{service} gets in C{mesh}, and the problems of those it does not.
+def assign_names(
+    claimants: Iterable[tuple[str, str, int]], names_of: Callable[[str], ServiceNames]
+) -> dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]]:
+    """The names each claimant gets in its mesh, and the problems of those it does not.
 
-    A name belongs to the first service (call in sorted order) that claims it in
-    its mesh: "a_b" and "a.b", or "Redis" and "redis", cannot share one.
-    C{claimed} carries the claims from one call to the next.
+    C{claimants} are C{(mesh, service, claim)}: C{claim} is the table version at
+    which the service's VIP was first allocated.  A name belongs to the claimant
+    with the lowest claim, then the lowest service name, in its mesh: a name
+    stays with its service while it exists, a later claimant (C{Redis} beside
+    C{redis}, C{a.b} beside C{a_b}) gets only a problem, and the order is a pure
+    function of the table, so the global and every zone compute the same owner.
+
+    @param names_of: a service's candidate names (L{service_names}, perhaps cached).
+    @return: C{(owned names, problems)} by C{(mesh, service)}.
     """
-    owned: list[str] = []
-    problems = [f"no DNS name {problem}" for problem in names.problems]
-    for name in names.names:
-        holder = claimed.setdefault((name, mesh), service)
-        if holder == service:
-            owned.append(name)
-        else:
-            problems.append(f"{name} is service {holder}'s name in this mesh")
-    return tuple(owned), tuple(problems)
+    claimants = list(claimants)
+    holders: dict[tuple[str, str], tuple[int, str]] = {}
+    for mesh, service, claim in claimants:
+        for name in names_of(service).names:
+            best = holders.get((name, mesh))
+            if best is None or (claim, service) < best:
+                holders[(name, mesh)] = (claim, service)
+    assigned: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+    for mesh, service, _claim in claimants:
+        names = names_of(service)
+        owned: list[str] = []
+        problems = [f"no DNS name {problem}" for problem in names.problems]
+        for name in names.names:
+            holder = holders[(name, mesh)][1]
+            if holder == service:
+                owned.append(name)
+            else:
+                problems.append(f"{name} is service {holder}'s name in this mesh")
+        assigned[(mesh, service)] = (tuple(owned), tuple(problems))
+    return assigned

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-__all__ = ["Clock", "RateLimiter", "limited"]
+__all__ = ["Clock", "RateLimiter", "TokenBucket", "limited"]
 
 
 class RateLimiter:
@@ -37,6 +37,26 @@ class RateLimiter:
         """How many events were held back since the last call."""
         count, self.suppressed = self.suppressed, 0
         return count
+
+
+class TokenBucket:
+    """At most C{rate} events per second on average, C{burst} at once."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._last: float | None = None
+
+    def take(self, now: float) -> bool:
+        """Whether an event at C{now} is within the rate (and count it if so)."""
+        if self._last is not None:
+            self._tokens = min(self.burst, self._tokens + max(0.0, now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
 
 
 class Clock(Protocol):

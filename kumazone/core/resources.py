@@ -25,6 +25,8 @@ __all__ = [
     "Resource",
     "ResourceError",
     "ResourceKey",
+    "check_mesh_name",
+    "check_service_name",
     "parse_documents",
     "parse_resource",
 ]
@@ -162,6 +164,21 @@ def _check_name(value: object, field: str, limit: int) -> str:
     return name
 
 
+def check_mesh_name(value: object, field: str = "mesh") -> str:
+    """C{value} if it is a valid mesh name (as a resource's C{mesh}), else L{ResourceError}."""
+    return _check_name(value, field, MAX_MESH_LENGTH)
+
+
+def check_service_name(value: object, field: str = "service") -> str:
+    """C{value} if it is a valid service (a C{kuma.io/service} tag value), else L{ResourceError}."""
+    text = _require_string(value, field)
+    if len(text) > MAX_TAG_VALUE:
+        raise ResourceError(field, f"must be at most {MAX_TAG_VALUE} characters, is {len(text)}")
+    if not _TAG_VALUE.match(text):
+        raise ResourceError(field, f"{text[:40]!r} has characters outside [A-Za-z0-9.-_:/]")
+    return text
+
+
 def _check_port(value: object, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ResourceError(field, f"must be a number, not {_kind(value)}")
@@ -175,16 +192,7 @@ def _check_tags(value: object, field: str, need_service: bool) -> Mapping[str, s
     for tag, tag_value in tags.items():
         if tag == "":
             raise ResourceError(field, "tag names must not be empty")
-        text = _require_string(tag_value, f'{field}["{tag}"]')
-        if len(text) > MAX_TAG_VALUE:
-            raise ResourceError(
-                f'{field}["{tag}"]', f"must be at most {MAX_TAG_VALUE} characters, is {len(text)}"
-            )
-        if not _TAG_VALUE.match(text):
-            raise ResourceError(
-                f'{field}["{tag}"]',
-                f"{text!r} has characters outside [A-Za-z0-9.-_:/]",
-            )
+        check_service_name(tag_value, f'{field}["{tag}"]')
     if need_service and SERVICE_TAG not in tags:
         raise ResourceError(f'{field}["{SERVICE_TAG}"]', "tag is required")
     return tags

@@ -13,10 +13,13 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import NamedTuple
 
 __all__ = [
+    "PROVISIONAL_CLAIM",
     "Allocation",
     "Hold",
+    "Served",
     "ServiceKey",
     "TableDelta",
     "VipAllocator",
@@ -83,11 +86,30 @@ class VipRange:
 
 @dataclass(frozen=True)
 class Allocation:
-    """One row of the VIP table (C{zones}: where the service is, when federated)."""
+    """One row of the VIP table (C{zones}: where the service is, when federated).
+
+    @ivar claim: the table version at which the row was first allocated: the
+        order in which services with one DNS name hold it (lowest first).
+    """
 
     key: ServiceKey
     offset: int
     zones: tuple[str, ...] = ()
+    claim: int = 0
+
+
+class Served(NamedTuple):
+    """One row as a zone serves it."""
+
+    key: ServiceKey
+    offset: int
+    zones: tuple[str, ...]
+    provisional: bool
+    claim: int
+
+
+#: The claim of a provisional VIP: after every row of the table.
+PROVISIONAL_CLAIM = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -207,7 +229,8 @@ class VipAllocator:
                 self.exhausted.add(key)
                 delta.exhausted.append(key)
                 continue
-            allocation = Allocation(key, offset)
+            # Claimed at the version this reconciliation makes.
+            allocation = Allocation(key, offset, claim=self.version + 1)
             self.allocations[key] = allocation
             self._owner[offset] = key
             delta.added.append(allocation)
@@ -228,7 +251,8 @@ class VipAllocator:
             offset = self.range.next_offset(offset)
         return offset
 
-    def served(self) -> Iterator[tuple[ServiceKey, int, tuple[str, ...], bool]]:
-        """(key, offset, zones, provisional) for every allocation, sorted by key."""
+    def served(self) -> Iterator[Served]:
+        """Every allocation as served, sorted by key."""
         for key in sorted(self.allocations):
-            yield key, self.allocations[key].offset, (), False
+            allocation = self.allocations[key]
+            yield Served(key, allocation.offset, (), False, allocation.claim)

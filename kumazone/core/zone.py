@@ -15,10 +15,10 @@ from typing import NamedTuple
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.federation import FederatedView
 from kumazone.core.messages import TableUpdate
-from kumazone.core.names import ServiceNames, claim_names, service_names
+from kumazone.core.names import ServiceNames, assign_names, service_names
 from kumazone.core.resources import DATAPLANE, MESH, Resource, ResourceKey
 from kumazone.core.storage import Store, StoreChanges, StoredState, StoreError
-from kumazone.core.vips import ServiceKey, TableDelta, VipAllocator, VipRange
+from kumazone.core.vips import Served, ServiceKey, TableDelta, VipAllocator, VipRange
 
 __all__ = [
     "DEFAULT_MESH",
@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 DEFAULT_MESH = "default"
+#: Distinct warnings remembered (so as to be given once) before the memory is reset.
+_WARNED_KEPT = 10_000
 
 
 class ConflictError(Exception):
@@ -124,7 +126,11 @@ class Zone:
             if state.table_id == "":
                 allocations = []  # rows allocated standalone are not the global's
             self.table = FederatedView(
-                vip_range, allocations, state.table_version if allocations else 0
+                vip_range,
+                allocations,
+                state.table_version if allocations else 0,
+                config.hold_down,
+                holds,
             )
         else:
             if state.table_id != "":
@@ -266,7 +272,7 @@ class Zone:
 
     def tick(self, now: float) -> None:
         """Periodic work: expire hold-downs, retry a full range (only when due)."""
-        if isinstance(self.table, VipAllocator) and self.table.due(now):
+        if self.table.due(now):
             self.update(now, inventory_changed=False)
 
     def apply_global(self, message: TableUpdate, table_id: str, now: float) -> bool:
@@ -280,10 +286,12 @@ class Zone:
             if not message.full:
                 raise ValueError(f"a change for table {table_id}, holding {self.table_id!r}")
         try:
-            delta = self.table.apply(message)
+            delta = self.table.apply(message, now)
             if delta is None:
                 return False
-            self.table.reconcile(self.wanted(), now)
+            held = self.table.reconcile(self.wanted(), now)
+            delta.holds_added += held.holds_added
+            delta.holds_dropped += held.holds_dropped
             self._commit(delta=delta, table_id=table_id)
         except StoreError:
             self._recover()
@@ -300,8 +308,11 @@ class Zone:
         table_id: str | None = None,
     ) -> None:
         if self._reset_table and isinstance(self.table, FederatedView):
-            # A new table replaces every stored row.
-            delta = TableDelta(added=list(self.table.global_rows.values()))
+            # A new table replaces every stored row (and the zone's hold-downs stay).
+            delta = TableDelta(
+                added=list(self.table.global_rows.values()),
+                holds_added=list(self.table.holds.values()),
+            )
         self.store.commit(
             StoreChanges(
                 puts=tuple(puts),
@@ -346,36 +357,55 @@ class Zone:
         if len(self._names) > 2 * len(self._entries) + 1024:
             self._names.clear()
         previous, self._entries = self._entries, {}
-        claimed: dict[tuple[str, str], str] = {}
+        served = list(self.table.served())
+        assigned = assign_names(
+            ((row.key.mesh, row.key.service, row.claim) for row in served), self._names_of
+        )
+        local = self.wanted()
         entries = []
-        for key, offset, zones, provisional in self.table.served():
-            names = self._names.get(key.service)
-            if names is None:
-                names = self._names[key.service] = service_names(key.service, self.config.domain)
-            owned, problems = claim_names(key.mesh, key.service, names, claimed)
-            for problem in problems:
-                self._warn_once(f"service {key}: {problem}")
-            zones = zones or (self.name,)
-            cached = previous.get(key)
-            entry = cached.entry if cached is not None and cached.offset == offset else None
-            if entry is None or (entry.names, entry.problems, entry.provisional, entry.zones) != (
-                owned,
-                problems,
-                provisional,
-                zones,
-            ):
-                entry = VipEntry(
-                    key,
-                    str(self.table.range.ipv4(offset)),
-                    str(self.table.range.ipv6(offset)),
-                    owned,
-                    problems,
-                    provisional,
-                    zones,
-                )
-            self._entries[key] = _BuiltEntry(offset, entry)
+        for row in served:
+            owned, problems = assigned[(row.key.mesh, row.key.service)]
+            if row.key in local:
+                # Only this zone's own services: another zone's bad names are its to report.
+                for problem in problems:
+                    self._warn_once(f"service {row.key}: {problem}")
+            entry = self._entry(previous.get(row.key), row, owned, problems)
+            self._entries[row.key] = _BuiltEntry(row.offset, entry)
             entries.append(entry)
         return entries
+
+    def _names_of(self, service: str) -> ServiceNames:
+        names = self._names.get(service)
+        if names is None:
+            names = self._names[service] = service_names(service, self.config.domain)
+        return names
+
+    def _entry(
+        self,
+        cached: _BuiltEntry | None,
+        row: Served,
+        owned: tuple[str, ...],
+        problems: tuple[str, ...],
+    ) -> VipEntry:
+        """The entry of C{row}: the last snapshot's if nothing about it changed."""
+        zones = row.zones or (self.name,)
+        entry = cached.entry if cached is not None and cached.offset == row.offset else None
+        if entry is not None and (entry.names, entry.problems, entry.provisional, entry.zones) == (
+            owned,
+            problems,
+            row.provisional,
+            zones,
+        ):
+            return entry
+        return VipEntry(
+            row.key,
+            str(self.table.range.ipv4(row.offset)),
+            str(self.table.range.ipv6(row.offset)),
+            owned,
+            problems,
+            row.provisional,
+            zones,
+        )
 
     def _mesh_of_address(self, resources: Mapping[ResourceKey, Resource]) -> dict[str, str]:
         """Each Dataplane address to its mesh; an address in several meshes gets none."""
@@ -395,6 +425,8 @@ class Zone:
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
+            if len(self._warned) >= _WARNED_KEPT:
+                self._warned.clear()  # bounded memory; a warning may come again
             self._warned.add(message)
             self._warn(message)
 

@@ -20,11 +20,19 @@ from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _schema(version: int) -> str:
-    return (package_files.files("kumazone.store") / "schema" / f"v{version}.sql").read_text()
+    return _schema_file(f"v{version}.sql")
+
+
+def _schema_file(name: str) -> str:
+    return (package_files.files("kumazone.store") / "schema" / name).read_text()
+
+
+#: The script that takes a store from each older schema version to the next one.
+_MIGRATIONS = {1: "migrate-v1-v2.sql"}
 
 
 class SQLiteStore:
@@ -53,14 +61,32 @@ class SQLiteStore:
             (version,) = self._db.execute(
                 "SELECT value FROM meta WHERE key='schema_version'"
             ).fetchone()
-            if int(version) != SCHEMA_VERSION:
-                raise StoreError(
-                    f"store {self.path} has schema version {version}, this kumazone "
-                    f"reads version {SCHEMA_VERSION}"
-                )
+            self._migrate(int(version))
             return
         # Created in one transaction: a crash leaves either no schema or all of it.
         self._db.executescript(f"BEGIN IMMEDIATE;\n{_schema(SCHEMA_VERSION)}\nCOMMIT;")
+
+    def _migrate(self, version: int) -> None:
+        """Bring a store of an older schema up to L{SCHEMA_VERSION}, in one transaction."""
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION or version not in _MIGRATIONS:
+            raise StoreError(
+                f"store {self.path} has schema version {version}, this kumazone "
+                f"reads version {SCHEMA_VERSION}"
+            )
+        scripts = []
+        while version < SCHEMA_VERSION:
+            scripts.append(_schema_file(_MIGRATIONS[version]))
+            version += 1
+        # executescript commits first; the whole migration is one transaction: a crash
+        # leaves the old schema or the new one.
+        try:
+            self._db.executescript("BEGIN IMMEDIATE;\n" + "\n".join(scripts) + "\nCOMMIT;")
+        except sqlite3.Error:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -85,9 +111,9 @@ class SQLiteStore:
                 continue
             state.resources.append(resource)
         state.allocations = [
-            Allocation(ServiceKey(mesh, service), offset, tuple(json.loads(zones)))
-            for mesh, service, offset, zones in self._db.execute(
-                "SELECT mesh, service, vip_offset, zones FROM vips ORDER BY vip_offset"
+            Allocation(ServiceKey(mesh, service), offset, tuple(json.loads(zones)), claim)
+            for mesh, service, offset, zones, claim in self._db.execute(
+                "SELECT mesh, service, vip_offset, zones, claim FROM vips ORDER BY vip_offset"
             )
         ]
         state.zones = [
@@ -128,7 +154,9 @@ class SQLiteStore:
                     self._write_delta(changes.delta)
                 self._write_zones(changes)
                 self._write_meta(changes)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, OverflowError, ValueError, TypeError) as e:
+            # Whatever the database refuses (a number too large for it, a bad
+            # value): rolled back, and the caller goes back to what is stored.
             raise StoreError(f"cannot write to store {self.path}: {e}") from None
 
     def _write_resources(self, changes: StoreChanges) -> None:
@@ -160,12 +188,13 @@ class SQLiteStore:
             )
         for allocation in delta.added:
             db.execute(
-                "INSERT INTO vips (mesh, service, vip_offset, zones) VALUES (?, ?, ?, ?)",
+                "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (?, ?, ?, ?, ?)",
                 (
                     allocation.key.mesh,
                     allocation.key.service,
                     allocation.offset,
                     json.dumps(list(allocation.zones)),
+                    allocation.claim,
                 ),
             )
 
@@ -181,7 +210,7 @@ class SQLiteStore:
             self._db.execute("DELETE FROM zones WHERE name=?", (name,))
 
     def _write_meta(self, changes: StoreChanges) -> None:
-        # The meta key of the table id is 'table_origin' on disk (schema v1).
+        # The meta key of the table id is 'table_origin' on disk (since schema v1).
         version = changes.table_version
         for key, value in (
             ("table_origin", changes.table_id),

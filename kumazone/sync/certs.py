@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -25,6 +26,8 @@ __all__ = ["CertError", "make_certs"]
 RESERVED = ("ca", "global")
 _VALIDITY = datetime.timedelta(days=3650)
 _LEAF_VALIDITY = datetime.timedelta(days=825)
+#: A leaf that expires sooner than this is issued again when certs runs.
+RENEW_BEFORE = datetime.timedelta(days=30)
 _Key = ec.EllipticCurvePrivateKey
 
 
@@ -167,15 +170,44 @@ def _make_ca(now: datetime.datetime) -> tuple[x509.Certificate, _Key]:
     return certificate, key
 
 
-def _covers(path: Path, hosts: Sequence[str]) -> bool:
-    if not path.exists():
-        return False
-    certificate = x509.load_pem_x509_certificate(path.read_bytes())
+def _covers(certificate: x509.Certificate, hosts: Sequence[str]) -> bool:
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return False
     return set(_names(hosts)) <= set(san)
+
+
+def _leaf_problem(
+    cert_path: Path,
+    key_path: Path,
+    hosts: Sequence[str],
+    ca_cert: x509.Certificate,
+    now: datetime.datetime,
+) -> str | None:
+    """Why the leaf in C{cert_path} cannot be reused (None: it can), or "missing"."""
+    if not cert_path.exists() or not key_path.exists():
+        return "missing"
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except ValueError:
+        return "it cannot be read"
+    if not _covers(certificate, hosts):
+        return f"it does not name {', '.join(hosts)}"
+    try:
+        certificate.verify_directly_issued_by(ca_cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return f"it was not issued by {ca_cert.subject.rfc4514_string()} of this directory"
+    if certificate.not_valid_after_utc <= now + RENEW_BEFORE:
+        return f"it expires {certificate.not_valid_after_utc:%Y-%m-%d}"
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    encoding = serialization.Encoding.DER
+    if key.public_key().public_bytes(encoding, public) != certificate.public_key().public_bytes(
+        encoding, public
+    ):
+        return f"{key_path.name} is not its key"
+    return None
 
 
 def _check_zone(zone: str) -> None:
@@ -207,11 +239,13 @@ def make_certs(
         wanted.append((zone, zone, [zone], ExtendedKeyUsageOID.CLIENT_AUTH))
     for stem, common_name, hosts, usage in wanted:
         cert_path, key_path = out / f"{stem}.pem", out / f"{stem}-key.pem"
-        if key_path.exists() and _covers(cert_path, hosts):
+        problem = _leaf_problem(cert_path, key_path, hosts, ca_cert, now)
+        if problem is None:
             done.append(f"reused {cert_path}")
             continue
         certificate, key = _issue(ca_cert, ca_key, common_name, hosts, usage, now)
         _write_private(key_path, _key_pem(key))
         _write_public(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
-        done.append(f"made {cert_path} for {', '.join(hosts)}")
+        why = "" if problem == "missing" else f" ({problem})"
+        done.append(f"made {cert_path} for {', '.join(hosts)}{why}")
     return done

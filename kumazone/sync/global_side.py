@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kumazone.core.federation import MergedTable
+from kumazone.core.limits import ZoneLimits, ZoneRefused
 from kumazone.core.messages import (
     Ack,
     Error,
@@ -20,7 +21,8 @@ from kumazone.core.messages import (
     table_messages,
 )
 from kumazone.core.names import ZONE_NAME
-from kumazone.core.ratelimit import RateLimiter, limited
+from kumazone.core.ratelimit import RateLimiter, TokenBucket, limited
+from kumazone.core.storage import StoreError
 from kumazone.core.vips import TableDelta
 from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncProtocol
@@ -47,7 +49,13 @@ class GlobalHub:
         clock: IReactorTime,
         metrics: SyncMetrics,
         require_certificates: bool = True,
+        limits: ZoneLimits | None = None,
     ) -> None:
+        """
+        @param persist: stores a change; raises L{StoreError} after putting the
+            table back to what the store holds.
+        @param limits: what each zone may ask (L{ZoneLimits}' defaults if None).
+        """
         self.merged = merged
         self.table_id = table_id
         self.cidrs = cidrs
@@ -55,14 +63,25 @@ class GlobalHub:
         self.clock = clock
         self.metrics = metrics
         self.require_certificates = require_certificates
+        self.limits = limits or ZoneLimits()
         self.sessions: dict[str, GlobalSession] = {}
         self._refusal_log = limited(
             RateLimiter(burst=20, interval=60.0), clock, lambda line: self.log.warn(line)
+        )
+        #: Every other line a zone can cause (what it reports, its comings and goings).
+        self.zone_log = limited(
+            RateLimiter(burst=50, interval=60.0), clock, lambda line: self.log.info(line)
         )
 
     def session(self) -> GlobalSession:
         """A session for a new zone connection."""
         return GlobalSession(self)
+
+    def refuse(self, session: GlobalSession, refusal: ZoneRefused) -> None:
+        """Refuse a zone's message: count it, log it (bounded), tell the zone, close."""
+        self.metrics.refused.labels(refusal.reason).inc()
+        self._refusal_log(f"zone {session.zone}: refused ({refusal.reason}): {refusal}")
+        session.proto.fail(f"refused: {refusal}", log=False)
 
     def refused(self, reason: str, line: str) -> None:
         """Count a refused connection under C{reason} and log C{line} (rate-limited)."""
@@ -70,11 +89,30 @@ class GlobalHub:
         self._refusal_log(line)
 
     def changed(self, delta: TableDelta | None, zones: list[str], deleted: list[str]) -> None:
-        """Persist a change and push the new table to every zone."""
+        """Persist a change and push the new table to every zone.
+
+        Raises L{StoreError} (the table back to what is stored, nothing pushed)
+        if the change cannot be stored.
+        """
         self.persist(delta, zones, deleted)
-        for session in list(self.sessions.values()):
-            session.push()
+        self.push_all()
         self.update_metrics()
+
+    def push_all(self) -> None:
+        """Push the table to every zone; one that fails is dropped, the others go on."""
+        for session in list(self.sessions.values()):
+            try:
+                session.push()
+            except Exception as e:
+                self.refused("push", f"zone {session.zone}: push failed ({type(e).__name__}: {e})")
+                session.proto.fail(f"the global cannot send its table: {e}", log=False)
+
+    def record_quietly(self, zone: str) -> None:
+        """Store zone C{zone}'s record (contact, state); a failure only logs (bounded)."""
+        try:
+            self.persist(None, [zone], [])
+        except StoreError as e:
+            self._refusal_log(f"zone {zone}: its record not stored: {e}")
 
     def delete_zone(self, name: str) -> bool:
         """Forget zone C{name} (an operator's DELETE /zones/{name})."""
@@ -133,6 +171,10 @@ class GlobalSession:
         #: Set when the hello was refused (already logged and counted).
         self.refused = False
         self.sent_version = -1
+        #: The last version the zone acknowledged on this connection.
+        self.acked = -1
+        limits = hub.limits
+        self._rate = TokenBucket(limits.max_messages_per_second, 2 * limits.max_messages_per_second)
         self.proto: SyncProtocol
 
     @property
@@ -228,11 +270,9 @@ class GlobalSession:
         record.pending, record.pending_part = None, None  # a new connection starts afresh
         record.connected = True
         record.last_contact = now
-        hub.log.info(
-            "zone {zone} connected from {peer} (holds table version {have})",
-            zone=hello.zone,
-            peer=self.proto.peer(),
-            have=hello.have,
+        hub.zone_log(
+            f"zone {hello.zone} connected from {self.proto.peer()} "
+            f"(holds table version {hello.have})"
         )
 
     def _welcome(self, hello: Hello) -> None:
@@ -241,46 +281,82 @@ class GlobalSession:
         self.proto.send(Welcome(hub.merged.version, hub.table_id))
         self.sent_version = hello.have if hello.table_id == hub.table_id else -1
         self.push()
-        hub.persist(None, [hello.zone], [])
+        hub.record_quietly(hello.zone)
         hub.update_metrics()
 
     # -- after hello --------------------------------------------------------------
 
-    def _heard(self) -> tuple[str, float]:
-        """This zone's name and the time now, noted as its last contact."""
+    def _heard(self, metered: bool = True) -> tuple[str, float]:
+        """This zone's name and the time now, noted as its last contact.
+
+        Raises L{ZoneRefused} if a C{metered} message exceeds the zone's rate.
+        """
         # The protocol hands a session nothing but a hello until the zone is known.
         assert self.zone is not None
         now = self.hub.clock.seconds()
+        if metered and not self._rate.take(now):
+            raise ZoneRefused(
+                "rate",
+                f"more than {self.hub.limits.max_messages_per_second:g} messages per second",
+            )
         self.hub.merged.zone(self.zone).last_contact = now
         return self.zone, now
 
     def inventory_received(self, proto: SyncProtocol, inventory: Inventory) -> None:
         """Take in (a part of) the zone's inventory; after its last part, share the change."""
-        zone, now = self._heard()
-        delta = self.hub.merged.receive_inventory(zone, inventory, now)
-        if inventory.last:
-            self.hub.changed(delta, [zone], [])
+        try:
+            zone, now = self._heard()
+            delta = self.hub.merged.receive_inventory(zone, inventory, now, self.hub.limits)
+            if inventory.last:
+                self.hub.changed(delta, [zone], [])
+        except ZoneRefused as refusal:
+            self.hub.refuse(self, refusal)
+        except StoreError as e:
+            # The table is back to what is stored: the zone sends it all again.
+            self.hub.refuse(self, ZoneRefused("store", f"the global cannot store it ({e})"))
 
     def ack_received(self, proto: SyncProtocol, ack: Ack) -> None:
-        """Note the table version the zone now holds."""
-        zone, now = self._heard()
-        self.hub.merged.acknowledge(zone, ack.version, now)
+        """Note the table version the zone now holds (one this connection was sent)."""
+        try:
+            zone, now = self._heard(metered=False)  # acks answer the global's pushes
+            if not self.acked < ack.version <= self.sent_version:
+                raise ZoneRefused(
+                    "bad-ack",
+                    f"ack of table version {ack.version}: sent {self.sent_version}, "
+                    f"acknowledged {self.acked}",
+                )
+            self.hub.merged.acknowledge(zone, ack.version, now)
+        except ZoneRefused as refusal:
+            self.hub.refuse(self, refusal)
+            return
+        self.acked = ack.version
         self.hub.update_metrics()
 
     def ping_received(self, proto: SyncProtocol, ping: Ping) -> None:
         """The zone is still there."""
-        self._heard()
+        try:
+            self._heard()
+        except ZoneRefused as refusal:
+            self.hub.refuse(self, refusal)
 
     def error_received(self, proto: SyncProtocol, error: Error) -> None:
-        """Log what the zone reports."""
-        zone, _now = self._heard()
-        self.hub.log.warn("zone {zone} reports: {message}", zone=zone, message=error.message)
+        """Log what the zone reports (bounded, and cut to a line's length)."""
+        try:
+            zone, _now = self._heard()
+        except ZoneRefused as refusal:
+            self.hub.refuse(self, refusal)
+            return
+        self.hub.zone_log(f"zone {zone} reports: {error.message[:300]!r}")
+
+    def resumed(self, proto: SyncProtocol) -> None:
+        """The zone reads again: send what it was not sent meanwhile."""
+        self.push()
 
     def push(self) -> None:
         """Send what changed since the version this zone was last sent."""
         table = self.hub.merged
-        if self.sent_version == table.version:
-            return
+        if self.sent_version == table.version or self.proto.paused or self.proto.closed:
+            return  # a zone not reading gets the changes, coalesced, once it reads
         changes = table.changes_since(self.sent_version) if self.sent_version >= 0 else None
         if changes is None:
             messages = table_messages(table.version, 0, True, table.rows())
@@ -312,6 +388,6 @@ class GlobalSession:
         if record is not None:
             record.connected = False
             record.last_contact = hub.clock.seconds()
-            hub.persist(None, [zone], [])
-        hub.log.info("zone {zone} disconnected: {why}", zone=zone, why=reason.getErrorMessage())
+            hub.record_quietly(zone)
+        hub.zone_log(f"zone {zone} disconnected: {reason.getErrorMessage()}")
         hub.update_metrics()

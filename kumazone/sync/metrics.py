@@ -50,7 +50,7 @@ class SyncMetrics:
         )
         self.refused = Counter(
             "kumazone_sync_refused",
-            "Sync connections refused, by reason",
+            "Sync connections and zone messages refused, by reason",
             ["reason"],
             registry=r,
         )

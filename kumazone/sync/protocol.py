@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet import protocol
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -23,10 +23,14 @@ from kumazone.core.messages import Error, FrameDecoder, Message, Ping, ProtocolE
 from kumazone.core.ratelimit import RateLimiter
 from kumazone.sync.metrics import SyncMetrics
 
-__all__ = ["HEARTBEAT", "SILENCE", "Handler", "SyncFactory", "SyncProtocol"]
+__all__ = ["CLOSE_GRACE", "HEARTBEAT", "SILENCE", "Handler", "SyncFactory", "SyncProtocol"]
 
 HEARTBEAT = 5.0
 SILENCE = 15.0
+#: Seconds a closing connection may take to flush before it is cut.
+CLOSE_GRACE = 5.0
+#: Octets that may be queued for a peer that does not read, by default.
+MAX_PENDING_OCTETS = 32 << 20
 
 
 class Handler(Protocol):
@@ -57,6 +61,8 @@ class SyncProtocol(protocol.Protocol):
 
     log = Logger()
     _silence_log = RateLimiter(burst=10, interval=60.0)
+    #: Closes a peer can cause (one per connection it opens): a bounded log.
+    _close_log = RateLimiter(burst=20, interval=60.0)
 
     def __init__(
         self,
@@ -65,17 +71,28 @@ class SyncProtocol(protocol.Protocol):
         metrics: SyncMetrics,
         heartbeat: float = HEARTBEAT,
         silence: float = SILENCE,
+        max_pending: int = MAX_PENDING_OCTETS,
     ) -> None:
+        """
+        @param max_pending: octets that may be written while the peer does not
+            read (the transport paused this producer); past them it is dropped,
+            as it is when paused for longer than C{silence}.
+        """
         self.handler = handler
         self.clock = clock
         self.metrics = metrics
         self.heartbeat = heartbeat
         self.silence = silence
+        self.max_pending = max_pending
         self.decoder = FrameDecoder()
         self.zone = ""  # set once known, for metric labels
         self.last_heard = 0.0
         self._beat: LoopingCall | None = None
         self.closed = False
+        #: When the transport paused this producer (its peer reads too slowly).
+        self.paused_since: float | None = None
+        self.pending_octets = 0
+        self._cut: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         """Start the heartbeat and tell the handler."""
@@ -84,7 +101,49 @@ class SyncProtocol(protocol.Protocol):
         self._beat = LoopingCall(self._tick)
         self._beat.clock = self.clock
         self._beat.start(self.heartbeat, now=False)
+        register = getattr(self.transport, "registerProducer", None)
+        if register is not None:
+            register(self, True)
         self.handler.connected(self)
+
+    # -- IPushProducer: the transport says when the peer stops reading ---------
+
+    def pauseProducing(self) -> None:
+        """The peer is not reading: note when, and count what is queued from now."""
+        if self.paused_since is None:
+            self.paused_since = self.clock.seconds()
+            self.pending_octets = 0
+
+    def resumeProducing(self) -> None:
+        """The peer reads again: the handler may send what it held back."""
+        if self.paused_since is None:
+            return
+        self.paused_since, self.pending_octets = None, 0
+        resumed = getattr(self.handler, "resumed", None)
+        if resumed is not None and not self.closed:
+            resumed(self)
+
+    def stopProducing(self) -> None:
+        """The connection is going."""
+
+    @property
+    def paused(self) -> bool:
+        """Whether the peer has stopped reading what is sent."""
+        return self.paused_since is not None
+
+    def _slow_reader(self, why: str) -> None:
+        """Drop a peer that does not read: count it, log at a bounded rate, cut."""
+        if self.closed:
+            return
+        self.metrics.refused.labels("slow-reader").inc()
+        if SyncProtocol._close_log.allow(self.clock.seconds()):
+            self.log.warn(
+                "sync peer {peer} ({zone}) dropped: {why}",
+                peer=self.peer(),
+                zone=self.zone or "unknown zone",
+                why=why,
+            )
+        self.abort()
 
     def _no_delay(self) -> None:
         # Messages are small and latency matters: no Nagle delay (under TLS the
@@ -98,6 +157,9 @@ class SyncProtocol(protocol.Protocol):
 
     def _tick(self) -> None:
         now = self.clock.seconds()
+        if self.paused_since is not None and now - self.paused_since > self.silence:
+            self._slow_reader(f"read nothing for {now - self.paused_since:.0f}s")
+            return
         if now - self.last_heard > self.silence:
             # Anyone can open a connection and stay silent: a bounded log.
             if SyncProtocol._silence_log.allow(now):
@@ -117,6 +179,8 @@ class SyncProtocol(protocol.Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         """Hand every complete message to the handler; close on a protocol error."""
+        if self.closed:
+            return  # closing: what a peer sends now costs nothing
         self.last_heard = self.clock.seconds()
         messages: list[Message] = []
         try:
@@ -151,13 +215,18 @@ class SyncProtocol(protocol.Protocol):
         if self.closed or self.transport is None:
             return
         data = encode(message)
+        if self.paused_since is not None:
+            self.pending_octets += len(data)
+            if self.pending_octets > self.max_pending:
+                self._slow_reader(f"more than {self.max_pending} octets queued, none read")
+                return
         self.metrics.octets.labels(self.zone or "?", "out").inc(len(data))
         self.metrics.messages.labels(self.zone or "?", "out", message.kind.capitalize()).inc()
         self.transport.write(data)
 
     def fail(self, why: str, log: bool = True) -> None:
         """Tell the peer why, log it (unless the caller did), and close."""
-        if log:
+        if log and SyncProtocol._close_log.allow(self.clock.seconds()):
             self.log.warn(
                 "sync with {peer} ({zone}) closed: {why}",
                 peer=self.peer(),
@@ -168,10 +237,15 @@ class SyncProtocol(protocol.Protocol):
         self.close()
 
     def close(self) -> None:
-        """Close once what was sent is written."""
+        """Close once what was sent is written, or after L{CLOSE_GRACE} seconds at most."""
         if not self.closed and self.transport is not None:
             self.closed = True
+            unregister = getattr(self.transport, "unregisterProducer", None)
+            if unregister is not None:
+                unregister()
             self.transport.loseConnection()
+            # A peer that does not read would keep a closing connection open.
+            self._cut = self.clock.callLater(CLOSE_GRACE, self.abort)
 
     def abort(self) -> None:
         """Close now, dropping anything unwritten."""
@@ -182,6 +256,8 @@ class SyncProtocol(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         """Stop the heartbeat and tell the handler."""
         self.closed = True
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
         if self._beat is not None and self._beat.running:
             self._beat.stop()
         self.handler.disconnected(self, reason)
@@ -199,15 +275,22 @@ class SyncFactory(protocol.Factory):
         metrics: SyncMetrics,
         heartbeat: float = HEARTBEAT,
         silence: float = SILENCE,
+        max_pending: int = MAX_PENDING_OCTETS,
     ) -> None:
         self.make_handler = make_handler
         self.clock = clock
         self.metrics = metrics
         self.heartbeat = heartbeat
         self.silence = silence
+        self.max_pending = max_pending
 
     def buildProtocol(self, addr: Any) -> SyncProtocol:
         """A protocol around a new handler."""
         return SyncProtocol(
-            self.make_handler(), self.clock, self.metrics, self.heartbeat, self.silence
+            self.make_handler(),
+            self.clock,
+            self.metrics,
+            self.heartbeat,
+            self.silence,
+            self.max_pending,
         )

@@ -240,3 +240,39 @@ def test_python_m_kumazone_certs_needs_out() -> None:
     result = run_command("--zone", "zone-1")
     assert result.returncode == 2
     assert "--out" in result.stderr
+
+
+# -- re-running checks what it reuses ----------------------------------------------
+
+
+def test_a_leaf_from_another_ca_is_issued_again(out: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    make_certs(other, ["localhost"], ["zone-1"])
+    shutil.copy(other / "zone-1.pem", out / "zone-1.pem")
+    shutil.copy(other / "zone-1-key.pem", out / "zone-1-key.pem")
+    done = make_certs(out, ["localhost", "127.0.0.1"], ["zone-1", "zone-2"])
+    assert any(
+        line.startswith(
+            f"made {out / 'zone-1.pem'} for zone-1 (it was not issued by CN=kumazone CA"
+        )
+        for line in done
+    ), done
+    load(out / "zone-1.pem").verify_directly_issued_by(load(out / "ca.pem"))
+    assert f"reused {out / 'zone-2.pem'}" in done
+
+
+def test_a_leaf_about_to_expire_is_issued_again(out: Path) -> None:
+    import datetime
+
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=820)
+    done = make_certs(out, ["localhost", "127.0.0.1"], ["zone-1"], now=later)
+    assert any(
+        line.startswith(f"made {out / 'zone-1.pem'} for zone-1 (it expires ") for line in done
+    ), done
+    assert load(out / "zone-1.pem").not_valid_after_utc > later + datetime.timedelta(days=800)
+
+
+def test_a_leaf_with_a_key_that_is_not_its_own_is_issued_again(out: Path) -> None:
+    shutil.copy(out / "zone-2-key.pem", out / "zone-1-key.pem")
+    done = make_certs(out, ["localhost", "127.0.0.1"], ["zone-1", "zone-2"])
+    assert f"made {out / 'zone-1.pem'} for zone-1 (zone-1-key.pem is not its key)" in done

@@ -79,7 +79,8 @@ def apply_changes(old: Iterable[Row], changes: tuple[list[Row], list[Pair]]) -> 
 
 def as_allocations(rows: Iterable[Row]) -> dict[ServiceKey, Allocation]:
     return {
-        key(r.service, r.mesh): Allocation(key(r.service, r.mesh), r.offset, r.zones) for r in rows
+        key(r.service, r.mesh): Allocation(key(r.service, r.mesh), r.offset, r.zones, r.claim)
+        for r in rows
     }
 
 
@@ -305,7 +306,7 @@ def test_a_zones_only_change_bumps_the_version() -> None:
     assert table.version == version + 1
     # ... and the zones change is in the change log.
     changes = table.changes_since(version)
-    assert changes == ([Row("default", "web", before[web], ("zone-1", "zone-2"))], [])
+    assert changes == ([Row("default", "web", before[web], ("zone-1", "zone-2"), 1)], [])
     assert apply_changes(base_rows, changes) == by_key(table.rows())
     table.receive_inventory("zone-2", full(), 2.0)
     assert table.version == version + 2
@@ -394,7 +395,7 @@ def test_provisional_vips_for_local_services_not_in_the_global_rows() -> None:
     glob.receive_inventory("zone-1", full(*local), 2.0)
     for k, offset in zone.provisional.items():
         assert offsets(glob)[k] == offset == candidate(BIG, k)
-    served = {k: (offset, provisional) for k, offset, _z, provisional in zone.served()}
+    served = {k: (offset, provisional) for k, offset, _z, provisional, _c in zone.served()}
     assert served[key("shared")] == (offsets(glob)[key("shared")], False)
     assert served[key("remote")][1] is False
     assert served[key("new-1")] == (offsets(glob)[key("new-1")], True)
@@ -506,9 +507,11 @@ def test_after_apply_a_local_service_in_the_global_rows_is_not_provisional() -> 
     zone.reconcile({mine}, 1.0)  # as Zone.apply_global does after every update
     assert zone.provisional == {}
     assert zone.changed
-    served = {k: (offset, zones, provisional) for k, offset, zones, provisional in zone.served()}
+    served = {
+        k: (offset, zones, provisional) for k, offset, zones, provisional, _c in zone.served()
+    }
     assert served == {other: (2, ("zone-2",), False), mine: (3, ("zone-1",), False)}
-    assert zone.allocations[mine] == Allocation(mine, 3, ("zone-1",))
+    assert zone.allocations[mine] == Allocation(mine, 3, ("zone-1",), claim=2)
 
 
 def test_a_service_removed_from_the_global_rows_becomes_provisional_again() -> None:
@@ -516,9 +519,10 @@ def test_a_service_removed_from_the_global_rows_becomes_provisional_again() -> N
     zone = FederatedView(BIG, [Allocation(a, 77)], 1)
     zone.reconcile({a}, 0.0)
     assert zone.provisional == {}
-    zone.apply(TableUpdate(2, 1, False, 0, True, (), (("default", "a"),)))
+    zone.apply(TableUpdate(2, 1, False, 0, True, (), (("default", "a"),)), 1.0)
     zone.reconcile({a}, 1.0)
-    assert zone.provisional == {a: candidate(BIG, a)}
+    # At the VIP it had: the zone holds it back for it, as the global does.
+    assert zone.provisional == {a: 77}
 
 
 # -- properties ------------------------------------------------------------------

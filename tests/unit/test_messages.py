@@ -14,6 +14,7 @@ from kumazone.core.messages import (
     CHUNK_ITEMS,
     KINDS,
     MAX_FRAME,
+    MAX_NUMBER,
     PROTOCOL_VERSION,
     Ack,
     Error,
@@ -37,12 +38,12 @@ from kumazone.core.messages import (
 #: Any text JSON can carry (lone surrogates included: json escapes them).
 texts = st.text(max_size=40)
 names = st.text(min_size=1, max_size=40)
-offsets = st.integers(min_value=0, max_value=2**64)
-versions = st.integers(min_value=0, max_value=2**63)
+offsets = st.integers(min_value=0, max_value=MAX_NUMBER)
+versions = st.integers(min_value=0, max_value=MAX_NUMBER)
 keys = st.tuples(names, names)
 key_lists = st.lists(keys, max_size=8).map(tuple)
 zone_lists = st.lists(texts, max_size=5).map(tuple)
-rows = st.builds(Row, names, names, offsets, zone_lists)
+rows = st.builds(Row, names, names, offsets, zone_lists, versions)
 
 hellos = st.builds(Hello, texts, versions, texts, texts, texts)
 inventories = st.builds(Inventory, st.booleans(), versions, st.booleans(), key_lists, key_lists)
@@ -126,23 +127,23 @@ def test_frame_body_is_compact_utf8_json_with_type_names() -> None:
         assert b" " not in body
 
 
-#: One message of each kind and its frame as the codec has always written it.
+#: One message of each kind and its frame as protocol version 2 writes it.
 PINNED: list[tuple[Message, bytes]] = [
     (
         Hello("zone-1", 7, "abc", "240.0.0.0/4", "fd00:fd00::/64"),
-        b'\x00\x00\x00h{"v":1,"t":"hello","zone":"zone-1","have":7,"table":"abc",'
+        b'\x00\x00\x00h{"v":2,"t":"hello","zone":"zone-1","have":7,"table":"abc",'
         b'"cidr":"240.0.0.0/4","cidr6":"fd00:fd00::/64"}',
     ),
     (
         Inventory(False, 3, False, (("default", "redis"),), (("m", "gone"),)),
-        b'\x00\x00\x00n{"v":1,"t":"inventory","full":false,"part":3,"last":false,'
+        b'\x00\x00\x00n{"v":2,"t":"inventory","full":false,"part":3,"last":false,'
         b'"add":[["default","redis"]],"remove":[["m","gone"]]}',
     ),
-    (Ack(12), b'\x00\x00\x00\x1e{"v":1,"t":"ack","version":12}'),
-    (Ping(), b'\x00\x00\x00\x12{"v":1,"t":"ping"}'),
+    (Ack(12), b'\x00\x00\x00\x1e{"v":2,"t":"ack","version":12}'),
+    (Ping(), b'\x00\x00\x00\x12{"v":2,"t":"ping"}'),
     (
         Welcome(42, "table-id"),
-        b'\x00\x00\x005{"v":1,"t":"welcome","version":42,"table":"table-id"}',
+        b'\x00\x00\x005{"v":2,"t":"welcome","version":42,"table":"table-id"}',
     ),
     (
         TableUpdate(
@@ -151,13 +152,14 @@ PINNED: list[tuple[Message, bytes]] = [
             False,
             1,
             True,
-            (Row("default", "redis", 9, ("zone-1", "zone-2")),),
+            (Row("default", "redis", 9, ("zone-1", "zone-2"), 3),),
             (("m", "gone"),),
         ),
-        b'\x00\x00\x00\x97{"v":1,"t":"table","version":5,"base":4,"full":false,"part":1,'
-        b'"last":true,"upsert":[["default","redis",9,["zone-1","zone-2"]]],"remove":[["m","gone"]]}',
+        b'\x00\x00\x00\x99{"v":2,"t":"table","version":5,"base":4,"full":false,"part":1,'
+        b'"last":true,"upsert":[["default","redis",9,["zone-1","zone-2"],3]],'
+        b'"remove":[["m","gone"]]}',
     ),
-    (Error("nope: \u00e9"), b'\x00\x00\x00,{"v":1,"t":"error","message":"nope: \\u00e9"}'),
+    (Error("nope: \u00e9"), b'\x00\x00\x00,{"v":2,"t":"error","message":"nope: \\u00e9"}'),
 ]
 
 
@@ -277,7 +279,7 @@ def test_bad_json_raises(body: bytes) -> None:
         list(FrameDecoder().feed(frame(body)))
 
 
-@pytest.mark.parametrize("version", [None, 0, 2, "1", 1.5, 1.0, True, [1]])
+@pytest.mark.parametrize("version", [None, 0, 1, 3, "2", 1.5, 2.0, True, [2]])
 def test_wrong_protocol_version_raises(version: object) -> None:
     document: dict[str, Any] = {"t": "ping"}
     if version is not None:
@@ -305,7 +307,7 @@ GOOD: dict[str, dict[str, Any]] = {
         "full": False,
         "part": 0,
         "last": True,
-        "upsert": [["m", "s", 3, ["zone-1"]]],
+        "upsert": [["m", "s", 3, ["zone-1"], 7]],
         "remove": [["m", "gone"]],
     },
     "error": {"t": "error", "message": "m"},
@@ -358,6 +360,13 @@ BAD_FIELDS: list[tuple[str, str, object]] = [
     ("table", "upsert", [["m", "s", 3, [1]]]),
     ("table", "upsert", [["", "s", 3, []]]),
     ("table", "upsert", [["m", None, 3, []]]),
+    ("table", "upsert", [["m", "s", 3, []]]),
+    ("table", "upsert", [["m", "s", 3, [], -1]]),
+    ("table", "upsert", [["m", "s", 3, [], 2**63]]),
+    ("table", "upsert", [["m", "s", 2**63, [], 0]]),
+    ("ack", "version", 2**64),
+    ("hello", "have", 2**63),
+    ("inventory", "part", 2**63),
     ("table", "remove", [["m"]]),
     ("error", "message", None),
     ("error", "message", {"text": "x"}),
@@ -552,3 +561,42 @@ def test_table_parts_reassemble(upsert, remove, version, base, full, size) -> No
     assert all((p.version, p.base, p.full) == (version, base, full) for p in parts)
     assert [r for p in parts for r in p.upsert] == upsert
     assert [k for p in parts for k in p.remove] == remove
+
+
+# -- exact sizes, hostile documents, other versions ---------------------------------
+
+
+def test_non_ascii_names_are_sized_as_encoded_so_no_part_exceeds_a_frame() -> None:
+    # 1,500 names of 300 'é': escaped to 6 octets each, 2.7 MB as one message.
+    upsert = [Row("default", f"{i}-" + "é" * 300, i, ("zone-1",), i) for i in range(1500)]
+    parts = table_messages(9, 0, True, upsert)
+    assert len(parts) > 1
+    for part in parts:
+        assert len(encode(part)) <= MAX_FRAME
+    assert [r for p in parts for r in p.upsert] == upsert
+
+
+def test_largest_valid_names_fill_parts_without_exceeding_a_frame() -> None:
+    service = "s" * 1024  # the longest service a resource may name
+    adds = [("m" * 63, f"{i:05d}{service[5:]}") for i in range(3000)]
+    for message in inventory_messages(adds, adds[:1500], full=False):
+        assert len(encode(message)) <= MAX_FRAME
+
+
+def test_json_nested_too_deeply_is_a_protocol_error() -> None:
+    body = b'{"v":2,"t":"ping","x":' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        decode(body)
+
+
+def test_a_peer_of_another_version_is_told_why_and_its_error_is_readable() -> None:
+    with pytest.raises(ProtocolError, match=r"sync protocol version 1.*speaks version 2"):
+        decode(raw({"v": 1, "t": "hello", "zone": "z"}))
+    # An older (or newer) peer's refusal still reads as what it says.
+    assert decode(raw({"v": 1, "t": "error", "message": "go away"})) == Error("go away")
+
+
+def test_numbers_beyond_a_stored_integer_are_refused() -> None:
+    with pytest.raises(ProtocolError, match="must be an integer"):
+        decode(raw({"t": "ack", "version": 2**64}))
+    assert decode(raw({"t": "ack", "version": MAX_NUMBER})) == Ack(MAX_NUMBER)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -243,14 +245,46 @@ def test_well_formed_services_get_every_form(service: str) -> None:
     assert list(result.names) == expected
 
 
-def test_claim_names_gives_each_name_one_owner_per_mesh() -> None:
-    from kumazone.core.names import claim_names, service_names
+def assigned(*claimants: tuple[str, str, int]) -> dict[tuple[str, str], tuple[Any, Any]]:
+    from kumazone.core.names import assign_names, service_names
 
-    claimed: dict[tuple[str, str], str] = {}
-    first = claim_names("default", "a.b", service_names("a.b", "mesh"), claimed)
-    second = claim_names("default", "a_b", service_names("a_b", "mesh"), claimed)
-    other_mesh = claim_names("payments", "a_b", service_names("a_b", "mesh"), claimed)
-    assert first == (("a.b.mesh",), ())
-    assert second[0] == ("a_b.mesh",)
-    assert second[1] == ("a.b.mesh is service a.b's name in this mesh",)
-    assert other_mesh == (("a_b.mesh", "a.b.mesh"), ())
+    return assign_names(claimants, lambda service: service_names(service, "mesh"))
+
+
+def test_each_name_has_one_owner_per_mesh() -> None:
+    names = assigned(("default", "a.b", 1), ("default", "a_b", 2), ("payments", "a_b", 3))
+    assert names[("default", "a.b")] == (("a.b.mesh",), ())
+    assert names[("default", "a_b")] == (
+        ("a_b.mesh",),
+        ("a.b.mesh is service a.b's name in this mesh",),
+    )
+    assert names[("payments", "a_b")] == (("a_b.mesh", "a.b.mesh"), ())
+
+
+def test_the_earliest_claim_holds_a_name_whatever_the_sort_order() -> None:
+    # redis came first: Redis (which sorts before it) gets no name.
+    names = assigned(("default", "Redis", 5), ("default", "redis", 2))
+    assert names[("default", "redis")] == (("redis.mesh",), ())
+    assert names[("default", "Redis")] == ((), ("redis.mesh is service redis's name in this mesh",))
+    # a_b came first: a.b does not take its dotted name.
+    names = assigned(("default", "a.b", 9), ("default", "a_b", 4))
+    assert names[("default", "a_b")] == (("a_b.mesh", "a.b.mesh"), ())
+    assert names[("default", "a.b")][0] == ()
+
+
+def test_when_the_holder_goes_the_next_claimant_takes_the_name() -> None:
+    names = assigned(("default", "WEB", 7), ("default", "Web", 3))
+    assert names[("default", "Web")][0] == ("web.mesh",)
+    assert names[("default", "WEB")][0] == ()
+
+
+def test_equal_claims_go_by_service_name() -> None:
+    names = assigned(("default", "redis", 0), ("default", "Redis", 0))
+    assert names[("default", "Redis")][0] == ("redis.mesh",)
+
+
+def test_the_owner_does_not_depend_on_the_order_of_the_claimants() -> None:
+    claimants = [("default", s, c) for s, c in (("x_y", 4), ("X.y", 2), ("x.y", 9), ("X_Y", 2))]
+    first = assigned(*claimants)
+    assert assigned(*reversed(claimants)) == first
+    assert first[("default", "X.y")][0] == ("x.y.mesh",)

@@ -343,3 +343,60 @@ def test_stored_resource_that_no_longer_validates_is_reported(path: str) -> None
         ResourceKey("Dataplane", "default", "garbled"),
     ]
     assert "networking" in dict(state.bad_resources)[ResourceKey("Dataplane", "default", "bad")]
+
+
+# -- schema v2: claims, and the migration from v1 ----------------------------------
+
+
+def test_claims_are_stored_with_the_rows(path: str) -> None:
+    store = SQLiteStore(path)
+    web = Allocation(ServiceKey("default", "web"), 5, ("zone-1",), claim=41)
+    store.commit(StoreChanges(delta=TableDelta(added=[web]), table_version=41))
+    store.close()
+    assert SQLiteStore(path).load().allocations == [web]
+
+
+def _v1_store(path: str) -> None:
+    from importlib import resources as package_files
+
+    v1 = (package_files.files("kumazone.store") / "schema" / "v1.sql").read_text()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.executescript(v1)
+    db.execute(
+        "INSERT INTO vips (mesh, service, vip_offset, zones) VALUES ('default', 'a_b', 3, '[]')"
+    )
+    db.execute(
+        "INSERT INTO vips (mesh, service, vip_offset, zones) VALUES ('default', 'a.b', 9, '[]')"
+    )
+    db.execute("UPDATE meta SET value='7' WHERE key='table_version'")
+    db.commit()
+    db.close()
+
+
+def test_a_v1_store_is_migrated_at_open_and_keeps_its_rows(path: str) -> None:
+    _v1_store(path)
+    state = SQLiteStore(path).load()
+    assert state.table_version == 7
+    assert {(a.key.service, a.offset, a.claim) for a in state.allocations} == {
+        ("a_b", 3, 0),
+        ("a.b", 9, 0),
+    }
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    db.close()
+    assert SCHEMA_VERSION == 2
+    SQLiteStore(path).load()  # opening again: already v2, nothing to do
+
+
+def test_a_failed_migration_leaves_the_v1_store_as_it_was(path: str) -> None:
+    _v1_store(path)
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE vips ADD COLUMN claim INTEGER")  # the migration's ALTER fails
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="cannot open store"):
+        SQLiteStore(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    db.close()

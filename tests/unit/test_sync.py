@@ -305,12 +305,12 @@ def test_a_zone_without_services_still_gets_the_table() -> None:
 
 def test_provisional_vips_are_served_before_the_table_arrives() -> None:
     zone = make_zone("zone-1", "redis")
-    ((_key, offset, _zones, provisional),) = zone.table.served()
+    ((_key, offset, _zones, provisional, _claim),) = zone.table.served()
     assert provisional
     clock = Clock()
     glob = Global(clock)
     connect(glob, ZoneEnd(clock, zone))
-    ((_key, global_offset, zones, provisional),) = zone.table.served()
+    ((_key, global_offset, zones, provisional, _claim),) = zone.table.served()
     assert not provisional
     assert global_offset == offset  # the global confirms the zone's own candidate
     assert zones == ("zone-1",)
@@ -976,3 +976,43 @@ def test_tls_zone_claiming_another_zone_is_refused(certs: Path) -> None:
     assert "zone-2" not in glob.table.zones
     assert glob.refused("wrong-zone") == 1
     assert zone.zone.table_id == ""
+
+
+# -- provisional VIPs: short TTL, the zone's own hold-downs ---------------------------
+
+
+def test_a_provisional_vip_is_served_with_a_short_ttl_until_the_global_confirms_it() -> None:
+    from twisted.names import dns
+
+    from kumazone.dns.authority import PROVISIONAL_TTL, MeshAuthority
+
+    clock = Clock()
+    zone = make_zone("zone-1", "redis")
+    authority = MeshAuthority(CONFIG)
+    authority.update(zone.snapshot)
+    (answer,), _authority, _additional = authority.resolve(b"redis.mesh", dns.A, dns.IN)
+    assert answer.ttl == PROVISIONAL_TTL == 5
+    glob = Global(clock)
+    connect(glob, ZoneEnd(clock, zone))
+    authority.update(zone.snapshot)
+    (answer,), _authority, _additional = authority.resolve(b"redis.mesh", dns.A, dns.IN)
+    assert answer.ttl == CONFIG.ttl
+
+
+def test_a_dropped_provisional_vip_is_held_back_from_other_services() -> None:
+    from kumazone.core.federation import FederatedView
+
+    vip_range = VipRange(CONFIG.cidr, CONFIG.cidr6)
+    view = FederatedView(vip_range, hold_down=HOLD_DOWN)
+    first = ServiceKey("default", "first")
+    view.reconcile({first}, 0.0)
+    offset = view.provisional[first]
+    view.reconcile(set(), 1.0)
+    assert view.holds[offset].key == first
+    # Another service whose candidate is that VIP moves on; the same one gets it back.
+    assert view._place(ServiceKey("default", "other"), set()) != offset
+    view.reconcile({first}, 2.0)
+    assert view.provisional[first] == offset
+    view.reconcile(set(), 3.0)
+    view.reconcile(set(), 3.0 + HOLD_DOWN + 1)
+    assert view.holds == {}

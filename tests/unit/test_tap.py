@@ -90,10 +90,16 @@ DEFAULTS: dict[str, Any] = {
     "dns-port": None,
     "dns-interface": "0.0.0.0",
     "diagnostics-port": 5680,
+    "diagnostics-interface": "127.0.0.1",
+    "nameserver-addresses": None,
     "api-port": 5681,
     "api-interface": "127.0.0.1",
     "kds-port": 5685,
     "kds-interface": "0.0.0.0",
+    "kds-zone-max-services": "10000",
+    "kds-zone-max-parts": "64",
+    "kds-zone-max-messages-per-second": "100",
+    "kds-zone-max-pending-bytes": str(32 << 20),
     "tls-cert": None,
     "tls-key": None,
     "tls-ca": None,
@@ -125,6 +131,8 @@ GIVEN: dict[str, tuple[str, Any]] = {
     "dns-port": ("53", "53"),  # parsed into options.dns.port, see below
     "dns-interface": ("127.0.0.1", "127.0.0.1"),
     "diagnostics-port": ("9000", 9000),
+    "diagnostics-interface": ("0.0.0.0", "0.0.0.0"),
+    "nameserver-addresses": ("192.0.2.53", "192.0.2.53"),  # and options.dns, see below
     "api-port": ("0", 0),
     "api-interface": ("::1", "::1"),
     "kds-port": ("65535", 65535),
@@ -135,6 +143,9 @@ GIVEN: dict[str, tuple[str, Any]] = {
 #: Flags whose given values have tests of their own (below) rather than a GIVEN entry.
 GIVEN_ELSEWHERE = {"role", "zone", "global", "config", "resources", "store", "insecure"}
 GIVEN_ELSEWHERE |= {"tls-cert", "tls-key", "tls-ca"}
+# The per-zone limits: tests/unit/test_limits.py.
+GIVEN_ELSEWHERE |= {f"kds-zone-max-{n}" for n in ("services", "parts", "pending-bytes")}
+GIVEN_ELSEWHERE |= {"kds-zone-max-messages-per-second"}
 
 
 def test_every_flag_has_a_given_value_test() -> None:
@@ -552,3 +563,17 @@ def test_make_service_for_the_global_binds_nothing(
     assert service.ports == {}
     assert service.hub is None
     assert not (tmp_path / "data").exists()
+
+
+def test_nameserver_addresses_flag_sets_the_dns_config() -> None:
+    options = parse(ZONE, "--nameserver-addresses", "192.0.2.53, 2001:db8::53")
+    assert options.dns.nameserver_addresses == ("192.0.2.53", "2001:db8::53")
+
+
+def test_a_bad_nameserver_address_is_one_line() -> None:
+    with pytest.raises(SystemExit) as e:
+        parse(ZONE, "--nameserver-addresses", "ns.example")
+    assert str(e.value) == (
+        "kumazone: --nameserver-addresses: 'ns.example' holds 'ns.example', "
+        "which is not an IP address"
+    )

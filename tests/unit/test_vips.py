@@ -165,7 +165,7 @@ def test_first_allocation_takes_the_candidate() -> None:
     key = ServiceKey("default", "redis")
     delta = table.reconcile([key], now=0.0)
     candidate = expected_candidate(key, 6)
-    assert delta.added == [Allocation(key, candidate)]
+    assert delta.added == [Allocation(key, candidate, claim=1)]
     assert table.vip(key) == (
         IPv4Address(f"10.0.0.{candidate + 1}"),
         IPv6Address(f"fd00::{candidate + 1}"),
@@ -196,7 +196,7 @@ def test_same_vip_back_after_delete_and_recreate_within_hold_down() -> None:
     vip = table.vip(key)
     offset = table.allocations[key].offset
     delta = table.reconcile([], now=10.0)
-    assert delta.removed == [Allocation(key, offset)]
+    assert delta.removed == [Allocation(key, offset, claim=1)]
     assert delta.holds_added == [Hold(key, offset, 10.0 + HOLD_DOWN)]
     assert table.vip(key) is None
     delta = table.reconcile([key], now=20.0)
@@ -328,7 +328,7 @@ def test_held_offsets_count_towards_exhaustion_and_free_up_later() -> None:
     # Once it ends, the waiting key takes the freed offset.
     delta = table.reconcile(keys[1:7], now=10.0 + HOLD_DOWN)
     assert table.exhausted == set()
-    assert delta.added == [Allocation(keys[6], freed)]
+    assert delta.added == [Allocation(keys[6], freed, claim=table.version)]
 
 
 def test_exhausted_key_leaves_exhausted_when_no_longer_wanted() -> None:
@@ -480,8 +480,8 @@ class VipTableMachine(RuleBasedStateMachine):
                 self.held = {o: (k, u) for o, (k, u) in self.held.items() if k != key}
                 self.held[offset] = (key, self.now + self.table.hold_down)
         assert {o: (h.key, h.until) for o, h in self.table.holds.items()} == self.held
-        assert sorted(delta.removed, key=lambda a: a.key) == [
-            Allocation(k, o) for k, o in sorted(before.items()) if k not in self.wanted
+        assert [(a.key, a.offset) for a in sorted(delta.removed, key=lambda a: a.key)] == [
+            (k, o) for k, o in sorted(before.items()) if k not in self.wanted
         ]
         # The version grows exactly when the table changed.
         if before != after:

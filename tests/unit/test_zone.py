@@ -514,3 +514,41 @@ def test_failed_commit_leaves_memory_and_store_agreeing(db_path: str) -> None:
     zone.update(now=2.0)
     memory = {k: a.offset for k, a in zone.table.allocations.items()}
     assert _stored_table(db_path) == (memory, zone.table.version)
+
+
+# -- stable name ownership ------------------------------------------------------------
+
+
+def names_of(zone: Zone) -> dict[str, tuple[str, ...]]:
+    return {entry.key.service: entry.names for entry in zone.snapshot.entries}
+
+
+def put_services(zone: Zone, now: float, *services: str) -> None:
+    resources = [dataplane_resource(f"dp-{s.lower()}-{i}", s) for i, s in enumerate(services)]
+    zone.set_file("/resources/services.yaml", resources, now)
+
+
+def test_a_later_service_does_not_take_a_name_from_the_one_serving_it(db_path: str) -> None:
+    recorder = Recorder()
+    zone = open_zone(db_path, recorder=recorder)
+    put_services(zone, 0.0, "redis", "a_b")
+    put_services(zone, 1.0, "redis", "a_b", "Redis", "a.b")
+    names = names_of(zone)
+    assert names["redis"] == ("redis.mesh",) and names["Redis"] == ()
+    assert names["a_b"] == ("a_b.mesh", "a.b.mesh") and names["a.b"] == ()
+    assert any("redis.mesh is service redis's name" in w for w in recorder.warnings)
+
+
+def test_the_name_passes_to_the_next_claimant_and_survives_a_restart(db_path: str) -> None:
+    zone = open_zone(db_path)
+    put_services(zone, 0.0, "web")
+    put_services(zone, 1.0, "web", "WEB")
+    put_services(zone, 2.0, "web", "WEB", "Web")
+    put_services(zone, 3.0, "WEB", "Web")  # the holder goes: the earliest other claim takes it
+    assert names_of(zone) == {"WEB": ("web.mesh",), "Web": ()}
+    zone.store.close()
+    again = open_zone(db_path)
+    put_services(again, 4.0, "WEB", "Web")
+    assert names_of(again) == {"WEB": ("web.mesh",), "Web": ()}
+    put_services(again, 5.0, "WEB", "Web", "web")  # back, but later than the others
+    assert names_of(again)["web"] == ()

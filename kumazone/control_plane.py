@@ -11,16 +11,18 @@ import gc
 import json
 import os
 from collections.abc import Callable
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from kumazone.core.storage import Store, StoreError
 from kumazone.metrics import Metrics
+from kumazone.web.api import MAX_BODY_OCTETS
 from kumazone.web.diagnostics import diagnostics_root
 
 __all__ = ["TICK_INTERVAL", "ControlPlane", "StartupError"]
@@ -38,10 +40,79 @@ class StartupError(SystemExit, Exception):
     """
 
 
+class _LimitedRequest(Request):
+    """A request whose body is held in memory, and refused once over the site's limit.
+
+    twisted.web spools a body of 100,000 octets or more to a temporary file as it
+    arrives, whatever its size; here a body is refused with 413 from its
+    Content-Length, or as soon as its chunks pass the limit, and the connection
+    closes: nothing is written to disk, and at most the limit is held.
+    """
+
+    _received = 0
+    _refused = False
+
+    def _limit(self) -> int:
+        return int(getattr(getattr(self.channel, "site", None), "max_body", MAX_BODY_OCTETS))
+
+    def gotLength(self, length: int | None) -> None:
+        """Hold the body in memory; refuse it at once if its length is over the limit."""
+        self.content = BytesIO()
+        if length is not None and length > self._limit():
+            self._refuse()
+
+    def handleContentChunk(self, data: bytes) -> None:
+        """Keep a chunk of the body, or refuse the body once it is over the limit."""
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self._refuse()
+            return
+        cast(BytesIO, self.content).write(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        """Handle the request, unless its body was refused."""
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        """Answer 413 and close the connection; what else arrives is not read."""
+        self._refused = True
+        self.content = BytesIO()
+        # No "100 Continue" after the refusal (twisted.web sends it after gotLength).
+        self.requestHeaders.removeHeader(b"expect")
+        limit = self._limit()
+        body = json.dumps(
+            {
+                "title": "Request too large",
+                "details": f"bodies are limited to {limit} octets",
+                "causes": [],
+            }
+        ).encode()
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(
+            b"HTTP/1.1 413 Request Entity Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            b"Connection: close\r\n\r\n" + body
+        )
+        transport.loseConnection()
+
+
 class _QuietSite(Site):
-    """A site that writes no access log (probes and scrapes come every few seconds)."""
+    """A site that writes no access log, and limits request bodies (L{_LimitedRequest}).
+
+    Probes and scrapes come every few seconds: an access log would be mostly them.
+    """
 
     noisy = False
+    requestFactory = _LimitedRequest
+
+    def __init__(self, resource: Any, max_body: int = MAX_BODY_OCTETS) -> None:
+        super().__init__(resource)
+        self.max_body = max_body
 
     def log(self, request: Any) -> None:
         pass
@@ -105,7 +176,8 @@ class ControlPlane(MultiService):
         # Writes are logged by the API itself; polling GETs would flood the log.
         site = _QuietSite(api)
         self.ports["api"] = self._listen_tcp(api_port, site, api_interface)
-        diagnostics = _QuietSite(diagnostics_root(self.metrics, self._readiness))
+        # The diagnostics take no bodies: GETs only.
+        diagnostics = _QuietSite(diagnostics_root(self.metrics, self._readiness), 4096)
         self.ports["diagnostics"] = self._listen_tcp(
             diagnostics_port, diagnostics, diagnostics_interface
         )

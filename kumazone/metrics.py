@@ -10,7 +10,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from kumazone.dns.metrics import QueryStats
 
-__all__ = ["Metrics"]
+__all__ = ["HTTP_METHODS", "Metrics", "method_label"]
+
+#: The HTTP methods that are label values as they are; any other is "other".
+HTTP_METHODS = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """An HTTP method as a label value: one of L{HTTP_METHODS}, or "other".
+
+    A client picks the method; a label per made-up method would be a new series each.
+    """
+    return method if method in HTTP_METHODS else "other"
 
 
 class Metrics:

@@ -11,7 +11,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
 
 from kumazone.control_plane import TICK_INTERVAL, ControlPlane
-from kumazone.core.config import DnsServerConfig
+from kumazone.core.config import DnsServerConfig, default_nameserver_addresses
 from kumazone.core.zone import DEFAULT_MESH, Zone, ZoneSnapshot
 from kumazone.dns import udpbatch
 from kumazone.dns.authority import MeshAuthority
@@ -44,7 +44,7 @@ class ZoneSettings:
     api_port: int = 5681
     api_interface: str = "127.0.0.1"
     diagnostics_port: int = 5680
-    diagnostics_interface: str = ""
+    diagnostics_interface: str = "127.0.0.1"
     #: The global to sync with (host, port), or None for a standalone zone.
     global_address: tuple[str, int] | None = None
     tls: TLSFiles | None = None
@@ -118,9 +118,11 @@ class ZoneService(ControlPlane):
 
     def _dns_factory(self, zone: Zone) -> KumaDNSServerFactory:
         """The DNS server factory over an authority that follows the zone's table."""
-        interface = self.settings.dns_interface
-        nameservers = [] if interface in ("", "0.0.0.0", "::") else [interface]
-        authority = MeshAuthority(self.settings.dns, nameservers)
+        dns_config = self.settings.dns
+        nameservers = dns_config.nameserver_addresses or default_nameserver_addresses(
+            self.settings.dns_interface
+        )
+        authority = MeshAuthority(dns_config, nameservers)
         authority.update(zone.snapshot)
         zone.listeners.append(authority.update)
         factory = KumaDNSServerFactory(

@@ -17,7 +17,13 @@ import yaml
 
 from kumazone.core.names import name_problem
 
-__all__ = ["ConfigError", "DnsServerConfig", "load_config", "parse_port"]
+__all__ = [
+    "ConfigError",
+    "DnsServerConfig",
+    "default_nameserver_addresses",
+    "load_config",
+    "parse_port",
+]
 
 #: Never hand a freed VIP to another service sooner than this (seconds).
 DEFAULT_HOLD_DOWN = 3600.0
@@ -37,6 +43,9 @@ class DnsServerConfig:
     cidr: IPv4Network = IPv4Network("240.0.0.0/4")  # noqa: RUF009
     cidr6: IPv6Network = IPv6Network("fd00:fd00::/64")  # noqa: RUF009
     ttl: int = 60
+    #: The addresses of the apex NS name (and SOA MNAME); empty: chosen from where
+    #: the DNS server listens (L{default_nameserver_addresses}).
+    nameserver_addresses: tuple[str, ...] = ()
 
     @property
     def hold_down(self) -> float:
@@ -103,6 +112,48 @@ def _ttl(value: object) -> int:
     return ttl
 
 
+def _addresses(value: object) -> tuple[str, ...]:
+    """IP addresses: a YAML list, or one string of them separated by commas."""
+    if isinstance(value, str):
+        items: list[object] = [item for item in value.split(",") if item.strip()]
+    elif isinstance(value, list):
+        items = list(value)
+    else:
+        raise ValueError("must be a list of IP addresses")
+    if not items or len(items) > 16:
+        raise ValueError("must list 1 to 16 IP addresses")
+    addresses: list[str] = []
+    for item in items:
+        try:
+            address = ipaddress.ip_address(str(item).strip())
+        except ValueError:
+            raise ValueError(f"holds {str(item)!r}, which is not an IP address") from None
+        if address.is_unspecified or address.is_multicast:
+            raise ValueError(f"holds {str(address)!r}, which no client can reach")
+        if str(address) not in addresses:
+            addresses.append(str(address))
+    return tuple(addresses)
+
+
+def default_nameserver_addresses(dns_interface: str) -> tuple[str, ...]:
+    """Where the apex NS name points when not configured: the address the DNS listens on.
+
+    On a wildcard (C{0.0.0.0}, C{::}, empty) that address says nothing a client can
+    use; then the loopback addresses of the families listened on, which an operator
+    serving other hosts replaces with C{dnsServer.nameserverAddresses}.
+    """
+    text = dns_interface.strip().split("%", 1)[0]
+    try:
+        address = ipaddress.ip_address(text) if text else None
+    except ValueError:
+        address = None
+    if address is not None and not address.is_unspecified:
+        return (str(address),)
+    if address is not None and address.version == 4:
+        return ("127.0.0.1",)
+    return ("127.0.0.1", "::1")
+
+
 # YAML key -> (field, environment variable, parser)
 _KEYS: dict[str, tuple[str, str, Callable[[object], Any]]] = {
     "domain": ("domain", "KUMA_DNS_SERVER_DOMAIN", _domain),
@@ -110,6 +161,11 @@ _KEYS: dict[str, tuple[str, str, Callable[[object], Any]]] = {
     "CIDR": ("cidr", "KUMA_DNS_SERVER_CIDR", _cidr),
     "CIDRv6": ("cidr6", "KUMA_DNS_SERVER_CIDR_V6", _cidr6),
     "ttl": ("ttl", "KUMA_DNS_SERVER_TTL", _ttl),
+    "nameserverAddresses": (
+        "nameserver_addresses",
+        "KUMA_DNS_SERVER_NAMESERVER_ADDRESSES",
+        _addresses,
+    ),
 }
 
 
@@ -198,7 +254,7 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 #: The command-line flag that sets a field, for error lines.
-_FLAG_NAMES = {"port": "--dns-port"}
+_FLAG_NAMES = {"port": "--dns-port", "nameserver_addresses": "--nameserver-addresses"}
 
 
 def _from_flags(flags: Mapping[str, object]) -> dict[str, Any]:

@@ -29,6 +29,8 @@ __all__ = ["MeshAuthority", "NameNotFound", "NotOurs", "Result", "reverse_domain
 Result = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
 
 _SERVED_CLASSES = (dns.IN, dns.ANY)
+#: TTL of a provisional VIP's records, until the global confirms it.
+PROVISIONAL_TTL = 5
 #: AXFR and IXFR: the table is not handed out whole.
 _TRANSFERS = (dns.AXFR, dns.IXFR)
 #: A full reverse name: 4 octet labels + in-addr.arpa, 32 nibbles + ip6.arpa.
@@ -202,20 +204,29 @@ class MeshAuthority(ResolverBase):
         )
         return dns.RRHeader(owner, dns.SOA, dns.IN, self.ttl, record, auth=True)
 
-    def _rr(self, owner: bytes, record: dns.IEncodableRecord, kind: int) -> dns.RRHeader:
+    def _rr(
+        self, owner: bytes, record: dns.IEncodableRecord, kind: int, ttl: int | None = None
+    ) -> dns.RRHeader:
         """C{record} as an authoritative answer owned by C{owner}."""
-        return dns.RRHeader(owner, kind, dns.IN, self.ttl, record, auth=True)
+        ttl = self.ttl if ttl is None else ttl
+        return dns.RRHeader(owner, kind, dns.IN, ttl, record, auth=True)
+
+    def _ttl_of(self, entry: VipEntry) -> int:
+        """A provisional VIP is served briefly: the global may yet give another."""
+        return min(self.ttl, PROVISIONAL_TTL) if entry.provisional else self.ttl
 
     def _apex_answer(self, asked: bytes, apex: bytes, qtype: int) -> Result:
-        """SOA and NS at C{apex}; NODATA for any other type."""
+        """SOA and NS at C{apex}, the NS name's addresses as additional records; else NODATA."""
         answers = []
+        additional: list[dns.RRHeader] = []
         if qtype in (dns.SOA, dns.ALL_RECORDS):
             answers.append(self._soa(asked))
         if qtype in (dns.NS, dns.ALL_RECORDS):
             answers.append(self._rr(asked, dns.Record_NS(self.nameserver, self.ttl), dns.NS))
+            additional = self._nameserver_records(self.nameserver, dns.ALL_RECORDS)
         if not answers:
             return [], [self._soa(apex)], []
-        return answers, [], []
+        return answers, [], additional
 
     # -- lookups ----------------------------------------------------------------
 
@@ -240,11 +251,12 @@ class MeshAuthority(ResolverBase):
         served = self._forward.get(mesh, {}).get(name)
         if served is not None:
             answers = []
+            ttl = self._ttl_of(served.entry)
             if qtype in (dns.A, dns.ALL_RECORDS):
-                answers.append(self._rr(asked, dns.Record_A(served.entry.vip, self.ttl), dns.A))
+                answers.append(self._rr(asked, dns.Record_A(served.entry.vip, ttl), dns.A, ttl))
             if qtype in (dns.AAAA, dns.ALL_RECORDS):
-                record = dns.Record_AAAA(served.entry.vip6, self.ttl)
-                answers.append(self._rr(asked, record, dns.AAAA))
+                record = dns.Record_AAAA(served.entry.vip6, ttl)
+                answers.append(self._rr(asked, record, dns.AAAA, ttl))
             if answers:
                 return answers, [], []
             return [], [self._soa(self.apex)], []
@@ -255,16 +267,21 @@ class MeshAuthority(ResolverBase):
 
     def _nameserver_answer(self, asked: bytes, qtype: int) -> Result:
         """The nameserver's own addresses."""
-        answers = []
-        for address in self._nameserver_addresses:
-            if address.version == 4 and qtype in (dns.A, dns.ALL_RECORDS):
-                answers.append(self._rr(asked, dns.Record_A(str(address), self.ttl), dns.A))
-            elif address.version == 6 and qtype in (dns.AAAA, dns.ALL_RECORDS):
-                record = dns.Record_AAAA(str(address), self.ttl)
-                answers.append(self._rr(asked, record, dns.AAAA))
+        answers = self._nameserver_records(asked, qtype)
         if not answers:
             return [], [self._soa(self.apex)], []
         return answers, [], []
+
+    def _nameserver_records(self, owner: bytes, qtype: int) -> list[dns.RRHeader]:
+        """The A and AAAA records of the nameserver's addresses of C{qtype}, owned by C{owner}."""
+        answers = []
+        for address in self._nameserver_addresses:
+            if address.version == 4 and qtype in (dns.A, dns.ALL_RECORDS):
+                answers.append(self._rr(owner, dns.Record_A(str(address), self.ttl), dns.A))
+            elif address.version == 6 and qtype in (dns.AAAA, dns.ALL_RECORDS):
+                record = dns.Record_AAAA(str(address), self.ttl)
+                answers.append(self._rr(owner, record, dns.AAAA))
+        return answers
 
     def _reverse_answer(
         self, asked: bytes, name: bytes, apex: bytes, qtype: int, mesh: str
@@ -287,7 +304,8 @@ class MeshAuthority(ResolverBase):
             assert served.ptr is not None
             if qtype not in (dns.PTR, dns.ALL_RECORDS):
                 return [], [self._soa(apex)], []
-            return [self._rr(asked, dns.Record_PTR(served.ptr, self.ttl), dns.PTR)], [], []
+            ttl = self._ttl_of(served.entry)
+            return [self._rr(asked, dns.Record_PTR(served.ptr, ttl), dns.PTR, ttl)], [], []
         suffix = b"in-addr.arpa" if apex.endswith(b"in-addr.arpa") else b"ip6.arpa"
         labels = name[: -len(suffix) - 1].split(b".") if name != suffix else []
         if len(labels) < _FULL_REVERSE_LABELS[suffix] - 2 and all(

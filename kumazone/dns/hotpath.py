@@ -6,7 +6,7 @@ compression.  Its key is the lower-cased question, type and class, the EDNS
 state (absent, or present with DO clear or set) and the client's mesh.  The
 first such query is answered by the authority path; its response, if it fits
 in 512 octets untruncated, becomes the template for the key.  Later ones copy
-the template and patch the ID, the RD flag and the question's case.
+the template and patch the ID, the RD and CD flags and the question's case.
 
 That patch is exact because L{kumazone.dns.wire.encode_message} compresses
 names case-insensitively: where every pointer goes does not depend on the case
@@ -26,6 +26,10 @@ _COUNTS_PLAIN = b"\x00\x01\x00\x00\x00\x00\x00\x00"
 _COUNTS_EDNS = b"\x00\x01\x00\x00\x00\x00\x00\x01"
 #: Templates are only kept for answers that fit any client's UDP limit.
 MAX_TEMPLATE = 512
+#: Options walked in a query's OPT record (more: the authority path says FORMERR).
+MAX_EDNS_OPTIONS = 32
+#: Longest query kept as a key of the exact-octets shortcut.
+MAX_REMEMBERED_QUERY = 320
 #: Entries before the cache starts over (an attacker's random names churn it).
 MAX_ENTRIES = 100_000
 
@@ -55,13 +59,14 @@ class HotQuery(NamedTuple):
 
 
 def answer_from(template: bytes, query: bytes) -> bytes:
-    """The answer to C{query} from a C{template} kept for its exact octets: its ID and RD flag."""
-    return query[:2] + bytes((template[2] | (query[2] & 0x01),)) + template[3:]
+    """The answer to C{query} from a C{template} kept for its exact octets: its ID, RD and CD."""
+    flags = bytes((template[2] | (query[2] & 0x01), template[3] | (query[3] & 0x10)))
+    return query[:2] + flags + template[4:]
 
 
 def _without_rd(response: bytes) -> bytes:
-    """C{response} with RD clear, as templates are kept: RD comes from each query."""
-    return response[:2] + bytes((response[2] & 0xFE,)) + response[3:]
+    """C{response} with RD and CD clear, as templates are kept: both come from each query."""
+    return response[:2] + bytes((response[2] & 0xFE, response[3] & 0xEF)) + response[4:]
 
 
 def hot_key(data: bytes, mesh: str) -> tuple[HotKey, int] | None:
@@ -124,8 +129,10 @@ def _edns_state(data: bytes, start: int, size: int) -> int | None:
     options = start + 11
     if options + rdlength != size:
         return None
+    count = 0
     while options < size:
-        if options + 4 > size:
+        count += 1
+        if options + 4 > size or count > MAX_EDNS_OPTIONS:
             return None
         (option_length,) = struct.unpack_from("!H", data, options + 2)
         options += 4 + option_length
@@ -173,7 +180,13 @@ class HotCache:
         return entry
 
     def remember(self, query: bytes, mesh: str, answer: bytes, counter: list[int]) -> None:
-        """Keep C{answer} for queries with exactly C{query}'s octets after ID and flags."""
+        """Keep C{answer} for queries with exactly C{query}'s octets after ID and flags.
+
+        Not for long queries (EDNS options of no meaning to us): their octets as
+        keys would let an attacker fill memory with a few hundred megabytes.
+        """
+        if len(query) > MAX_REMEMBERED_QUERY:
+            return
         if self._remembered >= self.max_entries:
             for known in self.exact.values():
                 known.clear()  # in place: readers may hold these dictionaries
@@ -195,14 +208,14 @@ class HotCache:
 
     @staticmethod
     def answer(template: bytes, query: bytes, end: int) -> bytes:
-        """The template patched with the query's ID, RD flag and question case.
+        """The template patched with the query's ID, RD and CD flags and question case.
 
         The patch of L{answer_from}, and the question's octets in the same copy.
         """
         return (
             query[:2]
-            + bytes((template[2] | (query[2] & 0x01),))
-            + template[3:12]
+            + bytes((template[2] | (query[2] & 0x01), template[3] | (query[3] & 0x10)))
+            + template[4:12]
             + query[12:end]
             + template[end:]
         )

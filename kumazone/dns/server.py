@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.names import dns, server
 from twisted.names.error import DomainError
@@ -25,7 +26,7 @@ from twisted.python.failure import Failure
 from kumazone.core.ratelimit import Clock, RateLimiter, limited
 from kumazone.dns.authority import MeshAuthority, NameNotFound, Result
 from kumazone.dns.hotpath import HotCache, HotKey, HotQuery, answer_from, hot_key
-from kumazone.dns.wire import encode_response, formerr_for, servfail_for, wire_problem
+from kumazone.dns.wire import Screened, encode_response, formerr_for, screen, servfail_for
 from kumazone.metrics import Metrics
 
 __all__ = [
@@ -62,18 +63,12 @@ def _peer_host(proto: _Proto, address: tuple[str, int] | None) -> str:
     return str(getattr(cast(Any, proto.transport).getPeer(), "host", ""))
 
 
-def _parse(data: bytes) -> tuple[_Query, int] | str:
-    """C{data} as a message, and how many OPT records it held; or why it is malformed."""
-    problem = wire_problem(data)
-    if problem is not None:
-        return problem
+def _parse(data: bytes) -> _Query | str:
+    """C{data}, screened by L{screen} already, as a message; or why it is malformed."""
     try:
         plain = dns.Message()
         plain.fromStr(data)
-        opt_records = sum(1 for r in plain.additional if r.type == dns.OPT)
-        if any(r.type == dns.OPT and r.name.name for r in plain.additional):
-            raise ValueError("an OPT record whose owner is not the root (RFC 6891)")
-        return _Query._fromMessage(plain), opt_records
+        return _Query._fromMessage(plain)
     except Exception as e:
         return f"{type(e).__name__}: {e}"
 
@@ -86,7 +81,10 @@ def _response(
     additional: Sequence[dns.RRHeader],
     authoritative: bool,
 ) -> dns._EDNSMessage:
-    """The response to C{message}: its ID, opcode, RD and question; EDNS0 if it had EDNS."""
+    """The response to C{message}: its ID, opcode, RD, CD and question; EDNS0 if it had EDNS.
+
+    CD is copied (RFC 6840 5.9); AD stays clear: nothing here is DNSSEC-validated.
+    """
     edns = message.ednsVersion is not None
     response = dns._EDNSMessage(
         id=message.id,
@@ -96,6 +94,8 @@ def _response(
         recDes=message.recDes,
         recAv=False,
         rCode=rcode,
+        authenticData=False,
+        checkingDisabled=message.checkingDisabled,
         ednsVersion=0 if edns else None,
         dnssecOK=message.dnssecOK,
         maxSize=MAX_UDP_PAYLOAD,
@@ -194,14 +194,28 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
 
 
 class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
-    """TCP: length-prefixed messages, closed after an idle period (RFC 7766)."""
+    """TCP: length-prefixed messages, closed after an idle period (RFC 7766).
+
+    The protocol is the push producer of its own answers: when the transport's
+    write buffer fills (a client that sends and does not read), the transport
+    pauses it, it stops reading, and the messages already read wait unparsed
+    until the buffer drains; so what one connection holds stays bounded (one
+    read of queries and one write buffer of answers), and the kernel's socket
+    buffers, then TCP's window, hold the rest.
+    """
 
     controller: KumaDNSServerFactory
 
     def connectionMade(self) -> None:
-        """Start the idle timer."""
+        """Start the idle timer, and take part in the transport's flow control."""
         super().connectionMade()
+        cast(Any, self.transport).registerProducer(self, True)
         self.setTimeout(TCP_IDLE_TIMEOUT)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Stop the idle timer and tell the factory."""
+        self.setTimeout(None)
+        super().connectionLost(reason)
 
     def stringReceived(self, data: bytes) -> None:
         """Hand one message to the factory."""
@@ -209,8 +223,12 @@ class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
         self.controller.packetReceived(data, self, None)
 
     def timeoutConnection(self) -> None:
-        """Close an idle connection."""
-        cast(Any, self.transport).loseConnection()
+        """Drop an idle connection, answers not yet read included.
+
+        An abort rather than a close: a close waits for the write buffer to be
+        read, which a client that never reads never does.
+        """
+        cast(Any, self.transport).abortConnection()
 
 
 class _Monotonic:
@@ -280,26 +298,36 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         """
         started = time.perf_counter()
         transport = "udp" if address is not None else "tcp"
-        parsed = _parse(data)
+        screened = screen(data)
+        if screened.parse is None:
+            self._screened_out(data, proto, address, transport, screened)
+            return
+        parsed = _parse(screened.parse)
         if isinstance(parsed, str):
             self._malformed(data, proto, address, transport, parsed)
             return
-        message, opt_records = parsed
-        if message.answer:
-            return  # a response sent to us: never answer one (no loops)
+        message = parsed
         message.timeReceived = started
         if hot is not None:
             key, end = hot
             message.hot = HotQuery(key, end, data)
-        if opt_records > 1 or message.answers or message.authority or message.additional:
-            # A query carries its question and at most one OPT record; we take no
-            # TSIG, and records elsewhere would be answered as if they were not there.
-            self.metrics.malformed.labels(transport).inc()
-            self._reply(proto, message, address, dns.EFORMAT)
-        elif len(message.queries) != 1:
-            self._reply(proto, message, address, dns.EFORMAT)
-        else:
-            self._answer(message, proto, address, data)
+        self._answer(message, proto, address, data)
+
+    def _screened_out(
+        self,
+        data: bytes,
+        proto: _Proto,
+        address: tuple[str, int] | None,
+        transport: str,
+        screened: Screened,
+    ) -> None:
+        """Send (or not) the answer the wire check gave; count and log a malformed packet."""
+        if screened.problem is not None:
+            self._malformed(data, proto, address, transport, screened.problem)
+            return
+        if screened.answer is not None:
+            self._count_query(0, screened.answer[3] & 0x0F, transport)
+            self._write(proto, screened.answer, address)
 
     def _malformed(
         self,

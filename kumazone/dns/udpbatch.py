@@ -233,6 +233,7 @@ class BatchedDNSPort(udp.Port):
                     out_data[base : base + size] = template
                     out_data[base : base + 2] = data[base : base + 2]
                     out_data[base + 2] = template[2] | (flags & 0x01)
+                    out_data[base + 3] = template[3] | (data[base + 3] & 0x10)
                 else:
                     query = bytes(data[base : base + length])
                     answer = template_answer(query, client[0])

@@ -639,3 +639,78 @@ def test_tool_edns(zone, tool: str, tcp: bool) -> None:
         "redis.mesh",
     )
     assert badvers.status == "BADVERS"
+
+
+# -- TCP flow control ---------------------------------------------------------------------------
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def _pipeline_without_reading(port: int, queries: int) -> tuple[socket.socket, int]:
+    """Send up to C{queries} queries on one connection and read nothing; the socket, and
+    how many went before the server stopped taking them (two seconds without progress)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    one = dns.message.make_query("redis.mesh", "A").to_wire()
+    chunk = (struct.pack("!H", len(one)) + one) * 1000
+    sock.settimeout(2.0)
+    sent = 0
+    try:
+        while sent < queries * len(one):
+            sent += sock.send(chunk)
+    except TimeoutError:
+        pass
+    return sock, sent // (len(one) + 2)
+
+
+def test_a_tcp_client_that_does_not_read_stops_being_read(zone) -> None:
+    """Back-pressure: the server stops reading a client that does not read its answers.
+
+    Without it, the 400,000 answers of 400,000 pipelined queries wait in the server's
+    memory (30 MB, issue 11); with it, they wait in the client's unread queries.
+    """
+    pid = zone.process.pid
+    before = _rss_kib(pid)
+    sock, taken = _pipeline_without_reading(zone.ports["dns"], 400_000)
+    try:
+        # The server took what fits in the socket buffers and one write buffer, not all.
+        assert taken < 400_000, taken
+        grown = _rss_kib(pid) - before
+        assert grown < 8 * 1024, f"the server grew by {grown} KiB for one connection"
+        # Other clients are answered meanwhile, over both transports.
+        for tcp in (False, True):
+            assert zone.query("redis.mesh", tcp=tcp).rcode() == dns.rcode.NOERROR
+    finally:
+        sock.close()
+    # And the connection's buffers are gone with it: the server still answers.
+    assert zone.query("redis.mesh", tcp=True).rcode() == dns.rcode.NOERROR
+
+
+# -- the nameserver's addresses -----------------------------------------------------------------
+
+
+def _addresses(response: dns.message.Message, section: str) -> list[str]:
+    return sorted(r.address for rrset in getattr(response, section) for r in rrset)
+
+
+def test_ns_and_mname_resolve_to_the_dns_interface_by_default(zone) -> None:
+    soa = zone.query("mesh", "SOA").answer[0][0]
+    assert soa.mname.to_text() == "ns.dns.mesh."
+    assert _addresses(zone.query("ns.dns.mesh", "A"), "answer") == ["127.0.0.1"]
+    response = zone.query("mesh", "NS", use_edns=0)
+    assert [r.target.to_text() for r in response.answer[0]] == ["ns.dns.mesh."]
+    assert _addresses(response, "additional") == ["127.0.0.1"]
+
+
+def test_nameserver_addresses_flag(zone_process) -> None:
+    zone = zone_process(args=["--nameserver-addresses=192.0.2.53,2001:db8::53"])
+    assert _addresses(zone.query("ns.dns.mesh", "A"), "answer") == ["192.0.2.53"]
+    assert _addresses(zone.query("ns.dns.mesh", "AAAA"), "answer") == ["2001:db8::53"]
+    response = zone.query("mesh", "NS", use_edns=0)
+    assert _addresses(response, "additional") == ["192.0.2.53", "2001:db8::53"]

@@ -213,6 +213,31 @@ def test_nameserver_name_resolves_to_its_address() -> None:
     assert address_of(authority, b"ns.dns.mesh", dns.A, "default") == "127.0.0.1"
 
 
+def test_nameserver_name_has_a_and_aaaa_of_every_address() -> None:
+    authority = make_authority(nameservers=("192.0.2.53", "2001:db8::53", "198.51.100.53"))
+    answers, _, _ = authority.resolve(b"NS.dns.mesh", dns.A, dns.IN)
+    assert [a.payload.dottedQuad() for a in answers] == ["192.0.2.53", "198.51.100.53"]
+    assert all(a.name.name == b"NS.dns.mesh" and a.auth for a in answers)
+    answers, _, _ = authority.resolve(b"ns.dns.mesh", dns.AAAA, dns.IN)
+    assert [a.type for a in answers] == [dns.AAAA]
+    answers, authority_section, _ = authority.resolve(b"ns.dns.mesh", dns.TXT, dns.IN)
+    assert answers == [] and [a.type for a in authority_section] == [dns.SOA]
+
+
+@pytest.mark.parametrize("apex", [b"mesh", b"240.in-addr.arpa"])
+def test_ns_answer_carries_the_nameserver_addresses(apex: bytes) -> None:
+    """The in-bailiwick NS name's addresses go with the NS record, as glue does."""
+    authority = make_authority(nameservers=("192.0.2.53", "2001:db8::53"))
+    answers, _, additional = authority.resolve(apex, dns.NS, dns.IN)
+    assert [a.type for a in answers] == [dns.NS]
+    assert [(a.name.name, a.type) for a in additional] == [
+        (b"ns.dns.mesh", dns.A),
+        (b"ns.dns.mesh", dns.AAAA),
+    ]
+    _, _, additional = authority.resolve(apex, dns.SOA, dns.IN)
+    assert additional == []
+
+
 def test_soa_serial_follows_the_snapshot_version() -> None:
     authority = make_authority(version=7)
     authority.update(ZoneSnapshot(version=8, entries=ENTRIES, mesh_of_address={}))

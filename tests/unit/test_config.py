@@ -12,6 +12,7 @@ from kumazone.core.config import (
     DEFAULT_HOLD_DOWN,
     ConfigError,
     DnsServerConfig,
+    default_nameserver_addresses,
     load_config,
     parse_port,
 )
@@ -366,3 +367,60 @@ def test_any_env_value_is_a_config_or_a_one_line_error(variable: str, value: str
         assert variable in str(e)
     else:
         assert isinstance(config, DnsServerConfig)
+
+
+# -- nameserverAddresses -------------------------------------------------------------------
+
+
+def test_nameserver_addresses_from_yaml_env_and_flag() -> None:
+    text = "dnsServer:\n  nameserverAddresses: [192.0.2.53, '2001:DB8::53']\n"
+    assert load_config(text, {}).nameserver_addresses == ("192.0.2.53", "2001:db8::53")
+    env = {"KUMA_DNS_SERVER_NAMESERVER_ADDRESSES": "198.51.100.1,198.51.100.2"}
+    assert load_config(text, env).nameserver_addresses == ("198.51.100.1", "198.51.100.2")
+    flags = {"nameserver_addresses": "203.0.113.9"}
+    assert load_config(text, env, flags).nameserver_addresses == ("203.0.113.9",)
+    assert load_config(None, {}).nameserver_addresses == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "line"),
+    [
+        (
+            "[ns.example]",
+            "dnsServer.nameserverAddresses: ['ns.example'] holds 'ns.example', "
+            "which is not an IP address",
+        ),
+        ("[]", "dnsServer.nameserverAddresses: [] must list 1 to 16 IP addresses"),
+        ("5", "dnsServer.nameserverAddresses: 5 must be a list of IP addresses"),
+        (
+            "['0.0.0.0']",
+            "dnsServer.nameserverAddresses: ['0.0.0.0'] holds '0.0.0.0', which no client can reach",
+        ),
+    ],
+)
+def test_bad_nameserver_addresses_are_one_line(value: str, line: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(f"dnsServer:\n  nameserverAddresses: {value}\n", {})
+    assert str(e.value) == line
+
+
+def test_bad_nameserver_addresses_env_names_the_variable() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, {"KUMA_DNS_SERVER_NAMESERVER_ADDRESSES": "x"})
+    assert str(e.value) == (
+        "KUMA_DNS_SERVER_NAMESERVER_ADDRESSES: 'x' holds 'x', which is not an IP address"
+    )
+
+
+@pytest.mark.parametrize(
+    ("interface", "expected"),
+    [
+        ("192.0.2.53", ("192.0.2.53",)),
+        ("2001:db8::53", ("2001:db8::53",)),
+        ("0.0.0.0", ("127.0.0.1",)),
+        ("::", ("127.0.0.1", "::1")),
+        ("", ("127.0.0.1", "::1")),
+    ],
+)
+def test_default_nameserver_addresses(interface: str, expected: tuple[str, ...]) -> None:
+    assert default_nameserver_addresses(interface) == expected

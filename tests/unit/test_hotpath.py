@@ -75,7 +75,7 @@ def served() -> tuple[Zone, KumaDNSServerFactory, KumaDNSDatagramProtocol, Captu
         ),
     ]
     zone.set_file("/inventory.yaml", resources, 0.0)
-    authority = MeshAuthority(CONFIG, ["127.0.0.1"])
+    authority = MeshAuthority(CONFIG, ["127.0.0.1", "::1"])
     authority.update(zone.snapshot)
     zone.listeners.append(authority.update)
     factory = KumaDNSServerFactory(authority, mesh_lookup(lambda: zone.snapshot), Metrics("z"))
@@ -137,6 +137,11 @@ def make_query(
     message.id = rng.randrange(65536)
     if not rd:
         message.flags &= ~dns.flags.RD
+    # AD and CD as clients send them (dig sets AD): CD is copied, AD never.
+    if rng.random() < 0.5:
+        message.flags |= dns.flags.AD
+    if rng.random() < 0.5:
+        message.flags |= dns.flags.CD
     return message.to_wire()
 
 
@@ -205,6 +210,8 @@ def test_hot_path_equals_authority_path(served) -> None:
                 again = capture.sent.pop()
                 hot += factory.stats.hot_answers - before
                 assert answer == reference, (name, rdtype, edns, rd, rdclass, host)
+                assert answer[3] & 0x10 == query[3] & 0x10, "CD copied (RFC 6840 5.9)"
+                assert not answer[3] & 0x20, "AD clear: nothing here is validated"
                 assert again == reference, (name, rdtype, edns, rd, rdclass, host, "again")
                 compared += 1
     assert compared > 5000

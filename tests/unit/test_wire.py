@@ -13,10 +13,21 @@ import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import dns.tsig
+import dns.tsigkeyring
 import pytest
 from twisted.names import dns as tdns
 
-from kumazone.dns.wire import encode_response, formerr_for
+from kumazone.dns.wire import (
+    MAX_EDNS_OPTIONS,
+    MAX_POINTERS_PER_NAME,
+    NOTAUTH,
+    Screened,
+    _Walk,
+    encode_response,
+    formerr_for,
+    screen,
+)
 
 NAME = b"redis.mesh"
 A_RECORD_OCTETS = 16  # compressed owner (2) + type, class, TTL, rdlength (10) + 4
@@ -232,3 +243,104 @@ def test_formerr_for_exactly_a_header() -> None:
     answer = formerr_for(query_header(message_id=7, counts=(0, 0, 0, 0)))
     assert answer is not None
     assert answer[:2] == b"\x00\x07"
+
+
+# -- screen: the bounded checks in front of twisted.names ------------------------------------
+
+REDIS_QUESTION = b"\x05redis\x04mesh\x00\x00\x01\x00\x01"
+#: mesh SOA: also a well-formed UPDATE zone section.
+APEX_SOA = b"\x04mesh\x00\x00\x06\x00\x01"
+
+
+def _packet(*counts: int, flags: int = 0) -> bytes:
+    return struct.pack("!6H", 0x1234, flags, *counts)
+
+
+def _pointer_chain(records: int) -> bytes:
+    """A query whose additional records' owners are each a pointer to the one before."""
+    body = bytearray(_packet(1, 0, 0, records) + REDIS_QUESTION)
+    previous = 12
+    for _ in range(records):
+        here = len(body)
+        body += struct.pack("!H", 0xC000 | previous) + struct.pack("!HHIH", 1, 1, 0, 0)
+        previous = here
+    return bytes(body)
+
+
+def test_screen_passes_a_plain_query_on() -> None:
+    screened = screen(_packet(1, 0, 0, 0) + REDIS_QUESTION)
+    assert screened.parse == _packet(1, 0, 0, 0) + REDIS_QUESTION
+    assert screened.answer is None and screened.problem is None
+
+
+def test_screen_strips_edns_options() -> None:
+    opt = b"\x00" + struct.pack("!HHIH", 41, 1232, 0x8000, 8) + b"\xfd\xe9\x00\x04abcd"
+    screened = screen(_packet(1, 0, 0, 1) + REDIS_QUESTION + opt)
+    assert screened.parse == (
+        _packet(1, 0, 0, 1) + REDIS_QUESTION + b"\x00" + struct.pack("!HHIH", 41, 1232, 0x8000, 0)
+    )
+
+
+@pytest.mark.parametrize("records", [2, 3, 100, 680])
+def test_a_chain_of_pointers_is_refused_from_the_header(records: int) -> None:
+    screened = screen(_pointer_chain(records))
+    if records > 2:
+        assert screened.problem is not None and "additional records" in screened.problem
+    assert screened.answer is not None and screened.answer[3] & 0x0F == dns.rcode.FORMERR
+
+
+def test_pointers_per_name_are_capped() -> None:
+    # The question's name: a pointer to a pointer to ... to a root label at offset 12.
+    hops = MAX_POINTERS_PER_NAME + 1
+    header = _packet(1, 0, 0, 0)
+    body = bytearray(header + b"\x00")
+    previous = 12
+    for _ in range(hops):
+        here = len(body)
+        body += struct.pack("!H", 0xC000 | previous)
+        previous = here
+    # The question starts at 12 with the root label: make it start at the last pointer.
+    packet = bytes(body)
+    walk = _Walk(packet)
+    with pytest.raises(ValueError, match="too many compression pointers in a name"):
+        walk.name_end(previous)
+    assert _Walk(packet).name_end(12 + 1 + 2 * (MAX_POINTERS_PER_NAME - 1)) > 0
+
+
+@pytest.mark.parametrize("opcode", [1, 2, 4, 5, 6, 15])
+def test_screen_answers_other_opcodes_notimp_with_the_question(opcode: int) -> None:
+    screened = screen(_packet(1, 0, 0, 0, flags=opcode << 11 | 0x0110) + APEX_SOA)
+    answer = screened.answer
+    assert screened.parse is None and answer is not None
+    message = dns.message.from_wire(answer)
+    assert message.rcode() == dns.rcode.NOTIMP and message.opcode() == opcode
+    assert message.flags & dns.flags.CD and message.flags & dns.flags.RD
+    assert answer[12:] == APEX_SOA
+
+
+@pytest.mark.parametrize("questions", [0, 2])
+def test_screen_refuses_a_question_count_other_than_one(questions: int) -> None:
+    answer = screen(_packet(questions, 0, 0, 0) + REDIS_QUESTION * questions).answer
+    assert answer is not None and answer[3] & 0x0F == dns.rcode.FORMERR
+
+
+def test_screen_drops_responses() -> None:
+    assert screen(_packet(1, 0, 0, 0, flags=0x8000) + REDIS_QUESTION) == Screened()
+
+
+def test_screen_answers_tsig_with_badkey() -> None:
+    keyring = dns.tsigkeyring.from_text({"key.": "c2VjcmV0c2VjcmV0c2VjcmV0"})
+    query = dns.message.make_query("redis.mesh", "A")
+    query.use_tsig(keyring, keyname="key.")
+    answer = screen(query.to_wire()).answer
+    assert answer is not None
+    assert answer[3] & 0x0F == NOTAUTH
+    with pytest.raises(dns.tsig.PeerBadKey):
+        dns.message.from_wire(answer, keyring=keyring, request_mac=query.mac)
+
+
+def test_too_many_edns_options_are_formerr() -> None:
+    options = b"\x00\x0a\x00\x00" * (MAX_EDNS_OPTIONS + 1)
+    opt = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, len(options)) + options
+    screened = screen(_packet(1, 0, 0, 1) + REDIS_QUESTION + opt)
+    assert screened.problem is not None and "EDNS options" in screened.problem

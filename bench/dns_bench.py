@@ -232,6 +232,23 @@ def http_get(url: str) -> tuple[int, bytes]:
         return 0, b""
 
 
+def read_vips(server: Server, url: str | None) -> dict[str, Any]:
+    """The whole VIP table: every page of GET /vips, following C{next}."""
+    table: dict[str, Any] | None = None
+    while url is not None:
+        status, body = http_get(url)
+        if status != 200:
+            raise server.failed(f"GET {url} answered {status}")
+        page = json.loads(body)
+        if table is None:
+            table = page
+        else:
+            table["items"] += page["items"]
+        url = page["next"]
+    assert table is not None
+    return table
+
+
 def free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1."""
     for _ in range(100):
@@ -543,10 +560,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     report: dict[str, Any] = {"load_start": load()}
     print(f"starting kumazone with {args.services} services ...", flush=True)
     kumazone, info = start_kumazone(work, "kumazone", args.services)
-    status, body = http_get(f"http://127.0.0.1:{info['api']}/vips")
-    if status != 200:
-        raise kumazone.failed(f"GET /vips answered {status}")
-    table = json.loads(body)
+    table = read_vips(kumazone, f"http://127.0.0.1:{info['api']}/vips?size=1000")
     if len(table["items"]) < args.services:
         raise kumazone.failed(f"/vips has {len(table['items'])} of {args.services} services")
     report["startup"] = info["startup"]

@@ -5,6 +5,7 @@ kumazone check PATH...                 validate resource files or directories
 kumazone certs --out DIR ...           make a CA and certificates for zone sync
 kumazone install dns --flavor F ...    print cluster or host DNS config for the domain
 kumazone uninstall dns --flavor F ...  print it again without what install added
+kumazone status --api URL [--vips]     a control plane's zones, sync state and VIPs
 kumazone version
 """
 
@@ -175,6 +176,24 @@ def _add_dns_parsers(commands: Any) -> None:
         dns.add_argument("--config", metavar="FILE", help="YAML file with Kuma's dnsServer keys")
 
 
+def status(args: argparse.Namespace) -> int:
+    """Print what the API at C{args.api} says (the status page, as text)."""
+    import time
+
+    from kumazone.web.status_cli import StatusError, read_status, render_status, render_vips
+
+    try:
+        document = read_status(args.api, vips=args.vips, service=args.service, mesh=args.mesh)
+    except StatusError as e:
+        print(f"kumazone status: {e}", file=sys.stderr)
+        return 1
+    lines = render_status(document, time.time())
+    if args.vips:
+        lines += ["", *render_vips(document["vips"])]
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console command."""
     arguments = list(sys.argv[1:] if argv is None else argv)
@@ -203,6 +222,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a zone to make a client certificate for (repeatable)",
     )
     _add_dns_parsers(commands)
+    status_parser = commands.add_parser(
+        "status", help="a control plane's zones, sync state and VIPs (its status page, as text)"
+    )
+    status_parser.add_argument(
+        "--api",
+        default="http://127.0.0.1:5681",
+        metavar="URL",
+        help="the control plane's API (default http://127.0.0.1:5681)",
+    )
+    status_parser.add_argument("--vips", action="store_true", help="print the VIP table too")
+    status_parser.add_argument(
+        "--service", metavar="TEXT", help="with --vips: services whose name has TEXT, or a VIP"
+    )
+    status_parser.add_argument("--mesh", help="with --vips: the services of one mesh")
     commands.add_parser("version", help="print the version")
     args = parser.parse_args(arguments)
     if args.command == "version":
@@ -222,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in ("install", "uninstall"):
         return install_dns(args, install=args.command == "install")
+    if args.command == "status":
+        return status(args)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

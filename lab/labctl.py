@@ -49,11 +49,19 @@ def fetch(role: str, api: str) -> dict[str, Any]:
     paths = ["/", "/vips"] + (["/zones"] if role == "global" else [])
     document: dict[str, Any] = {}
     for path in paths:
-        status, body = http_get(api + path)
-        if status != 200:
-            reason = body.decode(errors="replace").strip() or f"HTTP {status}"
-            return {"error": f"unreachable ({reason})" if status == 0 else f"HTTP {status}"}
-        document[path] = json.loads(body)
+        # /vips comes a page at a time: read them all (the lab's table fits in one).
+        url: str | None = api + (path + "?size=1000" if path == "/vips" else path)
+        while url is not None:
+            status, body = http_get(url)
+            if status != 200:
+                reason = body.decode(errors="replace").strip() or f"HTTP {status}"
+                return {"error": f"unreachable ({reason})" if status == 0 else f"HTTP {status}"}
+            page = json.loads(body)
+            if path in document:
+                document[path]["items"] += page["items"]
+            else:
+                document[path] = page
+            url = page.get("next") if path == "/vips" else None
     return document
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,9 +128,19 @@ class ControlPlaneProcess:
         return status, json.loads(data) if data.strip() else None
 
     def vips(self) -> dict[str, Any]:
-        status, document = self.api("GET", "/vips")
-        assert status == 200, document
-        return document
+        """The whole table: every page of GET /vips, read again if it changed meanwhile."""
+        for _attempt in range(5):
+            status, first = self.api("GET", "/vips?size=1000")
+            assert status == 200, first
+            items, page = list(first["items"]), first
+            while page["next"] is not None and page["version"] == first["version"]:
+                url = urllib.parse.urlsplit(page["next"])
+                status, page = self.api("GET", f"{url.path}?{url.query}")
+                assert status == 200, page
+                items += page["items"]
+            if page["version"] == first["version"]:
+                return {**first, "items": items, "next": None}
+        raise AssertionError("GET /vips: the table changed while it was read, five times")
 
 
 class ZoneProcess(ControlPlaneProcess):

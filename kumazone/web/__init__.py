@@ -1,1 +1,2 @@
-"""HTTP: the API (resources, /vips, /zones) and diagnostics (/ready, /healthy, /metrics)."""
+"""HTTP: the API (resources, /vips, /zones), the status page and C{kumazone status}, and
+diagnostics (/ready, /healthy, /metrics)."""

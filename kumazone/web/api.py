@@ -2,18 +2,21 @@
 
 Routes::
 
-    GET    /                                  about this control plane
+    GET    /                                  about this control plane (a browser: the status page)
     GET    /meshes                            every mesh
     GET    /meshes/{mesh}                     one mesh
     GET    /meshes/{mesh}/dataplanes          Dataplanes of a mesh
     GET|PUT|DELETE /meshes/{mesh}/dataplanes/{name}
     GET    /meshes/{mesh}/external-services
     GET|PUT|DELETE /meshes/{mesh}/external-services/{name}
-    GET    /vips                              the VIP table
+    GET    /vips                              the VIP table, a page at a time
 
 Bodies are JSON or YAML (by Content-Type; YAML when unsure), one resource each.
 A resource that does not validate gets HTTP 400 naming the field; nothing stored
-changes.
+changes.  C{GET /vips} pages and filters (C{?size=&offset=&mesh=&service=}, see
+L{kumazone.web.listing}); every JSON answer to a C{GET} carries an C{ETag}, and
+C{If-None-Match} with it gets C{304}.  A browser asking for C{/} (C{Accept:
+text/html}) gets the status page (L{kumazone.web.status}); any other client, JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from twisted.web import resource as web_resource
 from twisted.web.server import Request
 
 from kumazone import __version__
-from kumazone.core.names import claim_names, service_names
 from kumazone.core.ratelimit import RateLimiter, limited
 from kumazone.core.resources import (
     DATAPLANE,
@@ -42,10 +44,18 @@ from kumazone.core.resources import (
 )
 from kumazone.core.storage import StoreError
 from kumazone.core.zone import ConflictError, Zone, ZoneSnapshot
-from kumazone.metrics import Metrics
+from kumazone.metrics import Metrics, method_label
 from kumazone.sync.global_side import GlobalHub, ZoneConnected
+from kumazone.web.listing import QueryError, VipQuery, entity_tag, matches_entity_tag, page_items
+from kumazone.web.status import status_page, wants_status_page
 
-__all__ = ["MAX_BODY_OCTETS", "ApiResource", "GlobalApiResource", "vips_document"]
+__all__ = [
+    "MAX_BODY_OCTETS",
+    "ApiResource",
+    "GlobalApiResource",
+    "vip_items",
+    "vips_document",
+]
 
 MAX_BODY_OCTETS = 1024 * 1024
 _COLLECTIONS = {"dataplanes": DATAPLANE, "external-services": EXTERNAL_SERVICE}
@@ -62,34 +72,74 @@ class HttpError(Exception):
         self.body = {"title": title, "details": details, "causes": causes or []}
 
 
-def vips_document(snapshot: ZoneSnapshot) -> dict[str, Any]:
-    """The C{GET /vips} body."""
+def vip_items(snapshot: ZoneSnapshot) -> list[dict[str, Any]]:
+    """Every item of a zone's C{GET /vips}, sorted by mesh and service."""
+    return [
+        {
+            "mesh": entry.key.mesh,
+            "service": entry.key.service,
+            "vip": entry.vip,
+            "vip6": entry.vip6,
+            "names": list(entry.names),
+            "zones": list(entry.zones),
+            "provisional": entry.provisional,
+            **({"warnings": list(entry.problems)} if entry.problems else {}),
+        }
+        for entry in snapshot.entries
+    ]
+
+
+def vips_document(
+    version: int,
+    items: list[dict[str, Any]],
+    range_size: int,
+    exhausted: list[str],
+    query: VipQuery | None = None,
+    base_url: str = "/vips",
+) -> dict[str, Any]:
+    """The C{GET /vips} body: one page of C{items} (all of them without a query)."""
+    if query is None:
+        page, total, next_url = items, len(items), None
+    else:
+        page, total, next_url = page_items(items, query, base_url)
     document: dict[str, Any] = {
-        "version": snapshot.version,
-        "items": [
-            {
-                "mesh": entry.key.mesh,
-                "service": entry.key.service,
-                "vip": entry.vip,
-                "vip6": entry.vip6,
-                "names": list(entry.names),
-                "zones": list(entry.zones),
-                "provisional": entry.provisional,
-                **({"warnings": list(entry.problems)} if entry.problems else {}),
-            }
-            for entry in snapshot.entries
-        ],
-        "rangeSize": snapshot.range_size,
-        "rangeUsed": snapshot.range_used,
+        "version": version,
+        "items": page,
+        "total": total,
+        "next": next_url,
+        "rangeSize": range_size,
+        "rangeUsed": len(items),
     }
-    if snapshot.exhausted:
-        document["errors"] = [
-            {
-                "error": "VIP range exhausted",
-                "services": [f"{k.mesh}/{k.service}" for k in snapshot.exhausted],
-            }
-        ]
+    if exhausted:
+        document["errors"] = [{"error": "VIP range exhausted", "services": exhausted}]
     return document
+
+
+def _vip_query(request: Request) -> VipQuery:
+    """The paging and filters of a C{GET /vips}; HTTP 400 naming a bad parameter."""
+    args = {
+        key.decode("utf-8", "replace"): [v.decode("utf-8", "replace") for v in values]
+        for key, values in (request.args or {}).items()
+    }
+    try:
+        return VipQuery.parse(args)
+    except QueryError as e:
+        raise HttpError(
+            400,
+            "Bad request",
+            f"query parameter {e}",
+            [{"field": e.parameter, "message": e.message}],
+        ) from None
+
+
+def _base_url(request: Request, path: str) -> str:
+    """This server's URL for C{path}, as the client named it (for C{next})."""
+    host = request.getHeader("host")
+    if not host:
+        address = request.getHost()
+        host = f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"
+    scheme = "https" if request.isSecure() else "http"
+    return f"{scheme}://{host}{path}"
 
 
 def _listing(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -108,8 +158,13 @@ class _JsonApi(web_resource.Resource):
 
     def render(self, request: Request) -> bytes:
         method = request.method.decode("ascii", "replace")
+        postpath = [p for p in request.postpath or [] if p]
+        if method == "GET" and not postpath:
+            request.setHeader(b"vary", b"Accept")
+            if wants_status_page(request.getHeader("accept")):
+                return self._status_page(request)
         try:
-            path = [p.decode("utf-8") for p in request.postpath or [] if p]
+            path = [p.decode("utf-8") for p in postpath]
             status, body = self._route(method, path, request)
         except HttpError as e:
             status, body = e.status, e.body
@@ -118,10 +173,32 @@ class _JsonApi(web_resource.Resource):
                 400,
                 {"title": "Bad request", "details": "path is not UTF-8", "causes": []},
             )
-        request.setResponseCode(status)
+        encoded = json.dumps(body, indent=2, sort_keys=False).encode() + b"\n"
         request.setHeader(b"content-type", b"application/json")
-        self.metrics.api_requests.labels(method, str(status)).inc()
-        return json.dumps(body, indent=2, sort_keys=False).encode() + b"\n"
+        if method == "GET" and status == 200:
+            tag = entity_tag(encoded)
+            request.setHeader(b"etag", tag.encode("ascii"))
+            request.setHeader(b"cache-control", b"no-cache")
+            if matches_entity_tag(request.getHeader("if-none-match"), tag):
+                status, encoded = 304, b""
+        request.setResponseCode(status)
+        self.metrics.api_requests.labels(method_label(method), str(status)).inc()
+        return encoded
+
+    def _status_page(self, request: Request) -> bytes:
+        """The status page (HTML), for a browser's C{GET /}."""
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        # The page loads nothing but this server's API: no script, style or image from
+        # anywhere else, even if a name in the table were made to look like markup.
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'none'; connect-src 'self'; script-src 'unsafe-inline'; "
+            b"style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'",
+        )
+        request.setResponseCode(200)
+        self.metrics.api_requests.labels("GET", "200").inc()
+        return status_page()
 
     def _route(self, method: str, path: list[str], request: Request) -> tuple[int, Any]:
         raise NotImplementedError
@@ -145,6 +222,8 @@ class ApiResource(_JsonApi):
         self.zone = zone
         self.clock = clock
         self.sync_status = sync_status
+        #: The snapshot whose /vips items were built last, and those items.
+        self._items_of: tuple[ZoneSnapshot | None, list[dict[str, Any]]] = (None, [])
         self._reject_log = limited(
             RateLimiter(burst=20, interval=60.0), clock, lambda line: self.log.warn(line)
         )
@@ -165,7 +244,7 @@ class ApiResource(_JsonApi):
             }
         if path == ["vips"]:
             self._only(method, "GET")
-            return 200, vips_document(snapshot)
+            return 200, self._vips(snapshot, _vip_query(request), _base_url(request, "/vips"))
         if path[0] != "meshes" or len(path) > 4:
             raise HttpError(404, "Not found", f"no such endpoint /{'/'.join(path)}")
         if len(path) == 1:
@@ -199,6 +278,17 @@ class ApiResource(_JsonApi):
         if method == "DELETE":
             return self._delete(key)
         raise HttpError(405, "Method not allowed", f"{method} is not allowed here")
+
+    def _vips(self, snapshot: ZoneSnapshot, query: VipQuery, base_url: str) -> dict[str, Any]:
+        """One page of the table; the items are built once per snapshot."""
+        built, items = self._items_of
+        if built is not snapshot:
+            items = vip_items(snapshot)
+            self._items_of = (snapshot, items)
+        exhausted = [f"{k.mesh}/{k.service}" for k in snapshot.exhausted]
+        return vips_document(
+            snapshot.version, items, snapshot.range_size, exhausted, query, base_url
+        )
 
     def _mesh_document(self, mesh: str) -> dict[str, Any]:
         declared = self.zone.resources().get(ResourceKey(MESH, "", mesh))
@@ -289,6 +379,8 @@ class GlobalApiResource(_JsonApi):
         self.hub = hub
         self.domain = domain
         self.clock = clock
+        #: (allocator, version) whose /vips items were built last, and those items.
+        self._items_of: tuple[object, int, list[dict[str, Any]]] = (None, -1, [])
 
     def _route(self, method: str, path: list[str], request: Request) -> tuple[int, Any]:
         table = self.hub.merged
@@ -303,7 +395,7 @@ class GlobalApiResource(_JsonApi):
             }
         if path == ["vips"]:
             self._only(method, "GET")
-            return 200, self._vips()
+            return 200, self._vips(_vip_query(request), _base_url(request, "/vips"))
         if path == ["zones"]:
             self._only(method, "GET")
             items = [self._zone(name) for name in sorted(table.zones)]
@@ -341,15 +433,34 @@ class GlobalApiResource(_JsonApi):
             "tableVersion": self.hub.merged.version,
         }
 
-    def _vips(self) -> dict[str, Any]:
+    def _vips(self, query: VipQuery, base_url: str) -> dict[str, Any]:
+        """One page of the merged table."""
         table = self.hub.merged
+        exhausted = [f"{k.mesh}/{k.service}" for k in sorted(table.allocator.exhausted)]
+        return vips_document(
+            table.version,
+            self._items(),
+            table.allocator.range.size,
+            exhausted,
+            query,
+            base_url,
+        )
+
+    def _items(self) -> list[dict[str, Any]]:
+        """Every item of C{/vips}, built again only when the table changed.
+
+        Every change of the merged table bumps its version; a store failure puts a
+        new allocator in place (L{MergedTable.restore}), so both are the key.
+        """
+        table = self.hub.merged
+        allocator, version, items = self._items_of
+        if allocator is table.allocator and version == table.version:
+            return items
         vip_range = table.allocator.range
         items = []
-        claimed: dict[tuple[str, str], str] = {}
+        names = table.names(self.domain)
         for row in table.rows():
-            owned, problems = claim_names(
-                row.mesh, row.service, service_names(row.service, self.domain), claimed
-            )
+            owned, problems = names[(row.mesh, row.service)]
             items.append(
                 {
                     "mesh": row.mesh,
@@ -362,19 +473,5 @@ class GlobalApiResource(_JsonApi):
                     **({"warnings": list(problems)} if problems else {}),
                 }
             )
-        document: dict[str, Any] = {
-            "version": table.version,
-            "items": items,
-            "rangeSize": vip_range.size,
-            "rangeUsed": len(items),
-        }
-        if table.allocator.exhausted:
-            document["errors"] = [
-                {
-                    "error": "VIP range exhausted",
-                    "services": [
-                        f"{k.mesh}/{k.service}" for k in sorted(table.allocator.exhausted)
-                    ],
-                }
-            ]
-        return document
+        self._items_of = (table.allocator, table.version, items)
+        return items

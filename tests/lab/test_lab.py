@@ -267,7 +267,7 @@ def test_lab_walkthrough(lab: Lab) -> None:
     assert time.monotonic() - began < 90
 
 
-# -- the Docker Compose lab (no Docker engine here: check what can be checked) -----------
+# -- the Docker Compose file (tests/lab/test_docker_lab.py runs it for real) -----------------
 
 
 def _compose() -> dict[str, Any]:
@@ -323,8 +323,11 @@ def test_compose_file_parses_and_has_the_lab_topology() -> None:
     assert "bind9-dnsutils" in dockerfile and "dnsmasq-base" in dockerfile
     for client, zone in (("client-1", "zone-1"), ("client-2", "zone-2")):
         script = " ".join(_command(services[client]))
-        assert f"--server=/mesh/{addresses[zone]}#5653" in script
-        assert "--no-resolv" in script and len(re.findall(r"--server=", script)) == 1
+        # The forwarding (domain and reverse zones) is kumazone install dns's drop-in.
+        assert (
+            f"kumazone install dns --flavor dnsmasq --cp-address {addresses[zone]}:5653" in script
+        )
+        assert "--no-resolv" in script and "--server=" not in script
 
 
 def test_compose_commands_use_only_flags_kumazone_lists() -> None:

@@ -723,7 +723,7 @@ def test_vips_sorted_by_mesh_then_service_with_the_design_fields(zone: ZoneApi) 
         assert status == 201
 
     document = zone.vips()
-    assert set(document) == {"version", "items", "rangeSize", "rangeUsed"}
+    assert set(document) == {"version", "items", "total", "next", "rangeSize", "rangeUsed"}
     assert document["version"] == zone.zone.snapshot.version > 0
     assert document["rangeSize"] == 2**28 - 2
     items = document["items"]
@@ -954,7 +954,7 @@ def test_global_vips() -> None:
     glob.inventory("zone-2", ("payments", "ledger"), ("default", ECHO), ("default", "web"))
     glob.inventory("zone-3", ("default", "web"), ("default", "a" * 70))
     document = glob.api("GET", "/vips")[1]
-    assert set(document) == {"version", "items", "rangeSize", "rangeUsed"}
+    assert set(document) == {"version", "items", "total", "next", "rangeSize", "rangeUsed"}
     assert document["version"] == glob.table.version
     assert document["rangeSize"] == 2**28 - 2
     items = document["items"]

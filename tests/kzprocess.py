@@ -12,7 +12,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -216,3 +217,15 @@ class ZoneProcess(ControlPlaneProcess):
             timeout=20,
         )
         return result.stdout + result.stderr
+
+
+@contextmanager
+def sample_zone(workdir: Path, **kwargs: Any) -> Iterator[ZoneProcess]:
+    """A zone serving a copy of zones/zone-1 from C{workdir}, stopped on exit."""
+    resources = workdir / "resources"
+    shutil.copytree(REPO / "zones" / "zone-1", resources)
+    process = ZoneProcess(workdir, resources, **kwargs)
+    try:
+        yield process.start()
+    finally:
+        process.stop()

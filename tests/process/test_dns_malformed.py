@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import random
 import re
-import shutil
 import socket
 import struct
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import dns.message
 import dns.rcode
 import pytest
 
-from tests.kzprocess import REPO, ZoneProcess
+from tests.kzprocess import ZoneProcess, sample_zone
 
 SEED = 20240611
 RANDOM_UDP_PACKETS = 2000
@@ -41,14 +40,8 @@ TRANSPORTS = pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
 
 @pytest.fixture(scope="module")
 def zone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZoneProcess]:
-    workdir = tmp_path_factory.mktemp("malformed")
-    resources = workdir / "resources"
-    shutil.copytree(REPO / "zones" / "zone-1", resources)
-    process = ZoneProcess(workdir, resources)
-    try:
-        yield process.start()
-    finally:
-        process.stop()
+    with sample_zone(tmp_path_factory.mktemp("malformed")) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

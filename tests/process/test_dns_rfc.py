@@ -9,7 +9,6 @@ count other than one, and silence for a response (QR=1).
 
 from __future__ import annotations
 
-import shutil
 import socket
 import struct
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import dns.tsig
 import dns.tsigkeyring
 import pytest
 
-from tests.kzprocess import REPO, ZoneProcess
+from tests.kzprocess import ZoneProcess, sample_zone
 
 TRANSPORTS = pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
 QUESTION = b"\x05redis\x04mesh\x00\x00\x01\x00\x01"
@@ -35,14 +34,8 @@ WAIT = 2.0
 
 @pytest.fixture(scope="module")
 def zone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZoneProcess]:
-    workdir = tmp_path_factory.mktemp("rfc")
-    resources = workdir / "resources"
-    shutil.copytree(REPO / "zones" / "zone-1", resources)
-    process = ZoneProcess(workdir, resources)
-    try:
-        yield process.start()
-    finally:
-        process.stop()
+    with sample_zone(tmp_path_factory.mktemp("rfc")) as process:
+        yield process
 
 
 def exchange(zone: ZoneProcess, packet: bytes, tcp: bool, wait: float = WAIT) -> bytes | None:

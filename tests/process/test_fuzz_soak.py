@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import select
-import shutil
 import socket
 import struct
 import time
@@ -29,7 +28,7 @@ import dns.rcode
 import dns.tsigkeyring
 import pytest
 
-from tests.kzprocess import REPO, ZoneProcess
+from tests.kzprocess import ZoneProcess, sample_zone
 
 SEED = 20261201
 PACKETS = 200_000
@@ -41,14 +40,8 @@ PROBE_ID = 0xBEEF
 
 @pytest.fixture(scope="module")
 def zone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZoneProcess]:
-    workdir = tmp_path_factory.mktemp("soak")
-    resources = workdir / "resources"
-    shutil.copytree(REPO / "zones" / "zone-1", resources)
-    process = ZoneProcess(workdir, resources)
-    try:
-        yield process.start()
-    finally:
-        process.stop()
+    with sample_zone(tmp_path_factory.mktemp("soak")) as process:
+        yield process
 
 
 def corpus() -> list[bytes]:

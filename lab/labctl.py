@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +214,25 @@ def synced(documents: dict[str, dict[str, Any]]) -> str | None:
 # -- commands ----------------------------------------------------------------------------
 
 
+def wait_synced(collect_documents: Callable[[], dict[str, dict[str, Any]]], timeout: float) -> int:
+    """Poll until both zones hold the global's table: 0, or 1 after C{timeout} seconds."""
+    started = time.monotonic()
+    while True:
+        documents = collect_documents()
+        why = synced(documents)
+        if why is None:
+            version = documents["global"]["/"]["tableVersion"]
+            print(
+                f"lab: zone-1 and zone-2 hold the global's table (version {version}) "
+                f"after {time.monotonic() - started:.1f}s"
+            )
+            return 0
+        if time.monotonic() - started > timeout:
+            print(f"lab: not synced after {timeout:.0f}s: {why}", file=sys.stderr)
+            return 1
+        time.sleep(0.25)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="labctl.py", description=__doc__.split("\n")[0])
     parser.add_argument("--state", type=Path, default=HERE / "state", help="the lab's state")
@@ -253,21 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(documents, indent=2) if args.json else render(documents, topology))
         return 0
     if args.command == "wait-synced":
-        started = time.monotonic()
-        while True:
-            documents = collect(topology)
-            why = synced(documents)
-            if why is None:
-                version = documents["global"]["/"]["tableVersion"]
-                print(
-                    f"lab: zone-1 and zone-2 hold the global's table (version {version}) "
-                    f"after {time.monotonic() - started:.1f}s"
-                )
-                return 0
-            if time.monotonic() - started > args.timeout:
-                print(f"lab: not synced after {args.timeout:.0f}s: {why}", file=sys.stderr)
-                return 1
-            time.sleep(0.25)
+        return wait_synced(lambda: collect(topology), args.timeout)
     return 2
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from typing import Any
 
 import labctl
@@ -47,21 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.status:
         print(labctl.render(collect(), TOPOLOGY))
         return 0
-    started = time.monotonic()
-    while True:
-        documents = collect()
-        why = labctl.synced(documents)
-        if why is None:
-            version = documents["global"]["/"]["tableVersion"]
-            print(
-                f"lab: zone-1 and zone-2 hold the global's table (version {version}) "
-                f"after {time.monotonic() - started:.1f}s"
-            )
-            return 0
-        if time.monotonic() - started > args.timeout:
-            print(f"lab: not synced after {args.timeout:.0f}s: {why}", file=sys.stderr)
-            return 1
-        time.sleep(0.2)
+    return labctl.wait_synced(collect, args.timeout)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ back if it returns first.  The IPv6 VIP sits at the same offset in the v6 range.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -167,12 +168,20 @@ class VipAllocator:
                 raise ValueError(f"offset {allocation.offset} allocated twice")
             self.allocations[allocation.key] = allocation
             self._owner[allocation.offset] = allocation.key
+        #: (until, offset) of every hold-down, soonest first; an entry whose hold
+        #: is gone or was replaced is skipped when it comes up (see L{_expire}).
+        self._expiry: list[tuple[float, int]] = []
         for hold in holds:
             self._add_hold(hold)
 
     def _add_hold(self, hold: Hold) -> None:
         self.holds[hold.offset] = hold
         self._held_by[hold.key] = hold
+        heapq.heappush(self._expiry, (hold.until, hold.offset))
+        if len(self._expiry) > 2 * len(self.holds) + 64:
+            # Entries of holds dropped early (their key came back) pile up: start over.
+            self._expiry = [(h.until, h.offset) for h in self.holds.values()]
+            heapq.heapify(self._expiry)
 
     def _drop_hold(self, hold: Hold) -> None:
         del self.holds[hold.offset]
@@ -193,7 +202,26 @@ class VipAllocator:
     def due(self, now: float) -> bool:
         """Whether a reconciliation at C{now} could change anything by itself:
         a hold-down has run out, or services wait for room in a full range."""
-        return bool(self.exhausted) or any(h.until <= now for h in self.holds.values())
+        return bool(self.exhausted) or self._next_expiry() <= now
+
+    def _next_expiry(self) -> float:
+        """When the soonest hold-down runs out (infinity without any)."""
+        expiry = self._expiry
+        while expiry:
+            until, offset = expiry[0]
+            hold = self.holds.get(offset)
+            if hold is not None and hold.until == until:
+                return until
+            heapq.heappop(expiry)  # that hold is gone or was replaced
+        return float("inf")
+
+    def _expire(self, now: float, delta: TableDelta) -> None:
+        """Drop the hold-downs that have run out by C{now}: O(those dropped)."""
+        while self._next_expiry() <= now:
+            _until, offset = heapq.heappop(self._expiry)
+            hold = self.holds[offset]
+            self._drop_hold(hold)
+            delta.holds_dropped.append(hold)
 
     @property
     def used(self) -> int:
@@ -203,15 +231,30 @@ class VipAllocator:
     def reconcile(self, wanted: Iterable[ServiceKey], now: float) -> TableDelta:
         """Make the table hold exactly C{wanted}; return what changed.
 
-        New keys are placed in sorted order, so two tables fed the same keys
-        place them the same way.
+        O(table): for a start-up or a whole new set.  A change of a few keys is
+        L{change}, which costs what it changes.
+        """
+        wanted_set = set(wanted)
+        removed = [k for k in self.allocations if k not in wanted_set]
+        removed += [k for k in self.exhausted if k not in wanted_set]
+        added = [k for k in wanted_set if k not in self.allocations]
+        return self.change(added, removed, now)
+
+    def change(
+        self, added: Iterable[ServiceKey], removed: Iterable[ServiceKey], now: float
+    ) -> TableDelta:
+        """Add the keys C{added} and release the keys C{removed}; return what changed.
+
+        Costs O(keys given + hold-downs expired + services waiting for room).
+        Hold-downs run out first, then released VIPs are held, then the new keys
+        (and those the full range left without a VIP) are placed in sorted
+        order, so two tables fed the same changes place them the same way.  A
+        key both added and removed is removed.
         """
         delta = TableDelta()
-        wanted_set = set(wanted)
-        for hold in [h for h in self.holds.values() if h.until <= now]:
-            self._drop_hold(hold)
-            delta.holds_dropped.append(hold)
-        for key in sorted(k for k in self.allocations if k not in wanted_set):
+        gone = set(removed)
+        self._expire(now, delta)
+        for key in sorted(k for k in gone if k in self.allocations):
             allocation = self.allocations.pop(key)
             del self._owner[allocation.offset]
             delta.removed.append(allocation)
@@ -222,14 +265,17 @@ class VipAllocator:
                 delta.holds_dropped.append(previous)
             self._add_hold(hold)
             delta.holds_added.append(hold)
+        waiting = (self.exhausted - gone) | {
+            k for k in added if k not in gone and k not in self.allocations
+        }
         self.exhausted = set()
-        for key in sorted(k for k in wanted_set if k not in self.allocations):
+        for key in sorted(waiting):
             offset = self._place(key, delta)
             if offset is None:
                 self.exhausted.add(key)
                 delta.exhausted.append(key)
                 continue
-            # Claimed at the version this reconciliation makes.
+            # Claimed at the version this change makes.
             allocation = Allocation(key, offset, claim=self.version + 1)
             self.allocations[key] = allocation
             self._owner[offset] = key

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from kumazone.core.config import DnsServerConfig
-from kumazone.core.federation import FederatedView
 from kumazone.core.messages import TableUpdate
 from kumazone.core.names import ServiceNames, assign_names, service_names
 from kumazone.core.resources import DATAPLANE, MESH, Resource, ResourceKey
 from kumazone.core.storage import Store, StoreChanges, StoredState, StoreError
+from kumazone.core.view import FederatedView
 from kumazone.core.vips import Served, ServiceKey, TableDelta, VipAllocator, VipRange
 
 __all__ = [

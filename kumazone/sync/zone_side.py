@@ -8,7 +8,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from kumazone.core.federation import FederatedView
 from kumazone.core.messages import (
     Ack,
     Error,
@@ -19,6 +18,7 @@ from kumazone.core.messages import (
     inventory_messages,
 )
 from kumazone.core.ratelimit import RateLimiter, limited
+from kumazone.core.view import FederatedView
 from kumazone.core.vips import ServiceKey
 from kumazone.core.zone import Zone
 from kumazone.sync.metrics import SyncMetrics

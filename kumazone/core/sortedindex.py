@@ -1,0 +1,129 @@
+"""Values by key, kept in key order: what listings page through. Pure.
+
+A change of one key costs a dictionary update and one C{bisect} into a list of
+the keys (a C{memmove} of the list's tail: about a millisecond at a million
+keys); a page is a slice.  So a table of a million services is listed a page at a
+time without ever sorting or walking it on the reactor.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Generic, Protocol, Self, TypeVar, overload
+
+__all__ = ["SortedIndex"]
+
+
+class _Ordered(Protocol):
+    def __lt__(self, other: Any, /) -> bool: ...
+
+
+K = TypeVar("K", bound=_Ordered)
+V = TypeVar("V")
+
+#: Beyond this many keys changed at once, the key list is sorted anew instead.
+_BULK = 64
+
+
+class SortedIndex(Sequence[V], Generic[K, V]):
+    """A mapping from keys to values that is also the sequence of its values in key order.
+
+    C{index[i]} and C{index[i:j]} are positions; L{get} and L{key_at} go by key.
+    """
+
+    def __init__(self, items: Iterable[tuple[K, V]] = ()) -> None:
+        self._values: dict[K, V] = dict(items)
+        self._keys: list[K] = sorted(self._values)
+
+    @classmethod
+    def copy_of(cls, other: SortedIndex[K, V]) -> Self:
+        """An independent copy (for tests and from-scratch comparisons)."""
+        copy = cls()
+        copy._values = dict(other._values)
+        copy._keys = list(other._keys)
+        return copy
+
+    # -- reading ----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @overload
+    def __getitem__(self, position: int) -> V: ...
+
+    @overload
+    def __getitem__(self, position: slice) -> list[V]: ...
+
+    def __getitem__(self, position: int | slice) -> V | list[V]:
+        values = self._values
+        if isinstance(position, slice):
+            return [values[key] for key in self._keys[position]]
+        return values[self._keys[position]]
+
+    def __iter__(self) -> Iterator[V]:
+        values = self._values
+        for key in self._keys:
+            yield values[key]
+
+    def __contains__(self, value: object) -> bool:
+        """Whether C{value} is a key (not a value: that would walk the index)."""
+        return value in self._values
+
+    def get(self, key: K, default: V | None = None) -> V | None:
+        """The value of C{key}, or C{default}."""
+        return self._values.get(key, default)
+
+    def keys(self) -> Sequence[K]:
+        """The keys, sorted (the index's own list: do not change it)."""
+        return self._keys
+
+    def position(self, key: K) -> int:
+        """Where C{key} is, or would be inserted, in key order."""
+        return bisect.bisect_left(self._keys, key)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SortedIndex):
+            return self._keys == other._keys and self._values == other._values
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"SortedIndex({len(self)} items)"
+
+    # -- changing ---------------------------------------------------------------
+
+    def set(self, key: K, value: V) -> None:
+        """Add C{key} or replace its value."""
+        if key not in self._values:
+            bisect.insort(self._keys, key)
+        self._values[key] = value
+
+    def pop(self, key: K) -> V | None:
+        """Remove C{key}; its value, or None if it was not there."""
+        value = self._values.pop(key, None)
+        if value is not None:
+            position = bisect.bisect_left(self._keys, key)
+            del self._keys[position]
+        return value
+
+    def update(self, changed: Iterable[tuple[K, V | None]]) -> None:
+        """Set each C{(key, value)}, removing the keys whose value is None."""
+        changed = list(changed)
+        if len(changed) <= _BULK:
+            for key, value in changed:
+                if value is None:
+                    self.pop(key)
+                else:
+                    self.set(key, value)
+            return
+        values = self._values
+        for key, value in changed:
+            if value is None:
+                values.pop(key, None)
+            else:
+                values[key] = value
+        self._keys = sorted(values)

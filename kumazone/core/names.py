@@ -17,6 +17,7 @@ __all__ = [
     "MAX_NAME_OCTETS",
     "NAMESERVER_LABEL",
     "ZONE_NAME",
+    "NameIndex",
     "ServiceNames",
     "assign_names",
     "name_problem",
@@ -120,3 +121,95 @@ def assign_names(
                 problems.append(f"{name} is service {holder}'s name in this mesh")
         assigned[(mesh, service)] = (tuple(owned), tuple(problems))
     return assigned
+
+
+#: A claimant: C{(mesh, service)}.
+Claimant = tuple[str, str]
+#: What a claimant gets: C{(owned names, problems)}, as L{assign_names} gives it.
+Assignment = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+class NameIndex:
+    """L{assign_names} kept up to date as claimants come and go: O(names touched).
+
+    The same owners and problems as L{assign_names} over the current claimants,
+    without walking them: a claimant's names are looked at when it is set or
+    removed, and so are the claimants of those names (usually none).
+    """
+
+    def __init__(self, names_of: Callable[[str], ServiceNames]) -> None:
+        self._names_of = names_of
+        #: (name, mesh) -> {service: claim} of every claimant of that name.
+        self._claims: dict[tuple[str, str], dict[str, int]] = {}
+        self._claim_of: dict[Claimant, int] = {}
+        self._assigned: dict[Claimant, Assignment] = {}
+
+    def __len__(self) -> int:
+        return len(self._claim_of)
+
+    def __contains__(self, claimant: object) -> bool:
+        return claimant in self._claim_of
+
+    def assigned(self, mesh: str, service: str) -> Assignment:
+        """The names C{(mesh, service)} owns and the problems of the others."""
+        return self._assigned[(mesh, service)]
+
+    def set(self, mesh: str, service: str, claim: int) -> set[Claimant]:
+        """Add a claimant or change its claim; the claimants whose assignment changed."""
+        if self._claim_of.get((mesh, service)) == claim:
+            return set()
+        touched = self._drop(mesh, service)
+        touched.add((mesh, service))
+        self._claim_of[(mesh, service)] = claim
+        for name in self._names_of(service).names:
+            claims = self._claims.setdefault((name, mesh), {})
+            claims[service] = claim
+            touched.update((mesh, other) for other in claims)
+        return self._reassign(touched)
+
+    def remove(self, mesh: str, service: str) -> set[Claimant]:
+        """Remove a claimant; the claimants whose assignment changed (itself included)."""
+        if (mesh, service) not in self._claim_of:
+            return set()
+        touched = self._drop(mesh, service)
+        del self._claim_of[(mesh, service)]
+        self._assigned.pop((mesh, service), None)
+        changed = self._reassign(touched - {(mesh, service)})
+        changed.add((mesh, service))
+        return changed
+
+    def _drop(self, mesh: str, service: str) -> set[Claimant]:
+        """Take C{(mesh, service)}'s claims off its names; the claimants of those names."""
+        touched: set[Claimant] = set()
+        if (mesh, service) not in self._claim_of:
+            return touched
+        for name in self._names_of(service).names:
+            claims = self._claims.get((name, mesh))
+            if claims is None:
+                continue
+            claims.pop(service, None)
+            touched.update((mesh, other) for other in claims)
+            if not claims:
+                del self._claims[(name, mesh)]
+        touched.add((mesh, service))
+        return touched
+
+    def _reassign(self, claimants: set[Claimant]) -> set[Claimant]:
+        """Work out the assignment of C{claimants} again; those whose assignment changed."""
+        changed = set()
+        for mesh, service in claimants:
+            names = self._names_of(service)
+            owned: list[str] = []
+            problems = [f"no DNS name {problem}" for problem in names.problems]
+            for name in names.names:
+                claims = self._claims[(name, mesh)]
+                holder = min(claims.items(), key=lambda item: (item[1], item[0]))[0]
+                if holder == service:
+                    owned.append(name)
+                else:
+                    problems.append(f"{name} is service {holder}'s name in this mesh")
+            assignment = (tuple(owned), tuple(problems))
+            if self._assigned.get((mesh, service)) != assignment:
+                self._assigned[(mesh, service)] = assignment
+                changed.add((mesh, service))
+        return changed

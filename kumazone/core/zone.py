@@ -8,7 +8,7 @@ reconciles the VIP table, persists both in one transaction and tells listeners.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -25,6 +25,7 @@ __all__ = [
     "ConflictError",
     "VipEntry",
     "Zone",
+    "ZoneChange",
     "ZoneSnapshot",
 ]
 
@@ -59,16 +60,45 @@ class _BuiltEntry(NamedTuple):
 
 @dataclass(frozen=True)
 class ZoneSnapshot:
-    """What the DNS server and the API serve: one consistent view."""
+    """What the DNS server and the API serve.
+
+    C{entries} (in the zone: a L{SortedIndex} by service key) and
+    C{mesh_of_address} are the zone's live structures, changed in place at the
+    next change: read them on the reactor, at once, never keep them.
+    """
 
     version: int
-    entries: tuple[VipEntry, ...]
+    entries: Sequence[VipEntry]
     mesh_of_address: Mapping[str, str]
     exhausted: tuple[ServiceKey, ...] = ()
     range_size: int = 0
     range_used: int = 0
     meshes: tuple[str, ...] = (DEFAULT_MESH,)
     zone: str = ""
+
+
+@dataclass(frozen=True)
+class ZoneChange:
+    """What one change of the zone's table did: what listeners are given.
+
+    A listener that keeps state of its own (the DNS authority, the hot path's
+    cache, zone sync) applies C{removed} then C{added}, at a cost of what
+    changed; with C{full}, anything may have changed and it rebuilds from
+    C{snapshot}.
+    """
+
+    snapshot: ZoneSnapshot
+    #: Entries gone or replaced, as they were.
+    removed: tuple[VipEntry, ...] = ()
+    #: Entries new or replaced, as they are now.
+    added: tuple[VipEntry, ...] = ()
+    #: Dataplane addresses whose mesh may have changed.
+    addresses: frozenset[str] = frozenset()
+    #: The inventory's services (L{Zone.wanted}) that came and went.
+    services_added: frozenset[ServiceKey] = frozenset()
+    services_removed: frozenset[ServiceKey] = frozenset()
+    #: Anything may have changed (the first build, a recovery, a new table).
+    full: bool = False
 
 
 class Zone:

@@ -154,7 +154,7 @@ class NameIndex:
         """The names C{(mesh, service)} owns and the problems of the others."""
         return self._assigned[(mesh, service)]
 
-    def set(self, mesh: str, service: str, claim: int) -> set[Claimant]:
+    def put(self, mesh: str, service: str, claim: int) -> set[Claimant]:
         """Add a claimant or change its claim; the claimants whose assignment changed."""
         if self._claim_of.get((mesh, service)) == claim:
             return set()

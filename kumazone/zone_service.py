@@ -101,7 +101,7 @@ class ZoneService(ControlPlane):
             warn=lambda m: self.log.warn(m),
             federated=settings.global_address is not None,
         )
-        zone.listeners.append(self._update_gauges)
+        zone.listeners.append(lambda change: self._update_gauges(change.snapshot))
         return zone
 
     def _load_resources(self, zone: Zone) -> None:
@@ -124,12 +124,12 @@ class ZoneService(ControlPlane):
         )
         authority = MeshAuthority(dns_config, nameservers)
         authority.update(zone.snapshot)
-        zone.listeners.append(authority.update)
+        zone.listeners.append(lambda change: authority.update(change.snapshot))
         factory = KumaDNSServerFactory(
             authority, mesh_lookup(lambda: zone.snapshot), self.metrics, self.reactor
         )
         # After the authority has the new table, no old answer may be served.
-        zone.listeners.append(lambda snapshot: factory.hot.clear())
+        zone.listeners.append(lambda change: factory.hot.clear())
         return factory
 
     def _log_started(self, zone: Zone) -> None:

@@ -117,7 +117,7 @@ class Zone:
         self.store = store
         self._warn = warn
         self._warned: set[str] = set()
-        self.listeners: list[Callable[[ZoneSnapshot], None]] = []
+        self.listeners: list[Callable[[ZoneChange], None]] = []
         state = store.load()
         for key, problem in state.bad_resources:
             warn(f"stored {key} no longer validates and is not served: {problem}")
@@ -358,11 +358,12 @@ class Zone:
 
     def _publish(self) -> None:
         self.snapshot = self._build_snapshot()
+        change = ZoneChange(self.snapshot, full=True)
         for listener in list(self.listeners):
             # One failing listener must not keep the others (the DNS authority,
             # the hot path's cache) on the old table.
             try:
-                listener(self.snapshot)
+                listener(change)
             except Exception as e:
                 self._warn(f"a listener of the table failed: {type(e).__name__}: {e}")
 

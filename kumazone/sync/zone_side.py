@@ -54,7 +54,7 @@ class ZoneSync:
         self.force_full = False
         self.connected_since: float | None = None
         self.last_table_at: float | None = None
-        zone.listeners.append(lambda snapshot: self.inventory_changed())
+        zone.listeners.append(lambda change: self.inventory_changed())
         self._log_failure = limited(
             RateLimiter(burst=5, interval=60.0), clock, lambda line: self.log.warn(line)
         )

@@ -84,9 +84,9 @@ def factory(zone: Zone) -> KumaDNSServerFactory:
     """The DNS factory wired to the zone as the service wires it."""
     authority = MeshAuthority(CONFIG, ["127.0.0.1"])
     authority.update(zone.snapshot)
-    zone.listeners.append(authority.update)
+    zone.listeners.append(lambda change: authority.update(change.snapshot))
     made = KumaDNSServerFactory(authority, mesh_lookup(lambda: zone.snapshot), Metrics("z"))
-    zone.listeners.append(lambda snapshot: made.hot.clear())
+    zone.listeners.append(lambda change: made.hot.clear())
     return made
 
 

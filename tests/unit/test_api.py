@@ -166,7 +166,7 @@ class ZoneApi:
         self.zone = Zone("zone-1", config, self.store)
         ResourceDirectory(str(directory), self.zone, self.metrics, self.clock).scan()
         self.snapshots: list[Any] = []
-        self.zone.listeners.append(self.snapshots.append)
+        self.zone.listeners.append(lambda change: self.snapshots.append(change.snapshot))
         self.site = Site(
             ApiResource(self.zone, self.metrics, self.clock, sync_status), reactor=self.clock
         )

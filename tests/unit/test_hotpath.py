@@ -77,9 +77,9 @@ def served() -> tuple[Zone, KumaDNSServerFactory, KumaDNSDatagramProtocol, Captu
     zone.set_file("/inventory.yaml", resources, 0.0)
     authority = MeshAuthority(CONFIG, ["127.0.0.1", "::1"])
     authority.update(zone.snapshot)
-    zone.listeners.append(authority.update)
+    zone.listeners.append(lambda change: authority.update(change.snapshot))
     factory = KumaDNSServerFactory(authority, mesh_lookup(lambda: zone.snapshot), Metrics("z"))
-    zone.listeners.append(lambda snapshot: factory.hot.clear())
+    zone.listeners.append(lambda change: factory.hot.clear())
     proto = KumaDNSDatagramProtocol(factory)
     capture = Capture()
     proto._sendto = capture

@@ -18,7 +18,7 @@ from kumazone.core.resources import (
 )
 from kumazone.core.storage import StoreError
 from kumazone.core.vips import ServiceKey, VipAllocator
-from kumazone.core.zone import ConflictError, VipEntry, Zone, ZoneSnapshot
+from kumazone.core.zone import ConflictError, VipEntry, Zone, ZoneChange, ZoneSnapshot
 from kumazone.store.sqlite import SQLiteStore
 from tests.builders import dataplane_resource, external_service
 
@@ -39,8 +39,8 @@ class Recorder:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
 
-    def snapshot(self, snapshot: ZoneSnapshot) -> None:
-        self.snapshots.append(snapshot)
+    def snapshot(self, change: ZoneChange) -> None:
+        self.snapshots.append(change.snapshot)
 
 
 @pytest.fixture

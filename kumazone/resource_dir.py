@@ -2,7 +2,13 @@
 
 A file is read again when its size, mtime or inode changes; a removed file takes
 its resources with it.  A bad document is logged with its file and field and the
-rest of the directory still loads.
+rest of the directory still loads; what the file defined before stays until it
+is fixed.  A file caught mid-write (cut short so that it does not parse, or
+read empty: an editor or a config tool truncates, then writes) keeps what it
+defined: an unreadable file until it reads whole, an empty one for a scan (still
+empty at the next scan with nothing changed, it is empty).  A directory missing
+or unreadable is one warning, and everything it gave stays served until it is
+back.  A scan costs O(files) to look, plus what changed.
 """
 
 from __future__ import annotations
@@ -33,10 +39,20 @@ class ResourceDirectory:
         self.metrics = metrics
         self.clock = clock
         self._seen: dict[str, _Signature] = {}
+        #: Files read empty while they defined resources, at that signature.
+        self._empty: dict[str, _Signature] = {}
+        #: Why the directory cannot be scanned (warned once), or None.
+        self._problem: str | None = None
 
-    def _files(self) -> dict[str, _Signature]:
+    def _files(self) -> tuple[dict[str, _Signature], list[str]]:
+        """Every resource file and its signature; and the directories that could not be read."""
         found: dict[str, _Signature] = {}
-        for directory, subdirectories, names in os.walk(self.path):
+        failed: list[str] = []
+
+        def unreadable(error: OSError) -> None:
+            failed.append(error.filename if error.filename is not None else self.path)
+
+        for directory, subdirectories, names in os.walk(self.path, onerror=unreadable):
             subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
             for name in names:
                 if name.startswith(".") or not name.endswith(RESOURCE_SUFFIXES):
@@ -47,41 +63,49 @@ class ResourceDirectory:
                 except OSError:
                     continue
                 found[full] = (info.st_size, info.st_mtime_ns, info.st_ino)
-        return found
+        return found, failed
+
+    def _directory_problem(self, failed: list[str]) -> str | None:
+        """Why the directory itself cannot be scanned now, or None."""
+        if not os.path.isdir(self.path):
+            return "does not exist (or is not a directory)"
+        if os.path.normpath(self.path) in [os.path.normpath(f) for f in failed]:
+            return "cannot be read"
+        return None
 
     def scan(self) -> int:
         """Load whatever changed since the last scan; returns how many files changed."""
-        if not os.path.isdir(self.path):
-            raise FileNotFoundError(f"resources directory {self.path} does not exist")
-        current = self._files()
+        current, failed = self._files()
+        problem = self._directory_problem(failed)
+        if problem is not None:
+            if self._problem != problem:
+                self.log.warn(
+                    "resources directory {path} {problem}: serving what it held until it is back",
+                    path=self.path,
+                    problem=problem,
+                )
+            self._problem = problem
+            return 0
+        if self._problem is not None:
+            self._problem = None
+            self.log.info("resources directory {path} is readable again", path=self.path)
+        # Files below a directory that could not be listed are not gone.
+        hidden = tuple(os.path.join(f, "") for f in failed)
         seen_before = dict(self._seen)
         changes: dict[str, list[Resource]] = {}
         for path in sorted(set(self._seen) - set(current)):
+            if hidden and path.startswith(hidden):
+                continue
             del self._seen[path]
+            self._empty.pop(path, None)
             self.log.info("{path}: removed", path=self._relative(path))
             changes[path] = []
         for path, signature in sorted(current.items()):
             if self._seen.get(path) == signature:
                 continue
-            self._seen[path] = signature
-            resources, clean = self._read(path)
-            if not clean:
-                # Nothing already loaded is lost because of a bad edit: what the
-                # file defined before stays until the file is fixed.
-                fresh = {r.key for r in resources}
-                kept = {
-                    key: resource
-                    for key, resource in self.zone.files.get(path, {}).items()
-                    if key not in fresh
-                }
-                if kept:
-                    self.log.warn(
-                        "{path}: keeping {count} resource(s) loaded before until the file is fixed",
-                        path=self._relative(path),
-                        count=len(kept),
-                    )
-                resources = [*resources, *kept.values()]
-            changes[path] = resources
+            resources = self._load(path, signature)
+            if resources is not None:
+                changes[path] = resources
         if changes:
             # One reconciliation for the whole scan: at start-up every file is
             # loaded before any VIP is allocated or released.
@@ -92,11 +116,42 @@ class ResourceDirectory:
                 raise
         return len(changes)
 
+    def _load(self, path: str, signature: _Signature) -> list[Resource] | None:
+        """What file C{path} defines now; None to keep what it had (read it again later)."""
+        before = self.zone.files.get(path, {})
+        resources, clean, empty = self._read(path)
+        if empty and before and self._empty.get(path) != signature:
+            # Perhaps caught between a truncation and the write: look again next scan.
+            self._empty[path] = signature
+            self.log.info(
+                "{path}: read empty; keeping its {count} resource(s) for now",
+                path=self._relative(path),
+                count=len(before),
+            )
+            return None
+        self._empty.pop(path, None)
+        self._seen[path] = signature
+        if not clean:
+            # Nothing already loaded is lost because of a bad edit (or a file
+            # caught half written): what the file defined before stays until
+            # the file reads whole and valid.
+            fresh = {r.key for r in resources}
+            kept = {key: resource for key, resource in before.items() if key not in fresh}
+            if kept:
+                self.log.warn(
+                    "{path}: keeping {count} resource(s) loaded before until the file is fixed",
+                    path=self._relative(path),
+                    count=len(kept),
+                )
+            resources = [*resources, *kept.values()]
+        return resources
+
     def _relative(self, path: str) -> str:
         return os.path.relpath(path, self.path)
 
-    def _read(self, path: str) -> tuple[list[Resource], bool]:
-        """The file's valid resources, and whether every document was valid."""
+    def _read(self, path: str) -> tuple[list[Resource], bool, bool]:
+        """The file's valid resources, whether every document was valid, and
+        whether the file was empty."""
         name = self._relative(path)
         try:
             with open(path, encoding="utf-8") as f:
@@ -104,7 +159,9 @@ class ResourceDirectory:
         except (OSError, UnicodeDecodeError) as e:
             self.metrics.resources_rejected.labels("file").inc()
             self.log.warn("{path}: cannot be read ({error}); ignored", path=name, error=e)
-            return [], False
+            return [], False, False
+        if not text.strip():
+            return [], True, True
         good: list[Resource] = []
         clean = True
         for index, result in enumerate(parse_documents(text, json_only=path.endswith(".json"))):
@@ -120,4 +177,4 @@ class ResourceDirectory:
             else:
                 good.append(result)
         self.log.info("{path}: {count} resource(s) loaded", path=name, count=len(good))
-        return good, clean
+        return good, clean, False

@@ -3,10 +3,19 @@
 L{FederatedView} is the table a federated zone serves: the rows the global sent
 (applied whole versions at a time) and, for local services the global has not
 allocated yet, provisional VIPs at the offsets the global will most likely give.
+
+The provisional VIPs are always those a placement from scratch gives (local
+services not in the global's rows, in sorted order: a service's own hold-down
+first, else its candidate probing upwards past every taken or held offset), so a
+restart over the same stored rows and hold-downs serves the same VIPs.  A change
+keeps that at a cost of what it changes: a service placed, or given up, moves
+no other service unless probes meet (a collision, rare in a large range), and
+then the provisional VIPs are placed again from scratch (O(provisional VIPs)).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator, Mapping
 
 from kumazone.core.messages import ProtocolError, TableUpdate
@@ -30,6 +39,10 @@ def check_part(part: int, previous: int | None) -> None:
         raise ProtocolError(f"part {part} where part {expected} was due")
 
 
+class _Collision(Exception):
+    """A change moves other provisional VIPs: they are placed again from scratch."""
+
+
 class FederatedView:
     """A zone's table: the global's rows, plus provisional VIPs for local services.
 
@@ -49,97 +62,270 @@ class FederatedView:
         self.range = vip_range
         self.version = version
         self.hold_down = hold_down
-        self.global_rows: dict[ServiceKey, Allocation] = {a.key: a for a in rows}
-        self.holds: dict[int, Hold] = {h.offset: h for h in holds}
+        self.global_rows: dict[ServiceKey, Allocation] = {}
+        #: The global's rows by offset.
+        self._global_at: dict[int, ServiceKey] = {}
+        for row in rows:
+            self.global_rows[row.key] = row
+            self._global_at[row.offset] = row.key
+        self.holds: dict[int, Hold] = {}
+        self._holds_of: dict[ServiceKey, set[int]] = {}
+        #: (until, offset) of every hold-down, soonest first (stale ones skipped).
+        self._expiry: list[tuple[float, int]] = []
+        for hold in holds:
+            self._add_hold(hold)
         self.provisional: dict[ServiceKey, int] = {}
+        self._provisional_at: dict[int, ServiceKey] = {}
         self.exhausted: set[ServiceKey] = set()
         self._local: set[ServiceKey] = set()
-        #: Whether the last reconcile changed the provisional VIPs.
+        #: Whether the last reconcile or change changed the provisional VIPs.
         self.changed = False
-        self._pending: dict[ServiceKey, Allocation] | None = None
+        #: Keys whose served row may have changed since L{take_touched}.
+        self._touched: set[ServiceKey] = set()
+        #: Provisional VIPs given, moved or dropped so far (for L{changed}).
+        self._moves = 0
+        #: A full table being gathered (by key), or a change's upserts and removals.
+        self._pending_full: dict[ServiceKey, Allocation] | None = None
+        self._pending_upsert: dict[ServiceKey, Allocation] | None = None
+        self._pending_remove: set[ServiceKey] | None = None
         self._pending_part: int | None = None
-        #: Hold-downs the last applied table made, for the next reconcile's delta.
-        self._new_holds: list[Hold] = []
+
+    # -- reading -----------------------------------------------------------------
 
     @property
     def allocations(self) -> Mapping[ServiceKey, Allocation]:
-        """The global's rows and the provisional VIPs, merged."""
+        """The global's rows and the provisional VIPs, merged (a copy: O(table))."""
         merged = dict(self.global_rows)
         for key, offset in self.provisional.items():
             merged[key] = Allocation(key, offset, claim=PROVISIONAL_CLAIM)
         return merged
 
+    def row(self, key: ServiceKey) -> Served | None:
+        """C{key}'s row as served, or None."""
+        allocation = self.global_rows.get(key)
+        if allocation is not None:
+            return Served(key, allocation.offset, allocation.zones, False, allocation.claim)
+        offset = self.provisional.get(key)
+        if offset is not None:
+            return Served(key, offset, (), True, PROVISIONAL_CLAIM)
+        return None
+
+    def served(self) -> Iterator[Served]:
+        """Every row served, sorted by key; provisional ones claim after all others."""
+        for key in sorted(self.global_rows.keys() | self.provisional.keys()):
+            row = self.row(key)
+            assert row is not None
+            yield row
+
+    def take_touched(self) -> set[ServiceKey]:
+        """The keys whose served row may have changed since the last call."""
+        touched, self._touched = self._touched, set()
+        return touched
+
+    def owner(self, offset: int) -> ServiceKey | None:
+        """The key served at C{offset}, or None."""
+        return self._global_at.get(offset) or self._provisional_at.get(offset)
+
+    # -- hold-downs --------------------------------------------------------------
+
+    def _add_hold(self, hold: Hold) -> None:
+        self.holds[hold.offset] = hold
+        self._holds_of.setdefault(hold.key, set()).add(hold.offset)
+        heapq.heappush(self._expiry, (hold.until, hold.offset))
+        if len(self._expiry) > 2 * len(self.holds) + 64:
+            self._expiry = [(h.until, h.offset) for h in self.holds.values()]
+            heapq.heapify(self._expiry)
+
+    def _drop_hold(self, offset: int, delta: TableDelta) -> Hold:
+        hold = self.holds.pop(offset)
+        offsets = self._holds_of.get(hold.key)
+        if offsets is not None:
+            offsets.discard(offset)
+            if not offsets:
+                del self._holds_of[hold.key]
+        delta.holds_dropped.append(hold)
+        return hold
+
+    def _hold(self, key: ServiceKey, offset: int, now: float, delta: TableDelta) -> None:
+        """Hold C{offset} back for C{key}, unless it is taken or held already."""
+        if offset in self._global_at or offset in self._provisional_at or offset in self.holds:
+            return
+        hold = Hold(key, offset, now + self.hold_down)
+        self._add_hold(hold)
+        delta.holds_added.append(hold)
+
+    def _next_expiry(self) -> float:
+        expiry = self._expiry
+        while expiry:
+            until, offset = expiry[0]
+            hold = self.holds.get(offset)
+            if hold is not None and hold.until == until:
+                return until
+            heapq.heappop(expiry)
+        return float("inf")
+
     def due(self, now: float) -> bool:
         """Whether a reconciliation at C{now} would expire a hold-down."""
-        return any(h.until <= now for h in self.holds.values())
+        return self._next_expiry() <= now
+
+    def _expire(self, now: float, delta: TableDelta) -> bool:
+        """Drop the hold-downs run out; whether that may move provisional VIPs."""
+        moves = False
+        while self._next_expiry() <= now:
+            _until, offset = heapq.heappop(self._expiry)
+            self._drop_hold(offset, delta)
+            if offset in self._provisional_at:
+                moves = True  # placed at its own hold-down, which is gone
+            elif self.provisional and self._occupied(self.range.next_offset(offset)):
+                moves = True  # a probe may have passed the offset now free
+        return moves
+
+    # -- placing -----------------------------------------------------------------
+
+    def _occupied(self, offset: int) -> bool:
+        return offset in self._global_at or offset in self._provisional_at or offset in self.holds
+
+    def _used(self) -> int:
+        return len(self._global_at) + len(self._provisional_at) + len(self.holds)
+
+    def _place(self, key: ServiceKey, check: bool) -> int | None:
+        """A provisional offset for C{key}: its own hold-down, else the free candidate.
+
+        With C{check}, raises L{_Collision} if a placement from scratch would
+        have given C{key} an offset a later key holds (C{key} sorts first).
+        """
+        own = self._holds_of.get(key)
+        if own:
+            free = [o for o in own if o not in self._global_at and o not in self._provisional_at]
+            if free:
+                return min(free)
+        if self._used() >= self.range.size:
+            return None
+        offset = self.range.candidate(key)
+        while self._occupied(offset):
+            if check:
+                other = self._provisional_at.get(offset)
+                if other is not None and other > key and offset not in self.holds:
+                    raise _Collision
+            offset = self.range.next_offset(offset)
+        return offset
+
+    def _put_provisional(self, key: ServiceKey, offset: int) -> None:
+        self.provisional[key] = offset
+        self._provisional_at[offset] = key
+        self._touched.add(key)
+        self._moves += 1
+
+    def _drop_provisional(self, key: ServiceKey, now: float, delta: TableDelta) -> None:
+        """C{key} has no provisional VIP any longer; its VIP is held if the key is gone."""
+        offset = self.provisional.pop(key)
+        del self._provisional_at[offset]
+        self._touched.add(key)
+        self._moves += 1
+        if key not in self._local or key in self.global_rows:
+            self._hold(key, offset, now, delta)
+
+    def _place_all(self, now: float, delta: TableDelta) -> None:
+        """Every provisional VIP placed from scratch: O(provisional VIPs)."""
+        for _attempt in range(4):
+            before = self.provisional
+            self.provisional, self._provisional_at = {}, {}
+            self.exhausted = set()
+            for key in sorted(self._local - self.global_rows.keys()):
+                offset = self._place(key, check=False)
+                if offset is None:
+                    self.exhausted.add(key)
+                    continue
+                self.provisional[key] = offset
+                self._provisional_at[offset] = key
+            held = len(delta.holds_added)
+            for key, offset in before.items():
+                if self.provisional.get(key) != offset:
+                    self._touched.add(key)
+                    self._moves += 1
+                    if key not in self.provisional and (
+                        key not in self._local or key in self.global_rows
+                    ):
+                        self._hold(key, offset, now, delta)
+            came = [k for k in self.provisional if k not in before]
+            self._touched.update(came)
+            self._moves += len(came)
+            if len(delta.holds_added) == held or not self.exhausted:
+                # New hold-downs only count against a full range: placing again
+                # gives the same VIPs unless some service is waiting for room.
+                return
+
+    def _settle(self, place: Iterable[ServiceKey], now: float, delta: TableDelta) -> None:
+        """Place C{place} (local keys without a VIP), or everything again on a collision."""
+        keys = sorted(
+            k
+            for k in set(place)
+            if k in self._local and k not in self.global_rows and k not in self.provisional
+        )
+        if self.exhausted or self._used() + len(keys) + 1 >= self.range.size:
+            raise _Collision  # a full range: who gets room depends on every key
+        for key in keys:
+            offset = self._place(key, check=True)
+            assert offset is not None  # room was checked
+            self._put_provisional(key, offset)
+
+    def _finish(self, delta: TableDelta, moves: int) -> TableDelta:
+        delta.exhausted = sorted(self.exhausted)
+        self.changed = self._moves != moves
+        return delta
+
+    # -- changes -----------------------------------------------------------------
 
     def reconcile(self, wanted: Iterable[ServiceKey], now: float) -> TableDelta:
         """Give every local service the global has not allocated a provisional VIP.
 
-        The candidate is the one the global will compute, avoiding every VIP the
-        table holds and every hold-down of another service, so the global almost
-        always confirms it.  The delta carries only hold-downs (provisional VIPs
-        are never stored: they are recomputed at start-up).
+        O(table): the full form (start-up).  The candidate is the one the global
+        will compute, avoiding every VIP the table holds and every hold-down of
+        another service, so the global almost always confirms it.  The delta
+        carries only hold-downs (provisional VIPs are never stored: they are
+        recomputed at start-up).
         """
         self._local = set(wanted)
-        before = self.provisional
-        delta = TableDelta(holds_added=self._new_holds)
-        self._new_holds = []
-        taken = {a.offset for a in self.global_rows.values()}
-        self._expire_holds(taken, now, delta)
-        self.provisional = {}
-        self.exhausted = set()
-        for key in sorted(self._local - self.global_rows.keys()):
-            offset = self._place(key, taken)
-            if offset is None:
-                self.exhausted.add(key)
-                continue
-            taken.add(offset)
-            self.provisional[key] = offset
-        self._hold_dropped(before, now, delta)
-        delta.exhausted = sorted(self.exhausted)
-        self.changed = before != self.provisional
-        return delta
+        moves = self._moves
+        delta = TableDelta()
+        self._expire(now, delta)
+        for offset in [o for o in self.holds if o in self._global_at]:
+            self._drop_hold(offset, delta)
+        self._place_all(now, delta)
+        return self._finish(delta, moves)
 
-    def _place(self, key: ServiceKey, taken: set[int]) -> int | None:
-        """A provisional offset for C{key}: its own hold-down, else the free candidate."""
-        for hold in self.holds.values():
-            if hold.key == key and hold.offset not in taken:
-                return hold.offset
-        if len(taken) + len(self.holds) >= self.range.size:
-            return None
-        offset = self.range.candidate(key)
-        while offset in taken or offset in self.holds:
-            offset = self.range.next_offset(offset)
-        return offset
-
-    def _expire_holds(self, taken: set[int], now: float, delta: TableDelta) -> None:
-        """Drop hold-downs run out, and those of VIPs the global's table now uses."""
-        for hold in list(self.holds.values()):
-            if hold.until <= now or hold.offset in taken:
-                del self.holds[hold.offset]
-                delta.holds_dropped.append(hold)
-
-    def _hold_dropped(
-        self, before: Mapping[ServiceKey, int], now: float, delta: TableDelta
-    ) -> None:
-        """Hold back the provisional VIPs given up that the global's table does not use."""
-        used = {a.offset for a in self.global_rows.values()} | set(self.provisional.values())
-        for key, offset in before.items():
-            if self.provisional.get(key) == offset or offset in used or offset in self.holds:
-                continue
-            hold = Hold(key, offset, now + self.hold_down)
-            self.holds[offset] = hold
-            delta.holds_added.append(hold)
+    def change(
+        self, added: Iterable[ServiceKey], removed: Iterable[ServiceKey], now: float
+    ) -> TableDelta:
+        """Local services came and went: O(keys given), unless VIPs collide."""
+        moves = self._moves
+        delta = TableDelta()
+        gone = set(removed)
+        new = {k for k in added if k not in gone}
+        self._local -= gone
+        self._local |= new
+        try:
+            if self._expire(now, delta):
+                raise _Collision
+            for key in sorted(k for k in gone if k in self.provisional):
+                self._drop_provisional(key, now, delta)
+            self.exhausted -= gone
+            self._settle(new, now, delta)
+        except _Collision:
+            self._place_all(now, delta)
+        return self._finish(delta, moves)
 
     def forget_partial(self) -> None:
         """A new connection: whatever arrived of an unfinished message is void."""
-        self._pending, self._pending_part = None, None
+        self._pending_full = self._pending_upsert = self._pending_remove = None
+        self._pending_part = None
 
     def apply(self, message: TableUpdate, now: float = 0.0) -> TableDelta | None:
         """Apply one table part; returns the change to persist once complete, else None.
 
-        Raises ValueError if a change does not start from the version held.
+        The provisional VIPs follow at once (as L{change} does).  A change
+        costs O(rows in it); a full table, O(rows).  Raises ValueError if a
+        change does not start from the version held.
         """
         check_part(message.part, self._pending_part)
         self._pending_part = None if message.last else message.part
@@ -148,48 +334,108 @@ class FederatedView:
                 raise ValueError(f"change from version {message.base}, table is {self.version}")
             # Parts are gathered and applied at the last one: the zone stores and
             # acknowledges whole versions only.
-            self._pending = {} if message.full else dict(self.global_rows)
-        pending = self._pending
-        assert pending is not None
-        for mesh, service in message.remove:
-            pending.pop(ServiceKey(mesh, service), None)
+            if message.full:
+                self._pending_full, self._pending_upsert, self._pending_remove = {}, None, None
+            else:
+                self._pending_full, self._pending_upsert, self._pending_remove = None, {}, set()
+        size = self.range.size
+        full = self._pending_full
+        if full is not None:
+            for mesh, service in message.remove:
+                full.pop(ServiceKey(mesh, service), None)
+            target = full
+        else:
+            upsert, remove = self._pending_upsert, self._pending_remove
+            assert upsert is not None and remove is not None
+            for mesh, service in message.remove:
+                key = ServiceKey(mesh, service)
+                upsert.pop(key, None)
+                remove.add(key)
+            target = upsert
         for row in message.upsert:
-            if row.offset >= self.range.size:
+            if row.offset >= size:
                 raise ProtocolError(f"offset {row.offset} is outside the VIP range")
             key = ServiceKey(row.mesh, row.service)
-            pending[key] = Allocation(key, row.offset, row.zones, row.claim)
+            target[key] = Allocation(key, row.offset, row.zones, row.claim)
+            if full is None:
+                assert self._pending_remove is not None
+                self._pending_remove.discard(key)
         if not message.last:
             return None
-        new_rows, self._pending = pending, None
-        if len({a.offset for a in new_rows.values()}) != len(new_rows):
-            raise ProtocolError("the table gives one VIP to two services")
+        pending_upsert, pending_remove = self._pending_upsert, self._pending_remove
+        self.forget_partial()
+        if full is not None:
+            removed_keys: set[ServiceKey] = self.global_rows.keys() - full.keys()
+            changes = full
+            if len({a.offset for a in full.values()}) != len(full):
+                raise ProtocolError("the table gives one VIP to two services")
+        else:
+            assert pending_upsert is not None and pending_remove is not None
+            removed_keys = {k for k in pending_remove if k in self.global_rows}
+            changes = pending_upsert
+            self._check_offsets(changes, removed_keys)
         delta = TableDelta(
-            added=[a for k, a in new_rows.items() if self.global_rows.get(k) != a],
-            removed=[a for k, a in self.global_rows.items() if new_rows.get(k) != a],
+            added=[a for k, a in changes.items() if self.global_rows.get(k) != a],
+            removed=[self.global_rows[k] for k in removed_keys],
         )
-        self._hold_released(delta.removed, new_rows, now)
-        self.global_rows = new_rows
+        # A row replaced is removed then added (as the store writes it).
+        delta.removed += [
+            old for a in delta.added if (old := self.global_rows.get(a.key)) is not None
+        ]
         self.version = message.version
+        self._apply_rows(delta, now)
         return delta
 
-    def _hold_released(
-        self, removed: Iterable[Allocation], new_rows: Mapping[ServiceKey, Allocation], now: float
+    def _check_offsets(
+        self, upsert: Mapping[ServiceKey, Allocation], removed: set[ServiceKey]
     ) -> None:
-        """Hold back the VIPs the global's table gave up (the global holds them too)."""
-        used = {a.offset for a in new_rows.values()}
-        for allocation in removed:
-            if allocation.offset in used or allocation.offset in self.holds:
+        """Refuse a change that leaves one offset to two keys: O(rows in the change)."""
+        claimed: dict[int, ServiceKey] = {}
+        for key, allocation in upsert.items():
+            offset = allocation.offset
+            if claimed.setdefault(offset, key) != key:
+                raise ProtocolError("the table gives one VIP to two services")
+            owner = self._global_at.get(offset)
+            if owner is None or owner == key or owner in removed:
                 continue
-            hold = Hold(allocation.key, allocation.offset, now + self.hold_down)
-            self.holds[hold.offset] = hold
-            self._new_holds.append(hold)
+            moved = upsert.get(owner)
+            if moved is None or moved.offset == offset:
+                raise ProtocolError("the table gives one VIP to two services")
 
-    def served(self) -> Iterator[Served]:
-        """Every row served, sorted by key; provisional ones claim after all others."""
-        merged = self.allocations
-        for key in sorted(merged):
-            allocation = merged[key]
-            if key in self.provisional:
-                yield Served(key, allocation.offset, allocation.zones, True, PROVISIONAL_CLAIM)
-            else:
-                yield Served(key, allocation.offset, allocation.zones, False, allocation.claim)
+    def _apply_rows(self, delta: TableDelta, now: float) -> None:
+        """Take the global's rows changed in C{delta}; the provisional VIPs follow."""
+        moves = self._moves
+        gone = {a.key for a in delta.removed} - {a.key for a in delta.added}
+        for allocation in delta.removed:
+            if self._global_at.get(allocation.offset) == allocation.key:
+                del self._global_at[allocation.offset]
+            if allocation.key in gone:
+                del self.global_rows[allocation.key]
+            self._touched.add(allocation.key)
+        collision = False
+        for allocation in delta.added:
+            key, offset = allocation.key, allocation.offset
+            self.global_rows[key] = allocation
+            self._global_at[offset] = key
+            self._touched.add(key)
+            if offset in self.holds:
+                hold = self._drop_hold(offset, delta)
+                if hold.key in self.provisional and hold.key != key:
+                    collision = True
+            other = self._provisional_at.get(offset)
+            if other is not None and other != key:
+                collision = True  # the global gave another key's provisional VIP
+        for allocation in delta.removed:
+            if allocation.offset not in self._global_at:
+                # The global holds it too: kept from provisional VIPs.
+                self._hold(allocation.key, allocation.offset, now, delta)
+        try:
+            if collision or self._expire(now, delta):
+                raise _Collision
+            for allocation in delta.added:
+                if allocation.key in self.provisional:
+                    self._drop_provisional(allocation.key, now, delta)
+            self._settle(gone, now, delta)
+        except _Collision:
+            self._place_all(now, delta)
+        self._finish(delta, moves)

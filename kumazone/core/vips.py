@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -28,9 +29,11 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, order=True)
-class ServiceKey:
-    """A service: a C{kuma.io/service} tag value within one mesh."""
+class ServiceKey(NamedTuple):
+    """A service: a C{kuma.io/service} tag value within one mesh.
+
+    A named tuple: hashed, compared and sorted in C (a zone holds a million).
+    """
 
     mesh: str
     service: str
@@ -76,6 +79,17 @@ class VipRange:
         """The IPv6 VIP at C{offset}."""
         return IPv6Address(self._base6 + self._first + offset)
 
+    def ipv4_text(self, offset: int) -> str:
+        """C{str(self.ipv4(offset))}, without building an address object."""
+        return socket.inet_ntop(socket.AF_INET, (self._base4 + self._first + offset).to_bytes(4))
+
+    def ipv6_text(self, offset: int) -> str:
+        """C{str(self.ipv6(offset))} (RFC 5952 text), without building an address object."""
+        value = self._base6 + self._first + offset
+        text = socket.inet_ntop(socket.AF_INET6, value.to_bytes(16))
+        # The C library writes ::a.b.c.d forms for v4-compatible and v4-mapped addresses.
+        return text if "." not in text else str(IPv6Address(value))
+
     def offset_of(self, address: IPv4Address | IPv6Address) -> int | None:
         """The offset of a VIP of this range, or None if it is not one."""
         if isinstance(address, IPv4Address):
@@ -85,8 +99,7 @@ class VipRange:
         return offset if 0 <= offset < self.size else None
 
 
-@dataclass(frozen=True)
-class Allocation:
+class Allocation(NamedTuple):
     """One row of the VIP table (C{zones}: where the service is, when federated).
 
     @ivar claim: the table version at which the row was first allocated: the
@@ -113,7 +126,7 @@ class Served(NamedTuple):
 PROVISIONAL_CLAIM = (1 << 63) - 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Hold:
     """A released offset, unavailable to other keys until C{until}."""
 
@@ -296,6 +309,13 @@ class VipAllocator:
         while offset in self._owner or offset in self.holds:
             offset = self.range.next_offset(offset)
         return offset
+
+    def row(self, key: ServiceKey) -> Served | None:
+        """C{key}'s row as served, or None."""
+        allocation = self.allocations.get(key)
+        if allocation is None:
+            return None
+        return Served(key, allocation.offset, (), False, allocation.claim)
 
     def served(self) -> Iterator[Served]:
         """Every allocation as served, sorted by key."""

@@ -2,20 +2,26 @@
 
 Resources come from two sources: files in the resources directory and the HTTP
 API.  A resource is defined by one source only: the first file (in path order)
-that defines it, otherwise the API.  Every change recomputes the wanted services,
-reconciles the VIP table, persists both in one transaction and tells listeners.
+that defines it, otherwise the API.  A change follows through the merged
+inventory, the wanted services, the VIP table, the entries and names, the store
+(one transaction) and the listeners (a L{ZoneChange}), each at a cost of what
+changed.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.messages import TableUpdate
-from kumazone.core.names import ServiceNames, assign_names, service_names
+from kumazone.core.names import NameIndex, service_names
 from kumazone.core.resources import DATAPLANE, MESH, Resource, ResourceKey
+from kumazone.core.sortedindex import SortedIndex
 from kumazone.core.storage import Store, StoreChanges, StoredState, StoreError
 from kumazone.core.view import FederatedView
 from kumazone.core.vips import Served, ServiceKey, TableDelta, VipAllocator, VipRange
@@ -32,13 +38,15 @@ __all__ = [
 DEFAULT_MESH = "default"
 #: Distinct warnings remembered (so as to be given once) before the memory is reset.
 _WARNED_KEPT = 10_000
+#: Services whose candidate DNS names are kept worked out.
+_NAMES_CACHED = 4096
 
 
 class ConflictError(Exception):
     """A resource is defined by another source and cannot be changed here."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VipEntry:
     """One service with its VIPs and DNS names."""
 
@@ -49,13 +57,6 @@ class VipEntry:
     problems: tuple[str, ...] = ()
     provisional: bool = False
     zones: tuple[str, ...] = ()
-
-
-class _BuiltEntry(NamedTuple):
-    """An entry of the last snapshot and the offset it was built for."""
-
-    offset: int
-    entry: VipEntry
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class ZoneChange:
     A listener that keeps state of its own (the DNS authority, the hot path's
     cache, zone sync) applies C{removed} then C{added}, at a cost of what
     changed; with C{full}, anything may have changed and it rebuilds from
-    C{snapshot}.
+    C{snapshot}.  The first build is the zone's C{snapshot} when the listener
+    is added; a change that changes nothing is not told at all.
     """
 
     snapshot: ZoneSnapshot
@@ -101,8 +103,26 @@ class ZoneChange:
     full: bool = False
 
 
+class _Inventory(NamedTuple):
+    """What one change of the inventory changed (see L{Zone._refresh})."""
+
+    changed: bool
+    services_added: frozenset[ServiceKey]
+    services_removed: frozenset[ServiceKey]
+    addresses: frozenset[str]
+    meshes_changed: bool
+
+
+_NOTHING = _Inventory(False, frozenset(), frozenset(), frozenset(), False)
+
+
 class Zone:
-    """A zone's resources and VIP table; C{now} is always passed in."""
+    """A zone's resources and VIP table; C{now} is always passed in.
+
+    Everything is kept incrementally: a change of k resources costs O(k) (plus
+    what the table's change costs), and a change that changes nothing touches
+    nothing (no write, no version, no listener).
+    """
 
     def __init__(
         self,
@@ -118,25 +138,54 @@ class Zone:
         self._warn = warn
         self._warned: set[str] = set()
         self.listeners: list[Callable[[ZoneChange], None]] = []
-        state = store.load()
-        for key, problem in state.bad_resources:
-            warn(f"stored {key} no longer validates and is not served: {problem}")
-        self.api: dict[ResourceKey, Resource] = {r.key: r for r in state.resources}
-        self.files: dict[str, dict[ResourceKey, Resource]] = {}
         self._federated = federated
-        #: The inventory's services, until the inventory changes (see wanted()).
-        self._wanted: frozenset[ServiceKey] | None = None
-        #: Built entries of the last snapshot and names per service: a change of
-        #: one service rebuilds one entry, not all of them.
-        self._entries: dict[ServiceKey, _BuiltEntry] = {}
-        self._names: dict[str, ServiceNames] = {}
         self._range_id = f"{config.cidr} {config.cidr6}"
+        self._zones = (name,)
+        self._names_of = functools.lru_cache(maxsize=_NAMES_CACHED)(
+            lambda service: service_names(service, config.domain)
+        )
         self.table: VipAllocator | FederatedView
         #: '' when this zone allocates; the global's table id once it has synced.
         self.table_id: str = ""
         self._reset_table = False
+        #: After a failed write: the table may lag the inventory, reconcile it whole.
+        self._stale = False
+        #: Resources given through the API, and what each file defines.
+        self.api: dict[ResourceKey, Resource] = {}
+        self.files: dict[str, dict[ResourceKey, Resource]] = {}
+        state = store.load()
+        for key, problem in state.bad_resources:
+            warn(f"stored {key} no longer validates and is not served: {problem}")
         self._load_table(state, warn)
-        self.snapshot = self._build_snapshot()
+        self._start_inventory(state.resources)
+        # The stored table need not hold what the stored inventory wants (a new VIP
+        # range, a table from a global): the first change or tick reconciles whole.
+        self._stale = True
+        self._build_entries()
+        self.snapshot = self._make_snapshot()
+
+    def _start_inventory(self, api: Iterable[Resource]) -> None:
+        """Every derived structure of the inventory, from scratch (files kept)."""
+        self.api = {r.key: r for r in api}
+        #: The file defining each file-defined key, and later files waiting with a copy.
+        self._owner: dict[ResourceKey, str] = {}
+        self._waiting: dict[ResourceKey, list[str]] = {}
+        for path in sorted(self.files):
+            for key in self.files[path]:
+                self._add_copy(key, path)
+        #: The merged inventory, and its listings by (type, mesh).
+        self._merged: dict[ResourceKey, Resource] = {}
+        self._listings: dict[tuple[str, str], SortedIndex[ResourceKey, Resource]] = {}
+        #: Dataplanes providing each wanted service.
+        self._wanted: dict[ServiceKey, int] = {}
+        #: Each Dataplane address's meshes, as (mesh, count) or {mesh: count}.
+        self._address_uses: dict[str, tuple[str, int] | dict[str, int]] = {}
+        self._mesh_of_address: dict[str, str] = {}
+        #: Resources naming each mesh.
+        self._mesh_uses: dict[str, int] = {}
+        self._meshes: tuple[str, ...] = (DEFAULT_MESH,)
+        self._meshes_moved = False
+        self._refresh(self.api.keys() | self._owner.keys())
 
     def _load_table(self, state: StoredState, warn: Callable[[str], None]) -> None:
         """Build the in-memory table from what the store holds."""
@@ -158,7 +207,8 @@ class Zone:
             self.table = FederatedView(
                 vip_range,
                 allocations,
-                state.table_version if allocations else 0,
+                # The global's version (an empty table too: the serial never goes back).
+                state.table_version if state.table_id and not self._reset_table else 0,
                 config.hold_down,
                 holds,
             )
@@ -173,30 +223,61 @@ class Zone:
             )
 
     def _recover(self) -> None:
-        """After a failed write: memory goes back to what the store holds."""
+        """After a failed write: memory goes back to what the store holds.
+
+        The files stay as read; the table is reconciled with them whole at the
+        next change or tick.  Listeners are told to rebuild.
+        """
         state = self.store.load()
-        self.api = {r.key: r for r in state.resources}
-        self._wanted = None
         self._load_table(state, lambda message: None)
+        self._start_inventory(state.resources)
+        self._stale = True
+        self._build_entries()
+        self._publish(ZoneChange(self._make_snapshot(), full=True))
 
     # -- sources ---------------------------------------------------------------
 
     def owner_of(self, key: ResourceKey) -> str | None:
         """The file that defines C{key}, 'api', or None."""
-        for path in sorted(self.files):
-            if key in self.files[path]:
-                return path
+        path = self._owner.get(key)
+        if path is not None:
+            return path
         return "api" if key in self.api else None
 
-    def resources(self) -> dict[ResourceKey, Resource]:
-        """The merged inventory: files first (in path order), then the API."""
-        merged: dict[ResourceKey, Resource] = {}
-        for path in sorted(self.files):
-            for key, resource in self.files[path].items():
-                merged.setdefault(key, resource)
-        for key, resource in self.api.items():
-            merged.setdefault(key, resource)
-        return merged
+    def resources(self) -> Mapping[ResourceKey, Resource]:
+        """The merged inventory: files first (in path order), then the API.
+
+        The zone's own mapping, kept up to date (read it at once, do not change it).
+        """
+        return self._merged
+
+    def listing(self, type: str, mesh: str) -> SortedIndex[ResourceKey, Resource]:
+        """The resources of C{type} in C{mesh} ('' for Meshes), sorted by name: live."""
+        listing = self._listings.get((type, mesh))
+        return listing if listing is not None else SortedIndex()
+
+    def _add_copy(self, key: ResourceKey, path: str) -> None:
+        owner = self._owner.get(key)
+        if owner is None:
+            self._owner[key] = path
+            return
+        waiting = self._waiting.setdefault(key, [])
+        if path < owner:
+            self._owner[key] = path
+            path = owner
+        bisect.insort(waiting, path)
+
+    def _drop_copy(self, key: ResourceKey, path: str) -> None:
+        waiting = self._waiting.get(key)
+        if self._owner.get(key) == path:
+            if waiting:
+                self._owner[key] = waiting.pop(0)
+            else:
+                del self._owner[key]
+        elif waiting is not None and path in waiting:
+            waiting.remove(path)
+        if waiting is not None and not waiting:
+            del self._waiting[key]
 
     def set_file(self, path: str, resources: Iterable[Resource], now: float) -> None:
         """Replace what file C{path} defines (an empty list removes the file)."""
@@ -207,9 +288,10 @@ class Zone:
 
         Every file keeps all it defines; where two files define one resource, the
         first path wins and the other copy waits, so that it takes over if the
-        first file drops it.
+        first file drops it.  A file read again with the same resources changes
+        nothing.
         """
-        self._wanted = None
+        touched: set[ResourceKey] = set()
         for path, resources in files.items():
             mine: dict[ResourceKey, Resource] = {}
             for resource in resources:
@@ -217,27 +299,44 @@ class Zone:
                     self._warn(f"{path}: {resource.key} is defined twice; the first one counts")
                     continue
                 mine[resource.key] = resource
+            old = self.files.get(path, {})
+            if mine == old:
+                continue
+            for key in old.keys() - mine.keys():
+                self._drop_copy(key, path)
+                touched.add(key)
+            for key, resource in mine.items():
+                before = old.get(key)
+                if before is None:
+                    self._add_copy(key, path)
+                    touched.add(key)
+                elif before != resource:
+                    touched.add(key)
             if mine:
                 self.files[path] = mine
             else:
                 self.files.pop(path, None)
-        for path in files:
-            for key in self.files.get(path, {}):
-                owner = self.owner_of(key)
+            for key in mine:
+                owner = self._owner[key]
                 if owner != path:
                     self._warn(f"{path}: {key} is defined already in {owner}; this copy waits")
-        self.update(now)
+        if touched:
+            self._change(now, touched)
 
     def put(self, resource: Resource, now: float) -> bool:
-        """Create or replace a resource given through the API; True if it is new."""
+        """Create or replace a resource given through the API; True if it is new.
+
+        The same resource again changes nothing (and is not written).
+        """
         owner = self.owner_of(resource.key)
         if owner not in (None, "api"):
             raise ConflictError(f"{resource.key} is defined in {owner}; change it there")
-        created = resource.key not in self.api
+        before = self.api.get(resource.key)
+        if before == resource:
+            return False
         self.api[resource.key] = resource
-        self._wanted = None
-        self.update(now, puts=[resource])
-        return created
+        self._change(now, (resource.key,), puts=[resource])
+        return before is None
 
     def delete(self, key: ResourceKey, now: float) -> bool:
         """Delete a resource given through the API; False if there is none."""
@@ -247,63 +346,174 @@ class Zone:
         if key not in self.api:
             return False
         del self.api[key]
-        self._wanted = None
-        self.update(now, deletes=[key])
+        self._change(now, (key,), deletes=[key])
         return True
+
+    # -- the inventory, kept ---------------------------------------------------
+
+    def wanted(self) -> AbstractSet[ServiceKey]:
+        """The services the inventory defines (Dataplanes only, never ExternalServices).
+
+        The zone's own live view (set-like), changed in place by the next change.
+        """
+        return self._wanted.keys()
+
+    def _source_of(self, key: ResourceKey) -> Resource | None:
+        path = self._owner.get(key)
+        if path is not None:
+            return self.files[path][key]
+        return self.api.get(key)
+
+    def _refresh(self, keys: Iterable[ResourceKey]) -> _Inventory:
+        """Bring the merged inventory up to date for C{keys}: O(len(keys))."""
+        merged, listings = self._merged, self._listings
+        services: dict[ServiceKey, bool] = {}
+        addresses: dict[str, str | None] = {}
+        listed: dict[tuple[str, str], list[tuple[ResourceKey, Resource | None]]] = {}
+        changed = False
+        for key in keys:
+            new = self._source_of(key)
+            old = merged.get(key)
+            if old is new or (old is not None and old == new):
+                continue
+            changed = True
+            if old is not None:
+                self._count(old, -1, services, addresses)
+            if new is None:
+                del merged[key]
+            else:
+                merged[key] = new
+                self._count(new, 1, services, addresses)
+            listed.setdefault((key.type, key.mesh), []).append((key, new))
+        if not changed:
+            return _NOTHING
+        for where, pairs in listed.items():
+            listing = listings.get(where)
+            if listing is None:
+                listing = listings[where] = SortedIndex()
+            listing.update(pairs)
+        wanted = self._wanted
+        added = frozenset(k for k, was in services.items() if not was and k in wanted)
+        removed = frozenset(k for k, was in services.items() if was and k not in wanted)
+        moved = frozenset(self._settle_addresses(addresses))
+        meshes_changed = False
+        if self._meshes_moved:
+            self._meshes_moved = False
+            meshes = tuple(sorted({DEFAULT_MESH, *self._mesh_uses}))
+            meshes_changed, self._meshes = meshes != self._meshes, meshes
+        return _Inventory(True, added, removed, moved, meshes_changed)
+
+    def _count(
+        self,
+        resource: Resource,
+        sign: int,
+        services: dict[ServiceKey, bool],
+        addresses: dict[str, str | None],
+    ) -> None:
+        """Count C{resource} in (C{sign} 1) or out (-1) of the wanted services,
+        addresses and meshes; note the services and addresses touched as they were."""
+        key = resource.key
+        mesh = key.name if key.type == MESH else key.mesh
+        uses = self._mesh_uses.get(mesh, 0) + sign
+        if uses:
+            self._mesh_uses[mesh] = uses
+        else:
+            del self._mesh_uses[mesh]
+        if uses == 0 or (uses == 1 and sign == 1):
+            self._meshes_moved = True
+        if key.type != DATAPLANE:
+            return
+        wanted = self._wanted
+        for service in resource.services:
+            service_key = ServiceKey(key.mesh, service)
+            count = wanted.get(service_key, 0)
+            services.setdefault(service_key, count > 0)
+            if count + sign:
+                wanted[service_key] = count + sign
+            else:
+                del wanted[service_key]
+        address = resource.address
+        if address is not None:
+            addresses.setdefault(address, self._mesh_of_address.get(address))
+            _add_use(self._address_uses, address, key.mesh, sign)
+
+    def _settle_addresses(self, addresses: Mapping[str, str | None]) -> list[str]:
+        """Each address touched to its one mesh (none if several); those that moved."""
+        moved = []
+        for address, before in addresses.items():
+            uses = self._address_uses.get(address)
+            mesh = uses[0] if isinstance(uses, tuple) else None
+            if isinstance(uses, dict):
+                self._warn_once(
+                    f"address {address} is a Dataplane in several meshes; it gets mesh default"
+                )
+            if mesh is None:
+                self._mesh_of_address.pop(address, None)
+            else:
+                self._mesh_of_address[address] = mesh
+            if mesh != before:
+                moved.append(address)
+        return moved
 
     # -- the table -------------------------------------------------------------
 
-    def wanted(self) -> frozenset[ServiceKey]:
-        """The services the inventory defines (Dataplanes only, never ExternalServices).
-
-        Kept until the inventory changes: the table, the snapshot and zone sync
-        all ask for it after every change.
-        """
-        if self._wanted is None:
-            self._wanted = frozenset(
-                ServiceKey(resource.mesh, service)
-                for resource in self.resources().values()
-                if resource.type == DATAPLANE
-                for service in resource.services
-            )
-        return self._wanted
-
-    def update(
+    def _change(
         self,
         now: float,
-        puts: Iterable[Resource] = (),
-        deletes: Iterable[ResourceKey] = (),
-        inventory_changed: bool = True,
-    ) -> TableDelta:
-        """Reconcile the table with the inventory, persist, and tell listeners.
-
-        C{inventory_changed=False} is the periodic tick: it only expires
-        hold-downs and retries services the range had no room for.
-        """
-        puts, deletes = list(puts), list(deletes)
-        before = self.table.exhausted
+        keys: Iterable[ResourceKey],
+        puts: Sequence[Resource] = (),
+        deletes: Sequence[ResourceKey] = (),
+    ) -> None:
+        """The inventory changed at C{keys}: follow it in the table, store and listeners."""
+        inventory = self._refresh(keys)
+        if not inventory.changed and not puts and not deletes and not self._stale:
+            return
         try:
-            delta = self.table.reconcile(self.wanted(), now)
+            if self._stale:
+                delta = self.table.reconcile(self.wanted(), now)
+                self._stale = False
+            else:
+                delta = self.table.change(inventory.services_added, inventory.services_removed, now)
             if delta.anything or puts or deletes or self._reset_table:
                 self._commit(puts=puts, deletes=deletes, delta=delta)
         except StoreError:
             # Nothing is served that is not stored: back to the stored state.
             self._recover()
             raise
-        newly_exhausted = set(delta.exhausted) - before
-        if newly_exhausted:
-            self._warn(
-                f"VIP range {self.config.cidr} is exhausted: {len(self.table.exhausted)} "
-                f"service(s) without a VIP, e.g. {sorted(newly_exhausted)[0]}"
-            )
-        if inventory_changed or delta.changed:
-            self._publish()
+        self._followed(delta, inventory)
+
+    def update(self, now: float) -> TableDelta:
+        """Reconcile the whole table with the inventory, persist, and tell listeners.
+
+        O(table): for start-up (and tests); every change of the inventory goes
+        through the incremental path.
+        """
+        try:
+            delta = self.table.reconcile(self.wanted(), now)
+            self._stale = False
+            if delta.anything or self._reset_table:
+                self._commit(delta=delta)
+        except StoreError:
+            self._recover()
+            raise
+        self._followed(delta, _NOTHING)
         return delta
 
     def tick(self, now: float) -> None:
         """Periodic work: expire hold-downs, retry a full range (only when due)."""
-        if self.table.due(now):
-            self.update(now, inventory_changed=False)
+        if self._stale:
+            self.update(now)
+            return
+        if not self.table.due(now):
+            return
+        try:
+            delta = self.table.change((), (), now)
+            if delta.anything:
+                self._commit(delta=delta)
+        except StoreError:
+            self._recover()
+            raise
+        self._followed(delta, _NOTHING)
 
     def apply_global(self, message: TableUpdate, table_id: str, now: float) -> bool:
         """Apply one part of the global's table; True once a whole update is applied.
@@ -311,7 +521,8 @@ class Zone:
         Raises ValueError if the message is a change from a version not held.
         """
         assert isinstance(self.table, FederatedView)
-        if table_id != self.table_id:
+        new_table = table_id != self.table_id
+        if new_table:
             self._reset_table = True
             if not message.full:
                 raise ValueError(f"a change for table {table_id}, holding {self.table_id!r}")
@@ -319,15 +530,18 @@ class Zone:
             delta = self.table.apply(message, now)
             if delta is None:
                 return False
-            held = self.table.reconcile(self.wanted(), now)
-            delta.holds_added += held.holds_added
-            delta.holds_dropped += held.holds_dropped
+            if self._stale:
+                held = self.table.reconcile(self.wanted(), now)
+                delta.holds_added += held.holds_added
+                delta.holds_dropped += held.holds_dropped
+                delta.exhausted = held.exhausted
+                self._stale = False
             self._commit(delta=delta, table_id=table_id)
         except StoreError:
             self._recover()
             raise
         self.table_id = table_id
-        self._publish()
+        self._followed(delta, _NOTHING, full=new_table)
         return True
 
     def _commit(
@@ -356,9 +570,63 @@ class Zone:
         )
         self._reset_table = False
 
-    def _publish(self) -> None:
-        self.snapshot = self._build_snapshot()
-        change = ZoneChange(self.snapshot, full=True)
+    # -- entries and listeners -------------------------------------------------
+
+    def _touched(self, delta: TableDelta) -> set[ServiceKey]:
+        """The services whose row the last change of the table may have changed."""
+        if isinstance(self.table, FederatedView):
+            return self.table.take_touched()
+        return {a.key for a in delta.added} | {a.key for a in delta.removed}
+
+    def _followed(self, delta: TableDelta, inventory: _Inventory, full: bool = False) -> None:
+        """The table changed by C{delta}: entries follow, then the listeners are told."""
+        before = self.snapshot
+        exhausted = tuple(delta.exhausted)
+        newly = set(exhausted) - set(before.exhausted)
+        if newly:
+            self._warn(
+                f"VIP range {self.config.cidr} is exhausted: {len(exhausted)} "
+                f"service(s) without a VIP, e.g. {min(newly)}"
+            )
+        self._exhausted = exhausted
+        touched = self._touched(delta)
+        removed: list[VipEntry] = []
+        added: list[VipEntry] = []
+        if full:
+            self._build_entries()
+        else:
+            self._update_entries(touched, removed, added)
+        for key in inventory.services_added:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._warn_problems(entry)
+        snapshot = self._make_snapshot()
+        if not (
+            full
+            or removed
+            or added
+            or inventory.addresses
+            or inventory.services_added
+            or inventory.services_removed
+            or inventory.meshes_changed
+            or snapshot.version != before.version
+            or snapshot.exhausted != before.exhausted
+        ):
+            return
+        self._publish(
+            ZoneChange(
+                snapshot,
+                removed=tuple(removed),
+                added=tuple(added),
+                addresses=inventory.addresses,
+                services_added=inventory.services_added,
+                services_removed=inventory.services_removed,
+                full=full,
+            )
+        )
+
+    def _publish(self, change: ZoneChange) -> None:
+        self.snapshot = change.snapshot
         for listener in list(self.listeners):
             # One failing listener must not keep the others (the DNS authority,
             # the hot path's cache) on the old table.
@@ -367,92 +635,95 @@ class Zone:
             except Exception as e:
                 self._warn(f"a listener of the table failed: {type(e).__name__}: {e}")
 
-    def _build_snapshot(self) -> ZoneSnapshot:
-        """The view the DNS server and the API serve, from the table and the inventory."""
-        entries = self._build_entries()
-        resources = self.resources()
-        vip_range = self.table.range
+    def _make_snapshot(self) -> ZoneSnapshot:
+        """The view the DNS server and the API serve: the live structures, O(1)."""
         return ZoneSnapshot(
             version=self.table.version,
-            entries=tuple(entries),
-            mesh_of_address=self._mesh_of_address(resources),
-            exhausted=tuple(sorted(self.table.exhausted)),
-            range_size=vip_range.size,
-            range_used=len(entries),
-            meshes=_meshes(resources),
+            entries=self._entries,
+            mesh_of_address=self._mesh_of_address,
+            exhausted=self._exhausted,
+            range_size=self.table.range.size,
+            range_used=len(self._entries),
+            meshes=self._meshes,
             zone=self.name,
         )
 
-    def _build_entries(self) -> list[VipEntry]:
-        """One entry per served service, sorted; an unchanged service keeps its entry."""
-        if len(self._names) > 2 * len(self._entries) + 1024:
-            self._names.clear()
-        previous, self._entries = self._entries, {}
+    def _build_entries(self) -> None:
+        """Every entry and name from the table, from scratch (start-up, recovery)."""
+        self._exhausted = tuple(sorted(self.table.exhausted))
+        self._names = NameIndex(self._names_of)
         served = list(self.table.served())
-        assigned = assign_names(
-            ((row.key.mesh, row.key.service, row.claim) for row in served), self._names_of
-        )
-        local = self.wanted()
+        names = self._names
+        for row in served:
+            names.put(row.key.mesh, row.key.service, row.claim)
         entries = []
         for row in served:
-            owned, problems = assigned[(row.key.mesh, row.key.service)]
-            if row.key in local:
-                # Only this zone's own services: another zone's bad names are its to report.
-                for problem in problems:
-                    self._warn_once(f"service {row.key}: {problem}")
-            entry = self._entry(previous.get(row.key), row, owned, problems)
-            self._entries[row.key] = _BuiltEntry(row.offset, entry)
-            entries.append(entry)
-        return entries
+            entry = self._entry(row)
+            self._warn_problems(entry)
+            entries.append((row.key, entry))
+        self._entries: SortedIndex[ServiceKey, VipEntry] = SortedIndex(entries)
 
-    def _names_of(self, service: str) -> ServiceNames:
-        names = self._names.get(service)
-        if names is None:
-            names = self._names[service] = service_names(service, self.config.domain)
-        return names
+    def _update_entries(
+        self, keys: set[ServiceKey], removed: list[VipEntry], added: list[VipEntry]
+    ) -> None:
+        """The entries of C{keys} (and of services their names moved to) built again."""
+        table, names = self.table, self._names
+        rows: dict[ServiceKey, Served | None] = {}
+        claimants: set[tuple[str, str]] = set()
+        for key in keys:
+            row = rows[key] = table.row(key)
+            if row is None:
+                claimants |= names.remove(key.mesh, key.service)
+            else:
+                claimants |= names.put(key.mesh, key.service, row.claim)
+        for mesh, service in claimants:
+            key = ServiceKey(mesh, service)
+            if key not in rows:
+                rows[key] = table.row(key)
+        changes: list[tuple[ServiceKey, VipEntry | None]] = []
+        entries = self._entries
+        for key, row in rows.items():
+            old = entries.get(key)
+            new = None if row is None else self._entry(row, old)
+            if new is old:
+                continue
+            if old is not None:
+                removed.append(old)
+            if new is not None:
+                added.append(new)
+                self._warn_problems(new)
+            changes.append((row.key if row is not None else key, new))
+        entries.update(changes)
 
-    def _entry(
-        self,
-        cached: _BuiltEntry | None,
-        row: Served,
-        owned: tuple[str, ...],
-        problems: tuple[str, ...],
-    ) -> VipEntry:
-        """The entry of C{row}: the last snapshot's if nothing about it changed."""
-        zones = row.zones or (self.name,)
-        entry = cached.entry if cached is not None and cached.offset == row.offset else None
-        if entry is not None and (entry.names, entry.problems, entry.provisional, entry.zones) == (
-            owned,
-            problems,
-            row.provisional,
-            zones,
-        ):
-            return entry
+    def _warn_problems(self, entry: VipEntry) -> None:
+        if entry.problems and entry.key in self._wanted:
+            # Only this zone's own services: another zone's bad names are its to report.
+            for problem in entry.problems:
+                self._warn_once(f"service {entry.key}: {problem}")
+
+    def _entry(self, row: Served, old: VipEntry | None = None) -> VipEntry:
+        """The entry of C{row}: C{old} itself if nothing about it changed."""
+        owned, problems = self._names.assigned(row.key.mesh, row.key.service)
+        zones = row.zones or self._zones
+        vip_range = self.table.range
+        vip = vip_range.ipv4_text(row.offset)
+        if old is not None and (
+            old.vip,
+            old.names,
+            old.problems,
+            old.provisional,
+            old.zones,
+        ) == (vip, owned, problems, row.provisional, zones):
+            return old
         return VipEntry(
             row.key,
-            str(self.table.range.ipv4(row.offset)),
-            str(self.table.range.ipv6(row.offset)),
+            vip,
+            vip_range.ipv6_text(row.offset),
             owned,
             problems,
             row.provisional,
             zones,
         )
-
-    def _mesh_of_address(self, resources: Mapping[ResourceKey, Resource]) -> dict[str, str]:
-        """Each Dataplane address to its mesh; an address in several meshes gets none."""
-        mesh_of_address: dict[str, str] = {}
-        ambiguous: set[str] = set()
-        for resource in resources.values():
-            if resource.type == DATAPLANE and resource.address is not None:
-                first = mesh_of_address.setdefault(resource.address, resource.mesh)
-                if first != resource.mesh:
-                    ambiguous.add(resource.address)
-        for address in sorted(ambiguous):
-            self._warn_once(
-                f"address {address} is a Dataplane in several meshes; it gets mesh default"
-            )
-            del mesh_of_address[address]
-        return mesh_of_address
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -462,8 +733,30 @@ class Zone:
             self._warn(message)
 
 
-def _meshes(resources: Mapping[ResourceKey, Resource]) -> tuple[str, ...]:
-    """Every mesh the inventory names (and the default mesh), sorted."""
-    meshes = {DEFAULT_MESH} | {r.mesh for r in resources.values() if r.type != MESH}
-    meshes |= {r.name for r in resources.values() if r.type == MESH}
-    return tuple(sorted(meshes))
+def _add_use(
+    uses: dict[str, tuple[str, int] | dict[str, int]], address: str, mesh: str, sign: int
+) -> None:
+    """Count one Dataplane of C{mesh} at C{address} in (1) or out (-1).
+
+    One mesh (the usual case) is a (mesh, count) pair; several, a dict.
+    """
+    current = uses.get(address)
+    if current is None:
+        uses[address] = (mesh, 1)
+        return
+    if isinstance(current, tuple):
+        counts = {current[0]: current[1]}
+    else:
+        counts = current
+    count = counts.get(mesh, 0) + sign
+    if count:
+        counts[mesh] = count
+    else:
+        counts.pop(mesh, None)
+    if not counts:
+        del uses[address]
+    elif len(counts) == 1:
+        ((only, n),) = counts.items()
+        uses[address] = (only, n)
+    else:
+        uses[address] = counts

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kumazone.core.names import (
@@ -288,3 +288,59 @@ def test_the_owner_does_not_depend_on_the_order_of_the_claimants() -> None:
     first = assigned(*claimants)
     assert assigned(*reversed(claimants)) == first
     assert first[("default", "X.y")][0] == ("x.y.mesh",)
+
+
+@settings(max_examples=300)
+@given(
+    st.text(alphabet="ab_-.9Z/ ", max_size=260)
+    | st.builds(lambda n, k: ".".join(["a" * k] * n), st.integers(1, 9), st.integers(1, 70))
+)
+def test_name_problem_fast_path_agrees_with_the_full_check(name: str) -> None:
+    labels = name.split(".")
+    fine = (
+        all(c.isascii() and (c.isalnum() or c in "_-.") for c in name)
+        and all(0 < len(label) <= 63 for label in labels)
+        and len(name) + 2 <= 255
+    )
+    assert (name_problem(name) is None) == fine
+
+
+# -- NameIndex: assign_names kept incrementally ------------------------------------
+
+_CLAIMANTS = st.tuples(
+    st.sampled_from(["default", "m2"]),
+    st.sampled_from(["a", "A", "a_b", "a.b", "A_B", "b", "s" * 64, "dns", "x_dns"]),
+)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(st.booleans(), _CLAIMANTS, st.integers(0, 3)),
+        max_size=30,
+    )
+)
+def test_name_index_equals_assign_names_after_any_changes(ops) -> None:
+    from kumazone.core.names import NameIndex, assign_names, service_names
+
+    def names_of(service: str) -> ServiceNames:
+        return service_names(service, "mesh")
+
+    index = NameIndex(names_of)
+    claims: dict[tuple[str, str], int] = {}
+    for put, (mesh, service), claim in ops:
+        before = {c: index.assigned(*c) for c in claims}
+        if put:
+            changed = index.put(mesh, service, claim)
+            claims[(mesh, service)] = claim
+        else:
+            changed = index.remove(mesh, service)
+            claims.pop((mesh, service), None)
+        expected = assign_names(((m, s, c) for (m, s), c in claims.items()), names_of)
+        assert {c: index.assigned(*c) for c in claims} == expected
+        assert len(index) == len(claims)
+        # What it says changed is every claimant whose assignment changed (and
+        # the one added or removed).
+        moved = {c for c in claims if before.get(c) != expected[c]}
+        moved |= {c for c in before if c not in claims}
+        assert moved <= changed

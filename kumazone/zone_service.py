@@ -124,12 +124,12 @@ class ZoneService(ControlPlane):
         )
         authority = MeshAuthority(dns_config, nameservers)
         authority.update(zone.snapshot)
-        zone.listeners.append(lambda change: authority.update(change.snapshot))
+        zone.listeners.append(authority.apply)
         factory = KumaDNSServerFactory(
             authority, mesh_lookup(lambda: zone.snapshot), self.metrics, self.reactor
         )
-        # After the authority has the new table, no old answer may be served.
-        zone.listeners.append(lambda change: factory.hot.clear())
+        # After the authority has the change: the answers it touched go (and no others).
+        zone.listeners.append(factory.hot.apply)
         return factory
 
     def _log_started(self, zone: Zone) -> None:

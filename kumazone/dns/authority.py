@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from twisted.internet import defer
@@ -20,10 +20,10 @@ from twisted.names.error import AuthoritativeDomainError, DomainError
 
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.names import nameserver_name
-from kumazone.core.vips import VipRange
-from kumazone.core.zone import DEFAULT_MESH, VipEntry, ZoneSnapshot
+from kumazone.core.vips import ServiceKey, VipRange
+from kumazone.core.zone import DEFAULT_MESH, VipEntry, ZoneChange, ZoneSnapshot
 
-__all__ = ["MeshAuthority", "NameNotFound", "NotOurs", "Result", "reverse_domains"]
+__all__ = ["MeshAuthority", "NameNotFound", "Negative", "NotOurs", "Result", "reverse_domains"]
 
 #: An answer as twisted.names' resolvers give one: answer, authority and additional records.
 Result = tuple[list[dns.RRHeader], list[dns.RRHeader], list[dns.RRHeader]]
@@ -35,6 +35,20 @@ PROVISIONAL_TTL = 5
 _TRANSFERS = (dns.AXFR, dns.IXFR)
 #: A full reverse name: 4 octet labels + in-addr.arpa, 32 nibbles + ip6.arpa.
 _FULL_REVERSE_LABELS = {b"in-addr.arpa": 6, b"ip6.arpa": 34}
+#: The query types a name of a service has data for.
+_ADDRESS_TYPES = frozenset((dns.A, dns.AAAA, dns.ALL_RECORDS))
+#: The query types an apex has data for.
+_APEX_TYPES = frozenset((dns.SOA, dns.NS, dns.ALL_RECORDS))
+_PTR_TYPES = frozenset((dns.PTR, dns.ALL_RECORDS))
+
+#: What a name in the domain or a reverse domain is (L{MeshAuthority._forward_kind}
+#: and L{MeshAuthority._reverse_kind}): one decision, for the answer and for the
+#: hot path's negative answers alike.
+_APEX, _NAMESERVER, _SERVED, _EMPTY, _NONE = range(5)
+
+#: A negative answer: its rcode (NOERROR for NODATA, NXDOMAIN, REFUSED) and the
+#: apex whose SOA it carries (None for REFUSED, which carries none).
+Negative = tuple[int, bytes | None]
 
 
 class NameNotFound(AuthoritativeDomainError):
@@ -66,7 +80,7 @@ def reverse_domains(network: IPv4Network | IPv6Network) -> list[str]:
     return domains
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class _Served:
     """A table entry as the authority serves it.
 
@@ -77,8 +91,17 @@ class _Served:
     entry: VipEntry
     offset: int
     names: tuple[bytes, ...]
-    #: The name the PTR gives: the DNS-compliant form, if this service owns it.
-    ptr: bytes | None
+    #: The name the PTR gives: the last of C{names} this service owns (the
+    #: DNS-compliant form, unless another service holds it), or None.
+    ptr: bytes | None = None
+
+    def reverse_names(self) -> tuple[bytes, bytes]:
+        """The reverse names of both VIPs (lower case, as keys are)."""
+        entry = self.entry
+        return (
+            ipaddress.IPv4Address(entry.vip).reverse_pointer.encode("ascii"),
+            ipaddress.IPv6Address(entry.vip6).reverse_pointer.encode("ascii"),
+        )
 
 
 def _address_label(label: bytes, suffix: bytes) -> bool:
@@ -104,22 +127,19 @@ def _reverse_address(name: bytes) -> int | None:
     return None
 
 
-def _reverse_index(
-    entries: Iterable[_Served], forward: dict[str, dict[bytes, _Served]]
-) -> dict[int, _Served]:
-    """VIP offsets to their entries, each PTR naming a name that resolves back to it."""
-    by_offset: dict[int, _Served] = {}
-    for served in entries:
-        in_mesh = forward[served.entry.key.mesh]
-        owned = [name for name in served.names if in_mesh[name] is served]
-        if served.ptr is not None and (not owned or owned[-1] != served.ptr):
-            served = replace(served, ptr=owned[-1] if owned else None)
-        by_offset[served.offset] = served
-    return by_offset
+def _key_of(served: _Served) -> ServiceKey:
+    """The service key of an entry: who keeps a contested name (the least)."""
+    return served.entry.key
 
 
 class MeshAuthority(ResolverBase):
-    """Answers for the domain and the VIPs' reverse domains from a L{ZoneSnapshot}."""
+    """Answers for the domain and the VIPs' reverse domains from a L{ZoneSnapshot}.
+
+    Kept up to date by L{apply}, at a cost of what changed: per mesh, each name
+    to the entry that owns it (the least service key of those claiming it: the
+    first in the snapshot's order); the empty non-terminals, counted per mesh;
+    and VIP offsets to their entries, for PTR.  L{update} builds it all afresh.
+    """
 
     def __init__(self, config: DnsServerConfig, nameserver_addresses: Sequence[str] = ()) -> None:
         super().__init__()
@@ -130,6 +150,12 @@ class MeshAuthority(ResolverBase):
         self.nameserver = nameserver_name(config.domain).encode("ascii")
         self.hostmaster = b"hostmaster." + self.apex
         self._nameserver_addresses = [ipaddress.ip_address(a) for a in nameserver_addresses]
+        #: The query types the nameserver's name has data for.
+        self._nameserver_types = frozenset(
+            qtype
+            for qtype in (dns.A, dns.AAAA, dns.ALL_RECORDS)
+            if self._nameserver_records(self.nameserver, qtype)
+        )
         self.reverse_apexes = [
             domain.encode("ascii")
             for network in (config.cidr, config.cidr6)
@@ -137,56 +163,171 @@ class MeshAuthority(ResolverBase):
         ]
         self.version = 0
         self._range = VipRange(config.cidr, config.cidr6)
-        #: mesh -> name -> entry (a few meshes, so no dict per name).
+        #: mesh -> name -> the entry that owns it (a few meshes, so no dict per name).
         self._forward: dict[str, dict[bytes, _Served]] = {}
-        self._empty: dict[bytes, set[str]] = {}
+        #: (mesh, name) -> every entry claiming it, least key first; only names
+        #: claimed by more than one entry (the zone gives each name one owner).
+        self._contested: dict[tuple[str, bytes], list[_Served]] = {}
+        #: Empty non-terminals: name -> mesh -> how many names of that mesh lie below.
+        self._empty: dict[bytes, dict[str, int]] = {}
         #: VIP offset -> entry, for PTR (one key per service serves both families).
         self._by_offset: dict[int, _Served] = {}
-        self._built: dict[VipEntry, _Served] = {}
+        self._offset_contested: dict[int, list[_Served]] = {}
+        self._served: dict[ServiceKey, _Served] = {}
+        #: The names (lower case, forward and reverse) whose answers the last
+        #: L{apply} may have changed; None after a full build (anything may have).
+        self.changed: set[bytes] | None = None
         self.update(ZoneSnapshot(version=0, entries=(), mesh_of_address={}))
 
     def update(self, snapshot: ZoneSnapshot) -> None:
-        """Serve C{snapshot} from now on.
+        """Serve C{snapshot} from now on: a full build.
 
-        Only entries that changed since the last snapshot are built again: an
-        update of a 100,000-service table that changes one service costs
-        dictionary work.
+        Entries unchanged since the last snapshot keep what was built for them.
         """
-        built = {entry: self._built.get(entry) or self._serve(entry) for entry in snapshot.entries}
-        forward, empty = self._forward_index(built.values())
-        by_offset = _reverse_index(built.values(), forward)
-        self._built = built
-        self._forward, self._empty, self._by_offset = forward, empty, by_offset
+        old = self._served
+        self._forward, self._contested, self._by_offset = {}, {}, {}
+        self._offset_contested, self._served = {}, {}
+        self._empty = {self.nameserver.split(b".", 1)[1]: {"*": 1}}
+        for entry in snapshot.entries:
+            built = old.get(entry.key)
+            if built is None or built.entry != entry:
+                built = self._serve(entry)
+            self._add(built, None)
         self.version = snapshot.version
+        self.changed = None
+
+    def apply(self, change: ZoneChange) -> None:
+        """Serve the table after C{change}: its C{removed} entries go, its C{added} come.
+
+        Costs what changed, whatever the table's size; with C{full}, L{update}.
+        L{changed} then holds the names whose answers may differ.
+        """
+        if change.full:
+            self.update(change.snapshot)
+            return
+        changed: set[bytes] = set()
+        for entry in change.removed:
+            served = self._served.get(entry.key)
+            if served is not None:
+                self._remove(served, changed)
+        for entry in change.added:
+            served = self._served.get(entry.key)
+            if served is not None:  # replaced without being listed as removed
+                self._remove(served, changed)
+            self._add(self._serve(entry), changed)
+        self.version = change.snapshot.version
+        self.changed = changed
 
     def _serve(self, entry: VipEntry) -> _Served:
         """C{entry} as the authority serves it."""
         names = tuple(text.encode("ascii") for text in entry.names)
         offset = self._range.offset_of(ipaddress.IPv4Address(entry.vip))
-        return _Served(entry, -1 if offset is None else offset, names, names[-1] if names else None)
+        return _Served(entry, -1 if offset is None else offset, names)
 
-    def _forward_index(
-        self, entries: Iterable[_Served]
-    ) -> tuple[dict[str, dict[bytes, _Served]], dict[bytes, set[str]]]:
-        """Each mesh's names to their entries; and the empty non-terminals, to their meshes."""
-        forward: dict[str, dict[bytes, _Served]] = {}
-        empty: dict[bytes, set[str]] = {self.nameserver.split(b".", 1)[1]: {"*"}}
-        for served in entries:
-            mesh = served.entry.key.mesh
-            in_mesh = forward.get(mesh)
-            if in_mesh is None:
-                in_mesh = forward[mesh] = {}
-            for name in served.names:
-                # The first service to claim a name in a mesh keeps it (entries
-                # come sorted; the zone gives each name one owner anyway).
-                in_mesh.setdefault(name, served)
-                parent = name
-                while True:
-                    parent = parent.split(b".", 1)[1]
-                    if parent == self.apex or not parent.endswith(self._suffix):
-                        break
-                    empty.setdefault(parent, set()).add(mesh)
-        return forward, empty
+    def _parents(self, name: bytes) -> Iterable[bytes]:
+        """The names between C{name} and the apex: the non-terminals it makes."""
+        parent = name
+        while b"." in parent:
+            parent = parent.split(b".", 1)[1]
+            if parent == self.apex or not parent.endswith(self._suffix):
+                break
+            yield parent
+
+    def _add(self, served: _Served, changed: set[bytes] | None) -> None:
+        """Serve C{served}; its names (and those of entries it displaces) into C{changed}."""
+        key = served.entry.key
+        mesh = key.mesh
+        self._served[key] = served
+        in_mesh = self._forward.get(mesh)
+        if in_mesh is None:
+            in_mesh = self._forward[mesh] = {}
+        for name in served.names:
+            owner = in_mesh.get(name)
+            if owner is None:
+                in_mesh[name] = served
+            elif owner is not served:
+                claims = self._contested.get((mesh, name))
+                if claims is None:
+                    claims = self._contested[mesh, name] = [owner]
+                claims.append(served)
+                claims.sort(key=_key_of)
+                if claims[0] is served:
+                    in_mesh[name] = served
+                    self._set_ptr(owner, changed)
+            for parent in self._parents(name):
+                counts = self._empty.get(parent)
+                if counts is None:
+                    counts = self._empty[parent] = {}
+                counts[mesh] = counts.get(mesh, 0) + 1
+        if served.offset >= 0:
+            holder = self._by_offset.get(served.offset)
+            if holder is None:
+                self._by_offset[served.offset] = served
+            else:
+                offset_claims = self._offset_contested.get(served.offset)
+                if offset_claims is None:
+                    offset_claims = self._offset_contested[served.offset] = [holder]
+                offset_claims.append(served)
+                offset_claims.sort(key=_key_of)
+                self._by_offset[served.offset] = offset_claims[0]
+                if changed is not None:
+                    changed.update(holder.reverse_names())
+        self._set_ptr(served, None)
+        if changed is not None:
+            changed.update(served.names)
+            changed.update(served.reverse_names())
+
+    def _remove(self, served: _Served, changed: set[bytes]) -> None:
+        """Stop serving C{served}; its names (and those of entries taking over) into C{changed}."""
+        key = served.entry.key
+        mesh = key.mesh
+        del self._served[key]
+        in_mesh = self._forward[mesh]  # (kept when empty: there are a few meshes)
+        for name in served.names:
+            claims = self._contested.get((mesh, name))
+            if claims is None:
+                if in_mesh.get(name) is served:
+                    del in_mesh[name]
+            else:
+                claims.remove(served)
+                if in_mesh[name] is served:
+                    in_mesh[name] = claims[0]
+                    self._set_ptr(claims[0], changed)
+                if len(claims) == 1:
+                    del self._contested[mesh, name]
+            for parent in self._parents(name):
+                counts = self._empty[parent]
+                counts[mesh] -= 1
+                if not counts[mesh]:
+                    del counts[mesh]
+                    if not counts:
+                        del self._empty[parent]
+        if served.offset >= 0:
+            offset_claims = self._offset_contested.get(served.offset)
+            if offset_claims is None:
+                if self._by_offset.get(served.offset) is served:
+                    del self._by_offset[served.offset]
+            else:
+                offset_claims.remove(served)
+                self._by_offset[served.offset] = offset_claims[0]
+                changed.update(offset_claims[0].reverse_names())
+                if len(offset_claims) == 1:
+                    del self._offset_contested[served.offset]
+        changed.update(served.names)
+        changed.update(served.reverse_names())
+
+    def _set_ptr(self, served: _Served, changed: set[bytes] | None) -> None:
+        """Point C{served}'s PTR at the last of its names it owns: one that resolves back to it."""
+        in_mesh = self._forward.get(served.entry.key.mesh, {})
+        ptr = None
+        for name in reversed(served.names):
+            if in_mesh.get(name) is served:
+                ptr = name
+                break
+        if ptr != served.ptr:
+            served.ptr = ptr
+            if changed is not None:
+                changed.update(served.reverse_names())
 
     # -- records ----------------------------------------------------------------
 
@@ -242,13 +383,57 @@ class MeshAuthority(ResolverBase):
                 return self._reverse_answer(asked, name, apex, qtype, mesh)
         raise NotOurs(asked)
 
+    def negative(self, name: bytes, qtype: int, qclass: int, mesh: str) -> Negative | None:
+        """Whether the answer to C{name} (lower case, no trailing dot) is negative, and how.
+
+        The same decisions as L{resolve} (both follow L{_forward_kind} and
+        L{_reverse_kind}), without making records: NODATA (NOERROR) or NXDOMAIN
+        with the apex whose SOA they carry, REFUSED with None; None when the
+        answer has records.  For the hot path's negative answers.
+        """
+        if qclass not in _SERVED_CLASSES or qtype in _TRANSFERS:
+            return dns.EREFUSED, None
+        if name == self.apex or name.endswith(self._suffix):
+            kind, _served = self._forward_kind(name, mesh)
+            if kind == _APEX:
+                return None if qtype in _APEX_TYPES else (dns.OK, self.apex)
+            if kind == _NAMESERVER:
+                return None if qtype in self._nameserver_types else (dns.OK, self.apex)
+            if kind == _SERVED:
+                return None if qtype in _ADDRESS_TYPES else (dns.OK, self.apex)
+            return (dns.OK if kind == _EMPTY else dns.ENAME), self.apex
+        for apex in self.reverse_apexes:
+            if name == apex or name.endswith(b"." + apex):
+                kind, _served = self._reverse_kind(name, apex, qtype, mesh)
+                if kind == _APEX:
+                    return None if qtype in _APEX_TYPES else (dns.OK, apex)
+                if kind == _SERVED:
+                    return None if qtype in _PTR_TYPES else (dns.OK, apex)
+                return (dns.OK if kind == _EMPTY else dns.ENAME), apex
+        return dns.EREFUSED, None
+
+    def _forward_kind(self, name: bytes, mesh: str) -> tuple[int, _Served | None]:
+        """What C{name} in the domain is for C{mesh}: apex, nameserver, a service's, empty, none."""
+        if name == self.apex:
+            return _APEX, None
+        if name == self.nameserver:
+            return _NAMESERVER, None
+        in_mesh = self._forward.get(mesh)
+        served = in_mesh.get(name) if in_mesh is not None else None
+        if served is not None:
+            return _SERVED, served
+        meshes = self._empty.get(name)
+        if meshes is not None and (mesh in meshes or "*" in meshes):
+            return _EMPTY, None
+        return _NONE, None
+
     def _forward_answer(self, asked: bytes, name: bytes, qtype: int, mesh: str) -> Result:
         """A name in the domain: the apex, the nameserver, a service of C{mesh}, or none."""
-        if name == self.apex:
+        kind, served = self._forward_kind(name, mesh)
+        if kind == _APEX:
             return self._apex_answer(asked, self.apex, qtype)
-        if name == self.nameserver:
+        if kind == _NAMESERVER:
             return self._nameserver_answer(asked, qtype)
-        served = self._forward.get(mesh, {}).get(name)
         if served is not None:
             answers = []
             ttl = self._ttl_of(served.entry)
@@ -260,8 +445,7 @@ class MeshAuthority(ResolverBase):
             if answers:
                 return answers, [], []
             return [], [self._soa(self.apex)], []
-        meshes = self._empty.get(name)
-        if meshes is not None and (mesh in meshes or "*" in meshes):
+        if kind == _EMPTY:
             return [], [self._soa(self.apex)], []
         raise NameNotFound(asked, [self._soa(self.apex)])
 
@@ -283,10 +467,14 @@ class MeshAuthority(ResolverBase):
                 answers.append(self._rr(owner, record, dns.AAAA))
         return answers
 
-    def _reverse_answer(
-        self, asked: bytes, name: bytes, apex: bytes, qtype: int, mesh: str
-    ) -> Result:
-        """A name under the reverse domain C{apex}: a VIP of C{mesh}, an interior name, or none."""
+    def _reverse_kind(
+        self, name: bytes, apex: bytes, qtype: int, mesh: str
+    ) -> tuple[int, _Served | None]:
+        """What C{name} under the reverse domain C{apex} is for C{mesh}.
+
+        The apex (for SOA and NS, or when no VIP of C{mesh} is named so); a VIP of
+        C{mesh}; an interior name of the reverse tree (empty); or none.
+        """
         address = _reverse_address(name)
         served = None
         if address is not None:
@@ -298,20 +486,33 @@ class MeshAuthority(ResolverBase):
         if served is not None and (served.entry.key.mesh != mesh or served.ptr is None):
             served = None
         if name == apex and (served is None or qtype in (dns.SOA, dns.NS)):
-            return self._apex_answer(asked, apex, qtype)
+            return _APEX, None
         if served is not None:
             # (With a /30 or /31, a reverse domain's apex is itself a VIP's name.)
-            assert served.ptr is not None
-            if qtype not in (dns.PTR, dns.ALL_RECORDS):
-                return [], [self._soa(apex)], []
-            ttl = self._ttl_of(served.entry)
-            return [self._rr(asked, dns.Record_PTR(served.ptr, ttl), dns.PTR, ttl)], [], []
+            return _SERVED, served
         suffix = b"in-addr.arpa" if apex.endswith(b"in-addr.arpa") else b"ip6.arpa"
         labels = name[: -len(suffix) - 1].split(b".") if name != suffix else []
         if len(labels) < _FULL_REVERSE_LABELS[suffix] - 2 and all(
             _address_label(label, suffix) for label in labels
         ):
             # An interior name of the reverse tree: it may have names below it.
+            return _EMPTY, None
+        return _NONE, None
+
+    def _reverse_answer(
+        self, asked: bytes, name: bytes, apex: bytes, qtype: int, mesh: str
+    ) -> Result:
+        """A name under the reverse domain C{apex}: a VIP of C{mesh}, an interior name, or none."""
+        kind, served = self._reverse_kind(name, apex, qtype, mesh)
+        if kind == _APEX:
+            return self._apex_answer(asked, apex, qtype)
+        if served is not None:
+            assert served.ptr is not None
+            if qtype not in _PTR_TYPES:
+                return [], [self._soa(apex)], []
+            ttl = self._ttl_of(served.entry)
+            return [self._rr(asked, dns.Record_PTR(served.ptr, ttl), dns.PTR, ttl)], [], []
+        if kind == _EMPTY:
             return [], [self._soa(apex)], []
         raise NameNotFound(asked, [self._soa(apex)])
 

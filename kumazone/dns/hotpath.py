@@ -11,15 +11,32 @@ the template and patch the ID, the RD and CD flags and the question's case.
 That patch is exact because L{kumazone.dns.wire.encode_message} compresses
 names case-insensitively: where every pointer goes does not depend on the case
 of the question, so the authority path's bytes for any case of a name differ
-only in the question.  The cache is emptied whenever the table changes.
+only in the question.  Only answers with records are kept so, and a change of
+the table drops those of the names it touched (L{HotCache.apply}); negative
+answers are made per query from the authority's maps (L{HotCache.negative}).
 """
 
 from __future__ import annotations
 
+import socket
 import struct
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-__all__ = ["Client", "HotCache", "HotKey", "HotQuery", "Template", "answer_from", "hot_key"]
+if TYPE_CHECKING:
+    from kumazone.core.zone import ZoneChange
+    from kumazone.dns.authority import MeshAuthority
+
+__all__ = [
+    "Client",
+    "HotCache",
+    "HotKey",
+    "HotQuery",
+    "Template",
+    "answer_from",
+    "hot_key",
+    "wire_name",
+]
 
 #: Query header after the ID: QDCOUNT=1, ANCOUNT=0, NSCOUNT=0, then ARCOUNT 0 or 1.
 _COUNTS_PLAIN = b"\x00\x01\x00\x00\x00\x00\x00\x00"
@@ -30,7 +47,8 @@ MAX_TEMPLATE = 512
 MAX_EDNS_OPTIONS = 32
 #: Longest query kept as a key of the exact-octets shortcut.
 MAX_REMEMBERED_QUERY = 320
-#: Entries before the cache starts over (an attacker's random names churn it).
+#: Entries before the cache starts over (random names never enter it; the forms of
+#: real names' queries do: case, EDNS options).
 MAX_ENTRIES = 100_000
 
 #: A query's key: its name lower-cased (wire form), its type and class octets, its
@@ -141,29 +159,188 @@ def _edns_state(data: bytes, start: int, size: int) -> int | None:
     return 2 if do_bit else 1
 
 
+#: Most tails of negative answers kept (they are few: see L{HotCache.negative}).
+MAX_TAILS = 4096
+#: Query types whose counters a tail keeps at hand (others look theirs up).
+MAX_TAIL_COUNTERS = 16
+#: The query types whose answers at an apex carry the SOA, as type octets.
+_SERIAL_TYPES = (b"\x00\x06", b"\x00\xff")
+_OK, _NXDOMAIN, _REFUSED = 0, 3, 5
+
+#: Where a cache entry lies: (None, template key) or (mesh, exact octets).
+_Item = tuple[str | None, Any]
+#: A negative answer's header after the ID (RD and CD clear), the octets after its
+#: question, and its queries' counters by type and class octets.
+_Tail = tuple[bytes, bytes, dict[bytes, list[int]]]
+
+
+def wire_name(name: bytes) -> bytes:
+    """C{name} (text, no trailing dot) as the hot path keys it: wire form, lower case."""
+    if not name:
+        return b"\x00"
+    labels = name.lower().split(b".")
+    return b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
+
+
+def _dotted(wire: bytes) -> bytes:
+    """The presentation form (no trailing dot) of an uncompressed wire-form name."""
+    labels = []
+    position = 0
+    length = wire[0]
+    while length:
+        labels.append(wire[position + 1 : position + 1 + length])
+        position += 1 + length
+        length = wire[position]
+    return b".".join(labels)
+
+
+def _packed_forms(address: str) -> tuple[bytes, ...]:
+    """How a client address comes in a socket address: its packed forms (IPv4 also mapped)."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, address)
+    except OSError:
+        try:
+            return (socket.inet_pton(socket.AF_INET6, address),)
+        except OSError:
+            return ()
+    return packed, b"\x00" * 10 + b"\xff\xff" + packed
+
+
 class HotCache:
-    """Templates by key, valid for one table version.
+    """Templates by key, kept until a change touches their names; negative answers made.
 
     C{exact} is a shortcut in front, one dictionary per mesh: keyed by a query's
     octets after its ID and flags, it finds the answer to a query seen before in
     exactly that form without parsing it; only the ID and RD need patching.
+
+    Only answers with records are kept by name; each is listed under its name
+    (lower case, wire form), so a change drops the answers of the names it
+    touched, at a cost of their entries (L{apply}).  The answers at an apex that
+    carry the SOA are listed too, and dropped when the serial moves.
+
+    Negative answers (NXDOMAIN, NODATA, REFUSED) are never kept by name: so a
+    flood of random names leaves the cache as it was.  They are made per query
+    (L{negative}): the authority says which it is, and the octets after the
+    question depend only on the rcode, the apex, the question name's length and
+    the EDNS state (the SOA's owner is a pointer to the apex in the question);
+    those tails are learnt from the authority path's answers, for one table version.
     """
 
-    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(
+        self,
+        max_entries: int = MAX_ENTRIES,
+        authority: MeshAuthority | None = None,
+        cell: Callable[[int, int], list[int]] | None = None,
+    ) -> None:
+        """
+        @param authority: whose answers are made and kept; without one, no
+            negative answers are made, and every change empties the cache.
+        @param cell: the counter of UDP answers of a query type and rcode.
+        """
         self.max_entries = max_entries
+        self.authority = authority
+        self._cell = cell or (lambda qtype, rcode: [0])
         self.templates: dict[HotKey, Template] = {}
         self.exact: dict[str, dict[bytes, Template]] = {}
         #: For readers that see raw addresses: a client's packed IP address to
         #: its mesh and that mesh's C{exact} dictionary.
         self.clients: dict[bytes, Client] = {}
-        self._remembered = 0
+        #: Lower-cased wire-form name -> where its answers lie.
+        self._by_name: dict[bytes, list[_Item]] = {}
+        #: The entries that carry the SOA (and so its serial).
+        self._serial: list[_Item] = []
+        self._entries = 0
+        self.tails: dict[tuple[int, bytes | None, int, int], _Tail] = {}
+        self._version = authority.version if authority is not None else 0
+        if authority is not None:
+            apexes = [authority.apex, *authority.reverse_apexes]
+            self._apexes = frozenset(wire_name(apex) for apex in apexes)
+            # Names the SOA's own names compress into: a question ending with
+            # one changes the SOA's octets, so its answer is not made here.
+            soa_names = [authority.nameserver, authority.hostmaster]
+            odd = set()
+            for soa_name in soa_names:
+                while soa_name != authority.apex and b"." in soa_name:
+                    odd.add(soa_name)
+                    soa_name = soa_name.split(b".", 1)[1]
+            self._odd = frozenset(odd)
+            self._odd_suffixes = tuple(b"." + name for name in odd)
+        else:
+            self._apexes = frozenset()
+            self._odd = frozenset()
+            self._odd_suffixes = ()
 
     def clear(self) -> None:
-        """The table changed: every template goes."""
+        """Anything may have changed: every answer goes."""
         self.templates.clear()
         self.exact.clear()
         self.clients.clear()
-        self._remembered = 0
+        self._by_name.clear()
+        self._serial.clear()
+        self._entries = 0
+        self.tails.clear()
+        if self.authority is not None:
+            self._version = self.authority.version
+
+    def apply(self, change: ZoneChange) -> None:
+        """Drop the answers C{change} may have changed (the authority has applied it already).
+
+        The names whose records changed (L{MeshAuthority.changed}), the answers
+        carrying the SOA when its serial moved, and the mesh of the addresses
+        whose mesh may have changed; a full change empties the cache.
+        """
+        authority = self.authority
+        if (
+            change.full
+            or authority is None
+            or authority.changed is None
+            or authority.version != change.snapshot.version
+        ):
+            self.clear()
+            return
+        for name in authority.changed:
+            self._drop(self._by_name.pop(wire_name(name), None))
+        if authority.version != self._version:
+            self._version = authority.version
+            self.tails.clear()
+            serial, self._serial = self._serial, []
+            self._drop(serial)
+        for address in change.addresses:
+            for packed in _packed_forms(address):
+                self.clients.pop(packed, None)
+
+    def _drop(self, items: list[_Item] | None) -> None:
+        """Drop the entries at C{items} (some may be gone already)."""
+        if not items:
+            return
+        templates, exact = self.templates, self.exact
+        for mesh, key in items:
+            if mesh is None:
+                templates.pop(key, None)
+            else:
+                known = exact.get(mesh)
+                if known is not None:
+                    known.pop(key, None)
+        self._entries -= len(items)
+
+    def _list(self, name: bytes, item: _Item, type_class: bytes) -> None:
+        """List an entry under its name (and as carrying the serial, if it does)."""
+        if self._entries >= self.max_entries:
+            # Bounded: start over (in place: readers may hold the exact dictionaries).
+            self.templates.clear()
+            for known in self.exact.values():
+                known.clear()
+            self._by_name.clear()
+            self._serial.clear()
+            self._entries = 0
+        items = self._by_name.get(name)
+        if items is None:
+            items = self._by_name[name] = []
+        items.append(item)
+        self._entries += 1
+        if name in self._apexes and type_class[:2] in _SERIAL_TYPES:
+            self._serial.append(item)
+            self._entries += 1
 
     def exact_for(self, mesh: str) -> dict[bytes, Template]:
         """The C{exact} dictionary of C{mesh}: the same object until L{clear}."""
@@ -179,32 +356,93 @@ class HotCache:
         entry = self.clients[ip] = (mesh, self.exact_for(mesh))
         return entry
 
-    def remember(self, query: bytes, mesh: str, answer: bytes, counter: list[int]) -> None:
-        """Keep C{answer} for queries with exactly C{query}'s octets after ID and flags.
+    def remember(self, query: bytes, key: HotKey, answer: bytes, counter: list[int]) -> None:
+        """Keep C{answer} (to a query of C{key}) for queries with exactly C{query}'s octets.
 
-        Not for long queries (EDNS options of no meaning to us): their octets as
-        keys would let an attacker fill memory with a few hundred megabytes.
+        Only after its ID and flags.  Not for long queries (EDNS options of no
+        meaning to us): their octets as keys would let an attacker fill memory
+        with a few hundred megabytes.
         """
         if len(query) > MAX_REMEMBERED_QUERY:
             return
-        if self._remembered >= self.max_entries:
-            for known in self.exact.values():
-                known.clear()  # in place: readers may hold these dictionaries
-            self._remembered = 0
-        self._remembered += 1
-        self.exact_for(mesh)[query[4:]] = (_without_rd(answer), counter)
+        mesh = key[3]
+        octets = query[4:]
+        self._list(key[0], (mesh, octets), key[1])
+        self.exact_for(mesh)[octets] = (_without_rd(answer), counter)
 
     def store(self, query: HotQuery, response: bytes, counter: list[int]) -> None:
-        """Keep C{response} to C{query} as the template for the query's key."""
+        """Learn from the authority path's C{response} to C{query}.
+
+        An answer with records becomes the template for the query's key; a
+        negative one teaches the tail of its kind (L{negative}).
+        """
         if len(response) > MAX_TEMPLATE or response[2] & 0x02:  # too big, or truncated
             return
-        if len(self.templates) >= self.max_entries:
-            self.templates.clear()
         key, end, data = query
-        name, _type_class, _edns, mesh = key
-        # The question's case comes from each query, as RD does.
-        self.templates[key] = (_without_rd(response[:12] + name + response[end:]), counter)
-        self.remember(data, mesh, response, counter)
+        name, type_class = key[0], key[1]
+        rcode = response[3] & 0x0F
+        if rcode == _OK and response[6:8] != b"\x00\x00":
+            # The question's case comes from each query, as RD does.
+            self.templates[key] = (_without_rd(response[:12] + name + response[end:]), counter)
+            self._list(name, (None, key), type_class)
+            self.remember(data, key, response, counter)
+        elif rcode in (_OK, _NXDOMAIN, _REFUSED):
+            tail_key = self._tail_key(key)
+            if tail_key is not None and tail_key[0] == rcode:
+                if len(self.tails) >= MAX_TAILS:
+                    self.tails.clear()
+                header = _without_rd(response[:12])[2:]
+                self.tails[tail_key] = (header, response[end + 4 :], {type_class: counter})
+
+    def _tail_key(self, key: HotKey) -> tuple[int, bytes | None, int, int] | None:
+        """What a negative answer to a query of C{key} depends on after its question; or None.
+
+        None when the answer has records, or when it cannot be made from a tail
+        (the name ends with a name the SOA compresses into).
+        """
+        authority = self.authority
+        if authority is None:
+            return None
+        name, type_class, edns, mesh = key
+        dotted = _dotted(name)
+        if dotted in self._odd or dotted.endswith(self._odd_suffixes):
+            return None
+        qtype = (type_class[0] << 8) | type_class[1]
+        qclass = (type_class[2] << 8) | type_class[3]
+        found = authority.negative(dotted, qtype, qclass, mesh)
+        if found is None:
+            return None
+        rcode, apex = found
+        return rcode, apex, len(name), edns
+
+    def negative(self, query: bytes, key: HotKey, end: int) -> bytes | None:
+        """The negative answer to C{query} (of C{key}, its name ending at C{end}), counted; or None.
+
+        None when the answer is not negative, or its tail is not known yet: the
+        authority path answers it, and teaches the tail (L{store}).
+        """
+        tail_key = self._tail_key(key)
+        if tail_key is None:
+            return None
+        tail = self.tails.get(tail_key)
+        if tail is None:
+            return None
+        header, rest, counters = tail
+        type_class = key[1]
+        counter = counters.get(type_class)
+        if counter is None:
+            qtype = (type_class[0] << 8) | type_class[1]
+            counter = self._cell(qtype, tail_key[0])
+            if len(counters) < MAX_TAIL_COUNTERS:
+                counters[type_class] = counter
+        counter[0] += 1
+        return (
+            query[:2]
+            + bytes((header[0] | (query[2] & 0x01), header[1] | (query[3] & 0x10)))
+            + header[2:]
+            + query[12 : end + 4]
+            + rest
+        )
 
     @staticmethod
     def answer(template: bytes, query: bytes, end: int) -> bytes:

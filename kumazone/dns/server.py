@@ -174,9 +174,9 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
         return self.template_answer(data, mesh)
 
     def template_answer(self, data: bytes, mesh: str) -> bytes | None:
-        """The answer to C{data} from its key's template, counted; or None.
+        """The answer to C{data} from its key's template, or a negative answer, counted; or None.
 
-        The answer is also kept for queries in exactly C{data}'s octets.
+        An answer from a template is also kept for queries in exactly C{data}'s octets.
         """
         found = hot_key(data, mesh)
         if found is None:
@@ -185,10 +185,11 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
         hot = self.controller.hot
         entry = hot.templates.get(key)
         if entry is None:
-            return None
+            # Never kept by name: a flood of random names leaves the templates be.
+            return hot.negative(data, key, end)
         template, counter = entry
         answer = HotCache.answer(template, data, end)
-        hot.remember(data, mesh, answer, counter)
+        hot.remember(data, key, answer, counter)
         counter[0] += 1
         return answer
 
@@ -266,8 +267,10 @@ class KumaDNSServerFactory(server.DNSServerFactory):
         self.metrics = metrics
         self.clock = clock
         self.stats = metrics.dns
-        #: Responses for common UDP queries, emptied whenever the table changes.
-        self.hot = HotCache()
+        #: Responses for common UDP queries; L{HotCache.apply} after each change.
+        self.hot = HotCache(
+            authority=authority, cell=lambda qtype, rcode: self.stats.cell(qtype, rcode, "udp")
+        )
         self.limited_log = limited(
             RateLimiter(burst=10, interval=60.0), clock, lambda line: self.log.warn(line)
         )

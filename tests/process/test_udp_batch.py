@@ -35,6 +35,7 @@ from kumazone.metrics import Metrics
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.zone_service import mesh_lookup
 from tests.builders import dataplane_resource
+from tests.unit.test_hotpath import PreciseChanges
 
 pytestmark = pytest.mark.skipif(
     not udpbatch.available, reason="recvmmsg/sendmmsg exist on Linux only"
@@ -84,9 +85,9 @@ def factory(zone: Zone) -> KumaDNSServerFactory:
     """The DNS factory wired to the zone as the service wires it."""
     authority = MeshAuthority(CONFIG, ["127.0.0.1"])
     authority.update(zone.snapshot)
-    zone.listeners.append(lambda change: authority.update(change.snapshot))
     made = KumaDNSServerFactory(authority, mesh_lookup(lambda: zone.snapshot), Metrics("z"))
-    zone.listeners.append(lambda change: made.hot.clear())
+    # The authority first, then the cache; each change as precise as can be.
+    zone.listeners.append(PreciseChanges(zone, authority.apply, made.hot.apply))
     return made
 
 

@@ -6,15 +6,19 @@ calls it for a client of a given mesh.
 
 from __future__ import annotations
 
+import itertools
 import socket
+from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.names import dns
 
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.vips import ServiceKey
-from kumazone.core.zone import VipEntry, ZoneSnapshot
+from kumazone.core.zone import VipEntry, ZoneChange, ZoneSnapshot
 from kumazone.dns.authority import MeshAuthority, NameNotFound, NotOurs, reverse_domains
 
 CONFIG = DnsServerConfig()  # mesh, 240.0.0.0/4, fd00:fd00::/64, TTL 60
@@ -457,3 +461,194 @@ def test_interior_reverse_names_are_nodata(name: bytes) -> None:
 def test_reverse_names_that_cannot_exist_are_nxdomain(name: bytes) -> None:
     with pytest.raises(NameNotFound):
         make_authority().resolve(name, dns.PTR, dns.IN)
+
+
+# -- incremental changes ----------------------------------------------------------------
+#
+# MeshAuthority.apply(change) must leave the authority answering exactly as one
+# built from scratch from the table after the change, for every name.
+
+PAYMENTS_EXTRA = VipEntry(
+    ServiceKey("payments", "x_y_z"), "240.0.0.60", "fd00:fd00::3c", ("x_y_z.mesh", "x.y.z.mesh")
+)
+NAMELESS = VipEntry(ServiceKey("default", "nameless"), "240.0.0.70", "fd00:fd00::46", ())
+QTYPES = (dns.A, dns.AAAA, dns.PTR, dns.TXT, dns.ALL_RECORDS, dns.SOA, dns.NS, dns.MX)
+MESHES = ("default", "payments", "elsewhere")
+
+
+def diff(before: tuple[VipEntry, ...], after: tuple[VipEntry, ...], version: int) -> ZoneChange:
+    """The change from C{before} to C{after}, as the zone gives it: old and new forms by key."""
+    old = {entry.key: entry for entry in before}
+    new = {entry.key: entry for entry in after}
+    snapshot = ZoneSnapshot(
+        version=version, entries=tuple(sorted(after, key=lambda e: e.key)), mesh_of_address={}
+    )
+    return ZoneChange(
+        snapshot=snapshot,
+        removed=tuple(entry for key, entry in old.items() if new.get(key) != entry),
+        added=tuple(entry for key, entry in new.items() if old.get(key) != entry),
+    )
+
+
+def corpus(entries: tuple[VipEntry, ...]) -> list[bytes]:
+    """Names to ask: the entries' names, their parents and children, reverse names, others."""
+    names = {b"mesh", b"ns.dns.mesh", b"dns.mesh", b"nope.mesh", b"240.in-addr.arpa"}
+    names.add(b"0.0.0.0.0.0.0.0.0.0.d.f.0.0.d.f.ip6.arpa")
+    for entry in entries:
+        for text in entry.names:
+            name = text.encode()
+            names.update({name, b"x." + name, name.split(b".", 1)[1]})
+            if name.count(b".") > 1:
+                names.add(name.split(b".", 2)[2])
+        names.update({reverse(entry.vip), reverse(entry.vip6)})
+    return sorted(names)
+
+
+def outcome(authority: MeshAuthority, name: bytes, qtype: int, mesh: str) -> object:
+    """What the authority answers, comparable (records compare by value)."""
+    try:
+        return authority.resolve(name, qtype, dns.IN, mesh)
+    except NameNotFound as e:
+        return ("NXDOMAIN", e.authority)
+    except NotOurs:
+        return "REFUSED"
+
+
+def assert_same_answers(
+    incremental: MeshAuthority,
+    entries: tuple[VipEntry, ...],
+    version: int,
+    names: list[bytes],
+    qtypes: tuple[int, ...] = QTYPES,
+    meshes: tuple[str, ...] = MESHES,
+) -> None:
+    scratch = make_authority(tuple(sorted(entries, key=lambda e: e.key)), version)
+    for name in names:
+        for qtype in qtypes:
+            for mesh in meshes:
+                assert outcome(incremental, name, qtype, mesh) == outcome(
+                    scratch, name, qtype, mesh
+                ), (name, qtype, mesh)
+
+
+def test_apply_adds_and_removes_services_as_a_full_build_would() -> None:
+    steps: list[tuple[VipEntry, ...]] = [
+        ENTRIES,
+        (*ENTRIES, PAYMENTS_EXTRA, NAMELESS),  # added: new empty non-terminals in payments
+        (REDIS, ECHO, PAYMENTS_EXTRA),  # removed: api.v1.mesh's v1.mesh goes
+        # Replaced: a new VIP, and one name form dropped.
+        (replace(REDIS, vip="240.0.0.99", vip6="fd00:fd00::63"), ECHO, PAYMENTS_EXTRA),
+        (replace(ECHO, names=ECHO.names[:1]), PAYMENTS_EXTRA),
+        (),
+    ]
+    authority = make_authority(steps[0])
+    names = [*corpus((*ENTRIES, PAYMENTS_EXTRA, NAMELESS)), reverse("240.0.0.99")]
+    for version, (before, after) in enumerate(itertools.pairwise(steps), VERSION + 1):
+        authority.apply(diff(before, after, version))
+        assert_same_answers(authority, after, version, names)
+
+
+def test_an_empty_non_terminal_stays_while_any_name_below_it_does() -> None:
+    deep = VipEntry(ServiceKey("payments", "b_v1"), "240.0.0.80", "fd00:fd00::50", ("b.v1.mesh",))
+    authority = make_authority((PAYMENTS_API,))
+    authority.apply(diff((PAYMENTS_API,), (PAYMENTS_API, deep), VERSION + 1))
+    authority.apply(diff((PAYMENTS_API, deep), (deep,), VERSION + 2))
+    assert authority.resolve(b"v1.mesh", dns.A, dns.IN, "payments")[0] == []  # NODATA
+    authority.apply(diff((deep,), (), VERSION + 3))
+    with pytest.raises(NameNotFound):
+        authority.resolve(b"v1.mesh", dns.A, dns.IN, "payments")
+
+
+def test_a_contested_name_passes_to_the_next_claimant_with_its_ptr() -> None:
+    authority = make_authority((DOTTED, UNDERSCORED))
+    authority.apply(diff((DOTTED, UNDERSCORED), (UNDERSCORED,), VERSION + 1))
+    assert address_of(authority, b"a.b.mesh", dns.A, "default") == UNDERSCORED.vip
+    # The PTR now names the DNS-compliant form, which it owns at last.
+    assert values(authority.resolve(reverse(UNDERSCORED.vip), dns.PTR, dns.IN)[0]) == ["a.b.mesh"]
+    assert reverse(UNDERSCORED.vip) in (authority.changed or ())
+    authority.apply(diff((UNDERSCORED,), (DOTTED, UNDERSCORED), VERSION + 2))
+    assert address_of(authority, b"a.b.mesh", dns.A, "default") == DOTTED.vip
+    assert values(authority.resolve(reverse(UNDERSCORED.vip), dns.PTR, dns.IN)[0]) == ["a_b.mesh"]
+    assert_same_answers(
+        authority, (DOTTED, UNDERSCORED), VERSION + 2, corpus((DOTTED, UNDERSCORED))
+    )
+
+
+def test_changed_names_are_those_of_the_entries_changed() -> None:
+    authority = make_authority()
+    authority.apply(diff(ENTRIES, (*ENTRIES, PAYMENTS_EXTRA), VERSION + 1))
+    assert authority.changed == {
+        b"x_y_z.mesh",
+        b"x.y.z.mesh",
+        reverse(PAYMENTS_EXTRA.vip),
+        reverse(PAYMENTS_EXTRA.vip6),
+    }
+
+
+def test_a_full_change_rebuilds_from_the_snapshot() -> None:
+    authority = make_authority()
+    snapshot = ZoneSnapshot(version=VERSION + 1, entries=(LEDGER,), mesh_of_address={})
+    authority.apply(ZoneChange(snapshot=snapshot, full=True))
+    assert authority.changed is None
+    assert_same_answers(authority, (LEDGER,), VERSION + 1, corpus(ENTRIES))
+
+
+def test_negative_agrees_with_the_answers() -> None:
+    """The hot path's negative answers follow MeshAuthority.negative: the same decisions."""
+    authority = make_authority((*ENTRIES, PAYMENTS_EXTRA, NAMELESS), nameservers=("127.0.0.1",))
+    names = [*corpus((*ENTRIES, PAYMENTS_EXTRA)), b"example.com", b"", b"in-addr.arpa"]
+    for name in names:
+        for qtype in (*QTYPES, dns.AXFR):
+            for qclass in (dns.IN, dns.ANY, dns.CH):
+                for mesh in MESHES:
+                    try:
+                        answers, authority_section, _ = authority.resolve(name, qtype, qclass, mesh)
+                    except NameNotFound as e:
+                        expected: object = (dns.ENAME, e.authority[0].name.name)
+                    except NotOurs:
+                        expected = (dns.EREFUSED, None)
+                    else:
+                        expected = None if answers else (dns.OK, authority_section[0].name.name)
+                    found = authority.negative(name, qtype, qclass, mesh)
+                    assert found == expected, (name, qtype, qclass, mesh)
+
+
+# A pool of entries, in several forms each, for the property test: collisions
+# (a.b.mesh), empty non-terminals (v1.mesh, y.z.mesh), two meshes, no names.
+POOL = [
+    [REDIS, replace(REDIS, vip="240.0.1.10", vip6="fd00:fd00::10a")],
+    [ECHO, replace(ECHO, names=ECHO.names[:1]), replace(ECHO, provisional=True)],
+    [DOTTED, replace(DOTTED, names=("a.b.mesh", "ab.mesh"))],
+    [UNDERSCORED, replace(UNDERSCORED, names=("a_b.mesh",))],
+    [PAYMENTS_API, replace(PAYMENTS_API, names=("api_v1.mesh",))],
+    [PAYMENTS_EXTRA, replace(PAYMENTS_EXTRA, names=("x.y.z.mesh",))],
+    [PAYMENTS_REDIS],
+    [NAMELESS],
+    [VipEntry(ServiceKey("payments", "a.b"), "240.0.0.90", "fd00:fd00::5a", ("a.b.mesh",))],
+]
+POOL_NAMES = corpus(tuple(entry for forms in POOL for entry in forms))
+
+# Each state: for each pool entry, absent (None) or one of its forms.
+states = st.lists(
+    st.tuples(*(st.sampled_from([None, *range(len(forms))]) for forms in POOL)),
+    min_size=1,
+    max_size=6,
+)
+
+
+def as_entries(state: tuple[int | None, ...]) -> tuple[VipEntry, ...]:
+    return tuple(forms[i] for forms, i in zip(POOL, state, strict=True) if i is not None)
+
+
+@settings(max_examples=40, deadline=None)
+@given(states)
+def test_any_sequence_of_changes_answers_as_a_full_build(sequence) -> None:
+    before: tuple[VipEntry, ...] = ()
+    authority = make_authority(before)
+    for version, state in enumerate(sequence, VERSION + 1):
+        after = as_entries(state)
+        authority.apply(diff(before, after, version))
+        assert_same_answers(
+            authority, after, version, POOL_NAMES, (dns.A, dns.PTR, dns.TXT), MESHES[:2]
+        )
+        before = after

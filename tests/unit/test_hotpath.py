@@ -12,7 +12,9 @@ give the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import random
+from collections.abc import Callable
 
 import dns.edns
 import dns.message
@@ -21,16 +23,18 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.reversename
 import pytest
+from hypothesis import given, settings
 
 from kumazone.core.config import load_config
 from kumazone.core.resources import ResourceKey
-from kumazone.core.zone import Zone
+from kumazone.core.zone import VipEntry, Zone, ZoneChange
 from kumazone.dns.authority import MeshAuthority
 from kumazone.dns.server import KumaDNSDatagramProtocol, KumaDNSServerFactory
 from kumazone.metrics import Metrics
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.zone_service import mesh_lookup
 from tests.builders import dataplane_resource
+from tests.unit.test_authority import POOL_NAMES, as_entries, diff, states
 
 SEED = 20261127
 CONFIG = load_config(None, {})
@@ -38,6 +42,79 @@ CONFIG = load_config(None, {})
 CLIENTS = {"default": "192.0.2.1", "payments": "192.0.2.2", "unknown": "192.0.2.200"}
 TYPES = ["A", "AAAA", "PTR", "SOA", "NS", "ANY", "TXT", "MX", "SRV", "CNAME", "HTTPS", "CAA"]
 LONG_LABEL = "a" * 63
+SERVICES = [
+    ("redis", "default"),
+    ("backend", "default"),
+    ("redis", "payments"),
+    ("ledger", "payments"),
+    ("echo-server_echo-example_svc_1010", "default"),
+    (LONG_LABEL, "default"),
+    ("a_b", "default"),
+    ("a.b", "default"),
+]
+
+
+class PreciseChanges:
+    """A zone listener that hands on each change as precise as the zone may give it.
+
+    Until the zone sends precise changes, its full ones are made precise here
+    by comparing the tables before and after: the entries gone or replaced (old
+    form), new or replaced (new form), and the addresses whose mesh changed.
+    A change that is precise already is handed on as it is.
+    """
+
+    def __init__(self, zone: Zone, *listeners: Callable[[ZoneChange], None]) -> None:
+        self.listeners = listeners
+        self.entries = {entry.key: entry for entry in zone.snapshot.entries}
+        self.meshes = dict(zone.snapshot.mesh_of_address)
+
+    def __call__(self, change: ZoneChange) -> None:
+        entries = {entry.key: entry for entry in change.snapshot.entries}
+        meshes = dict(change.snapshot.mesh_of_address)
+        if change.full:
+            old = self.entries
+            change = dataclasses.replace(
+                change,
+                full=False,
+                removed=tuple(e for key, e in old.items() if entries.get(key) != e),
+                added=tuple(e for key, e in entries.items() if old.get(key) != e),
+                addresses=frozenset(
+                    address
+                    for address in {*self.meshes, *meshes}
+                    if self.meshes.get(address) != meshes.get(address)
+                ),
+            )
+        self.entries, self.meshes = entries, meshes
+        for listener in self.listeners:
+            listener(change)
+
+
+def inventory(services: list[tuple[str, str]], payments_client: str = "payments") -> list:
+    """Dataplanes for C{services} and for one client of each mesh."""
+    resources = [
+        dataplane_resource(f"dp-{s}-{m}", s, mesh=m, address=f"10.1.0.{i + 1}", port=80)
+        for i, (s, m) in enumerate(services)
+    ]
+    resources += [
+        dataplane_resource("client-default", "client", address=CLIENTS["default"], port=80),
+        dataplane_resource(
+            "client-payments", "client", mesh=payments_client, address=CLIENTS["payments"], port=80
+        ),
+    ]
+    return resources
+
+
+def wire(zone: Zone) -> tuple[KumaDNSServerFactory, KumaDNSDatagramProtocol, Capture]:
+    """A DNS factory following C{zone} as the zone service wires it, and its UDP protocol."""
+    authority = MeshAuthority(CONFIG, ["127.0.0.1", "::1"])
+    authority.update(zone.snapshot)
+    factory = KumaDNSServerFactory(authority, mesh_lookup(lambda: zone.snapshot), Metrics("z"))
+    # The authority first, then the cache.
+    zone.listeners.append(PreciseChanges(zone, authority.apply, factory.hot.apply))
+    proto = KumaDNSDatagramProtocol(factory)
+    capture = Capture()
+    proto._sendto = capture
+    return factory, proto, capture
 
 
 class Capture:
@@ -54,36 +131,8 @@ class Capture:
 @pytest.fixture
 def served() -> tuple[Zone, KumaDNSServerFactory, KumaDNSDatagramProtocol, Capture]:
     zone = Zone("zone-1", CONFIG, SQLiteStore(":memory:"))
-    services = [
-        ("redis", "default"),
-        ("backend", "default"),
-        ("redis", "payments"),
-        ("ledger", "payments"),
-        ("echo-server_echo-example_svc_1010", "default"),
-        (LONG_LABEL, "default"),
-        ("a_b", "default"),
-        ("a.b", "default"),
-    ]
-    resources = [
-        dataplane_resource(f"dp-{i}", s, mesh=m, address=f"10.1.0.{i + 1}", port=80)
-        for i, (s, m) in enumerate(services)
-    ]
-    resources += [
-        dataplane_resource("client-default", "client", address=CLIENTS["default"], port=80),
-        dataplane_resource(
-            "client-payments", "client", mesh="payments", address=CLIENTS["payments"], port=80
-        ),
-    ]
-    zone.set_file("/inventory.yaml", resources, 0.0)
-    authority = MeshAuthority(CONFIG, ["127.0.0.1", "::1"])
-    authority.update(zone.snapshot)
-    zone.listeners.append(lambda change: authority.update(change.snapshot))
-    factory = KumaDNSServerFactory(authority, mesh_lookup(lambda: zone.snapshot), Metrics("z"))
-    zone.listeners.append(lambda change: factory.hot.clear())
-    proto = KumaDNSDatagramProtocol(factory)
-    capture = Capture()
-    proto._sendto = capture
-    return zone, factory, proto, capture
+    zone.set_file("/inventory.yaml", inventory(SERVICES), 0.0)
+    return (zone, *wire(zone))
 
 
 def random_case(rng: random.Random, name: str) -> str:
@@ -272,3 +321,200 @@ def test_an_opt_record_not_owned_by_the_root_is_formerr(served) -> None:
         proto.datagramReceived(bad, (CLIENTS["default"], 5353))
         assert dns.message.from_wire(capture.sent.pop()).rcode() == dns.rcode.FORMERR
     assert factory.stats.hot_answers == 0
+
+
+# -- changes: only what they touch goes ----------------------------------------------
+
+#: Types asked in the corpus before and after changes.
+CHANGE_TYPES = ["A", "AAAA", "ANY", "TXT", "MX", "SOA", "NS", "PTR"]
+#: The table after each change: added, removed, renamed (a.b.mesh changes owner),
+#: an empty non-terminal appearing (v1.mesh in payments) and going, a client moving mesh.
+STEPS: list[tuple[str, list[tuple[str, str]], str]] = [
+    ("add", [*SERVICES, ("cache", "default")], "payments"),
+    ("remove", [s for s in SERVICES if s != ("backend", "default")], "payments"),
+    ("rename", [s for s in SERVICES if s != ("a.b", "default")] + [("a.c", "default")], "payments"),
+    ("non-terminal appears", [*SERVICES, ("api_v1", "payments")], "payments"),
+    ("non-terminal goes", SERVICES, "payments"),
+    ("client moves", SERVICES, "default"),
+]
+#: Names asked whatever the table: ones the changes make and unmake, odd ones.
+CHANGE_NAMES = [
+    "cache.mesh",
+    "backend.mesh",
+    "a.b.mesh",
+    "a.c.mesh",
+    "a_c.mesh",
+    "api_v1.mesh",
+    "api.v1.mesh",
+    "v1.mesh",
+    "x.v1.mesh",
+    "x.dns.mesh",
+    "hostmaster.mesh",
+    "x.hostmaster.mesh",
+    "example.com",
+]
+
+
+def scratch_server(zone: Zone) -> Callable[[bytes, str], bytes]:
+    """What a DNS server built afresh on the zone's table says: its authority path alone."""
+    authority = MeshAuthority(CONFIG, ["127.0.0.1", "::1"])
+    authority.update(zone.snapshot)
+    factory = KumaDNSServerFactory(authority, mesh_lookup(lambda: zone.snapshot), Metrics("z"))
+    proto = KumaDNSDatagramProtocol(factory)
+    capture = Capture()
+    proto._sendto = capture
+
+    def answer(query: bytes, host: str) -> bytes:
+        factory.packetReceived(query, proto, (host, 5353), None)
+        return capture.sent.pop()
+
+    return answer
+
+
+def change_corpus(zone: Zone, rng: random.Random) -> list[tuple[bytes, str]]:
+    """Every name in every mesh, each type, in random case and EDNS state; random names too."""
+    names = corpus_names(zone) + CHANGE_NAMES
+    # Random names, several of one length: their negative answers share a tail.
+    names += [f"r{rng.randrange(10**6, 10**7)}.mesh" for _ in range(4)]
+    names += [f"r{rng.randrange(10**6, 10**7)}.redis.mesh" for _ in range(2)]
+    queries = []
+    for name in names:
+        for rdtype in CHANGE_TYPES:
+            for host in CLIENTS.values():
+                edns = rng.randrange(3)
+                query = make_query(
+                    random_case(rng, name), rdtype, edns, rng.random() < 0.5, "IN", rng
+                )
+                queries.append((query, host))
+    return queries
+
+
+def test_hot_answers_equal_a_fresh_server_before_and_after_changes(served) -> None:
+    zone, factory, proto, capture = served
+    rng = random.Random(SEED)
+    for step, (what, services, payments_client) in enumerate(
+        [("start", SERVICES, "payments"), *STEPS]
+    ):
+        if step:
+            zone.set_file("/inventory.yaml", inventory(services, payments_client), float(step))
+        rcodes = set()
+        hot = factory.stats.hot_answers
+        queries = change_corpus(zone, rng)
+        scratch = scratch_server(zone)
+        for query, host in queries:
+            reference = scratch(query, host)
+            rcodes.add(reference[3] & 0x0F)
+            for again in range(2):  # authority path or hot, then hot
+                proto.datagramReceived(query, (host, 5353))
+                assert capture.sent.pop() == reference, (what, again, dns.message.from_wire(query))
+        assert {dns.rcode.NOERROR, dns.rcode.NXDOMAIN, dns.rcode.REFUSED} <= rcodes
+        # Nearly all of the asks come from the hot path (the cache was warm).
+        assert factory.stats.hot_answers - hot > 1.5 * len(queries), what
+
+
+def test_a_change_keeps_the_answers_of_names_it_does_not_touch(served) -> None:
+    zone, factory, proto, capture = served
+    host = CLIENTS["default"]
+    kept = [dns.message.make_query(name, "A").to_wire() for name in ("redis.mesh", "a_b.mesh")]
+    kept.append(dns.message.make_query("mesh", "NS").to_wire())
+    gone = dns.message.make_query("backend.mesh", "A").to_wire()
+    for query in [*kept, gone]:
+        proto.datagramReceived(query, (host, 5353))
+    templates = len(factory.hot.templates)
+    zone.set_file("/inventory.yaml", inventory([s for s in SERVICES if s[0] != "backend"]), 1.0)
+    assert len(factory.hot.templates) == templates - 1
+    hot = factory.stats.hot_answers
+    for query in kept:
+        proto.datagramReceived(query, (host, 5353))
+    assert factory.stats.hot_answers == hot + len(kept)
+    proto.datagramReceived(gone, (host, 5353))
+    assert dns.message.from_wire(capture.sent.pop()).rcode() == dns.rcode.NXDOMAIN
+
+
+def test_negative_answers_carry_the_serial_of_the_table(served) -> None:
+    zone, _factory, proto, capture = served
+    host = CLIENTS["default"]
+    for version in range(3):
+        if version:
+            services = [*SERVICES, (f"new{version}", "default")]
+            zone.set_file("/inventory.yaml", inventory(services), float(version))
+        for name, rdtype, rcode in [
+            ("nope.mesh", "A", dns.rcode.NXDOMAIN),
+            ("redis.mesh", "TXT", dns.rcode.NOERROR),
+            ("mesh", "SOA", dns.rcode.NOERROR),
+        ]:
+            for _ in range(3):
+                query = dns.message.make_query(random_case(random.Random(version), name), rdtype)
+                proto.datagramReceived(query.to_wire(), (host, 5353))
+                answer = dns.message.from_wire(capture.sent.pop())
+                assert answer.rcode() == rcode
+                (soa,) = answer.authority or answer.answer
+                assert soa[0].serial == zone.snapshot.version
+
+
+def test_a_flood_of_random_names_is_answered_hot_and_evicts_nothing(served) -> None:
+    _zone, factory, proto, capture = served
+    rng = random.Random(SEED)
+    host = CLIENTS["payments"]
+    known = [dns.message.make_query(name, "A").to_wire() for name in ("redis.mesh", "ledger.mesh")]
+    for query in known * 2:
+        proto.datagramReceived(query, (host, 5353))
+    hot = factory.hot
+    before = (dict(hot.templates), {mesh: dict(known) for mesh, known in hot.exact.items()})
+    answered = factory.stats.hot_answers
+    flood = 2000
+    for _ in range(flood):
+        # Random names of a few lengths, in the domain, below a service, and outside it.
+        name = rng.choice(["{}.mesh", "{}.redis.mesh", "{}.example.com"]).format(
+            "".join(
+                rng.choice("abcdefghijklmnopqrstuvwxyz0123456789")
+                for _ in range(rng.randrange(8, 12))
+            )
+        )
+        query = make_query(
+            random_case(rng, name), rng.choice(["A", "AAAA"]), rng.randrange(3), True, "IN", rng
+        )
+        proto.datagramReceived(query, (host, 5353))
+        expected = dns.rcode.REFUSED if name.endswith("example.com") else dns.rcode.NXDOMAIN
+        assert dns.message.from_wire(capture.sent.pop()).rcode() == expected
+    assert (hot.templates, hot.exact) == before
+    # One authority-path answer per kind of tail (rcode, length, EDNS state): a few dozen.
+    assert factory.stats.hot_answers - answered > flood - 100
+    assert len(hot.tails) < 100
+    answered = factory.stats.hot_answers
+    for query in known:
+        proto.datagramReceived(query, (host, 5353))
+    assert factory.stats.hot_answers == answered + len(known)
+
+
+@settings(max_examples=20, deadline=None)
+@given(states)
+def test_any_sequence_of_changes_answers_as_a_fresh_server(sequence) -> None:
+    """Authority and cache kept by ZoneChanges answer as a fresh server with no cache."""
+    meshes = {"192.0.2.1": "default", "192.0.2.2": "payments", "192.0.2.200": "default"}
+    authority = MeshAuthority(CONFIG, ["127.0.0.1"])
+    factory = KumaDNSServerFactory(authority, meshes.__getitem__, Metrics("z"))
+    proto = KumaDNSDatagramProtocol(factory)
+    capture = Capture()
+    proto._sendto = capture
+    before: tuple[VipEntry, ...] = ()
+    for version, state in enumerate(sequence, 1):
+        after = as_entries(state)
+        change = diff(before, after, version)
+        authority.apply(change)
+        factory.hot.apply(change)
+        fresh = MeshAuthority(CONFIG, ["127.0.0.1"])
+        fresh.update(change.snapshot)
+        reference = KumaDNSServerFactory(fresh, meshes.__getitem__, Metrics("z"))
+        rng = random.Random(version)
+        for name in POOL_NAMES:
+            text = random_case(rng, name.decode())
+            for rdtype in rng.sample(["A", "AAAA", "PTR", "TXT", "SOA", "ANY"], 2):
+                host = rng.choice(list(meshes))
+                query = make_query(text, rdtype, rng.randrange(3), True, "IN", rng)
+                reference.packetReceived(query, proto, (host, 5353), None)
+                expected = capture.sent.pop()
+                for _ in range(2):
+                    proto.datagramReceived(query, (host, 5353))
+                    assert capture.sent.pop() == expected, (version, text, rdtype, host)
+        before = after

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from kumazone.core.limits import ZoneLimits, ZoneRefused, check_service_keys
 from kumazone.core.messages import Inventory, ProtocolError, Row
-from kumazone.core.names import assign_names, service_names
+from kumazone.core.names import NameIndex, ServiceNames, assign_names, service_names
+from kumazone.core.sortedindex import SortedIndex
 from kumazone.core.storage import Store, StoreChanges, StoreError
 from kumazone.core.view import FederatedView, check_part
 from kumazone.core.vips import (
@@ -37,6 +38,8 @@ __all__ = ["FederatedView", "Federation", "MergedTable", "ZoneRecord"]
 
 #: Versions kept in the change log; a zone further behind gets the whole table.
 CHANGE_LOG_VERSIONS = 1024
+#: Beyond this share of the listing changed at once (1/N), it is sorted anew.
+_BULK_SHARE = 32
 
 
 class _Change(NamedTuple):
@@ -46,7 +49,22 @@ class _Change(NamedTuple):
     keys: frozenset[ServiceKey]
 
 
-@dataclass
+@dataclass(slots=True)
+class _Pending:
+    """An inventory being received in parts.
+
+    A full one gathers its keys; a change gathers, per key, whether the zone has
+    it after the change (a remove after an add of one key wins), and counts the
+    services the zone would have, so that a change costs what it names.
+    """
+
+    full: bool
+    keys: set[ServiceKey] = field(default_factory=set)
+    present: dict[ServiceKey, bool] = field(default_factory=dict)
+    count: int = 0
+
+
+@dataclass(slots=True)
 class ZoneRecord:
     """What the global knows of one zone."""
 
@@ -56,14 +74,30 @@ class ZoneRecord:
     last_contact: float = 0.0
     acked: int = 0
     #: An inventory (full or a change) being received in parts, applied at its last.
-    pending: set[ServiceKey] | None = None
+    pending: _Pending | None = None
     pending_part: int | None = None
     #: When the zone's acked version fell behind, for the sync-lag metric.
     behind_since: float | None = None
 
 
+_cached_service_names = functools.lru_cache(maxsize=1 << 14)(service_names)
+
+
 class MergedTable:
-    """The one VIP table of the federation."""
+    """The one VIP table of the federation, kept at the cost of what changes.
+
+    A zone's inventory change of k services updates the zones of those k
+    services, allocates or releases only the services that came or went
+    everywhere (L{VipAllocator.change}), logs them, and updates, for those
+    services only, what the API pages: L{listing} (the rows in key order) and
+    the names each row owns (L{names_of}).  L{reconcile} is the from-scratch
+    form, for start-up.
+
+    @ivar listing: every row, by service key, in key order (live: changed at the
+        next change; read it on the reactor, never keep it).
+    @ivar unstored: the zones' services added (True) and removed (False) since
+        the store last took them (L{take_unstored}): what a commit writes.
+    """
 
     def __init__(
         self,
@@ -73,17 +107,31 @@ class MergedTable:
         holds: Iterable[Hold] = (),
         version: int = 0,
         zones: Iterable[ZoneRecord] = (),
+        domain: str = "mesh",
     ) -> None:
         self.allocator = VipAllocator(vip_range, hold_down, allocations, holds, version)
         self.zones: dict[str, ZoneRecord] = {z.name: z for z in zones}
+        self.domain = domain
+        #: One tuple per set of zones, shared by every row in those zones.
+        self._zone_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._zones_of: dict[ServiceKey, tuple[str, ...]] = self._compute_zones_of()
         #: (version, keys changed in that version), oldest first.
         self._log: list[_Change] = []
+        self.unstored: dict[str, dict[ServiceKey, bool]] = {}
+        self.listing: SortedIndex[ServiceKey, Row] = SortedIndex()
+        self._names = NameIndex(self._service_names)
+        self._rebuild_views()
 
     @property
     def version(self) -> int:
         """The table's version (the SOA serial zones serve)."""
         return self.allocator.version
+
+    def set_domain(self, domain: str) -> None:
+        """Name services under C{domain} from now on (O(table): configuration only)."""
+        if domain != self.domain:
+            self.domain = domain
+            self._rebuild_views()
 
     def restore(
         self,
@@ -100,15 +148,34 @@ class MergedTable:
         self.zones = {z.name: z for z in zones}
         for name in connected & set(self.zones):
             self.zones[name].connected = True
+        self._zone_sets = {}
         self._zones_of = self._compute_zones_of()
         self._log.clear()
+        self.unstored.clear()
+        self._rebuild_views()
+
+    def _zone_set(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        return self._zone_sets.setdefault(names, names)
 
     def _compute_zones_of(self) -> dict[ServiceKey, tuple[str, ...]]:
         zones_of: dict[ServiceKey, list[str]] = {}
         for name in sorted(self.zones):
             for key in self.zones[name].services:
                 zones_of.setdefault(key, []).append(name)
-        return {key: tuple(names) for key, names in zones_of.items()}
+        return {key: self._zone_set(tuple(names)) for key, names in zones_of.items()}
+
+    def _service_names(self, service: str) -> ServiceNames:
+        # The name index asks for one service's names a few times per change: a
+        # bounded cache (not one entry per service: the global holds a million).
+        return _cached_service_names(service, self.domain)
+
+    def _rebuild_views(self) -> None:
+        """The listing and the names from scratch (start-up, a recovery, a new domain)."""
+        allocations = self.allocator.allocations
+        self.listing = SortedIndex((key, self.row(key)) for key in allocations)
+        self._names = NameIndex(self._service_names)
+        for key, allocation in allocations.items():
+            self._names.put(key.mesh, key.service, allocation.claim)
 
     # -- zones ------------------------------------------------------------------
 
@@ -124,9 +191,10 @@ class MergedTable:
     ) -> TableDelta | None:
         """Apply one inventory part; a delta when the merged set changed, else None.
 
-        Raises L{ZoneRefused} (dropping the whole inventory being received, and
-        keeping the zone's services as they were) for a part that breaks the
-        rules or C{limits}.
+        A change costs what it names; a full inventory, what it holds.  Raises
+        L{ZoneRefused} (dropping the whole inventory being received, and keeping
+        the zone's services as they were) for a part that breaks the rules or
+        C{limits}.
         """
         record = self.zone(name)
         record.last_contact = now
@@ -139,15 +207,19 @@ class MergedTable:
             record.pending, record.pending_part = pending, message.part
             return None
         record.pending, record.pending_part = None, None
-        if pending == record.services:
+        services = record.services
+        if pending.full:
+            added = pending.keys - services
+            removed = services - pending.keys
+        else:
+            added = {k for k, present in pending.present.items() if present and k not in services}
+            removed = {k for k, present in pending.present.items() if not present and k in services}
+        if not added and not removed:
             return None
-        record.services = pending
-        return self.reconcile(now)
+        return self.change_zone(name, added, removed, now)
 
-    def _gather(
-        self, record: ZoneRecord, message: Inventory, limits: ZoneLimits
-    ) -> set[ServiceKey]:
-        """The zone's services once C{message} is added to the parts received so far."""
+    def _gather(self, record: ZoneRecord, message: Inventory, limits: ZoneLimits) -> _Pending:
+        """The inventory being received once C{message} is added to the parts so far."""
         try:
             check_part(message.part, record.pending_part)
         except ProtocolError as e:
@@ -162,24 +234,83 @@ class MergedTable:
         pending = record.pending
         if message.part == 0 or pending is None:
             # A change is applied whole, like a full inventory: one version for it.
-            pending = set() if message.full else set(record.services)
-        pending = pending | {ServiceKey(m, s) for m, s in message.add}
-        if not message.full:
-            pending -= {ServiceKey(m, s) for m, s in message.remove}
-        if len(pending) > limits.max_services:
+            pending = _Pending(message.full, count=0 if message.full else len(record.services))
+        if pending.full:
+            pending.keys.update(ServiceKey(m, s) for m, s in message.add)
+            pending.count = len(pending.keys)
+        else:
+            services, present = record.services, pending.present
+            for keys, now_present in ((message.add, True), (message.remove, False)):
+                for mesh, service in keys:
+                    key = ServiceKey(mesh, service)
+                    before = present.get(key)
+                    if before is None:
+                        before = key in services
+                    if before != now_present:
+                        pending.count += 1 if now_present else -1
+                    present[key] = now_present
+        if pending.count > limits.max_services:
             raise ZoneRefused(
                 "too-many-services",
-                f"zone {record.name} would have {len(pending)} services, "
+                f"zone {record.name} would have {pending.count} services, "
                 f"more than its limit of {limits.max_services}",
             )
         return pending
 
+    def change_zone(
+        self,
+        name: str,
+        added: Iterable[ServiceKey],
+        removed: Iterable[ServiceKey],
+        now: float,
+    ) -> TableDelta:
+        """Zone C{name} gains C{added} and loses C{removed}: O(those keys)."""
+        record = self.zone(name)
+        services, zones_of = record.services, self._zones_of
+        unstored = self.unstored.setdefault(name, {})
+        new: list[ServiceKey] = []
+        gone: list[ServiceKey] = []
+        touched: set[ServiceKey] = set()
+        for key in added:
+            if key in services:
+                continue
+            services.add(key)
+            unstored[key] = True
+            touched.add(key)
+            zones = zones_of.get(key)
+            if zones is None:
+                zones_of[key] = self._zone_set((name,))
+                new.append(key)
+            else:
+                zones_of[key] = self._zone_set(tuple(sorted((*zones, name))))
+        for key in removed:
+            if key not in services:
+                continue
+            services.discard(key)
+            unstored[key] = False
+            touched.add(key)
+            self._leave(key, name, gone)
+        return self._changed(touched, new, gone, now)
+
+    def _leave(self, key: ServiceKey, name: str, gone: list[ServiceKey]) -> None:
+        """Zone C{name} no longer has C{key}; C{gone} gets it if no zone has."""
+        rest = tuple(z for z in self._zones_of[key] if z != name)
+        if rest:
+            self._zones_of[key] = self._zone_set(rest)
+        else:
+            del self._zones_of[key]
+            gone.append(key)
+
     def delete_zone(self, name: str, now: float) -> TableDelta | None:
-        """Forget a zone and its services; None if there was no such zone."""
-        if name not in self.zones:
+        """Forget a zone and its services (O(its services)); None if there was no such zone."""
+        record = self.zones.pop(name, None)
+        if record is None:
             return None
-        del self.zones[name]
-        return self.reconcile(now)
+        self.unstored.pop(name, None)  # the store deletes the zone's rows with it
+        gone: list[ServiceKey] = []
+        for key in record.services:
+            self._leave(key, name, gone)
+        return self._changed(record.services, [], gone, now)
 
     def acknowledge(self, name: str, version: int, now: float) -> None:
         """A zone says it holds table C{version}; L{ZoneRefused} for one never made."""
@@ -192,24 +323,85 @@ class MergedTable:
         record.last_contact = now
         record.behind_since = None if version >= self.version else record.behind_since
 
+    def take_unstored(self) -> tuple[list[tuple[str, ServiceKey]], list[tuple[str, ServiceKey]]]:
+        """The zones' services (zone, key) added and removed since last taken; forgotten."""
+        added: list[tuple[str, ServiceKey]] = []
+        removed: list[tuple[str, ServiceKey]] = []
+        for name, keys in self.unstored.items():
+            for key, present in keys.items():
+                (added if present else removed).append((name, key))
+        self.unstored = {}
+        return added, removed
+
     # -- the table --------------------------------------------------------------
 
     def reconcile(self, now: float) -> TableDelta:
-        """Allocate for the union of every zone's services; log what changed."""
+        """Allocate for the union of every zone's services, from scratch: O(table).
+
+        For start-up (the zones and the table as stored); every later change goes
+        through L{change_zone}, L{delete_zone} and L{expire}, which cost what changes.
+        """
         zones_of = self._compute_zones_of()
         delta = self.allocator.reconcile(zones_of.keys(), now)
         changed = {a.key for a in delta.added} | {a.key for a in delta.removed}
         changed |= {k for k, z in zones_of.items() if self._zones_of.get(k) != z}
+        changed |= self._zones_of.keys() - zones_of.keys()
         self._zones_of = zones_of
-        if changed and not delta.changed:
-            self.allocator.version += 1  # only the zones of some services changed
-        if changed:
-            self._log.append(_Change(self.version, frozenset(changed)))
-            del self._log[:-CHANGE_LOG_VERSIONS]
-            for record in self.zones.values():
-                if record.behind_since is None:
-                    record.behind_since = now
+        self._log_change(changed, delta, now)
+        self._rebuild_views()
         return delta
+
+    def expire(self, now: float) -> TableDelta:
+        """Expire hold-downs run out and retry services waiting for room: O(those)."""
+        return self._changed(set(), [], [], now)
+
+    def _changed(
+        self,
+        touched: Iterable[ServiceKey],
+        new: list[ServiceKey],
+        gone: list[ServiceKey],
+        now: float,
+    ) -> TableDelta:
+        """Allocate C{new}, release C{gone}; log and show C{touched} and what that changed."""
+        delta = self.allocator.change(new, gone, now)
+        changed = set(touched)
+        changed.update(a.key for a in delta.added)
+        changed.update(a.key for a in delta.removed)
+        self._log_change(changed, delta, now)
+        self._show(changed)
+        return delta
+
+    def _log_change(self, changed: set[ServiceKey], delta: TableDelta, now: float) -> None:
+        if not changed:
+            return
+        if not delta.changed:
+            self.allocator.version += 1  # only the zones of some services changed
+        self._log.append(_Change(self.version, frozenset(changed)))
+        del self._log[:-CHANGE_LOG_VERSIONS]
+        for record in self.zones.values():
+            if record.behind_since is None:
+                record.behind_since = now
+
+    def _show(self, changed: set[ServiceKey]) -> None:
+        """Bring the listing and the names up to date for C{changed}."""
+        allocations, names = self.allocator.allocations, self._names
+        pairs: list[tuple[ServiceKey, Row | None]] = []
+        for key in changed:
+            allocation = allocations.get(key)
+            if allocation is None:
+                pairs.append((key, None))
+                names.remove(key.mesh, key.service)
+            else:
+                pairs.append((key, self.row(key)))
+                names.put(key.mesh, key.service, allocation.claim)
+        if len(pairs) * _BULK_SHARE > len(self.listing):
+            self.listing.update(pairs)  # many: sorted anew
+            return
+        for key, row in pairs:
+            if row is None:
+                self.listing.pop(key)
+            else:
+                self.listing.set(key, row)
 
     def row(self, key: ServiceKey) -> Row:
         """The row of service C{key}, as sent to zones."""
@@ -219,11 +411,20 @@ class MergedTable:
         )
 
     def rows(self) -> list[Row]:
-        """The whole table, sorted by mesh and service."""
-        return [self.row(key) for key in sorted(self.allocator.allocations)]
+        """The whole table, sorted by mesh and service (a copy of L{listing}: O(table))."""
+        return list(self.listing)
+
+    def names_of(self, key: ServiceKey) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The DNS names row C{key} owns and the problems of the others, as zones compute them.
+
+        Under L{domain}; KeyError for a service without a row.  O(1).
+        """
+        return self._names.assigned(key.mesh, key.service)
 
     def names(self, domain: str) -> dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]]:
-        """Each row's DNS names and problems, owned as every zone computes them."""
+        """Each row's DNS names and problems, owned as every zone computes them (O(table))."""
+        if domain == self.domain:
+            return {(k.mesh, k.service): self.names_of(k) for k in self.listing.keys()}
         return assign_names(
             (
                 (key.mesh, key.service, allocation.claim)
@@ -255,8 +456,10 @@ class Federation:
     """The global's core: the merged table kept equal to its store.
 
     It restores the table from the store at start-up (allocating anew when the
-    VIP range changed), persists every change, and after a failed write puts the
-    table back to what the store holds, so that nothing unstored is pushed.
+    VIP range changed), persists every change (the rows it changed: the table's
+    delta, the zones' services that came and went, the records named), and
+    after a failed write puts the table back to what the store holds, so that
+    nothing unstored is pushed.
     """
 
     def __init__(
@@ -282,6 +485,9 @@ class Federation:
                 "every VIP is allocated anew"
             )
             allocations, holds, reset = [], [], True
+        #: Zones whose stored services did not all validate (dropped; store them again).
+        dropped = _drop_invalid_services(state.zones, warn)
+        self.cleaned_zones = sorted(dropped)
         self.merged = MergedTable(
             VipRange(config.cidr, config.cidr6),
             config.hold_down,
@@ -289,37 +495,24 @@ class Federation:
             holds,
             state.table_version,
             state.zones,
+            domain=config.domain,
         )
+        for name, keys in dropped.items():
+            self.merged.unstored[name] = dict.fromkeys(keys, False)
         for record in self.merged.zones.values():
             record.connected = False
-        #: Zones whose stored services did not all validate (dropped; store them again).
-        self.cleaned_zones = self._drop_invalid_services(warn)
         store.commit(StoreChanges(table_id=table_id, vip_range=self._range_id, reset_table=reset))
-
-    def _drop_invalid_services(self, warn: Callable[[str], None]) -> list[str]:
-        """Drop stored services that break the rules (stored by an older kumazone)."""
-        cleaned = []
-        for name, record in sorted(self.merged.zones.items()):
-            bad = set()
-            for key in record.services:
-                try:
-                    check_service_keys([(key.mesh, key.service)], "service")
-                except ZoneRefused:
-                    bad.add(key)
-            if bad:
-                record.services -= bad
-                cleaned.append(name)
-                warn(f"zone {name}: {len(bad)} stored service(s) are not valid names: dropped")
-        return cleaned
 
     def persist(
         self, delta: TableDelta | None, zones: Iterable[str], deleted: Iterable[str]
     ) -> None:
-        """Store a change: the table delta, the records of C{zones}, C{deleted} zones.
+        """Store a change: the table delta, the zones' services that changed, the
+        records of C{zones}, C{deleted} zones.  Writes only those rows.
 
         Raises L{StoreError} after putting the table back to what the store holds.
         """
         merged = self.merged
+        added, removed = merged.take_unstored()
         try:
             self.store.commit(
                 StoreChanges(
@@ -327,6 +520,8 @@ class Federation:
                     table_version=merged.version,
                     zones_put=tuple(merged.zones[z] for z in zones if z in merged.zones),
                     zones_deleted=tuple(deleted),
+                    zone_services_added=added,
+                    zone_services_removed=removed,
                 )
             )
         except StoreError:
@@ -334,7 +529,7 @@ class Federation:
             raise
 
     def _recover(self) -> None:
-        """After a failed write: memory goes back to what the store holds."""
+        """After a failed write: memory goes back to what the store holds (O(table))."""
         stored = self.store.load()
         self.merged.restore(stored.allocations, stored.holds, stored.table_version, stored.zones)
 
@@ -342,5 +537,24 @@ class Federation:
         """Periodic work: expire hold-downs and retry a full range when due; the change, if any."""
         if not self.merged.allocator.due(now):
             return None
-        delta = self.merged.reconcile(now)
+        delta = self.merged.expire(now)
         return delta if delta.anything else None
+
+
+def _drop_invalid_services(
+    zones: Iterable[ZoneRecord], warn: Callable[[str], None]
+) -> dict[str, set[ServiceKey]]:
+    """Drop stored services that break the rules (stored by an older kumazone); by zone."""
+    dropped = {}
+    for record in sorted(zones, key=lambda record: record.name):
+        bad = set()
+        for key in record.services:
+            try:
+                check_service_keys([(key.mesh, key.service)], "service")
+            except ZoneRefused:
+                bad.add(key)
+        if bad:
+            record.services -= bad
+            dropped[record.name] = bad
+            warn(f"zone {record.name}: {len(bad)} stored service(s) are not valid names: dropped")
+    return dropped

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from kumazone.core.resources import Resource, ResourceKey
-from kumazone.core.vips import Allocation, Hold, TableDelta
+from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
 
 if TYPE_CHECKING:
     # federation.py depends on this interface; its ZoneRecord only annotates here.
@@ -57,9 +57,14 @@ class StoreChanges:
     #: Drop every stored allocation and hold-down before applying C{delta}.
     reset_table: bool = False
     table_id: str | None = None
-    #: The global's records of zones, created or replaced, and deleted.
+    #: The global's records of zones (contact, acked), created or replaced, and
+    #: deleted (a deleted zone's services go with it).  A record put does not
+    #: write the zone's services: those are the two fields below.
     zones_put: Sequence[ZoneRecord] = ()
     zones_deleted: Sequence[str] = ()
+    #: The zones' services (zone name, service) that came and went.
+    zone_services_added: Sequence[tuple[str, ServiceKey]] = ()
+    zone_services_removed: Sequence[tuple[str, ServiceKey]] = ()
 
 
 class Store(Protocol):

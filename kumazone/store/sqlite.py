@@ -1,9 +1,24 @@
-"""The store: resources given through the API and the VIP table, in SQLite.
+"""The store: resources given through the API, the VIP table and the global's zones, in SQLite.
 
-Every change is one transaction, so a process killed at any moment restarts with a
-consistent table; C{UNIQUE(vip_offset)} makes a VIP on two services impossible.  No
-Twisted here: the zone calls it from the reactor thread (one transaction per change;
-a change of many rows, such as a first load, writes them all in it).
+Every change is one transaction that writes the rows it changed and no others:
+the resources put or deleted, the allocations and hold-downs of the table's
+delta, the meta values given, the global's zone records named (one row each: a
+hello or a disconnect writes one row) and the zones' services that came and
+went (one row each).  C{UNIQUE(vip_offset)} makes a VIP on two services
+impossible.  No Twisted here: the zone and the global call it from the reactor
+thread, one transaction per change (a change of many rows, such as a first
+load, writes them all in it).
+
+Durability.  The database is in WAL mode with C{synchronous=FULL}: every commit
+appends its pages to the write-ahead log and fsyncs it before C{commit}
+returns; checkpoints (SQLite's, automatic) fsync the database file too.  So a
+crash, or a power loss, at any moment loses at most the transaction being
+written, which was never acknowledged: an API PUT is answered after its commit
+returns, a zone acknowledges a table version only once it has stored it, and
+the global pushes to zones only what it has stored (after a failed write it
+goes back to what the store holds).  After a crash SQLite rolls back the
+unfinished transaction at the next open; the store holds every acknowledged
+change, and nothing else.
 """
 
 from __future__ import annotations
@@ -14,13 +29,13 @@ import sqlite3
 from importlib import resources as package_files
 
 from kumazone.core.federation import ZoneRecord
-from kumazone.core.resources import ResourceKey, parse_resource
+from kumazone.core.resources import ResourceKey, parse_stored
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _schema(version: int) -> str:
@@ -32,7 +47,7 @@ def _schema_file(name: str) -> str:
 
 
 #: The script that takes a store from each older schema version to the next one.
-_MIGRATIONS = {1: "migrate-v1-v2.sql"}
+_MIGRATIONS = {1: "migrate-v1-v2.sql", 2: "migrate-v2-v3.sql"}
 
 
 class SQLiteStore:
@@ -100,40 +115,51 @@ class SQLiteStore:
 
     def _load(self) -> StoredState:
         state = StoredState()
-        for type_, mesh, name, document in self._db.execute(
+        db = self._db
+        for type_, mesh, name, document in db.execute(
             "SELECT type, mesh, name, document FROM resources ORDER BY type, mesh, name"
         ):
-            key = ResourceKey(type_, mesh, name)
             try:
-                resource = parse_resource(json.loads(document))
+                resource = parse_stored(document)
             except ValueError as e:
-                state.bad_resources.append((key, str(e)))
+                state.bad_resources.append((ResourceKey(type_, mesh, name), str(e)))
                 continue
             state.resources.append(resource)
-        state.allocations = [
-            Allocation(ServiceKey(mesh, service), offset, tuple(json.loads(zones)), claim)
-            for mesh, service, offset, zones, claim in self._db.execute(
-                "SELECT mesh, service, vip_offset, zones, claim FROM vips ORDER BY vip_offset"
+        #: One key object per service, shared by the table and every zone's services.
+        keys: dict[tuple[str, str], ServiceKey] = {}
+        #: One tuple per set of zones (most rows share a few).
+        zone_sets: dict[str, tuple[str, ...]] = {}
+        allocations = state.allocations
+        for mesh, service, offset, zones, claim in db.execute(
+            "SELECT mesh, service, vip_offset, zones, claim FROM vips ORDER BY vip_offset"
+        ):
+            key = keys[(mesh, service)] = ServiceKey(mesh, service)
+            names = zone_sets.get(zones)
+            if names is None:
+                names = zone_sets[zones] = tuple(json.loads(zones))
+            allocations.append(Allocation(key, offset, names, claim))
+        records = {
+            name: ZoneRecord(name, set(), last_contact=last_contact, acked=acked)
+            for name, last_contact, acked in db.execute(
+                "SELECT name, last_contact, acked FROM zones ORDER BY name"
             )
-        ]
-        state.zones = [
-            ZoneRecord(
-                name,
-                {ServiceKey(mesh, service) for mesh, service in json.loads(services)},
-                last_contact=last_contact,
-                acked=acked,
-            )
-            for name, services, last_contact, acked in self._db.execute(
-                "SELECT name, services, last_contact, acked FROM zones ORDER BY name"
-            )
-        ]
+        }
+        for zone, mesh, service in db.execute("SELECT zone, mesh, service FROM zone_services"):
+            record = records.get(zone)
+            if record is None:
+                continue  # rows of a zone deleted (never written so; harmless)
+            shared = keys.get((mesh, service))
+            if shared is None:
+                shared = keys[(mesh, service)] = ServiceKey(mesh, service)
+            record.services.add(shared)
+        state.zones = list(records.values())
         state.holds = [
             Hold(ServiceKey(mesh, service), offset, until)
-            for offset, mesh, service, until in self._db.execute(
+            for offset, mesh, service, until in db.execute(
                 "SELECT vip_offset, mesh, service, until FROM holds ORDER BY vip_offset"
             )
         ]
-        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         state.table_version = int(meta["table_version"])
         state.vip_range = meta["vip_range"]
         state.table_id = meta["table_origin"]
@@ -172,42 +198,58 @@ class SQLiteStore:
             )
 
     def _write_delta(self, delta: TableDelta) -> None:
+        # executemany: one statement prepared for all rows (a first load writes 100,000).
         db = self._db
-        for allocation in delta.removed:
-            db.execute(
-                "DELETE FROM vips WHERE mesh=? AND service=?",
-                (allocation.key.mesh, allocation.key.service),
-            )
-        for hold in delta.holds_dropped:
-            db.execute("DELETE FROM holds WHERE vip_offset=?", (hold.offset,))
-        for hold in delta.holds_added:
-            db.execute(
-                "INSERT OR REPLACE INTO holds (vip_offset, mesh, service, until) "
-                "VALUES (?, ?, ?, ?)",
-                (hold.offset, hold.key.mesh, hold.key.service, hold.until),
-            )
-        for allocation in delta.added:
-            db.execute(
-                "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (?, ?, ?, ?, ?)",
+        db.executemany(
+            "DELETE FROM vips WHERE mesh=? AND service=?",
+            [(a.key.mesh, a.key.service) for a in delta.removed],
+        )
+        db.executemany(
+            "DELETE FROM holds WHERE vip_offset=?", [(h.offset,) for h in delta.holds_dropped]
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO holds (vip_offset, mesh, service, until) VALUES (?, ?, ?, ?)",
+            [(h.offset, h.key.mesh, h.key.service, h.until) for h in delta.holds_added],
+        )
+        zones_text: dict[tuple[str, ...], str] = {}
+        db.executemany(
+            "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (?, ?, ?, ?, ?)",
+            [
                 (
-                    allocation.key.mesh,
-                    allocation.key.service,
-                    allocation.offset,
-                    json.dumps(list(allocation.zones)),
-                    allocation.claim,
-                ),
-            )
+                    a.key.mesh,
+                    a.key.service,
+                    a.offset,
+                    zones_text.get(a.zones)
+                    or zones_text.setdefault(a.zones, json.dumps(list(a.zones))),
+                    a.claim,
+                )
+                for a in delta.added
+            ],
+        )
 
     def _write_zones(self, changes: StoreChanges) -> None:
-        for record in changes.zones_put:
-            services = sorted([k.mesh, k.service] for k in record.services)
-            self._db.execute(
-                "INSERT OR REPLACE INTO zones (name, services, last_contact, acked) "
-                "VALUES (?, ?, ?, ?)",
-                (record.name, json.dumps(services), record.last_contact, record.acked),
-            )
+        db = self._db
         for name in changes.zones_deleted:
-            self._db.execute("DELETE FROM zones WHERE name=?", (name,))
+            db.execute("DELETE FROM zones WHERE name=?", (name,))
+            db.execute("DELETE FROM zone_services WHERE zone=?", (name,))
+        for record in changes.zones_put:
+            # One row: the zone's services are rows of their own (below).
+            db.execute(
+                "INSERT INTO zones (name, last_contact, acked) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET "
+                "last_contact=excluded.last_contact, acked=excluded.acked",
+                (record.name, record.last_contact, record.acked),
+            )
+        if changes.zone_services_removed:
+            db.executemany(
+                "DELETE FROM zone_services WHERE zone=? AND mesh=? AND service=?",
+                [(zone, k.mesh, k.service) for zone, k in changes.zone_services_removed],
+            )
+        if changes.zone_services_added:
+            db.executemany(
+                "INSERT OR IGNORE INTO zone_services (zone, mesh, service) VALUES (?, ?, ?)",
+                [(zone, k.mesh, k.service) for zone, k in changes.zone_services_added],
+            )
 
     def _write_meta(self, changes: StoreChanges) -> None:
         # The meta key of the table id is 'table_origin' on disk (since schema v1).

@@ -108,7 +108,8 @@ class GlobalHub:
                 session.proto.fail(f"the global cannot send its table: {e}", log=False)
 
     def record_quietly(self, zone: str) -> None:
-        """Store zone C{zone}'s record (contact, state); a failure only logs (bounded)."""
+        """Store zone C{zone}'s record (contact, acked: one row, not its services);
+        a failure only logs (bounded)."""
         try:
             self.persist(None, [zone], [])
         except StoreError as e:
@@ -359,7 +360,7 @@ class GlobalSession:
             return  # a zone not reading gets the changes, coalesced, once it reads
         changes = table.changes_since(self.sent_version) if self.sent_version >= 0 else None
         if changes is None:
-            messages = table_messages(table.version, 0, True, table.rows())
+            messages = table_messages(table.version, 0, True, table.listing)
         else:
             upsert, remove = changes
             messages = table_messages(table.version, self.sent_version, False, upsert, remove)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Set as AbstractSet
+from collections.abc import Iterable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -20,14 +20,14 @@ from kumazone.core.messages import (
 from kumazone.core.ratelimit import RateLimiter, limited
 from kumazone.core.view import FederatedView
 from kumazone.core.vips import ServiceKey
-from kumazone.core.zone import Zone
+from kumazone.core.zone import Zone, ZoneChange
 from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncProtocol
 
 __all__ = ["ZoneSync"]
 
 
-def _pairs(keys: AbstractSet[ServiceKey]) -> list[tuple[str, str]]:
+def _pairs(keys: Iterable[ServiceKey]) -> list[tuple[str, str]]:
     return [(key.mesh, key.service) for key in keys]
 
 
@@ -49,12 +49,13 @@ class ZoneSync:
         self.clock = clock
         self.metrics = metrics
         self.proto: SyncProtocol | None = None
-        self.sent: AbstractSet[ServiceKey] = frozenset()
+        #: The services the global was sent on this connection (changed in place).
+        self.sent: set[ServiceKey] = set()
         self.global_table_id: str | None = None
         self.force_full = False
         self.connected_since: float | None = None
         self.last_table_at: float | None = None
-        zone.listeners.append(lambda change: self.inventory_changed())
+        zone.listeners.append(self._changed)
         self._log_failure = limited(
             RateLimiter(burst=5, interval=60.0), clock, lambda line: self.log.warn(line)
         )
@@ -79,19 +80,45 @@ class ZoneSync:
                 str(self.zone.config.cidr6),
             )
         )
-        self.sent = self.zone.wanted()
+        self.sent = set(self.zone.wanted())
         for message in inventory_messages(_pairs(self.sent), full=True):
             proto.send(message)
 
+    def _changed(self, change: ZoneChange) -> None:
+        """The zone's table changed: send the services that came and went (O(those))."""
+        if self.proto is None or self.proto.closed or self.global_table_id is None:
+            return  # the next connection sends the whole inventory
+        if change.full:
+            self.inventory_changed()  # anything may have changed: compare whole (O(n))
+            return
+        sent = self.sent
+        add = [key for key in change.services_added if key not in sent]
+        remove = [key for key in change.services_removed if key in sent]
+        if not add and not remove:
+            return
+        sent.update(add)
+        sent.difference_update(remove)
+        self._send_change(add, remove)
+
     def inventory_changed(self) -> None:
-        """Send the global what changed in the inventory since it was last sent."""
+        """Send what changed in the whole inventory since it was last sent: O(inventory).
+
+        For a connection's start and a change that may have changed anything;
+        every other change goes through L{_changed}, at the cost of what it changed.
+        """
         if self.proto is None or self.proto.closed or self.global_table_id is None:
             return
-        wanted = self.zone.wanted()
-        if wanted == self.sent:
+        wanted, sent = self.zone.wanted(), self.sent
+        add = [key for key in wanted if key not in sent]
+        remove = [key for key in sent if key not in wanted]
+        if not add and not remove:
             return
-        add, remove = wanted - self.sent, self.sent - wanted
-        self.sent = wanted
+        sent.update(add)
+        sent.difference_update(remove)
+        self._send_change(add, remove)
+
+    def _send_change(self, add: Iterable[ServiceKey], remove: Iterable[ServiceKey]) -> None:
+        assert self.proto is not None
         for message in inventory_messages(_pairs(add), _pairs(remove), full=False):
             self.proto.send(message)
 

@@ -165,8 +165,11 @@ def stored(fed: Federation) -> tuple[dict[tuple[str, str], str], dict[str, int]]
             for mesh, service, offset in db.execute("SELECT mesh, service, vip_offset FROM vips")
         }
         zones = {
-            name: len(json.loads(services))
-            for name, services in db.execute("SELECT name, services FROM zones")
+            name: count
+            for name, count in db.execute(
+                "SELECT z.name, COUNT(s.zone) FROM zones z "
+                "LEFT JOIN zone_services s ON s.zone = z.name GROUP BY z.name"
+            )
         }
     finally:
         db.close()
@@ -237,7 +240,7 @@ def test_an_ack_of_a_version_beyond_any_integer_is_refused(fed: Federation) -> N
     peer = fed.peer()
     peer.hello()
     peer.send(inventory("ack-tester"))
-    body = b'{"v":2,"t":"ack","version":18446744073709551616}'
+    body = b'{"v":3,"t":"ack","version":18446744073709551616}'
     peer.send_raw(struct.pack("!I", len(body)) + body)
     assert "must be an integer" in error_of(peer.read_until_closed())
     peer = fed.peer()
@@ -322,14 +325,14 @@ def test_a_peer_of_another_protocol_version_is_told_why(fed: Federation) -> None
     body = json.dumps({"v": 1, "t": "hello", "zone": "zone-1"}).encode()
     peer.send_raw(struct.pack("!I", len(body)) + body)
     message = error_of(peer.read_until_closed())
-    assert "sync protocol version 1" in message and "speaks version 2" in message
+    assert "sync protocol version 1" in message and "speaks version 3" in message
     assert_unharmed(fed)
 
 
 def test_frames_that_are_not_messages_are_refused(fed: Federation) -> None:
     peer = fed.peer()
     peer.hello()
-    body = b'{"v":2,"t":"ping","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    body = b'{"v":3,"t":"ping","x":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     peer.send_raw(struct.pack("!I", len(body)) + body)
     assert "nested too deeply" in error_of(peer.read_until_closed())
     with pytest.raises(ProtocolError):

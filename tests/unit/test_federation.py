@@ -12,8 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kumazone.core.config import DnsServerConfig
-from kumazone.core.federation import CHANGE_LOG_VERSIONS, FederatedView, Federation, MergedTable
+from kumazone.core.federation import (
+    CHANGE_LOG_VERSIONS,
+    FederatedView,
+    Federation,
+    MergedTable,
+    ZoneRecord,
+)
 from kumazone.core.messages import Inventory, Row, TableUpdate, inventory_messages, table_messages
+from kumazone.core.names import assign_names, service_names
 from kumazone.core.storage import StoreError
 from kumazone.core.vips import Allocation, ServiceKey, VipRange
 from kumazone.store.sqlite import SQLiteStore
@@ -504,9 +511,11 @@ def test_after_apply_a_local_service_in_the_global_rows_is_not_provisional() -> 
     assert offsets(glob) == {other: 2, mine: 3}
     for part in table_messages(glob.version, 0, True, glob.rows()):
         zone.apply(part)
-    zone.reconcile({mine}, 1.0)  # as Zone.apply_global does after every update
+    # The provisional VIPs follow the global's rows at once.
     assert zone.provisional == {}
     assert zone.changed
+    zone.reconcile({mine}, 1.0)
+    assert not zone.changed
     served = {
         k: (offset, zones, provisional) for k, offset, zones, provisional, _c in zone.served()
     }
@@ -634,6 +643,117 @@ def test_provisional_vips_are_what_the_global_allocates(remote, local, others) -
     glob.receive_inventory("zone-1", full(*local), 1.0)
     allocated = offsets(glob)
     assert zone.provisional == {k: allocated[k] for k in zone.provisional}
+
+
+# -- the incremental table equals a from-scratch one ------------------------------------
+
+#: Services whose names collide (a_b and a.b, Redis and redis) so that names change owner.
+NAMED_POOL = [
+    ServiceKey(m, s) for m in ("default", "m2") for s in ("a_b", "a.b", "Redis", "redis", "x", "y")
+]
+named_sets = st.sets(st.sampled_from(NAMED_POOL), max_size=8)
+incremental_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("full"), zone_names, named_sets, st.integers(1, 3)),
+        st.tuples(st.just("change"), zone_names, named_sets, named_sets, st.integers(1, 3)),
+        st.tuples(st.just("delete"), zone_names),
+        st.tuples(st.just("wait"), st.sampled_from([1.0, HOLD_DOWN / 2, HOLD_DOWN])),
+    ),
+    max_size=30,
+)
+
+
+def _from_scratch(table: MergedTable, now: float) -> MergedTable:
+    """A fresh table over the same zones, allocations and hold-downs, reconciled whole."""
+    zones = [ZoneRecord(z.name, set(z.services)) for z in table.zones.values()]
+    fresh = MergedTable(
+        table.allocator.range,
+        HOLD_DOWN,
+        table.allocator.allocations.values(),
+        table.allocator.holds.values(),
+        table.version,
+        zones,
+        domain="mesh",
+    )
+    fresh.allocator.exhausted = set(table.allocator.exhausted)
+    delta = fresh.reconcile(now)
+    assert not delta.changed, "the incremental table holds exactly what the zones want"
+    return fresh
+
+
+@settings(max_examples=150, deadline=None)
+@given(incremental_operations, st.sampled_from([TINY, SMALL]))
+def test_the_incremental_table_equals_one_computed_from_scratch(ops, vip_range) -> None:
+    table = MergedTable(vip_range, HOLD_DOWN, domain="mesh")
+    stored: dict[str, set[ServiceKey]] = {}
+    rows_at: dict[int, dict[Pair, Row]] = {table.version: {}}
+    now = 0.0
+    for op in ops:
+        if op[0] == "full":
+            _, zone, services, size = op
+            for message in inventory_messages(pairs(services), size=size):
+                table.receive_inventory(zone, message, now)
+        elif op[0] == "change":
+            _, zone, add, remove, size = op
+            for message in inventory_messages(pairs(add), pairs(remove), full=False, size=size):
+                table.receive_inventory(zone, message, now)
+        elif op[0] == "delete":
+            table.delete_zone(op[1], now)
+            stored.pop(op[1], None)
+        else:
+            now += op[1]
+        table.expire(now)  # the tick: every table is looked at as settled at `now`
+        added, removed = table.take_unstored()
+        for zone, k in added:
+            stored.setdefault(zone, set()).add(k)
+        for zone, k in removed:
+            stored[zone].discard(k)
+        rows_at[table.version] = by_key(table.listing)
+
+        fresh = _from_scratch(table, now)
+        assert table.allocator.allocations == fresh.allocator.allocations
+        assert table.allocator.holds == fresh.allocator.holds
+        assert table.allocator.exhausted == fresh.allocator.exhausted
+        assert {k: table.zones_of(k) for k in NAMED_POOL} == {
+            k: fresh.zones_of(k) for k in NAMED_POOL
+        }
+        assert list(table.listing) == list(fresh.listing) == fresh.rows()
+        assert list(table.listing.keys()) == sorted(table.allocator.allocations)
+        names = assign_names(
+            ((r.mesh, r.service, r.claim) for r in table.listing),
+            lambda service: service_names(service, "mesh"),
+        )
+        assert {
+            (r.mesh, r.service): table.names_of(key(r.service, r.mesh)) for r in table.listing
+        } == names
+        assert table.names("mesh") == names
+        # What the store was given is each zone's services.
+        assert {z: s for z, s in stored.items() if s} == {
+            name: record.services for name, record in table.zones.items() if record.services
+        }
+        # From any version still logged, the changes lead to the rows now.
+        for base, rows in rows_at.items():
+            changes = table.changes_since(base)
+            if changes is not None:
+                assert apply_changes(rows.values(), changes) == by_key(table.listing)
+
+
+def test_a_change_of_one_service_costs_one_service() -> None:
+    """Only the service named is logged and re-listed, whatever the table's size."""
+    table = MergedTable(BIG, HOLD_DOWN)
+    table.receive_inventory("zone-1", full(*[key(f"s{i}") for i in range(500)]), 0.0)
+    table.take_unstored()
+    version = table.version
+    table.receive_inventory("zone-2", change([key("s7"), key("new")]), 1.0)
+    assert table.version == version + 1
+    assert table.changes_since(version) == (
+        [table.row(key("new")), table.row(key("s7"))],
+        [],
+    )
+    assert table.row(key("s7")).zones == ("zone-1", "zone-2")
+    added, removed = table.take_unstored()
+    assert sorted(added) == [("zone-2", key("new")), ("zone-2", key("s7"))] and removed == []
+    assert table.names_of(key("new")) == (("new.mesh",), ())
 
 
 # -- Federation: the merged table kept equal to its store --------------------------------

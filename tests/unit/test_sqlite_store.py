@@ -383,10 +383,10 @@ def test_a_v1_store_is_migrated_at_open_and_keeps_its_rows(path: str) -> None:
         ("a.b", 9, 0),
     }
     db = sqlite3.connect(path)
-    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
     db.close()
-    assert SCHEMA_VERSION == 2
-    SQLiteStore(path).load()  # opening again: already v2, nothing to do
+    assert SCHEMA_VERSION == 3
+    SQLiteStore(path).load()  # opening again: already v3, nothing to do
 
 
 def test_a_failed_migration_leaves_the_v1_store_as_it_was(path: str) -> None:
@@ -400,3 +400,147 @@ def test_a_failed_migration_leaves_the_v1_store_as_it_was(path: str) -> None:
     db = sqlite3.connect(path)
     assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
     db.close()
+
+
+# -- schema v3: the zones' services as rows ------------------------------------------
+
+
+def _schema_script(name: str) -> str:
+    from importlib import resources as package_files
+
+    return (package_files.files("kumazone.store") / "schema" / name).read_text()
+
+
+def _v2_store(path: str) -> None:
+    """A v2 store as a v2 global wrote it: two zones, their services as JSON lists."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.executescript(_schema_script("v2.sql"))
+    db.execute(
+        "INSERT INTO vips (mesh, service, vip_offset, zones, claim) "
+        "VALUES ('default', 'redis', 3, '[\"zone-1\",\"zone-2\"]', 4)"
+    )
+    db.execute(
+        "INSERT INTO zones (name, services, last_contact, acked) VALUES "
+        '(\'zone-1\', \'[["default","redis"],["m","web"]]\', 12.5, 4)'
+    )
+    db.execute(
+        "INSERT INTO zones (name, services, last_contact, acked) VALUES "
+        "('zone-2', '[[\"default\",\"redis\"]]', 13.0, 3)"
+    )
+    db.execute("INSERT INTO zones (name, services, last_contact, acked) VALUES ('e', '[]', 1, 0)")
+    db.execute("UPDATE meta SET value='4' WHERE key='table_version'")
+    db.commit()
+    db.close()
+
+
+def _zones(state: StoredState) -> dict[str, tuple[set[ServiceKey], float, int]]:
+    return {z.name: (z.services, z.last_contact, z.acked) for z in state.zones}
+
+
+def test_a_v2_store_is_migrated_at_open_and_keeps_its_zones(path: str) -> None:
+    _v2_store(path)
+    state = SQLiteStore(path).load()
+    assert _zones(state) == {
+        "zone-1": ({key("redis"), key("web", "m")}, 12.5, 4),
+        "zone-2": ({key("redis")}, 13.0, 3),
+        "e": (set(), 1.0, 0),
+    }
+    assert state.allocations == [Allocation(key("redis"), 3, ("zone-1", "zone-2"), 4)]
+    assert state.table_version == 4
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+    columns = [row[1] for row in db.execute("PRAGMA table_info(zones)")]
+    assert columns == ["name", "last_contact", "acked"]
+    assert sorted(db.execute("SELECT zone, mesh, service FROM zone_services")) == [
+        ("zone-1", "default", "redis"),
+        ("zone-1", "m", "web"),
+        ("zone-2", "default", "redis"),
+    ]
+    db.close()
+    assert _zones(SQLiteStore(path).load()) == _zones(state)  # again: nothing to do
+
+
+def test_a_failed_migration_leaves_the_v2_store_as_it_was(path: str) -> None:
+    _v2_store(path)
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE zones_v3 (x)")  # the migration's CREATE TABLE fails
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="cannot open store"):
+        SQLiteStore(path)
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert db.execute("SELECT name FROM sqlite_master WHERE name='zone_services'").fetchall() == []
+    assert db.execute("SELECT services FROM zones WHERE name='zone-2'").fetchone() == (
+        '[["default","redis"]]',
+    )
+    db.close()
+
+
+def test_a_v1_store_with_zones_is_migrated_to_v3(path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.executescript(_schema_script("v1.sql"))
+    db.execute(
+        "INSERT INTO zones (name, services, last_contact, acked) "
+        "VALUES ('zone-1', '[[\"default\",\"redis\"]]', 2, 1)"
+    )
+    db.commit()
+    db.close()
+    assert _zones(SQLiteStore(path).load()) == {"zone-1": ({key("redis")}, 2.0, 1)}
+
+
+def _zone_rows(path: str) -> list[tuple[str, ...]]:
+    db = sqlite3.connect(path)
+    try:
+        return sorted(db.execute("SELECT zone, mesh, service FROM zone_services"))
+    finally:
+        db.close()
+
+
+def test_a_zone_record_is_written_without_its_services(path: str) -> None:
+    from kumazone.core.federation import ZoneRecord
+
+    store = SQLiteStore(path)
+    store.commit(
+        StoreChanges(
+            zones_put=[ZoneRecord("zone-1", last_contact=1.0)],
+            zone_services_added=[("zone-1", key("redis")), ("zone-1", key("web"))],
+        )
+    )
+    # A hello or a disconnect: the record only (even one whose services differ in memory).
+    store.commit(StoreChanges(zones_put=[ZoneRecord("zone-1", {key("x")}, True, 5.0, 3)]))
+    assert _zones(store.load()) == {"zone-1": ({key("redis"), key("web")}, 5.0, 3)}
+    store.commit(
+        StoreChanges(
+            zone_services_added=[("zone-1", key("db")), ("zone-2", key("redis"))],
+            zone_services_removed=[("zone-1", key("web"))],
+            zones_put=[ZoneRecord("zone-2")],
+        )
+    )
+    assert _zones(store.load()) == {
+        "zone-1": ({key("redis"), key("db")}, 5.0, 3),
+        "zone-2": ({key("redis")}, 0.0, 0),
+    }
+    store.commit(StoreChanges(zones_deleted=["zone-1"]))
+    assert _zones(store.load()) == {"zone-2": ({key("redis")}, 0.0, 0)}
+    assert _zone_rows(path) == [("zone-2", "default", "redis")]
+    store.close()
+
+
+def test_a_zone_and_its_services_are_shared_keys_with_the_table(path: str) -> None:
+    from kumazone.core.federation import ZoneRecord
+
+    store = SQLiteStore(path)
+    store.commit(
+        StoreChanges(
+            delta=TableDelta(added=[Allocation(key("redis"), 1, ("zone-1",))]),
+            zones_put=[ZoneRecord("zone-1")],
+            zone_services_added=[("zone-1", key("redis"))],
+        )
+    )
+    state = store.load()
+    (service,) = state.zones[0].services
+    assert service is state.allocations[0].key  # one object per service in memory
+    store.close()

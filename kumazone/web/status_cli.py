@@ -44,14 +44,25 @@ def http_fetch(url: str, timeout: float = 5.0) -> Any:
         raise StatusError(f"{url} did not answer JSON ({e})") from None
 
 
+#: Times C{--vips} reads the table again from the start when it changed meanwhile.
+REREADS = 3
+
+
 def read_status(
     api: str,
     fetch: Fetch = http_fetch,
     vips: bool = False,
     service: str | None = None,
     mesh: str | None = None,
+    rereads: int = REREADS,
 ) -> dict[str, Any]:
-    """What C{status} prints, read from the API at C{api}: C{/}, C{/zones}, C{/vips}."""
+    """What C{status} prints, read from the API at C{api}: C{/}, C{/zones}, C{/vips}.
+
+    With C{vips}, every page of the table (of C{MAX_PAGE_SIZE}); if the table
+    changes between two pages, it is read again from the start, at most
+    C{rereads} times: after that (a table that never stops changing), the pages
+    as read, marked C{"changing": True}.
+    """
     base = api.rstrip("/")
     about = fetch(base + "/")
     if not isinstance(about, dict) or about.get("product") != "kumazone":
@@ -64,17 +75,20 @@ def read_status(
     url: str | None = f"{base}/vips?{urllib.parse.urlencode(query)}"
     items: list[dict[str, Any]] = []
     first: dict[str, Any] | None = None
+    changing = False
     while url is not None:
         page = fetch(url)
         if first is None:
             first = page
         elif page["version"] != first["version"]:
-            # The table changed between two pages: read it again from the start.
-            return read_status(api, fetch, vips, service, mesh)
+            if rereads > 0:
+                # The table changed between two pages: read it again from the start.
+                return read_status(api, fetch, vips, service, mesh, rereads - 1)
+            changing = True
         items += page["items"]
         url = page.get("next") if vips else None
     assert first is not None
-    document["vips"] = {**first, "items": items}
+    document["vips"] = {**first, "items": items, **({"changing": True} if changing else {})}
     return document
 
 
@@ -168,6 +182,8 @@ def render_vips(vips: dict[str, Any]) -> list[str]:
     """The VIP table, one service a line."""
     items = vips["items"]
     summary = f"{len(items)} of {vips['total']} VIP(s), table version {vips['version']}"
+    if vips.get("changing"):
+        summary += " (the table kept changing while it was read)"
     if not items:
         return [summary]
     rows = [["mesh/service", "VIP", "IPv6 VIP", "zones", ""]]

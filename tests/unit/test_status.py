@@ -1,4 +1,5 @@
-"""GET /vips paging and filters, entity tags, the status page and `kumazone status`.
+"""Listings (GET /vips, dataplanes, meshes) paged and filtered, entity tags, the status
+page and `kumazone status`.
 
 In-process: requests go through a real L{Site} over a L{StringTransport} (headers and
 query strings parsed as off a socket); the zone is a real L{Zone} over SQLite in
@@ -16,6 +17,8 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -24,16 +27,23 @@ from twisted.web.server import Site
 
 from kumazone.core.config import load_config
 from kumazone.core.federation import MergedTable
+from kumazone.core.sortedindex import SortedIndex
 from kumazone.core.vips import ServiceKey, VipRange
 from kumazone.core.zone import Zone
 from kumazone.metrics import Metrics
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.sync.global_side import GlobalHub
-from kumazone.web.api import ApiResource, GlobalApiResource
-from kumazone.web.listing import MAX_PAGE_SIZE, PAGE_SIZE
+from kumazone.web.api import SCAN_RESTARTS, ApiResource, GlobalApiResource
+from kumazone.web.listing import MAX_PAGE_SIZE, PAGE_SIZE, KeyScan, find, key_range
 from kumazone.web.status import status_page, wants_status_page
-from kumazone.web.status_cli import StatusError, read_status, render_status, render_vips
-from tests.builders import dataplane_resource
+from kumazone.web.status_cli import (
+    REREADS,
+    StatusError,
+    read_status,
+    render_status,
+    render_vips,
+)
+from tests.builders import dataplane_resource, external_service, resource
 
 CONFIG = load_config(None, {})
 NOW = 1_700_000_000.0
@@ -273,6 +283,348 @@ def test_errors_carry_no_etag() -> None:
     assert "etag" not in request(site, "/nowhere").headers
 
 
+# -- every listing, a page at a time ------------------------------------------------------
+
+#: Meshes and how many services (one Dataplane each) a zone of L{big_zone} has in each.
+BIG = {"default": 230, "payments": 45, "zz-last": 30}
+
+
+def big_zone() -> tuple[Zone, Site, ApiResource, Clock]:
+    """A zone with a few hundred services in three meshes, and ExternalServices."""
+    zone = Zone("zone-1", CONFIG, SQLiteStore(":memory:"))
+    puts = [
+        dataplane_resource(f"dp-{mesh}-{n:03d}", f"{mesh[:3]}-svc-{n:03d}", mesh=mesh)
+        for mesh, count in BIG.items()
+        for n in range(count)
+    ]
+    puts += [resource(external_service(f"ext-{n:03d}")) for n in range(130)]
+    puts += [resource({"type": "Mesh", "name": mesh}) for mesh in BIG]
+    zone.set_file("services.yaml", puts, NOW)
+    clock = Clock()
+    clock.advance(NOW)
+    api = ApiResource(zone, Metrics("zone-1"), clock)
+    return zone, Site(api, reactor=clock), api, clock
+
+
+def names_listed(site: Site, path: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every page from C{path}: (the items' names, or mesh/service for /vips; pages)."""
+    items, pages = all_pages(site, path)
+    if path.startswith("/vips"):
+        return [f"{i['mesh']}/{i['service']}" for i in items], pages
+    return [i["name"] for i in items], pages
+
+
+@pytest.mark.parametrize("size", [1, 7, 100, MAX_PAGE_SIZE])
+def test_every_page_of_every_listing_adds_up_to_the_whole_sorted_listing(size: int) -> None:
+    zone, site, _, _ = big_zone()
+    table = [f"{e.key.mesh}/{e.key.service}" for e in zone.snapshot.entries]
+    assert len(table) == sum(BIG.values())
+    expected: dict[str, list[str]] = {
+        "/vips": table,
+        "/vips?mesh=payments": [t for t in table if t.startswith("payments/")],
+        "/vips?mesh=default": [t for t in table if t.startswith("default/")],
+        "/vips?mesh=zz-last": [t for t in table if t.startswith("zz-last/")],
+        "/vips?mesh=pay": [],  # a mesh is named whole, not a prefix
+        "/vips?service=SVC-01": [t for t in table if "svc-01" in t.split("/")[1]],
+        "/vips?mesh=payments&service=svc-04": [
+            t for t in table if t.startswith("payments/") and "svc-04" in t
+        ],
+        "/meshes": ["default", "payments", "zz-last"],
+        "/meshes/default/external-services": [f"ext-{n:03d}" for n in range(130)],
+        "/meshes/payments/external-services": [],
+    }
+    for mesh, count in BIG.items():
+        expected[f"/meshes/{mesh}/dataplanes"] = [f"dp-{mesh}-{n:03d}" for n in range(count)]
+    for path, wanted in expected.items():
+        paged = f"{path}{'&' if '?' in path else '?'}size={size}"
+        names, pages = names_listed(site, paged)
+        assert names == wanted, path
+        assert all(page["total"] == len(wanted) for page in pages), path
+        assert [len(page["items"]) for page in pages[:-1]] == [size] * (len(pages) - 1), path
+        assert pages[-1]["next"] is None
+        assert len(pages) == max(1, -(-len(wanted) // size)), path
+
+
+def test_resource_listings_page_as_kuma_does() -> None:
+    _, site, _, _ = big_zone()
+    first = get(site, "/meshes/default/dataplanes")
+    assert (len(first["items"]), first["total"]) == (PAGE_SIZE, 230)
+    assert first["next"] == (
+        "http://kumazone.test:5681/meshes/default/dataplanes?size=100&offset=100"
+    )
+    assert first["items"][0] == {**first["items"][0], "type": "Dataplane", "name": "dp-default-000"}
+    deep = get(site, "/meshes/default/dataplanes?size=20&offset=220")
+    assert [i["name"] for i in deep["items"]] == [f"dp-default-{n}" for n in range(220, 230)]
+    assert deep["next"] is None
+    beyond = get(site, "/meshes/default/dataplanes?offset=5000")
+    assert (beyond["items"], beyond["total"], beyond["next"]) == ([], 230, None)
+    assert get(site, "/meshes/nowhere/dataplanes") == {"total": 0, "items": [], "next": None}
+    # A listing is indented JSON with one item a line (grep finds an item whole).
+    lines = request(site, "/meshes/default/dataplanes?size=3").body.decode().splitlines()
+    assert lines[0] == "{" and lines[-1] == "}"
+    items = [json.loads(line.strip().rstrip(",")) for line in lines if line.startswith("    {")]
+    assert [i["name"] for i in items] == ["dp-default-000", "dp-default-001", "dp-default-002"]
+
+
+@pytest.mark.parametrize(
+    "path", ["/meshes", "/meshes/default/dataplanes", "/meshes/default/external-services"]
+)
+@pytest.mark.parametrize(
+    "query, parameter",
+    [("size=0", "size"), ("size=1001", "size"), ("size=x", "size"), ("offset=-3", "offset")],
+)
+def test_resource_listings_refuse_bad_paging_naming_the_parameter(
+    path: str, query: str, parameter: str
+) -> None:
+    _, site, _ = zone_site(3)
+    answer = request(site, f"{path}?{query}")
+    assert answer.status == 400
+    assert answer.json()["causes"][0]["field"] == parameter
+    assert "etag" not in answer.headers
+
+
+def test_a_page_of_dataplanes_has_an_etag_until_that_page_changes() -> None:
+    zone, site, _, _ = big_zone()
+    path = "/meshes/default/dataplanes?size=10&offset=200"
+    tag = request(site, path).headers["etag"]
+    assert request(site, path, If_None_Match=tag).status == 304
+    zone.put(dataplane_resource("dp-default-2000", "late"), NOW)  # lands on that page
+    changed = request(site, path, If_None_Match=tag)
+    assert changed.status == 200
+    assert "dp-default-2000" in [i["name"] for i in changed.json()["items"]]
+
+
+# -- sorted sequences, by key (pure) ------------------------------------------------------
+
+KEYS = st.tuples(st.sampled_from(["a", "b", "c"]), st.text("xyz", max_size=3)).map(
+    lambda pair: ServiceKey(*pair)
+)
+
+
+@given(
+    st.sets(KEYS, max_size=40),
+    st.lists(st.tuples(st.booleans(), KEYS), max_size=30),
+    st.integers(1, 7),
+)
+@settings(max_examples=150, deadline=None)
+def test_a_scan_by_key_sees_each_key_there_throughout_once(
+    start: set[ServiceKey], changes: list[tuple[bool, ServiceKey]], budget: int
+) -> None:
+    """Whatever changes between slices, a key present throughout is found exactly once."""
+    for sequence in (SortedIndex((k, k) for k in start), tuple(sorted(start))):
+        present = set(start)
+        throughout = set(start)
+        scan: KeyScan[ServiceKey, ServiceKey] = KeyScan(
+            lambda k: k, lambda k: "x" in k.service, ServiceKey("b", ""), ServiceKey("b\x00", "")
+        )
+        pending = list(changes)
+        while not scan.step(sequence, budget):
+            if pending:
+                add, key = pending.pop()
+                (present.add if add else present.discard)(key)
+                if not add:
+                    throughout.discard(key)
+                if isinstance(sequence, SortedIndex):
+                    sequence.set(key, key) if add else sequence.pop(key)
+                else:
+                    sequence = tuple(sorted(present))
+        wanted = {k for k in throughout if k.mesh == "b" and "x" in k.service}
+        assert wanted <= set(scan.matched)
+        assert len(scan.matched) == len(set(scan.matched))  # none twice
+        assert scan.matched == sorted(scan.matched)
+        assert all(k.mesh == "b" and "x" in k.service for k in scan.matched)
+        if not changes:
+            assert set(scan.matched) == wanted
+
+
+def test_ranges_and_lookups_in_a_sorted_index_and_in_any_sorted_sequence() -> None:
+    keys = [ServiceKey(m, s) for m in ("a", "b", "b-c", "c") for s in ("p", "q", "r")]
+    index = SortedIndex((k, k) for k in keys)
+    for sequence in (index, keys):  # the index bisects its own keys; a list, through key_of
+
+        def mesh(name: str, sequence: Any = sequence) -> tuple[int, int]:
+            low, high = ServiceKey(name, ""), ServiceKey(name + "\x00", "")
+            return key_range(sequence, low, high, lambda k: k)
+
+        assert (mesh("a"), mesh("b"), mesh("b-c"), mesh("c")) == ((0, 3), (3, 6), (6, 9), (9, 12))
+        assert mesh("bb") == (9, 9) and mesh("") == (0, 0) and mesh("z") == (12, 12)
+        assert key_range(sequence, ServiceKey("c", ""), None, lambda k: k) == (9, 12)
+        assert find(sequence, ServiceKey("b-c", "q"), lambda k: k) == ServiceKey("b-c", "q")
+        assert find(sequence, ServiceKey("b-c", "x"), lambda k: k) is None
+
+
+# -- a scan for part of a name, a slice per reactor turn ---------------------------------
+
+
+class Pending:
+    """A request whose answer may come in a later reactor turn (the connection stays up)."""
+
+    def __init__(self, site: Site, path: str, **headers: str) -> None:
+        channel = site.buildProtocol(None)
+        assert channel is not None
+        self.channel = channel
+        self.transport = StringTransport()
+        channel.makeConnection(self.transport)
+        head = [f"GET {path} HTTP/1.1", "Host: kumazone.test:5681", "Connection: close"]
+        head += [f"{name.replace('_', '-')}: {value}" for name, value in headers.items()]
+        channel.dataReceived(("\r\n".join(head) + "\r\nContent-Length: 0\r\n\r\n").encode())
+
+    @property
+    def answered(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+    def answer(self) -> Answer:
+        assert self.answered
+        response_head, _, body = self.transport.value().partition(b"\r\n\r\n")
+        status_line, *lines = response_head.decode("latin-1").split("\r\n")
+        fields = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines)}
+        assert "transfer-encoding" not in fields  # as an answer given at once: a length
+        assert int(fields.get("content-length", "0")) == len(body)
+        return Answer(int(status_line.split()[1]), fields, body)
+
+    def hang_up(self) -> None:
+        self.channel.connectionLost(Failure(ConnectionDone()))
+
+
+def turn(clock: Clock) -> int:
+    """One reactor turn: run the calls due now (not those they schedule); how many ran."""
+    due = [call for call in clock.calls if call.getTime() <= clock.seconds()]
+    for call in due:
+        clock.calls.remove(call)
+        call.called = True
+        call.func(*call.args, **call.kw)
+    return len(due)
+
+
+def turns_until_answered(clock: Clock, *pending: Pending) -> int:
+    turns = 0
+    while not all(p.answered for p in pending):
+        assert turn(clock), "nothing left to run, and no answer"
+        turns += 1
+    return turns
+
+
+def test_a_scan_for_part_of_a_name_runs_a_slice_per_turn_and_answers_right() -> None:
+    zone, site, api, clock = big_zone()
+    api.vips.scan_slice = 40  # 305 services: 8 slices
+    pending = Pending(site, "/vips?service=svc-02&size=10")
+    assert not pending.answered
+    turns = turns_until_answered(clock, pending)
+    assert turns >= 7
+    found = pending.answer().json()
+    table = [e.key for e in zone.snapshot.entries]
+    wanted = [k for k in table if "svc-02" in k.service]
+    assert found["total"] == len(wanted) == 30  # svc-020 .. svc-029 in each of 3 meshes
+    assert [(i["mesh"], i["service"]) for i in found["items"]] == [
+        (k.mesh, k.service) for k in wanted[:10]
+    ]
+    assert found["version"] == zone.snapshot.version
+    assert found["next"] == "http://kumazone.test:5681/vips?size=10&offset=10&service=svc-02"
+    assert not clock.getDelayedCalls()
+    # The pages after it (and the same page again) come from what the scan found: at once.
+    items, _ = all_pages(site, found["next"].removeprefix("http://kumazone.test:5681"))
+    assert [(i["mesh"], i["service"]) for i in items] == [(k.mesh, k.service) for k in wanted[10:]]
+    assert not clock.getDelayedCalls()
+
+
+def test_a_scan_under_a_table_change_starts_again_and_answers_the_new_table() -> None:
+    zone, site, api, clock = big_zone()
+    api.vips.scan_slice = 40
+    pending = Pending(site, "/vips?service=svc-00")
+    turn(clock)
+    turn(clock)
+    zone.put(dataplane_resource("dp-new", "aaa-svc-00-new"), NOW)  # before the scan's cursor
+    turns_until_answered(clock, pending)
+    found = pending.answer().json()
+    assert found["version"] == zone.snapshot.version
+    services = [i["service"] for i in found["items"]]
+    assert services[0] == "aaa-svc-00-new"
+    assert found["total"] == len(services) == 31
+
+
+def test_a_scan_under_constant_change_still_answers() -> None:
+    zone, site, api, clock = big_zone()
+    api.vips.scan_slice = 40
+    pending = Pending(site, "/vips?service=svc-00")
+    n = 0
+    while not pending.answered:
+        n += 1
+        zone.put(dataplane_resource(f"dp-churn-{n}", f"churn-{n}"), NOW)
+        turn(clock)
+    assert n > SCAN_RESTARTS
+    # It finished on the table as it went, by key: the services there throughout, once each.
+    found = pending.answer().json()
+    wanted = [e.key for e in zone.snapshot.entries if "svc-00" in e.key.service]
+    assert found["total"] == len(wanted) == 30
+    assert [(i["mesh"], i["service"]) for i in found["items"]] == [
+        (k.mesh, k.service) for k in wanted
+    ]
+    assert found["version"] == zone.snapshot.version
+
+
+def test_identical_scans_share_one_and_a_client_that_hangs_up_stops_its_own() -> None:
+    _, site, api, clock = big_zone()
+    api.vips.scan_slice = 40
+    one, two = Pending(site, "/vips?service=svc-01"), Pending(site, "/vips?service=svc-01")
+    assert len(clock.getDelayedCalls()) == 1  # one scan for both
+    turns_until_answered(clock, one, two)
+    assert one.answer().body == two.answer().body
+    assert one.answer().json()["total"] == 30
+
+    alone = Pending(site, "/vips?service=svc-00")
+    assert len(clock.getDelayedCalls()) == 1
+    alone.hang_up()
+    assert not clock.getDelayedCalls()  # nobody waits: the scan stops
+
+
+def test_a_scanned_answer_has_an_etag_and_304() -> None:
+    _, site, api, clock = big_zone()
+    api.vips.scan_slice = 40
+    first = Pending(site, "/vips?service=svc-01")
+    turns_until_answered(clock, first)
+    tag = first.answer().headers["etag"]
+    again = request(site, "/vips?service=svc-01", If_None_Match=tag)  # from what was found
+    assert (again.status, again.body) == (304, b"")
+
+
+def test_a_vip_is_found_by_its_offset_without_a_scan() -> None:
+    _, site, api, clock = big_zone()
+    api.vips.scan_slice = 1
+    wanted = get(site, "/vips?mesh=payments&size=1&offset=17")["items"][0]
+    for text in (wanted["vip"], wanted["vip6"]):
+        found = get(site, f"/vips?service={text}")  # answered at once: no scan
+        assert [(i["mesh"], i["service"]) for i in found["items"]] == [
+            ("payments", wanted["service"])
+        ]
+        assert found["total"] == 1
+        assert get(site, f"/vips?service={text}&mesh=payments")["total"] == 1
+        assert get(site, f"/vips?service={text}&mesh=default")["total"] == 0
+    assert get(site, "/vips?service=10.255.255.254")["total"] == 0  # nobody's VIP
+    assert not clock.getDelayedCalls()
+
+
+def test_global_vips_every_page_and_a_scan_over_turns() -> None:
+    hub = Hub()
+    hub.zone("zone-1", *(f"svc-{n:03d}" for n in range(260)))
+    hub.zone("zone-2", "web", "svc-005")
+    site = global_site(hub)
+    resource = site.resource
+    assert isinstance(resource, GlobalApiResource)
+    for size in (9, 100):
+        items, pages = all_pages(site, f"/vips?size={size}")
+        assert [i["service"] for i in items] == [*(f"svc-{n:03d}" for n in range(260)), "web"]
+        assert all(page["total"] == 261 for page in pages)
+    resource.vips.scan_slice = 30
+    pending = Pending(site, "/vips?service=svc-00")
+    clock = cast(Clock, resource.clock)
+    assert turns_until_answered(clock, pending) >= 8
+    found = pending.answer().json()
+    assert [i["service"] for i in found["items"]] == [f"svc-00{n}" for n in range(10)]
+    assert found["items"][5]["zones"] == ["zone-1", "zone-2"]
+    vip = found["items"][3]["vip"]
+    assert [i["service"] for i in get(site, f"/vips?service={vip}")["items"]] == ["svc-003"]
+
+
 # -- the status page ------------------------------------------------------------------
 
 
@@ -419,6 +771,26 @@ def test_status_vips_reads_every_page_and_filters() -> None:
     ]
     none = read_status("http://kumazone.test:5681", fetch, vips=True, service="nothing")
     assert render_vips(none["vips"]) == [f"0 of 0 VIP(s), table version {none['vips']['version']}"]
+
+
+def test_status_vips_of_a_table_that_never_stops_changing_ends() -> None:
+    zone, site, _ = zone_site(1203)
+    fetch = site_fetch(site)
+    pages: list[str] = []
+
+    def churning(url: str) -> Any:
+        answer = fetch(url)
+        if "/vips" in url:
+            pages.append(url)
+            zone.put(dataplane_resource(f"dp-churn-{len(pages)}", f"churn-{len(pages)}"), NOW)
+        return answer
+
+    document = read_status("http://kumazone.test:5681", churning, vips=True)
+    assert len(pages) == 2 * (REREADS + 1)  # read again from the start, then as it is
+    assert document["vips"]["changing"] is True
+    assert render_vips(document["vips"])[-1].endswith("(the table kept changing while it was read)")
+    steady = read_status("http://kumazone.test:5681", fetch, vips=True)
+    assert "changing" not in steady["vips"]
 
 
 def test_status_marks_provisional_vips() -> None:

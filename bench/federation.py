@@ -1,244 +1,509 @@
 #!/usr/bin/env python3
-"""Federation on loopback: cross-zone latency, a 100,000-service table, memory.
+"""Federation on loopback: a fresh zone's full table, change propagation, a million services.
 
-Starts a global and two zones (real certificates from `kumazone certs`), then:
+A global and two zones on 127.0.0.1 with real certificates (`kumazone certs`, mutual
+TLS), every process on every CPU:
 
-1. registers REGISTRATIONS services one at a time through zone-1's API and times
-   each until zone-2 answers its name over DNS (median, p99);
-2. loads SERVICES services into zone-1 (one JSON resources file) and times until
-   zone-2 answers the last of them; then starts a fresh zone-3 and times until it
-   holds the whole table;
-3. reports every process's resident memory.
+1. zone-1 starts with FED_SERVICES services in its resources directory (one JSON
+   file); timed until zone-2 answers the last of them;
+2. propagation: FED_CHANGES new services PUT through zone-1's API at 10 per second
+   (each on its own schedule, however long the ones before take), each timed from
+   its scheduled moment until zone-2 answers its name: median, p99, worst;
+3. a fresh zone-3 starts: the time from its connection to the global (the welcome,
+   `sync.connectedSince` in its `GET /`) until it has applied the whole table
+   (`sync.lastTable`, with `tableVersion` at the global's), from its start until then,
+   and until its last name answers;
+4. every process's resident memory at FED_SERVICES;
+5. everything stopped; a new global and two zones with MILLION services, half in each
+   zone's resources directory: the time until each zone answers the other's last
+   name, each process's resident memory per service, and CHANGES_AT_MILLION PUTs in
+   zone-1 timed until zone-2 answers them.  Bounded by MILLION_TIMEOUT seconds, and
+   stopped early if the machine's available memory falls under 1 GB.
 
-    bench/federation.py                      # 100 registrations, 100,000 services
-    bench/federation.py --services 10000     # quicker
+    bench/federation.py                                    # the defaults below
+    bench/federation.py --fed-services 10000 --million 20000   # quicker
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-import urllib.request
 from pathlib import Path
+from typing import Any
 
-import dns.exception
-import dns.message
-import dns.query
-import dns.rcode
+from benchlib import (
+    BIN,
+    BenchError,
+    Server,
+    address,
+    all_cpus,
+    dataplane,
+    http_request,
+    in_background,
+    load,
+    machine,
+    mem_available_mb,
+    percentile,
+    raise_interrupt,
+    resolves,
+    start_zone,
+    stop_all,
+    tail,
+    versions,
+    write_dataplanes,
+)
 
-BIN = Path(sys.executable).parent
+MEMORY_FLOOR_MB = 1024  # the million part stops when the machine has less available
 
 
-class Process:
-    def __init__(self, work: Path, name: str, args: list[str]) -> None:
-        self.data = work / name
-        self.name = name
-        command = [
-            str(BIN / "twistd"),
-            "-n",
-            "--pidfile=",
-            f"--logfile={work / name}.log",
-            "kumazone",
-            f"--data-dir={self.data}",
-            "--api-port=0",
-            "--diagnostics-port=0",
-            *args,
-        ]
-        self.started = time.monotonic()
-        self.process = subprocess.Popen(command)
-        deadline = time.monotonic() + 120
-        while not (self.data / "ports.json").exists():
-            if time.monotonic() > deadline or self.process.poll() is not None:
-                raise SystemExit(f"{name} did not start; see {work / name}.log")
-            time.sleep(0.05)
-        self.ports = json.loads((self.data / "ports.json").read_text())
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--no-federation", dest="federation", action="store_false", help="skip the federation")
+    add("--fed-services", type=int, default=100_000, help="services in zone-1 (fresh-zone table)")
+    add("--fed-changes", type=int, default=30, help="PUTs at 10/s for the propagation figure")
+    add(
+        "--million",
+        type=int,
+        default=1_000_000,
+        help="services of the memory run, half in each zone (0 skips it)",
+    )
+    add("--million-timeout", type=float, default=480, help="bound on the memory run (s)")
+    add("--changes-at-million", type=int, default=3, help="PUTs timed at MILLION services")
 
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.ports['api']}{path}") as r:
-            return json.load(r)
 
-    def put(self, path: str, document: dict) -> None:
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.ports['api']}{path}",
-            method="PUT",
-            data=json.dumps(document).encode(),
-            headers={"Content-Type": "application/json"},
+class Federation:
+    """A global and its zones in C{work}, all registered to be stopped."""
+
+    def __init__(self, work: Path, max_services: int) -> None:
+        self.work = work
+        self.certs = work / "certs"
+        work.mkdir(parents=True, exist_ok=True)
+        if not self.certs.exists():
+            zones = [a for z in ("zone-1", "zone-2", "zone-3") for a in ("--zone", z)]
+            subprocess.run(
+                [
+                    str(BIN / "kumazone"),
+                    "certs",
+                    "--out",
+                    str(self.certs),
+                    "--global-host",
+                    "localhost",
+                    *zones,
+                ],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        self.servers: list[Server] = []
+        log = work / "global.log"
+        data = work / "global-data"
+        self.glob = Server(
+            "global",
+            [
+                str(BIN / "twistd"),
+                "-n",
+                "--pidfile=",
+                f"--logfile={log}",
+                "kumazone",
+                "--role=global",
+                f"--data-dir={data}",
+                "--api-port=0",
+                "--diagnostics-port=0",
+                "--kds-port=0",
+                "--kds-interface=127.0.0.1",
+                f"--kds-zone-max-services={max_services}",
+                f"--kds-zone-max-pending-bytes={1 << 31}",
+                *self.tls("global"),
+            ],
+            work,
+            [log],
+            all_cpus(),
         )
-        urllib.request.urlopen(request).read()
+        self.servers.append(self.glob)
+        ports: dict[str, Any] = {}
 
-    def resolves(self, name: str) -> bool:
-        query = dns.message.make_query(name, "A")
-        try:
-            answer = dns.query.udp(query, "127.0.0.1", port=self.ports["dns"], timeout=2)
-        except dns.exception.Timeout:
-            # The zone is busy applying a large table; ask again.
-            return False
-        return answer.rcode() == dns.rcode.NOERROR and bool(answer.answer)
+        def read_ports() -> bool:
+            try:
+                ports.update(json.loads((data / "ports.json").read_text()))
+            except (OSError, ValueError):
+                return False
+            return "kds" in ports and "api" in ports
 
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        self.glob.wait_until(read_ports, 120, "ports.json")
+        self.glob_api = int(ports["api"])
+        self.kds = int(ports["kds"])
+        self.apis: dict[str, int] = {}
+
+    def tls(self, name: str) -> list[str]:
+        return [
+            f"--tls-cert={self.certs / name}.pem",
+            f"--tls-key={self.certs / name}-key.pem",
+            f"--tls-ca={self.certs / 'ca.pem'}",
+        ]
+
+    def zone(self, name: str, resources: Path, timeout: float) -> Server:
+        """Start zone C{name} on C{resources}; return once its /ready answers 200."""
+        resources.mkdir(parents=True, exist_ok=True)
+        extra = [f"--global=localhost:{self.kds}", *self.tls(name)]
+        server, info = start_zone(self.work, name, resources, None, timeout, extra, all_cpus())
+        self.servers.append(server)
+        self.apis[name] = info["api"]
+        return server
+
+    def status(self, name: str, timeout: float = 30) -> dict[str, Any]:
+        port = self.glob_api if name == "global" else self.apis[name]
+        status, body, _ = http_request(f"http://127.0.0.1:{port}/", timeout=timeout)
+        return body if status == 200 and isinstance(body, dict) else {}
+
+    def put(self, zone: str, name: str, index: int, first: int) -> tuple[int, float]:
+        """PUT a Dataplane with a new service C{name} into C{zone}: (status, seconds)."""
+        status, _, taken = http_request(
+            f"http://127.0.0.1:{self.apis[zone]}/meshes/default/dataplanes/{name}",
+            "PUT",
+            dataplane(name, name, address(index, first)),
+            timeout=300,
+        )
+        return status, taken
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
+        for server in reversed(self.servers):
+            server.stop()
 
 
-def dataplane(name: str, service: str, address: str) -> dict:
-    return {
-        "type": "Dataplane",
-        "mesh": "default",
-        "name": name,
-        "networking": {
-            "address": address,
-            "inbound": [{"port": 8080, "tags": {"kuma.io/service": service}}],
-        },
-    }
-
-
-def wait(predicate, timeout: float, step: float = 0.001) -> float:
+def wait_for(server: Server, predicate: Any, deadline: float, what: str, step: float) -> float:
+    """Poll until true; the seconds it took, or raise at C{deadline}."""
     start = time.monotonic()
     while not predicate():
-        if time.monotonic() - start > timeout:
-            raise SystemExit("timed out")
+        if not server.alive():
+            raise server.failed(f"exited before {what}")
+        if time.monotonic() > deadline:
+            raise server.failed(f"no {what} after {deadline - start:.0f} s")
         time.sleep(step)
     return time.monotonic() - start
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--registrations", type=int, default=100)
-    parser.add_argument("--services", type=int, default=100_000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="kumazone-fed-") as tmp:
-        work = Path(tmp)
-        certs = work / "certs"
-        subprocess.run(
-            [
-                str(BIN / "kumazone"),
-                "certs",
-                "--out",
-                str(certs),
-                "--global-host",
-                "localhost",
-                "--zone",
-                "zone-1",
-                "--zone",
-                "zone-2",
-                "--zone",
-                "zone-3",
-            ],
-            check=True,
-            capture_output=True,
+def propagation(fed: Federation, zone2: Server, count: int) -> list[float]:
+    """C{count} PUTs in zone-1 at 10 per second; ms from each one's slot to zone-2's answer."""
+    start = time.monotonic() + 0.2
+    slots = [start + i * 0.1 for i in range(count)]
+    statuses: dict[int, int] = {}
+
+    def send(i: int) -> None:
+        time.sleep(max(0.0, slots[i] - time.monotonic()))
+        statuses[i] = fed.put("zone-1", f"prop-{i}", i, 12)[0]
+
+    threads = [threading.Thread(target=send, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    latencies = [float("inf")] * count
+    pending = set(range(count))
+    deadline = slots[-1] + 120 + count  # bounded, generous for today's seconds-long PUTs
+    while pending and time.monotonic() < deadline:
+        for i in sorted(pending):
+            if time.monotonic() < slots[i] or statuses.get(i, 200) not in (200, 201):
+                continue
+            if resolves(zone2.port, f"prop-{i}.mesh"):
+                latencies[i] = (time.monotonic() - slots[i]) * 1000
+                pending.discard(i)
+        time.sleep(0.001)
+    for thread in threads:
+        thread.join(timeout=1)
+    return latencies
+
+
+def measure_table(args: argparse.Namespace, work: Path, report: dict[str, Any]) -> None:
+    """Steps 1-4: FED_SERVICES in zone-1, propagation, a fresh zone-3, memory."""
+    n = args.fed_services
+    fed = Federation(work / "table", max(n, args.million) + 10_000)
+    try:
+        print(f"federation: a global, zone-2, then zone-1 with {n} services ...", flush=True)
+        zone2 = fed.zone("zone-2", work / "table" / "zone-2-resources", 120)
+        wait_for(
+            zone2,
+            lambda: (fed.status("zone-2").get("sync") or {}).get("connected"),
+            time.monotonic() + 60,
+            "connection to the global",
+            0.05,
         )
+        resources = work / "table" / "zone-1-resources"
+        write_dataplanes(resources / "bulk.json", n, "bulk")
+        zone1 = fed.zone("zone-1", resources, 120 + n / 200)
+        last = f"bulk-{n - 1}.mesh"
+        wait_for(
+            zone1,
+            lambda: resolves(zone2.port, last),
+            time.monotonic() + 300 + n / 200,
+            f"{last} in zone-2",
+            0.1,
+        )
+        report["bulk_s"] = time.monotonic() - zone1.started
+        print(
+            f"federation: {n} services in zone-1 answer in zone-2 after "
+            f"{report['bulk_s']:.1f} s; {args.fed_changes} changes at 10/s ...",
+            flush=True,
+        )
+        report["propagation"] = propagation(fed, zone2, args.fed_changes)
+        expected = fed.status("global", 300).get("tableVersion", 0)
+        zone3 = fed.zone("zone-3", work / "table" / "zone-3-resources", 120)
+        state: dict[str, Any] = {}
 
-        def tls(name: str) -> list[str]:
-            return [
-                f"--tls-cert={certs / name}.pem",
-                f"--tls-key={certs / name}-key.pem",
-                f"--tls-ca={certs / 'ca.pem'}",
-            ]
+        def applied() -> bool:
+            state.update(fed.status("zone-3", 5))
+            sync = state.get("sync") or {}
+            return state.get("tableVersion", -1) >= expected and bool(sync.get("lastTable"))
 
-        glob = Process(work, "global", ["--role=global", "--kds-port=0", *tls("global")])
-        kds = glob.ports["kds"]
+        wait_for(zone3, applied, time.monotonic() + 300, "the whole table", 0.02)
+        report["fresh_applied_s"] = time.monotonic() - zone3.started
+        sync = state["sync"]
+        if sync.get("connectedSince"):
+            report["fresh_table_s"] = sync["lastTable"] - sync["connectedSince"]
+            report["fresh_welcome_s"] = sync["connectedSince"] - zone3.started_wall
+        wait_for(
+            zone3,
+            lambda: resolves(zone3.port, last),
+            time.monotonic() + 300,
+            f"{last} in zone-3",
+            0.02,
+        )
+        report["fresh_last_s"] = time.monotonic() - zone3.started
+        report["fresh_rows"] = n + args.fed_changes
+        report["table_rss"] = {s.label: s.rss_mb() for s in fed.servers}
+        print(
+            f"federation: fresh zone-3 holds the table after {report['fresh_applied_s']:.1f} s",
+            flush=True,
+        )
+    except BenchError as e:
+        raise BenchError(f"{e}\n{tail(fed.glob.logs[0], 8)}") from None
+    finally:
+        fed.stop()
 
-        def zone(name: str) -> Process:
-            resources = work / f"{name}-resources"
-            resources.mkdir(exist_ok=True)
-            return Process(
-                work,
-                name,
-                [
-                    "--role=zone",
-                    f"--zone={name}",
-                    f"--global=localhost:{kds}",
-                    f"--resources={resources}",
-                    "--dns-port=0",
-                    "--dns-interface=127.0.0.1",
-                    *tls(name),
-                ],
-            )
 
-        processes = [glob]
-        try:
-            zone1, zone2 = zone("zone-1"), zone("zone-2")
-            processes += [zone1, zone2]
-            wait(lambda: zone2.get("/").get("sync", {}).get("connected"), 60, 0.05)
-            latencies = []
-            for i in range(args.registrations):
-                start = time.monotonic()
-                zone1.put(
-                    f"/meshes/default/dataplanes/lat-{i}",
-                    dataplane(f"lat-{i}", f"lat-{i}", f"10.9.{i // 256}.{i % 256}"),
+def measure_million(args: argparse.Namespace, work: Path, report: dict[str, Any]) -> None:
+    """Step 5: MILLION services, half in each zone, bounded in time and memory."""
+    m = args.million
+    half = m // 2
+    begin = time.monotonic()
+    deadline = begin + args.million_timeout
+    print(f"federation: writing {m} services (half in each zone) ...", flush=True)
+    for zone, prefix, first in (("zone-1", "m1", 10), ("zone-2", "m2", 11)):
+        write_dataplanes(work / "million" / f"{zone}-resources" / "bulk.json", half, prefix, first)
+    fed = Federation(work / "million", m + 10_000)
+    stop = threading.Event()
+    why: list[str] = []
+
+    def watchdog() -> None:
+        """Stop the million's processes (by their ids) past the deadline or out of memory."""
+        while not stop.wait(0.5):
+            if mem_available_mb() < MEMORY_FLOOR_MB:
+                why.append(f"available memory under {MEMORY_FLOOR_MB} MB")
+            elif time.monotonic() > deadline:
+                why.append(f"not done within --million-timeout {args.million_timeout:.0f} s")
+            else:
+                continue
+            report["million_rss_at_stop"] = {s.label: s.rss_mb() for s in fed.servers}
+            for server in fed.servers:
+                server.process.kill()
+            return
+
+    watch = threading.Thread(target=watchdog, daemon=True)
+    watch.start()
+    try:
+        print(f"federation: starting a global and two zones with {m} services ...", flush=True)
+        starts = [
+            in_background(
+                lambda zone=zone: fed.zone(
+                    zone, work / "million" / f"{zone}-resources", args.million_timeout
                 )
-                wait(lambda i=i: zone2.resolves(f"lat-{i}.mesh"), 30)
-                latencies.append((time.monotonic() - start) * 1000)
-            latencies.sort()
-            p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
-
-            bulk = [
-                dataplane(
-                    f"bulk-{i}", f"bulk-{i}", f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"
-                )
-                for i in range(args.services)
-            ]
-            path = work / "zone-1-resources" / "bulk.json"
-            start = time.monotonic()
-            path.write_text(json.dumps(bulk))
-            last = f"bulk-{args.services - 1}.mesh"
-            wait(lambda: zone2.resolves(last), 900, 0.2)
-            bulk_seconds = time.monotonic() - start
-            expected = glob.get("/")["tableVersion"]
-
-            start = time.monotonic()
-            zone3 = zone("zone-3")
-            processes.append(zone3)
-            wait(
-                lambda: zone3.resolves(last) and zone3.get("/")["tableVersion"] >= expected,
-                900,
-                0.2,
             )
-            fresh_seconds = time.monotonic() - start
-            memory = {p.name: p.rss_mb() for p in processes}
-            table_size = zone3.get("/vips?size=1")["total"]
-        finally:
-            for process in processes:
-                process.stop()
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    print(
-        f"machine: {platform.node()}, {cpu}, {os.cpu_count()} CPUs, "
-        f"Python {platform.python_version()}; all processes on loopback, mutual TLS"
-    )
-    print(f"\nregistration in zone-1 -> answer in zone-2, {len(latencies)} registrations:")
-    print(
-        f"  median {statistics.median(latencies):.1f} ms, p99 {p99:.1f} ms, "
-        f"max {latencies[-1]:.1f} ms"
-    )
-    print(
-        f"\n{args.services} services loaded into zone-1 -> last one answers in zone-2: "
-        f"{bulk_seconds:.1f} s"
-    )
-    print(
-        f"fresh zone-3 started -> holds the whole table ({table_size} rows): {fresh_seconds:.1f} s"
-    )
-    print("\nresident memory (MB): " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()))
-    return 0
+            for zone in ("zone-1", "zone-2")
+        ]
+        zone1, zone2 = (start() for start in starts)
+        last1, last2 = f"m1-{half - 1}.mesh", f"m2-{half - 1}.mesh"
+        wait_for(
+            zone2,
+            lambda: resolves(zone2.port, last1) and resolves(zone1.port, last2),
+            deadline,
+            "each zone answering the other's last name",
+            0.2,
+        )
+        report["million_synced_s"] = time.monotonic() - begin
+        report["million_rss"] = {s.label: s.rss_mb() for s in fed.servers}
+        print(
+            f"federation: {m} services synced after {report['million_synced_s']:.0f} s", flush=True
+        )
+        changes = []
+        for i in range(args.changes_at_million):
+            if time.monotonic() > deadline:
+                break
+            start = time.monotonic()
+            status, _ = fed.put("zone-1", f"mchange-{i}", i, 13)
+            if status not in (200, 201):
+                raise zone1.failed(f"PUT mchange-{i} answered {status}")
+            wait_for(
+                zone2,
+                lambda i=i: resolves(zone2.port, f"mchange-{i}.mesh"),
+                deadline,
+                f"mchange-{i} in zone-2",
+                0.002,
+            )
+            changes.append((time.monotonic() - start) * 1000)
+        report["million_changes"] = changes
+    except BenchError as e:
+        if not why:
+            raise
+        report["million_error"] = why[0]
+        print(f"federation: the million run stopped: {why[0]} ({str(e).splitlines()[0]})")
+    finally:
+        stop.set()
+        watch.join()
+        fed.stop()
+
+
+def measure(args: argparse.Namespace, work: Path, report: dict[str, Any]) -> None:
+    """Every federation figure into C{report}; every process started here is stopped."""
+    report["services"] = args.fed_services
+    report["million"] = args.million
+    if args.fed_services > 0:
+        measure_table(args, work, report)
+    if args.million > 0:
+        measure_million(args, work, report)
+
+
+def fmt_ms(value: float) -> str:
+    return "never" if value == float("inf") else f"{value:.0f} ms"
+
+
+def rows(report: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """(figure, value, target, met or None) for each federation figure measured."""
+    out: list[tuple[str, str, str, bool | None]] = []
+    n = report.get("services", 0)
+    if "bulk_s" in report:
+        out.append(
+            (
+                f"fed: {n:,} services in zone-1 -> last answers in zone-2",
+                f"{report['bulk_s']:.1f} s",
+                "",
+                None,
+            )
+        )
+    if "propagation" in report:
+        lat = report["propagation"]
+        p99 = percentile(lat, 0.99)
+        out.append(
+            (
+                f"fed: PUT zone-1 -> answer zone-2, 10/s ({len(lat)}), median / p99 / worst",
+                f"{fmt_ms(statistics.median(lat))} / {fmt_ms(p99)} / {fmt_ms(max(lat))}",
+                "(none set)",
+                None,
+            )
+        )
+    if "fresh_applied_s" in report:
+        table = report.get("fresh_table_s")
+        out.append(
+            (
+                f"fed: fresh zone, {report['fresh_rows']:,} rows: connect -> table applied",
+                "-" if table is None else f"{table:.2f} s",
+                "< 2 s",
+                None if table is None else table < 2,
+            )
+        )
+        out.append(
+            (
+                "fed: fresh zone: start -> welcome / table applied / last name",
+                f"{report.get('fresh_welcome_s', float('nan')):.2f} s / "
+                f"{report['fresh_applied_s']:.2f} s / {report['fresh_last_s']:.2f} s",
+                "",
+                None,
+            )
+        )
+    if "table_rss" in report:
+        out.append(
+            (
+                f"fed: RSS at {n:,} services (MB)",
+                ", ".join(f"{k} {v:.0f}" for k, v in report["table_rss"].items()),
+                "",
+                None,
+            )
+        )
+    m = report.get("million", 0)
+    if "million_synced_s" in report:
+        out.append(
+            (
+                f"fed: {m:,} services (half per zone): start -> both zones answer",
+                f"{report['million_synced_s']:.0f} s",
+                "",
+                None,
+            )
+        )
+    rss = report.get("million_rss")
+    if rss:
+        for label, mb in rss.items():
+            per = mb * 1024 / m
+            out.append(
+                (
+                    f"fed: {m:,} services: {label} memory per service",
+                    f"{per:.2f} KB ({mb:.0f} MB)",
+                    "<= 1 KB",
+                    per <= 1,
+                )
+            )
+    if report.get("million_changes"):
+        changes = report["million_changes"]
+        out.append(
+            (
+                f"fed: {m:,} services: PUT zone-1 -> answer zone-2 ({len(changes)}), "
+                "median / worst",
+                f"{fmt_ms(statistics.median(changes))} / {fmt_ms(max(changes))}",
+                "",
+                None,
+            )
+        )
+    if "million_error" in report:
+        out.append((f"fed: {m:,} services", "stopped", "synced", False))
+        out.append(("  why", report["million_error"], "", None))
+        at_stop = report.get("million_rss_at_stop") or {}
+        if at_stop:
+            rss = ", ".join(f"{k} {v:.0f}" for k, v in at_stop.items())
+            out.append(("  RSS when stopped (MB)", rss, "", None))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGHUP, raise_interrupt)
+    report: dict[str, Any] = {}
+    start_load = load()
+    error = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="kumazone-fed-") as tmp:
+            try:
+                measure(args, Path(tmp), report)
+            finally:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                stop_all()
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+    except BenchError as e:
+        error = str(e)
+        print(f"federation: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("federation: interrupted; every process stopped", file=sys.stderr)
+        return 130
+    print(f"\nmachine: {machine()}\nversions: {versions()}")
+    print(f"load average: {start_load} at start, {load()} at end\n")
+    for figure, value, target, met in rows(report):
+        result = "" if met is None else "met" if met else "MISSED"
+        print(f"{figure:70}  {value:28}  {target:14}  {result}")
+    return 1 if error else 0
 
 
 if __name__ == "__main__":

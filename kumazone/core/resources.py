@@ -9,9 +9,9 @@ unknown top-level fields are refused.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import json
 import re
+import socket
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass

@@ -113,7 +113,9 @@ class SortedIndex(Sequence[V], Generic[K, V]):
     def update(self, changed: Iterable[tuple[K, V | None]]) -> None:
         """Set each C{(key, value)}, removing the keys whose value is None."""
         changed = list(changed)
-        if len(changed) <= _BULK:
+        # One insort is a memmove of the list: sorting anew pays only when the
+        # change is a good share of the index.
+        if len(changed) <= _BULK or len(changed) * 32 < len(self._keys):
             for key, value in changed:
                 if value is None:
                     self.pop(key)

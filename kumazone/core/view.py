@@ -430,7 +430,9 @@ class FederatedView:
                 # The global holds it too: kept from provisional VIPs.
                 self._hold(allocation.key, allocation.offset, now, delta)
         try:
-            if collision or self._expire(now, delta):
+            # Hold-downs run out first, as a from-scratch reconcile would drop them.
+            expired = self._expire(now, delta)
+            if collision or expired:
                 raise _Collision
             for allocation in delta.added:
                 if allocation.key in self.provisional:

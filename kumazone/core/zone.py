@@ -522,10 +522,8 @@ class Zone:
         """
         assert isinstance(self.table, FederatedView)
         new_table = table_id != self.table_id
-        if new_table:
-            self._reset_table = True
-            if not message.full:
-                raise ValueError(f"a change for table {table_id}, holding {self.table_id!r}")
+        if new_table and not message.full:
+            raise ValueError(f"a change for table {table_id}, holding {self.table_id!r}")
         try:
             delta = self.table.apply(message, now)
             if delta is None:
@@ -536,7 +534,8 @@ class Zone:
                 delta.holds_dropped += held.holds_dropped
                 delta.exhausted = held.exhausted
                 self._stale = False
-            self._commit(delta=delta, table_id=table_id)
+            # A new table replaces every stored row, once it has come whole.
+            self._commit(delta=delta, table_id=table_id, reset=new_table)
         except StoreError:
             self._recover()
             raise
@@ -550,8 +549,10 @@ class Zone:
         deletes: Iterable[ResourceKey] = (),
         delta: TableDelta | None = None,
         table_id: str | None = None,
+        reset: bool = False,
     ) -> None:
-        if self._reset_table and isinstance(self.table, FederatedView):
+        reset = reset or self._reset_table
+        if reset and isinstance(self.table, FederatedView):
             # A new table replaces every stored row (and the zone's hold-downs stay).
             delta = TableDelta(
                 added=list(self.table.global_rows.values()),
@@ -564,7 +565,7 @@ class Zone:
                 delta=delta,
                 table_version=self.table.version,
                 vip_range=self._range_id,
-                reset_table=self._reset_table,
+                reset_table=reset,
                 table_id=table_id if table_id is not None else self.table_id,
             )
         )

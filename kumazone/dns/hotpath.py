@@ -161,6 +161,10 @@ def _edns_state(data: bytes, start: int, size: int) -> int | None:
 
 #: Most tails of negative answers kept (they are few: see L{HotCache.negative}).
 MAX_TAILS = 4096
+#: Octet forms of one question kept in the exact-octets shortcut (its case, its EDNS
+#: options): more forms of one name are answered from its template, so a flood of a
+#: real name's random-case or random-cookie forms cannot push other names out.
+MAX_FORMS = 8
 #: Query types whose counters a tail keeps at hand (others look theirs up).
 MAX_TAIL_COUNTERS = 16
 #: The query types whose answers at an apex carry the SOA, as type octets.
@@ -250,6 +254,9 @@ class HotCache:
         #: The entries that carry the SOA (and so its serial).
         self._serial: list[_Item] = []
         self._entries = 0
+        #: Exact-octets forms kept per key (at most L{MAX_FORMS}), and in all.
+        self._forms: dict[HotKey, int] = {}
+        self._exact_entries = 0
         self.tails: dict[tuple[int, bytes | None, int, int], _Tail] = {}
         self._version = authority.version if authority is not None else 0
         if authority is not None:
@@ -278,6 +285,8 @@ class HotCache:
         self._by_name.clear()
         self._serial.clear()
         self._entries = 0
+        self._forms.clear()
+        self._exact_entries = 0
         self.tails.clear()
         if self.authority is not None:
             self._version = self.authority.version
@@ -313,26 +322,48 @@ class HotCache:
         """Drop the entries at C{items} (some may be gone already)."""
         if not items:
             return
-        templates, exact = self.templates, self.exact
+        templates, exact, forms = self.templates, self.exact, self._forms
         for mesh, key in items:
             if mesh is None:
                 templates.pop(key, None)
+                forms.pop(key, None)
             else:
                 known = exact.get(mesh)
-                if known is not None:
-                    known.pop(key, None)
+                if known is not None and known.pop(key, None) is not None:
+                    self._exact_entries -= 1
         self._entries -= len(items)
+
+    def _evict_exact(self) -> None:
+        """The exact-octets shortcut is full: it starts over, the templates stay.
+
+        In place (readers hold the exact dictionaries); O(templates), and only
+        after C{max_entries} new forms.
+        """
+        for known in self.exact.values():
+            known.clear()
+        self._forms.clear()
+        self._exact_entries = 0
+        by_name: dict[bytes, list[_Item]] = {}
+        for name, items in self._by_name.items():
+            kept = [item for item in items if item[0] is None]
+            if kept:
+                by_name[name] = kept
+        self._by_name = by_name
+        self._serial = [item for item in self._serial if item[0] is None]
+        self._entries = sum(map(len, by_name.values())) + len(self._serial)
 
     def _list(self, name: bytes, item: _Item, type_class: bytes) -> None:
         """List an entry under its name (and as carrying the serial, if it does)."""
-        if self._entries >= self.max_entries:
-            # Bounded: start over (in place: readers may hold the exact dictionaries).
+        if len(self.templates) >= self.max_entries:
+            # Only a table of more names than that gets here: start over (in place:
+            # readers may hold the exact dictionaries).
             self.templates.clear()
             for known in self.exact.values():
                 known.clear()
             self._by_name.clear()
             self._serial.clear()
-            self._entries = 0
+            self._forms.clear()
+            self._entries = self._exact_entries = 0
         items = self._by_name.get(name)
         if items is None:
             items = self._by_name[name] = []
@@ -367,8 +398,20 @@ class HotCache:
             return
         mesh = key[3]
         octets = query[4:]
+        known = self.exact_for(mesh)
+        if octets in known:
+            known[octets] = (_without_rd(answer), counter)
+            return
+        forms = self._forms.get(key, 0)
+        if forms >= MAX_FORMS:
+            return
+        if self._exact_entries >= self.max_entries:
+            self._evict_exact()
+            known = self.exact_for(mesh)
+        self._forms[key] = forms + 1
+        self._exact_entries += 1
         self._list(key[0], (mesh, octets), key[1])
-        self.exact_for(mesh)[octets] = (_without_rd(answer), counter)
+        known[octets] = (_without_rd(answer), counter)
 
     def store(self, query: HotQuery, response: bytes, counter: list[int]) -> None:
         """Learn from the authority path's C{response} to C{query}.
@@ -383,8 +426,9 @@ class HotCache:
         rcode = response[3] & 0x0F
         if rcode == _OK and response[6:8] != b"\x00\x00":
             # The question's case comes from each query, as RD does.
+            if key not in self.templates:
+                self._list(name, (None, key), type_class)
             self.templates[key] = (_without_rd(response[:12] + name + response[end:]), counter)
-            self._list(name, (None, key), type_class)
             self.remember(data, key, response, counter)
         elif rcode in (_OK, _NXDOMAIN, _REFUSED):
             tail_key = self._tail_key(key)

@@ -487,6 +487,29 @@ def test_a_flood_of_random_names_is_answered_hot_and_evicts_nothing(served) -> N
     assert factory.stats.hot_answers == answered + len(known)
 
 
+def test_a_flood_of_one_real_name_in_random_forms_evicts_no_other_name(served) -> None:
+    """Random case of a real name makes new octet forms; few are kept, others stay hot."""
+    _zone, factory, proto, capture = served
+    rng = random.Random(SEED)
+    host = CLIENTS["payments"]
+    known = dns.message.make_query("ledger.mesh", "A").to_wire()
+    for _ in range(2):
+        proto.datagramReceived(known, (host, 5353))
+    hot = factory.hot
+    hot.max_entries = 50  # a small cache, so that the flood would fill it many times
+    templates_before = dict(hot.templates)
+    for _ in range(2000):
+        query = make_query(random_case(rng, "redis.mesh"), "A", 0, True, "IN", rng)
+        proto.datagramReceived(query, (host, 5353))
+        assert dns.message.from_wire(capture.sent.pop()).rcode() == dns.rcode.NOERROR
+    # Every template kept before is still there (the flood's own name added one).
+    assert templates_before.items() <= hot.templates.items()
+    assert hot._exact_entries <= hot.max_entries
+    answered = factory.stats.hot_answers
+    proto.datagramReceived(known, (host, 5353))
+    assert factory.stats.hot_answers == answered + 1
+
+
 @settings(max_examples=20, deadline=None)
 @given(states)
 def test_any_sequence_of_changes_answers_as_a_fresh_server(sequence) -> None:

@@ -206,6 +206,15 @@ class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
     """
 
     controller: KumaDNSServerFactory
+    #: Messages of one read answered in one turn of the reactor; the rest of the
+    #: read waits for the next turn, so a read of 64 KB of costly queries cannot
+    #: hold every other client (UDP, the API, sync) for its whole length.
+    MESSAGES_PER_TURN = 8
+    _this_turn = 0
+    #: Paused by the transport (its write buffer is full) / until the next turn.
+    _held = False
+    _yielding = False
+    _gone = False
 
     def connectionMade(self) -> None:
         """Start the idle timer, and take part in the transport's flow control."""
@@ -215,13 +224,45 @@ class KumaDNSProtocol(dns.DNSProtocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """Stop the idle timer and tell the factory."""
+        self._gone = True
         self.setTimeout(None)
         super().connectionLost(reason)
 
+    def dataReceived(self, data: bytes) -> None:
+        """A read (or a resumption): a new turn, with its own budget of messages."""
+        self._this_turn = 0
+        super().dataReceived(data)
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: stop reading until it drains."""
+        self._held = True
+        super().pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """The write buffer drained: read again (unless waiting for the next turn)."""
+        self._held = False
+        if not self._yielding:
+            super().resumeProducing()
+
     def stringReceived(self, data: bytes) -> None:
-        """Hand one message to the factory."""
+        """Hand one message to the factory; past the turn's budget, wait for the next turn."""
         self.resetTimeout()
+        self._this_turn += 1
+        if self._this_turn >= self.MESSAGES_PER_TURN and not self._yielding:
+            self._yielding = True
+            super().pauseProducing()  # this message is the turn's last
+            call_later = getattr(self.controller.clock, "callLater", None)
+            if call_later is None:
+                from twisted.internet import reactor as call_later_from
+
+                call_later = cast(Any, call_later_from).callLater
+            call_later(0, self._next_turn)
         self.controller.packetReceived(data, self, None)
+
+    def _next_turn(self) -> None:
+        self._yielding = False
+        if not self._gone and not self._held:
+            super().resumeProducing()
 
     def timeoutConnection(self) -> None:
         """Drop an idle connection, answers not yet read included.

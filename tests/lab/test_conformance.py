@@ -79,9 +79,9 @@ def findings(node: Any, where: str = "") -> list[str]:
     return found
 
 
-def test_dnsviz_reports_no_error_and_no_warning(dnsviz: str, zone: ZoneProcess, tmp_path) -> None:
-    server = f"mesh+:ns.dns.mesh=127.0.0.1:{zone.ports['dns']}"
-    probe = tmp_path / "probe.json"
+def dnsviz_analysis(dnsviz: str, port: int, probe: Path) -> tuple[Any, Any]:
+    """DNSViz's probe (to C{probe}) and grok of C{mesh} served on 127.0.0.1:C{port}."""
+    server = f"mesh+:ns.dns.mesh=127.0.0.1:{port}"
     done = subprocess.run(
         [dnsviz, "probe", "-A", "-E", "-x", server, "-o", str(probe), "mesh"],
         capture_output=True,
@@ -89,8 +89,6 @@ def test_dnsviz_reports_no_error_and_no_warning(dnsviz: str, zone: ZoneProcess, 
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    document = json.loads(probe.read_text())
-    assert document["mesh."]["explicit_delegation"] is True
     grok = subprocess.run(
         [dnsviz, "grok", "-l", "info", "-r", str(probe)],
         capture_output=True,
@@ -98,7 +96,12 @@ def test_dnsviz_reports_no_error_and_no_warning(dnsviz: str, zone: ZoneProcess, 
         timeout=60,
     )
     assert grok.returncode == 0, grok.stderr
-    analysis = json.loads(grok.stdout)
+    return json.loads(probe.read_text()), json.loads(grok.stdout)
+
+
+def test_dnsviz_reports_no_error_and_no_warning(dnsviz: str, zone: ZoneProcess, tmp_path) -> None:
+    document, analysis = dnsviz_analysis(dnsviz, zone.ports["dns"], tmp_path / "probe.json")
+    assert document["mesh."]["explicit_delegation"] is True
     assert analysis["mesh."]["status"] == "NOERROR"
     assert findings(analysis) == []
 
@@ -110,23 +113,9 @@ def test_dnsviz_finds_in_nsd_what_it_finds_in_kumazone(
     nsd = NsdProcess(tmp_path / "nsd", "127.0.0.1", free_port())
     nsd.serve(mesh_zone(zone.vips()["items"], "127.0.0.1"))
     try:
-        server = f"mesh+:ns.dns.mesh=127.0.0.1:{nsd.port}"
-        probe = tmp_path / "nsd-probe.json"
-        done = subprocess.run(
-            [dnsviz, "probe", "-A", "-E", "-x", server, "-o", str(probe), "mesh"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr
-        grok = subprocess.run(
-            [dnsviz, "grok", "-l", "info", "-r", str(probe)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert grok.returncode == 0, grok.stderr
-        assert findings(json.loads(grok.stdout)) == []
+        _document, analysis = dnsviz_analysis(dnsviz, nsd.port, tmp_path / "nsd-probe.json")
+        assert analysis["mesh."]["status"] == "NOERROR"
+        assert findings(analysis) == []
     finally:
         nsd.stop()
 

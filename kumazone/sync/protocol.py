@@ -87,6 +87,8 @@ class SyncProtocol(protocol.Protocol):
         self.decoder = FrameDecoder()
         self.zone = ""  # set once known, for metric labels
         self.last_heard = 0.0
+        #: When the heartbeat last ran (a late run means this process was busy).
+        self._last_tick = 0.0
         self._beat: LoopingCall | None = None
         self.closed = False
         #: When the transport paused this producer (its peer reads too slowly).
@@ -96,7 +98,7 @@ class SyncProtocol(protocol.Protocol):
 
     def connectionMade(self) -> None:
         """Start the heartbeat and tell the handler."""
-        self.last_heard = self.clock.seconds()
+        self.last_heard = self._last_tick = self.clock.seconds()
         self._no_delay()
         self._beat = LoopingCall(self._tick)
         self._beat.clock = self.clock
@@ -157,6 +159,14 @@ class SyncProtocol(protocol.Protocol):
 
     def _tick(self) -> None:
         now = self.clock.seconds()
+        stalled = now - self._last_tick > 2 * self.heartbeat
+        self._last_tick = now
+        if stalled:
+            # This process itself did not run (a long piece of work, a pause): what
+            # the peer sent meanwhile is still unread, so it is not judged silent or
+            # slow until the next beat, once the reactor has read its sockets.
+            self.send(Ping())
+            return
         if self.paused_since is not None and now - self.paused_since > self.silence:
             self._slow_reader(f"read nothing for {now - self.paused_since:.0f}s")
             return

@@ -658,6 +658,25 @@ def test_a_zone_drops_a_silent_global() -> None:
     assert proto.closed
 
 
+def test_a_busy_global_does_not_drop_a_zone_whose_heartbeat_it_has_not_read_yet() -> None:
+    """The global's reactor held for longer than the silence (a long piece of work):
+    the first beat after it runs before the sockets are read, and must not judge."""
+    clock = MemoryReactorClock()
+    glob = Global(clock)
+    proto, transport = glob.server()
+    proto.dataReceived(hello())
+    clock.advance(HEARTBEAT)
+    clock.advance(SILENCE * 2)  # held: the zone's pings wait in the socket, unread
+    assert not transport.disconnecting
+    proto.dataReceived(encode(Ping()))  # read once the reactor runs again
+    clock.advance(HEARTBEAT)
+    assert not transport.disconnecting
+    # A zone that really is silent is still dropped, a beat later than otherwise.
+    for _ in range(int(SILENCE / HEARTBEAT) + 1):
+        clock.advance(HEARTBEAT)
+    assert transport.disconnecting
+
+
 def test_anything_heard_resets_the_silence() -> None:
     clock = MemoryReactorClock()
     glob = Global(clock)

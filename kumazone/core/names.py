@@ -71,8 +71,25 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+#: A service name that is one plain label: its one DNS name needs no other check.
+_PLAIN = re.compile(r"\A[A-Za-z0-9-]{1,63}\Z")
+
+
 def service_names(service: str, domain: str) -> ServiceNames:
     """The DNS names of C{service} under C{domain}, lower-cased, underscore form first."""
+    if (
+        _PLAIN.match(service)
+        and len(service) + len(domain) + 3 <= MAX_NAME_OCTETS
+        and service.lower() != NAMESERVER_LABEL
+        and name_problem(domain) is None
+    ):
+        # The usual case (a global checks every name of every zone's inventory).
+        return ServiceNames((f"{service}.{domain}".lower(),), ())
+    return _service_names(service, domain)
+
+
+def _service_names(service: str, domain: str) -> ServiceNames:
+    """L{service_names}, every rule checked."""
     forms = [f"{service}.{domain}"]
     if "_" in service:
         forms.append(f"{service.replace('_', '.')}.{domain}")

@@ -344,3 +344,15 @@ def test_name_index_equals_assign_names_after_any_changes(ops) -> None:
         moved = {c for c in claims if before.get(c) != expected[c]}
         moved |= {c for c in before if c not in claims}
         assert moved <= changed
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(alphabet="abcXYZ019-_.é ", min_size=1, max_size=70)
+    | st.sampled_from(["dns", "DNS", "a" * 63, "a" * 64, "x" * 250]),
+    st.sampled_from(["mesh", "Mesh", "a.b", "x" * 190, "dns.mesh"]),
+)
+def test_the_fast_path_of_service_names_agrees_with_every_rule(service: str, domain: str) -> None:
+    from kumazone.core.names import _service_names
+
+    assert service_names(service, domain) == _service_names(service, domain)

@@ -653,3 +653,10 @@ def check_tools() -> None:
         )
     if (os.cpu_count() or 1) < 2:
         raise BenchError("needs two CPUs: the servers on CPU 0, dnsperf on CPU 1")
+
+
+def print_machine(report: dict[str, Any]) -> None:
+    """The lines every benchmark's table starts with: the machine, versions, load."""
+    print(f"\nmachine: {machine()}")
+    print(f"versions: {versions()}")
+    print(f"load average: {report['load_start']} at start, {report['load_end']} at end")

@@ -51,14 +51,13 @@ from benchlib import (
     http_request,
     in_background,
     load,
-    machine,
     percentile,
+    print_machine,
     raise_interrupt,
     read_vips,
     start_kumazone,
     start_nsd,
     stop_all,
-    versions,
     write_queries,
     write_zone_file,
 )
@@ -356,9 +355,7 @@ def rows(args: argparse.Namespace, report: dict[str, Any]) -> list[tuple[str, st
 
 
 def print_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
-    print(f"\nmachine: {machine()}")
-    print(f"versions: {versions()}")
-    print(f"load average: {report['load_start']} at start, {report['load_end']} at end")
+    print_machine(report)
     print(
         f"DNS: servers on CPU 0, dnsperf on CPU 1; full-speed runs {args.seconds} s "
         f"(dnsperf -c 4 -q 200), static the median of {args.runs};\nfederation: every "

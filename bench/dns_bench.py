@@ -50,13 +50,12 @@ from benchlib import (
     dnsperf,
     free_port,
     load,
-    machine,
+    print_machine,
     raise_interrupt,
     read_vips,
     start_kumazone,
     start_nsd,
     stop_all,
-    versions,
     wait_answering,
     write_queries,
     write_zone_file,
@@ -171,9 +170,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def print_report(args: argparse.Namespace, report: dict[str, Any]) -> None:
-    print(f"\nmachine: {machine()}")
-    print(f"versions: {versions()}")
-    print(f"load average: {report['load_start']} at start, {report['load_end']} at end")
+    print_machine(report)
     print(
         f"{report['services']} services ({report['names']} names, an A and an AAAA each); "
         f"{args.runs} interleaved runs x {args.seconds} s at full speed (dnsperf -c 4 -q 200), "

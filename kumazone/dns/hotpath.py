@@ -253,7 +253,6 @@ class HotCache:
         self._by_name: dict[bytes, list[_Item]] = {}
         #: The entries that carry the SOA (and so its serial).
         self._serial: list[_Item] = []
-        self._entries = 0
         #: Exact-octets forms kept per key (at most L{MAX_FORMS}), and in all.
         self._forms: dict[HotKey, int] = {}
         self._exact_entries = 0
@@ -284,7 +283,6 @@ class HotCache:
         self.clients.clear()
         self._by_name.clear()
         self._serial.clear()
-        self._entries = 0
         self._forms.clear()
         self._exact_entries = 0
         self.tails.clear()
@@ -331,7 +329,6 @@ class HotCache:
                 known = exact.get(mesh)
                 if known is not None and known.pop(key, None) is not None:
                     self._exact_entries -= 1
-        self._entries -= len(items)
 
     def _evict_exact(self) -> None:
         """The exact-octets shortcut is full: it starts over, the templates stay.
@@ -350,7 +347,6 @@ class HotCache:
                 by_name[name] = kept
         self._by_name = by_name
         self._serial = [item for item in self._serial if item[0] is None]
-        self._entries = sum(map(len, by_name.values())) + len(self._serial)
 
     def _list(self, name: bytes, item: _Item, type_class: bytes) -> None:
         """List an entry under its name (and as carrying the serial, if it does)."""
@@ -363,15 +359,13 @@ class HotCache:
             self._by_name.clear()
             self._serial.clear()
             self._forms.clear()
-            self._entries = self._exact_entries = 0
+            self._exact_entries = 0
         items = self._by_name.get(name)
         if items is None:
             items = self._by_name[name] = []
         items.append(item)
-        self._entries += 1
         if name in self._apexes and type_class[:2] in _SERIAL_TYPES:
             self._serial.append(item)
-            self._entries += 1
 
     def exact_for(self, mesh: str) -> dict[bytes, Template]:
         """The C{exact} dictionary of C{mesh}: the same object until L{clear}."""

@@ -48,6 +48,12 @@ class ZoneSettings:
     #: The global to sync with (host, port), or None for a standalone zone.
     global_address: tuple[str, int] | None = None
     tls: TLSFiles | None = None
+    #: The dataplane port: served with C{dp_tls} (mutual TLS), or without TLS
+    #: when C{dp_insecure}; with neither, not at all.
+    dp_port: int = 5678
+    dp_interface: str = "0.0.0.0"
+    dp_tls: TLSFiles | None = None
+    dp_insecure: bool = False
 
 
 def mesh_lookup(get_snapshot: Callable[[], ZoneSnapshot]) -> Callable[[str], str]:

@@ -15,7 +15,9 @@ and max) rather than item by item; every index is checked against its list, so
 bad input is a L{ProtocolError}, and a part's work is bounded by its size.
 
 Zone to global: L{Hello} (first), L{Inventory}, L{Ack}.  Global to zone:
-L{Welcome}, L{TableUpdate}.  Both ways: L{Ping}, L{Error}.  Each class's
+L{Welcome}, L{TableUpdate}.  Both ways: L{Ping}, L{Error}.  Dataplane to zone (on
+the dataplane port): L{DpHello} (first), L{DpAck}; zone to dataplane: L{DpWelcome},
+L{DpTable}.  Each class's
 docstring gives its JSON object; L{encode} and L{decode} turn one into the
 other.
 """
@@ -31,11 +33,18 @@ from typing import Any, ClassVar, NamedTuple, Self
 
 __all__ = [
     "CHUNK_ITEMS",
+    "FORM_DOTTED",
+    "FORM_UNDERSCORE",
     "KINDS",
     "MAX_FRAME",
     "MAX_NUMBER",
     "PROTOCOL_VERSION",
     "Ack",
+    "DpAck",
+    "DpHello",
+    "DpRow",
+    "DpTable",
+    "DpWelcome",
     "Error",
     "FrameDecoder",
     "Hello",
@@ -47,6 +56,7 @@ __all__ = [
     "TableUpdate",
     "Welcome",
     "decode",
+    "dp_table_messages",
     "encode",
     "inventory_messages",
     "table_messages",
@@ -471,11 +481,248 @@ class Error:
         return cls(_string(document, "message"))
 
 
-Message = Hello | Inventory | Ack | Ping | Welcome | TableUpdate | Error
+#: The name forms of a L{DpRow}: which of a service's two DNS names it holds.
+FORM_UNDERSCORE = 1
+FORM_DOTTED = 2
+
+
+class DpRow(NamedTuple):
+    """One service of a mesh as a dataplane serves it.
+
+    On the wire, inside a L{DpTable}: one item of each of its C{upsert} columns.
+
+    @ivar offset: the VIP's offset in the zone's ranges (the welcome's C{cidr}
+        and C{cidr6}): one number gives both addresses.
+    @ivar forms: the DNS names the zone serves for it, as bits
+        (L{FORM_UNDERSCORE}: C{<service>.<domain>}; L{FORM_DOTTED}: the form with
+        every C{_} a dot), so a row costs a few octets whatever its names
+        (L{kumazone.core.names.names_from_forms} spells them out).
+    @ivar provisional: not yet confirmed by the global (served with a short TTL).
+    """
+
+    service: str
+    offset: int
+    forms: int = FORM_UNDERSCORE
+    provisional: bool = False
+
+
+@dataclass(frozen=True)
+class DpHello:
+    """A dataplane says which table it holds.
+
+    Dataplane to zone, first on each connection.  With TLS the zone takes the
+    mesh and name from the dataplane's certificate, and refuses a hello that
+    names others; without, from here.  On the wire::
+
+        {"v": 3, "t": "dphello", "mesh": "default", "name": "web-1",
+         "have": 41, "table": "<table id>"}
+
+    @ivar have: the version of the table the dataplane holds (0: none).
+    @ivar table_id: the id of the zone's table it holds (C{"table"}; C{""}: none).
+    """
+
+    kind: ClassVar[str] = "dphello"
+    mesh: str = ""
+    name: str = ""
+    have: int = 0
+    table_id: str = ""
+
+    def _fields(self) -> _Document:
+        return {"mesh": self.mesh, "name": self.name, "have": self.have, "table": self.table_id}
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        return cls(
+            _string(document, "mesh"),
+            _string(document, "name"),
+            _int(document, "have"),
+            _string(document, "table"),
+        )
+
+
+#: The largest TTL a welcome may carry (RFC 2181 8).
+MAX_TTL = (1 << 31) - 1
+
+
+@dataclass(frozen=True)
+class DpWelcome:
+    """The zone accepts a dataplane: who it is, and how the zone serves its names.
+
+    Zone to dataplane, once, in answer to L{DpHello}; the dataplane answers as
+    the zone does from these.  On the wire::
+
+        {"v": 3, "t": "dpwelcome", "mesh": "default", "name": "web-1",
+         "version": 42, "table": "<table id>", "domain": "mesh",
+         "cidr": "240.0.0.0/4", "cidr6": "fd00:fd00::/64", "ttl": 60,
+         "ns": ["192.0.2.1"]}
+
+    @ivar nameservers: the addresses of the apex NS name (C{"ns"}).
+    """
+
+    kind: ClassVar[str] = "dpwelcome"
+    mesh: str
+    name: str
+    version: int
+    table_id: str
+    domain: str
+    cidr: str
+    cidr6: str
+    ttl: int
+    nameservers: tuple[str, ...] = ()
+
+    def _fields(self) -> _Document:
+        return {
+            "mesh": self.mesh,
+            "name": self.name,
+            "version": self.version,
+            "table": self.table_id,
+            "domain": self.domain,
+            "cidr": self.cidr,
+            "cidr6": self.cidr6,
+            "ttl": self.ttl,
+            "ns": list(self.nameservers),
+        }
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        ttl = _int(document, "ttl")
+        if ttl > MAX_TTL:
+            raise ProtocolError(f"ttl: must be at most {MAX_TTL}")
+        return cls(
+            _string(document, "mesh"),
+            _string(document, "name"),
+            _int(document, "version"),
+            _string(document, "table"),
+            _string(document, "domain"),
+            _string(document, "cidr"),
+            _string(document, "cidr6"),
+            ttl,
+            tuple(_texts(document.get("ns", []), "ns")),
+        )
+
+
+_DP_ROW_COLUMNS = ("service", "offset", "forms", "prov")
+
+
+@dataclass(frozen=True)
+class DpTable:
+    """A mesh's names at C{version}: whole (C{full}) or the changes from C{base}, in parts.
+
+    Zone to dataplane, after L{DpWelcome} and on every change of the zone's
+    table; a change in another mesh comes as a part with no rows (the serial
+    moved).  On the wire::
+
+        {"v": 3, "t": "dptable", "version": 42, "base": 41, "full": false,
+         "part": 0, "last": true,
+         "upsert": {"service": [service...], "offset": [offset...],
+                    "forms": [forms...], "prov": [0 or 1...]},
+         "remove": [service...]}
+
+    @ivar upsert: rows added or changed (L{DpRow}).
+    @ivar remove: the services gone.
+    """
+
+    kind: ClassVar[str] = "dptable"
+    version: int
+    base: int
+    full: bool
+    part: int = 0
+    last: bool = True
+    upsert: tuple[DpRow, ...] = ()
+    remove: tuple[str, ...] = ()
+
+    def _fields(self) -> _Document:
+        rows = self.upsert
+        return {
+            "version": self.version,
+            "base": self.base,
+            "full": self.full,
+            "part": self.part,
+            "last": self.last,
+            "upsert": {
+                "service": [row.service for row in rows],
+                "offset": [row.offset for row in rows],
+                "forms": [row.forms for row in rows],
+                "prov": [int(row.provisional) for row in rows],
+            },
+            "remove": list(self.remove),
+        }
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        value = _columns(document, "upsert", _DP_ROW_COLUMNS)
+        rows: tuple[DpRow, ...] = ()
+        if value is not None:
+            rows = tuple(
+                map(
+                    DpRow,
+                    _texts(value["service"], "upsert.service"),
+                    _numbers(value["offset"], "upsert.offset"),
+                    _numbers(value["forms"], "upsert.forms", FORM_UNDERSCORE | FORM_DOTTED),
+                    map(bool, _numbers(value["prov"], "upsert.prov", 1)),
+                )
+            )
+        return cls(
+            _int(document, "version"),
+            _int(document, "base"),
+            _bool(document, "full"),
+            _int(document, "part"),
+            _bool(document, "last"),
+            rows,
+            tuple(_texts(document.get("remove", []), "remove")),
+        )
+
+
+@dataclass(frozen=True)
+class DpAck:
+    """A dataplane holds table version C{version} (sent once a table's last part applied).
+
+    Dataplane to zone.  On the wire::
+
+        {"v": 3, "t": "dpack", "version": 42}
+    """
+
+    kind: ClassVar[str] = "dpack"
+    version: int
+
+    def _fields(self) -> _Document:
+        return {"version": self.version}
+
+    @classmethod
+    def _parse(cls, document: _Document) -> Self:
+        return cls(_int(document, "version"))
+
+
+Message = (
+    Hello
+    | Inventory
+    | Ack
+    | Ping
+    | Welcome
+    | TableUpdate
+    | Error
+    | DpHello
+    | DpWelcome
+    | DpTable
+    | DpAck
+)
 
 #: Each kind's message class, by its wire kind (C{"t"}).
 KINDS: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (Hello, Inventory, Ack, Ping, Welcome, TableUpdate, Error)
+    cls.kind: cls
+    for cls in (
+        Hello,
+        Inventory,
+        Ack,
+        Ping,
+        Welcome,
+        TableUpdate,
+        Error,
+        DpHello,
+        DpWelcome,
+        DpTable,
+        DpAck,
+    )
 }
 
 
@@ -620,12 +867,14 @@ def _chunks(
 
 def _paired(
     first: Sequence[Any],
-    second: Sequence[Key],
+    second: Sequence[Any],
     cap: int,
     first_size: Callable[[Sequence[Any]], int],
-) -> list[tuple[int, bool, tuple[Any, ...], tuple[Key, ...]]]:
-    """(part, last, items of C{first}, keys of C{second}) for each part message."""
-    first_chunks, second_chunks = _chunks(first, cap, first_size), _chunks(second, cap, _keys_size)
+    second_size: Callable[[Sequence[Any]], int] = _keys_size,
+) -> list[tuple[int, bool, tuple[Any, ...], tuple[Any, ...]]]:
+    """(part, last, items of C{first}, items of C{second}) for each part message."""
+    first_chunks = _chunks(first, cap, first_size)
+    second_chunks = _chunks(second, cap, second_size)
     count = max(len(first_chunks), len(second_chunks))
     return [
         (
@@ -660,4 +909,26 @@ def table_messages(
     return [
         TableUpdate(version, base, full, part, last, rows, removes)
         for part, last, rows, removes in _paired(upsert, list(remove), size, _rows_size)
+    ]
+
+
+def _dp_rows_size(rows: Sequence[DpRow]) -> int:
+    """At most what C{rows} take in a L{DpTable}: their services and three numbers each."""
+    return _texts_size(row.service for row in rows) + 3 * _NUMBER * len(rows)
+
+
+def dp_table_messages(
+    version: int,
+    base: int,
+    full: bool,
+    upsert: Sequence[DpRow],
+    remove: Sequence[str] = (),
+    size: int = CHUNK_ITEMS,
+) -> list[DpTable]:
+    """A mesh's table (whole, or the changes from C{base}) as parts, each below MAX_FRAME."""
+    return [
+        DpTable(version, base, full, part, last, rows, removes)
+        for part, last, rows, removes in _paired(
+            upsert, list(remove), size, _dp_rows_size, _texts_size
+        )
     ]

@@ -20,7 +20,9 @@ __all__ = [
     "NameIndex",
     "ServiceNames",
     "assign_names",
+    "name_forms",
     "name_problem",
+    "names_from_forms",
     "nameserver_name",
     "service_names",
 ]
@@ -271,3 +273,36 @@ class NameIndex:
                 self._shared[(mesh, service)] = assignment
                 changed.add((mesh, service))
         return changed
+
+
+#: The bits of L{name_forms} (as L{kumazone.core.messages.FORM_UNDERSCORE} and
+#: C{FORM_DOTTED}).
+_UNDERSCORE_FORM, _DOTTED_FORM = 1, 2
+
+
+def _forms(service: str, domain: str) -> tuple[str, str]:
+    return f"{service}.{domain}".lower(), f"{service.replace('_', '.')}.{domain}".lower()
+
+
+def name_forms(service: str, domain: str, names: Iterable[str]) -> int:
+    """Which of C{service}'s two name forms C{names} (as a zone serves them) holds, as bits.
+
+    Bit 1: C{<service>.<domain>}; bit 2: the form with every C{_} a dot (only
+    when that differs).  L{names_from_forms} spells them out again.
+    """
+    underscore, dotted = _forms(service, domain)
+    held = set(names)
+    return (_UNDERSCORE_FORM if underscore in held else 0) | (
+        _DOTTED_FORM if dotted != underscore and dotted in held else 0
+    )
+
+
+def names_from_forms(service: str, domain: str, forms: int) -> tuple[str, ...]:
+    """The names C{forms} (from L{name_forms}) stands for, underscore form first."""
+    underscore, dotted = _forms(service, domain)
+    names = []
+    if forms & _UNDERSCORE_FORM:
+        names.append(underscore)
+    if forms & _DOTTED_FORM and dotted != underscore:
+        names.append(dotted)
+    return tuple(names)

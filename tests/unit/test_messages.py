@@ -17,6 +17,11 @@ from kumazone.core.messages import (
     MAX_NUMBER,
     PROTOCOL_VERSION,
     Ack,
+    DpAck,
+    DpHello,
+    DpRow,
+    DpTable,
+    DpWelcome,
     Error,
     FrameDecoder,
     Hello,
@@ -162,6 +167,34 @@ PINNED: list[tuple[Message, bytes]] = [
         b'"remove":{"mesh":[1],"service":["gone"]}}',
     ),
     (Error("nope: \u00e9"), b'\x00\x00\x00,{"v":3,"t":"error","message":"nope: \\u00e9"}'),
+    (
+        DpHello("default", "web-1", 41, "t-1"),
+        b'\x00\x00\x00M{"v":3,"t":"dphello","mesh":"default","name":"web-1","have":41,'
+        b'"table":"t-1"}',
+    ),
+    (
+        DpWelcome(
+            "default",
+            "web-1",
+            42,
+            "t-1",
+            "mesh",
+            "240.0.0.0/4",
+            "fd00:fd00::/64",
+            60,
+            ("192.0.2.1",),
+        ),
+        b'\x00\x00\x00\xac{"v":3,"t":"dpwelcome","mesh":"default","name":"web-1","version":42,'
+        b'"table":"t-1","domain":"mesh","cidr":"240.0.0.0/4","cidr6":"fd00:fd00::/64","ttl":60,'
+        b'"ns":["192.0.2.1"]}',
+    ),
+    (
+        DpTable(43, 42, False, 0, True, (DpRow("web", 7, 1), DpRow("a_b", 9, 3, True)), ("gone",)),
+        b'\x00\x00\x00\xad{"v":3,"t":"dptable","version":43,"base":42,"full":false,"part":0,'
+        b'"last":true,"upsert":{"service":["web","a_b"],"offset":[7,9],"forms":[1,3],'
+        b'"prov":[0,1]},"remove":["gone"]}',
+    ),
+    (DpAck(43), b'\x00\x00\x00 {"v":3,"t":"dpack","version":43}'),
 ]
 
 
@@ -172,7 +205,8 @@ def test_each_kind_encodes_to_the_same_bytes_as_ever(message: Message, wire: byt
 
 
 def test_every_kind_is_pinned() -> None:
-    kinds = ["ack", "error", "hello", "inventory", "ping", "table", "welcome"]
+    kinds = ["ack", "dpack", "dphello", "dptable", "dpwelcome", "error", "hello", "inventory"]
+    kinds += ["ping", "table", "welcome"]
     assert sorted(m.kind for m, _w in PINNED) == sorted(KINDS) == kinds
     assert all(KINDS[m.kind] is type(m) for m, _w in PINNED)
 
@@ -723,3 +757,91 @@ def test_a_full_table_of_100000_rows_is_compact() -> None:
     # The service names, and about 20 octets per row for the rest.
     assert len(wire) < names + 20 * len(keys)
     assert [r for p in decode_stream(wire) for r in p.upsert] == upsert  # type: ignore[union-attr]
+
+
+# -- the dataplane messages ---------------------------------------------------------
+
+
+def test_dataplane_messages_round_trip():
+    from kumazone.core.messages import DpAck, DpHello, DpRow, DpTable, DpWelcome
+
+    messages = [
+        DpHello("default", "web-1", 41, "t-1"),
+        DpHello(),
+        DpWelcome("default", "web-1", 42, "t-1", "mesh", "240.0.0.0/4", "fd00::/64", 60, ("::1",)),
+        DpTable(
+            43,
+            42,
+            False,
+            0,
+            True,
+            (DpRow("web", 7, 1, False), DpRow("a_b", 9, 3, True)),
+            ("gone",),
+        ),
+        DpAck(43),
+    ]
+    decoder = FrameDecoder()
+    assert list(decoder.feed(b"".join(encode(m) for m in messages))) == messages
+
+
+def test_one_service_change_to_a_dataplane_is_under_200_octets():
+    from kumazone.core.messages import DpRow, dp_table_messages
+
+    (message,) = dp_table_messages(
+        123_456, 123_455, False, [DpRow("checkout-service-v2", 1_048_575, 1, False)]
+    )
+    assert len(encode(message)) < 200
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"upsert": {"service": ["a"], "offset": [1], "forms": [4], "prov": [0]}},
+        {"upsert": {"service": ["a"], "offset": [1], "forms": [1], "prov": [2]}},
+        {"upsert": {"service": [""], "offset": [1], "forms": [1], "prov": [0]}},
+        {"upsert": {"service": ["a"], "offset": [-1], "forms": [1], "prov": [0]}},
+        {"upsert": {"service": ["a", "b"], "offset": [1], "forms": [1], "prov": [0]}},
+        {"remove": [1]},
+        {"remove": "a"},
+    ],
+)
+def test_bad_dataplane_tables_are_protocol_errors(fields):
+    document = {
+        "v": PROTOCOL_VERSION,
+        "t": "dptable",
+        "version": 2,
+        "base": 1,
+        "full": False,
+        "part": 0,
+        "last": True,
+        **fields,
+    }
+    with pytest.raises(ProtocolError):
+        decode(json.dumps(document).encode())
+
+
+def test_dataplane_welcome_ttl_is_range_checked():
+    document = {
+        "v": PROTOCOL_VERSION,
+        "t": "dpwelcome",
+        "mesh": "m",
+        "name": "n",
+        "version": 1,
+        "table": "t",
+        "domain": "mesh",
+        "cidr": "240.0.0.0/4",
+        "cidr6": "fd00::/64",
+        "ttl": 1 << 31,
+    }
+    with pytest.raises(ProtocolError, match="ttl"):
+        decode(json.dumps(document).encode())
+
+
+def test_a_large_dataplane_table_goes_in_parts_below_a_frame():
+    from kumazone.core.messages import DpRow, dp_table_messages
+
+    rows = [DpRow("é" * 200 + str(i), i, 1, False) for i in range(3000)]
+    parts = dp_table_messages(5, 0, True, rows, [f"x{i}" for i in range(10)])
+    assert len(parts) > 1 and parts[-1].last and not parts[0].last
+    assert all(len(encode(p)) <= MAX_FRAME for p in parts)
+    assert [r for p in parts for r in p.upsert] == rows

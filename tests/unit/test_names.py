@@ -356,3 +356,20 @@ def test_the_fast_path_of_service_names_agrees_with_every_rule(service: str, dom
     from kumazone.core.names import _service_names
 
     assert service_names(service, domain) == _service_names(service, domain)
+
+
+@pytest.mark.parametrize(
+    ("service", "names", "forms"),
+    [
+        ("web", ("web.mesh",), 1),
+        ("Web", ("web.mesh",), 1),
+        ("a_b", ("a_b.mesh", "a.b.mesh"), 3),
+        ("a_b", ("a.b.mesh",), 2),
+        ("a_b", (), 0),
+    ],
+)
+def test_name_forms_round_trip(service, names, forms):
+    from kumazone.core.names import name_forms, names_from_forms
+
+    assert name_forms(service, "mesh", names) == forms
+    assert names_from_forms(service, "mesh", forms) == names

@@ -13,7 +13,7 @@ from typing import Any
 from twisted.python import usage
 
 from kumazone.core.config import ConfigError, DnsServerConfig, load_config, parse_port
-from kumazone.core.limits import ZoneLimits
+from kumazone.core.limits import Cooldowns, ZoneLimits
 from kumazone.core.names import ZONE_NAME
 from kumazone.global_service import GlobalService, GlobalSettings
 from kumazone.sync.tls import TLSFiles
@@ -78,6 +78,19 @@ class Options(usage.Options):
             None,
             str(32 << 20),
             "Bytes queued for a zone that does not read before it is dropped (role global).",
+        ],
+        [
+            "kds-zone-refusal-cooldown",
+            None,
+            "5",
+            "Seconds a zone refused after its hello waits before it is heard again, "
+            "doubling with each refusal in a row up to 300; 0: no wait (role global).",
+        ],
+        [
+            "kds-zone-max-range-share",
+            None,
+            "0.5",
+            "The fraction of the VIP range one zone's services may take (role global).",
         ],
         ["tls-cert", None, None, "PEM certificate for zone sync."],
         ["tls-key", None, None, "PEM private key for zone sync."],
@@ -146,6 +159,22 @@ class Options(usage.Options):
             if not 0 < value < 1 << 62:
                 raise _fail(f"--{flag}: {self[flag]!r} must be a positive number")
             values[field] = value
+        flag = "kds-zone-refusal-cooldown"
+        try:
+            cooldown = float(self[flag])
+        except ValueError:
+            cooldown = -1.0
+        if not 0 <= cooldown <= Cooldowns.LONGEST:
+            raise _fail(f"--{flag}: {self[flag]!r} must be a number of seconds in [0, 300]")
+        values["refusal_cooldown"] = cooldown
+        flag = "kds-zone-max-range-share"
+        try:
+            share = float(self[flag])
+        except ValueError:
+            share = 0.0
+        if not 0 < share <= 1:
+            raise _fail(f"--{flag}: {self[flag]!r} must be a fraction in (0, 1]")
+        values["max_range_share"] = share
         return ZoneLimits(**values)  # type: ignore[arg-type]
 
     def _dns_config(self) -> DnsServerConfig:

@@ -159,7 +159,12 @@ class ZoneService(ControlPlane):
         endpoint: Any = HostnameEndpoint(self.reactor, host, port)
         if self.settings.tls is not None:
             endpoint = wrapClientTLS(client_options(self.settings.tls, host), endpoint)
-        self.addService(ClientService(endpoint, factory, retryPolicy=backoffPolicy(0.5, 10.0)))
+        backoff = backoffPolicy(0.5, 10.0)
+        # A zone the global refused waits longer (ZoneSync.retry_delay).
+        retry = ClientService(
+            endpoint, factory, retryPolicy=lambda attempt: sync.retry_delay(backoff(attempt))
+        )
+        self.addService(retry)
         self.log.info(
             "syncing with the global at {host}:{port} ({how})",
             host=host,

@@ -255,6 +255,14 @@ class MergedTable:
                 f"zone {record.name} would have {pending.count} services, "
                 f"more than its limit of {limits.max_services}",
             )
+        range_size = self.allocator.range.size
+        share = max(1, int(range_size * limits.max_range_share))
+        if pending.count > share:
+            raise ZoneRefused(
+                "too-many-services",
+                f"zone {record.name} would have {pending.count} services, more than its "
+                f"share of the VIP range ({share} of {range_size} VIPs)",
+            )
         return pending
 
     def change_zone(

@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from kumazone.core.federation import MergedTable
-from kumazone.core.limits import ZoneLimits, ZoneRefused
+from kumazone.core.limits import Cooldowns, ZoneLimits, ZoneRefused
 from kumazone.core.messages import (
     Ack,
     Error,
@@ -64,6 +64,8 @@ class GlobalHub:
         self.metrics = metrics
         self.require_certificates = require_certificates
         self.limits = limits or ZoneLimits()
+        #: Zones refused after hello wait before they are heard again.
+        self.cooldowns = Cooldowns(self.limits.refusal_cooldown)
         self.sessions: dict[str, GlobalSession] = {}
         self._refusal_log = limited(
             RateLimiter(burst=20, interval=60.0), clock, lambda line: self.log.warn(line)
@@ -78,10 +80,18 @@ class GlobalHub:
         return GlobalSession(self)
 
     def refuse(self, session: GlobalSession, refusal: ZoneRefused) -> None:
-        """Refuse a zone's message: count it, log it (bounded), tell the zone, close."""
+        """Refuse a zone's message: count it, log it (bounded), tell the zone, close.
+
+        Unless the store failed (the global's fault, not the zone's), the zone is
+        not heard again for a while (L{Cooldowns}); the error says how long.
+        """
         self.metrics.refused.labels(refusal.reason).inc()
-        self._refusal_log(f"zone {session.zone}: refused ({refusal.reason}): {refusal}")
-        session.proto.fail(f"refused: {refusal}", log=False)
+        wait = 0.0
+        if refusal.reason != "store" and session.zone is not None:
+            wait = self.cooldowns.refused(session.zone, self.clock.seconds())
+        later = f"; retry in {wait:.0f} s" if wait else ""
+        self._refusal_log(f"zone {session.zone}: refused ({refusal.reason}): {refusal}{later}")
+        session.proto.fail(f"refused: {refusal}{later}", log=False)
 
     def refused(self, reason: str, line: str) -> None:
         """Count a refused connection under C{reason} and log C{line} (rate-limited)."""
@@ -197,6 +207,7 @@ class GlobalSession:
         refusal = (
             self._name_refusal(hello)
             or self._certificate_refusal(hello)
+            or self._cooling_refusal(hello)
             or self._cidr_refusal(hello)
         )
         if refusal is not None:
@@ -241,6 +252,17 @@ class GlobalSession:
             return None
         peer = get()
         return certificate_names(peer) if peer is not None else set()
+
+    def _cooling_refusal(self, hello: Hello) -> _Refusal | None:
+        """Refused at once, before any welcome or push, while its cool-down lasts."""
+        wait = self.hub.cooldowns.remaining(hello.zone, self.hub.clock.seconds())
+        if not wait:
+            return None
+        return _Refusal(
+            "cooling-down",
+            f"zone {hello.zone!r} refused: it was refused lately; {wait:.0f} s to wait",
+            f"refused lately: retry in {max(1, round(wait))} s",
+        )
 
     def _cidr_refusal(self, hello: Hello) -> _Refusal | None:
         cidr, cidr6 = self.hub.cidrs
@@ -310,6 +332,7 @@ class GlobalSession:
             delta = self.hub.merged.receive_inventory(zone, inventory, now, self.hub.limits)
             if inventory.last:
                 self.hub.changed(delta, [zone], [])
+                self.hub.cooldowns.forgive(zone)
         except ZoneRefused as refusal:
             self.hub.refuse(self, refusal)
         except StoreError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from twisted.internet.interfaces import IReactorTime
@@ -24,7 +25,16 @@ from kumazone.core.zone import Zone, ZoneChange
 from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncProtocol
 
-__all__ = ["ZoneSync"]
+__all__ = ["REFUSED_LONGEST", "REFUSED_WAIT", "ZoneSync"]
+
+#: After the global refuses it, a zone waits this long before connecting again,
+#: twice as long after each refusal in a row, up to L{REFUSED_LONGEST} (or as long
+#: as the global asks, if longer).
+REFUSED_WAIT = 5.0
+REFUSED_LONGEST = 300.0
+#: A connection that lasted this long without a refusal ends a row of refusals.
+FORGIVEN_AFTER = 60.0
+_RETRY_IN = re.compile(r"retry in (\d{1,6}) s")
 
 
 def _pairs(keys: Iterable[ServiceKey]) -> list[tuple[str, str]]:
@@ -55,6 +65,10 @@ class ZoneSync:
         self.force_full = False
         self.connected_since: float | None = None
         self.last_table_at: float | None = None
+        #: Refusals in a row, and until when the next connection must wait.
+        self.refusals = 0
+        self.cooldown_until = 0.0
+        self._refused_here = False
         zone.listeners.append(self._changed)
         self._log_failure = limited(
             RateLimiter(burst=5, interval=60.0), clock, lambda line: self.log.warn(line)
@@ -63,6 +77,7 @@ class ZoneSync:
     def connected(self, proto: SyncProtocol) -> None:
         """Say hello and send the whole inventory."""
         self.proto = proto
+        self._refused_here = False
         proto.zone = self.zone.name
         table = self.zone.table
         if isinstance(table, FederatedView):
@@ -149,8 +164,23 @@ class ZoneSync:
             proto.send(Ack(update.version))
 
     def error_received(self, proto: SyncProtocol, error: Error) -> None:
-        """Log what the global says before it closes (rate-limited)."""
+        """Log what the global says before it closes (rate-limited), and wait before retrying.
+
+        The wait doubles with each refusal in a row (L{REFUSED_WAIT}); the
+        global may ask for longer (C{"retry in N s"}).
+        """
         self._log_failure(f"the global refused this zone: {error.message}")
+        self.refusals += 1
+        self._refused_here = True
+        wait = min(REFUSED_LONGEST, REFUSED_WAIT * 2.0 ** min(self.refusals - 1, 16))
+        asked = _RETRY_IN.search(error.message)
+        if asked is not None:
+            wait = max(wait, min(REFUSED_LONGEST, float(asked.group(1))))
+        self.cooldown_until = self.clock.seconds() + wait
+
+    def retry_delay(self, delay: float) -> float:
+        """The wait before the next connection: C{delay}, or longer while refused lately."""
+        return max(delay, self.cooldown_until - self.clock.seconds())
 
     def ping_received(self, proto: SyncProtocol, ping: Ping) -> None:
         """The global is still there."""
@@ -159,6 +189,13 @@ class ZoneSync:
         """Lost the global (or never reached it): keep serving the table held."""
         if self.proto is proto:
             self.proto = None
+        since = self.connected_since
+        if (
+            not self._refused_here
+            and since is not None
+            and self.clock.seconds() - since >= FORGIVEN_AFTER
+        ):
+            self.refusals = 0
         if self.global_table_id is not None:
             self.log.warn(
                 "lost the global: {why}; serving table version {version}",

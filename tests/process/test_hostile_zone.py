@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import ssl
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network, IPv6Network
@@ -51,10 +52,15 @@ MAX_SERVICES = 50
 class Peer:
     """A TLS client with zone-1's certificate that speaks the sync protocol by hand."""
 
-    def __init__(self, certs: Path, port: int) -> None:
+    def __init__(self, certs: Path, port: int, receive_buffer: int | None = None) -> None:
         context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
         context.load_cert_chain(str(certs / "zone-1.pem"), str(certs / "zone-1-key.pem"))
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if receive_buffer is not None:
+            # Before connecting, so that the window the peer offers stays this small.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        raw.settimeout(10)
+        raw.connect(("127.0.0.1", port))
         self.tls = context.wrap_socket(raw, server_hostname="localhost")
         self.decoder = FrameDecoder()
 
@@ -109,7 +115,10 @@ class Federation:
 
     def __init__(self, workdir: Path, group: ProcessGroup) -> None:
         self.certs = make_certs(workdir / "certs", ["localhost"], ["zone-1", "zone-2", "zone-3"])
-        args = [f"--kds-zone-max-services={MAX_SERVICES}"]
+        # Every attack here comes from zone-1's certificate, one after another: no
+        # cool-down between refusals (test_a_refused_zone_waits_before_it_is_heard_again
+        # has a global with one).
+        args = [f"--kds-zone-max-services={MAX_SERVICES}", "--kds-zone-refusal-cooldown=0"]
         self.global_ = group.add(GlobalProcess(workdir, self.certs, args=args)).start()
         self.resources = {z: workdir / f"{z}-resources" for z in ("zone-2", "zone-3")}
         self.zones: dict[str, ZoneProcess] = {}
@@ -127,8 +136,8 @@ class Federation:
             )
         self.counter = itertools.count()
 
-    def peer(self) -> Peer:
-        return Peer(self.certs, self.global_.kds_port)
+    def peer(self, receive_buffer: int | None = None) -> Peer:
+        return Peer(self.certs, self.global_.kds_port, receive_buffer)
 
 
 @pytest.fixture(scope="module")
@@ -338,6 +347,96 @@ def test_frames_that_are_not_messages_are_refused(fed: Federation) -> None:
     with pytest.raises(ProtocolError):
         FrameDecoder().feed(b"\xff\xff\xff\xff").__next__()
     assert_unharmed(fed)
+
+
+def test_a_zone_that_does_not_read_is_paused_then_dropped(fed: Federation) -> None:
+    """A real TLS peer that stops reading: the global stops sending to it (pushes to it
+    wait, coalesced), keeps serving the others meanwhile, and drops it after the
+    silence timeout (15 s)."""
+    peer = fed.peer(receive_buffer=4096)
+    peer.hello()
+    # Full inventories of long names, each replacing the last: every one is pushed
+    # back as a table change of ~100 KB, far more than the peer's window and the
+    # global's socket buffer hold, so the global's transport pauses it.
+    for round_ in range(40):
+        names = [f"unread-{round_}-{i:02d}-" + "x" * 1000 for i in range(MAX_SERVICES)]
+        peer.send(inventory(*names))
+    started = time.monotonic()
+    # It keeps talking (so it is not dropped as silent), and never reads.
+    stop = threading.Event()
+
+    def ping() -> None:
+        while not stop.wait(2.0):
+            try:
+                peer.send(Ping())
+            except (OSError, ssl.SSLError):
+                return
+
+    pinger = threading.Thread(target=ping, daemon=True)
+    pinger.start()
+    try:
+        assert_unharmed(fed)  # while the peer reads nothing, the others go on
+        dropped = "dropped: read nothing for"
+        lines = wait_until(
+            lambda: [line for line in fed.global_.log().splitlines() if dropped in line],
+            30.0,
+            what="the global drops the peer that does not read",
+        )
+    finally:
+        stop.set()
+        pinger.join()
+    assert "zone-1" in lines[-1]
+    assert time.monotonic() - started < 30
+    # Its socket is closed by the global: reading what is left ends.
+    peer.tls.settimeout(10)
+    try:
+        while peer.tls.recv(65536):
+            pass
+    except (OSError, ssl.SSLError):
+        pass
+    peer.close()
+    assert_unharmed(fed)
+
+
+def test_a_refused_zone_waits_before_it_is_heard_again(tmp_path: Path) -> None:
+    """After a refusal, the same zone is refused at its hello (no welcome, no table
+    pushed) until its cool-down ends: 1 s here, then 2 s for the next in a row."""
+    group = ProcessGroup()
+    try:
+        certs = make_certs(tmp_path / "certs", ["localhost"], ["zone-1"])
+        glob = group.add(
+            GlobalProcess(tmp_path, certs, args=["--kds-zone-refusal-cooldown=1"])
+        ).start()
+
+        def attempt(*messages: Message) -> list[Message]:
+            peer = Peer(certs, glob.kds_port)
+            peer.hello()
+            peer.send(*messages)
+            try:
+                return peer.read_until_closed()
+            finally:
+                peer.close()
+
+        first = attempt(inventory("no spaces"))
+        assert "retry in 1 s" in error_of(first)
+        again = attempt(inventory("fine"))
+        assert [type(m) for m in again] == [Error], again
+        assert "retry in 1 s" in error_of(again)
+        time.sleep(1.2)
+        # Heard again: refused once more, and the next wait is twice as long.
+        assert "retry in 2 s" in error_of(attempt(inventory("no spaces")))
+        time.sleep(2.2)
+        accepted = Peer(certs, glob.kds_port)
+        accepted.hello()
+        accepted.send(inventory("fine"))
+        accepted.tls.settimeout(10)
+        welcome = next(accepted.decoder.feed(accepted.tls.recv(65536)))
+        assert welcome.kind == "welcome"
+        accepted.close()
+        metrics = glob.http("diagnostics", "GET", "/metrics")[1].decode()
+        assert 'kumazone_sync_refused_total{reason="cooling-down"} 1.0' in metrics
+    finally:
+        group.stop_all()
 
 
 def test_insecure_sync_listens_on_loopback_only(tmp_path: Path) -> None:

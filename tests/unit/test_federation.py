@@ -846,3 +846,31 @@ def test_tick_expires_a_hold_down_only_when_due(tmp_path) -> None:
     assert federation.tick(10.0 + hold_down - 1) is None
     delta = federation.tick(10.0 + hold_down)
     assert delta is not None and [h.key for h in delta.holds_dropped] == [key("redis")]
+
+
+def test_a_returning_service_gets_its_vip_back_but_not_the_name_that_passed_on() -> None:
+    """redis holds redis.mesh; Redis (later) waits.  redis goes (from every zone) and
+    the name passes to Redis; redis comes back within its hold-down: its VIP is its
+    own again, but its claim is new, so Redis keeps the name (names never move back)."""
+    from kumazone.core.names import assign_names, service_names
+
+    def names(table: MergedTable) -> dict[str, tuple[str, ...]]:
+        claims = [(r.mesh, r.service, r.claim) for r in table.listing]
+        return {
+            service: found[0]
+            for (_m, service), found in assign_names(
+                claims, lambda s: service_names(s, "mesh")
+            ).items()
+        }
+
+    table = MergedTable(BIG, HOLD_DOWN)
+    redis, big_redis = key("redis"), key("Redis")
+    table.receive_inventory("zone-1", full(redis), 0.0)
+    table.receive_inventory("zone-2", full(big_redis), 1.0)
+    assert names(table) == {"redis": ("redis.mesh",), "Redis": ()}
+    held = offsets(table)[redis]
+    table.receive_inventory("zone-1", full(), 2.0)
+    assert names(table) == {"Redis": ("redis.mesh",)}
+    table.receive_inventory("zone-1", full(redis), 3.0)  # back within the hold-down
+    assert offsets(table)[redis] == held
+    assert names(table) == {"redis": (), "Redis": ("redis.mesh",)}

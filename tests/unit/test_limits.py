@@ -166,6 +166,28 @@ def test_more_services_than_the_limit_are_refused() -> None:
     assert {k.service for k in glob.table.zones["zone-1"].services} == {"a", "b"}
 
 
+def test_no_zone_may_take_more_than_its_share_of_the_vip_range() -> None:
+    from ipaddress import IPv4Network, IPv6Network
+
+    from kumazone.core.federation import MergedTable as Merged
+
+    # A /28 has 14 VIPs: at a share of one half, a zone may have 7 services.
+    table = Merged(VipRange(IPv4Network("240.0.0.0/28"), IPv6Network("fd00::/64")), HOLD_DOWN)
+    limits = ZoneLimits(max_range_share=0.5)
+    keys = tuple(("default", f"s{i}") for i in range(8))
+    with pytest.raises(ZoneRefused, match=r"share of the VIP range \(7 of 14 VIPs\)"):
+        table.receive_inventory("zone-1", Inventory(True, 0, True, keys), 0.0, limits)
+    assert not table.zones.get("zone-1") or not table.zones["zone-1"].services
+    table.receive_inventory("zone-1", Inventory(True, 0, True, keys[:7]), 0.0, limits)
+    assert len(table.zones["zone-1"].services) == 7
+    # Another zone still has room: the other half.
+    others = tuple(("default", f"t{i}") for i in range(7))
+    table.receive_inventory("zone-2", Inventory(True, 0, True, others), 0.0, limits)
+    assert len(table.zones["zone-2"].services) == 7
+    with pytest.raises(ValueError, match="max_range_share"):
+        ZoneLimits(max_range_share=0)
+
+
 def test_parts_that_never_end_are_refused_at_the_limit() -> None:
     clock = Clock()
     glob = limited_global(clock, max_parts=4)
@@ -322,8 +344,19 @@ def test_the_limits_have_defaults_and_flags() -> None:
         "--kds-zone-max-parts=2",
         "--kds-zone-max-messages-per-second=2.5",
         "--kds-zone-max-pending-bytes=4096",
+        "--kds-zone-refusal-cooldown=0.5",
+        "--kds-zone-max-range-share=0.25",
     )
-    assert options.limits == ZoneLimits(5, 2, 2.5, 4096)
+    assert options.limits == ZoneLimits(5, 2, 2.5, 4096, 0.5, 0.25)
+
+
+@pytest.mark.parametrize("value", ["-1", "301", "soon", ""])
+def test_a_bad_refusal_cooldown_stops_start_up_with_one_line(value: str) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        parse("--role=global", "--insecure", f"--kds-zone-refusal-cooldown={value}")
+    assert stopped.value.code == (
+        f"kumazone: --kds-zone-refusal-cooldown: {value!r} must be a number of seconds in [0, 300]"
+    )
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "many", ""])
@@ -346,3 +379,40 @@ def test_hub_limits_default() -> None:
     glob = Global(clock)
     assert isinstance(glob.hub, GlobalHub) and glob.hub.limits == ZoneLimits()
     assert CIDRS == glob.hub.cidrs
+
+
+# -- cool-downs after a refusal -------------------------------------------------------
+
+
+def test_a_refused_zone_waits_twice_as_long_each_time_up_to_five_minutes():
+    from kumazone.core.limits import Cooldowns
+
+    cooldowns = Cooldowns(5.0)
+    assert cooldowns.remaining("zone-1", 0.0) == 0
+    waits = [cooldowns.refused("zone-1", float(t)) for t in range(0, 1000, 100)]
+    assert waits == [5, 10, 20, 40, 80, 160, 300, 300, 300, 300]
+    assert cooldowns.remaining("zone-1", 900.0) == 300
+    assert cooldowns.remaining("zone-1", 1199.0) == 1
+    assert cooldowns.remaining("zone-2", 900.0) == 0  # others are not affected
+    cooldowns.forgive("zone-1")
+    assert cooldowns.remaining("zone-1", 900.0) == 0
+    assert cooldowns.refused("zone-1", 900.0) == 5  # a new row starts afresh
+
+
+def test_cool_downs_are_off_at_zero_and_remember_a_bounded_number_of_zones():
+    from kumazone.core.limits import Cooldowns
+
+    assert Cooldowns(0.0).refused("zone-1", 0.0) == 0
+    cooldowns = Cooldowns(5.0, kept=3)
+    for index in range(10):
+        cooldowns.refused(f"zone-{index}", 0.0)
+    assert [cooldowns.remaining(f"zone-{i}", 0.0) for i in range(10)] == [0] * 7 + [5] * 3
+
+
+def test_the_refusal_cooldown_limit_is_range_checked():
+    from kumazone.core.limits import ZoneLimits
+
+    with pytest.raises(ValueError, match="refusal_cooldown"):
+        ZoneLimits(refusal_cooldown=301)
+    with pytest.raises(ValueError, match="refusal_cooldown"):
+        ZoneLimits(refusal_cooldown=-1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -1035,3 +1035,43 @@ def test_a_dropped_provisional_vip_is_held_back_from_other_services() -> None:
     view.reconcile(set(), 3.0)
     view.reconcile(set(), 3.0 + HOLD_DOWN + 1)
     assert view.holds == {}
+
+
+# -- after a refusal, a zone waits ------------------------------------------------------
+
+
+def test_a_refused_zone_waits_longer_each_time_and_as_long_as_the_global_asks() -> None:
+    clock = Clock()
+    zone = ZoneEnd(clock, make_zone("zone-1", "web"))
+    sync = zone.sync
+    assert sync.retry_delay(0.5) == 0.5
+    waits = []
+    for _ in range(8):
+        sync.error_received(cast(Any, None), Error("refused: no"))
+        waits.append(sync.retry_delay(0.5))
+    assert waits == [5, 10, 20, 40, 80, 160, 300, 300]
+    sync.refusals = 0
+    sync.error_received(cast(Any, None), Error("refused: lately: retry in 120 s"))
+    assert sync.retry_delay(0.5) == 120
+    clock.advance(100)
+    assert sync.retry_delay(0.5) == 20
+    clock.advance(30)
+    assert sync.retry_delay(0.5) == 0.5
+
+
+def test_a_zone_refused_after_hello_is_refused_at_once_while_it_cools_down() -> None:
+    clock = Clock()
+    glob = Global(clock)
+    proto, transport = glob.server()
+    proto.dataReceived(hello() + encode(Inventory(True, 0, True, (("default", "no spaces"),))))
+    assert "retry in 5 s" in next(m for m in sent(transport) if isinstance(m, Error)).message
+    proto, transport = glob.server()
+    proto.dataReceived(hello())
+    assert [type(m) for m in sent(transport)] == [Error]  # no welcome, no table
+    assert glob.refused("cooling-down") == 1
+    clock.advance(5)
+    proto, transport = glob.server()
+    proto.dataReceived(hello() + encode(Inventory(True, 0, True, (("default", "web"),))))
+    assert sent(transport)[0].kind == "welcome" and not any(
+        isinstance(m, Error) for m in sent(transport)
+    )

@@ -100,6 +100,8 @@ DEFAULTS: dict[str, Any] = {
     "kds-zone-max-parts": "64",
     "kds-zone-max-messages-per-second": "100",
     "kds-zone-max-pending-bytes": str(32 << 20),
+    "kds-zone-refusal-cooldown": "5",
+    "kds-zone-max-range-share": "0.5",
     "tls-cert": None,
     "tls-key": None,
     "tls-ca": None,
@@ -145,7 +147,8 @@ GIVEN_ELSEWHERE = {"role", "zone", "global", "config", "resources", "store", "in
 GIVEN_ELSEWHERE |= {"tls-cert", "tls-key", "tls-ca"}
 # The per-zone limits: tests/unit/test_limits.py.
 GIVEN_ELSEWHERE |= {f"kds-zone-max-{n}" for n in ("services", "parts", "pending-bytes")}
-GIVEN_ELSEWHERE |= {"kds-zone-max-messages-per-second"}
+GIVEN_ELSEWHERE |= {"kds-zone-max-messages-per-second", "kds-zone-refusal-cooldown"}
+GIVEN_ELSEWHERE |= {"kds-zone-max-range-share"}
 
 
 def test_every_flag_has_a_given_value_test() -> None:

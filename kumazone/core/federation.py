@@ -257,7 +257,7 @@ class MergedTable:
             )
         range_size = self.allocator.range.size
         share = max(1, int(range_size * limits.max_range_share))
-        if pending.count > share:
+        if limits.max_range_share < 1 and pending.count > share:
             raise ZoneRefused(
                 "too-many-services",
                 f"zone {record.name} would have {pending.count} services, more than its "

@@ -42,7 +42,9 @@ class ZoneLimits:
         zone is dropped.
     @ivar max_range_share: the fraction of the VIP range one zone's services may
         take, so that no zone can leave the others without VIPs (with the
-        default range it is far above C{max_services}; with a small one it binds).
+        default range it is far above C{max_services}; with a small one it binds);
+        1: none kept for others (a zone may ask for more than the range holds, and
+        what does not fit waits, exhausted, as for a standalone zone).
     @ivar refusal_cooldown: seconds a zone refused after its hello (a bad
         inventory, a limit, a flood) must wait before the global hears it again,
         doubling with each refusal in a row up to L{Cooldowns.LONGEST}; 0: none.

@@ -985,7 +985,9 @@ def test_global_vips() -> None:
 
 def test_global_vips_reports_an_exhausted_range() -> None:
     glob = GlobalApi(TINY)
-    glob.inventory("zone-2", *(("default", f"s{i}") for i in range(8)))
+    # No zone may take more than half the range (3 of 6): three zones fill it.
+    for zone, first in (("zone-1", 0), ("zone-2", 3), ("zone-3", 6)):
+        glob.inventory(zone, *(("default", f"s{i}") for i in range(first, min(8, first + 3))))
     document = glob.api("GET", "/vips")[1]
     assert (document["rangeSize"], document["rangeUsed"]) == (6, 6)
     (error,) = document["errors"]

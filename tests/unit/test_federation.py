@@ -19,6 +19,7 @@ from kumazone.core.federation import (
     MergedTable,
     ZoneRecord,
 )
+from kumazone.core.limits import ZoneLimits
 from kumazone.core.messages import Inventory, Row, TableUpdate, inventory_messages, table_messages
 from kumazone.core.names import assign_names, service_names
 from kumazone.core.storage import StoreError
@@ -31,6 +32,10 @@ TINY = VipRange(IPv4Network("10.0.0.0/29"), IPv6Network("fd00::/125"))  # 6 offs
 SMALL = VipRange(IPv4Network("10.0.0.0/28"), IPv6Network("fd00::/124"))  # 14 offsets
 
 Pair = tuple[str, str]
+
+
+#: For the properties that let one zone fill a range: no share of it kept for others.
+WHOLE_RANGE = ZoneLimits(max_range_share=1.0)
 
 
 def key(service: str, mesh: str = "default") -> ServiceKey:
@@ -587,11 +592,11 @@ def test_global_table_never_gives_one_offset_to_two_keys(ops) -> None:
         if op[0] == "full":
             _, zone, services, size = op
             for message in inventory_messages(pairs(services), size=size):
-                glob.receive_inventory(zone, message, now)
+                glob.receive_inventory(zone, message, now, WHOLE_RANGE)
             model[zone] = set(services)
         elif op[0] == "change":
             _, zone, add, remove = op
-            glob.receive_inventory(zone, change(add, remove), now)
+            glob.receive_inventory(zone, change(add, remove), now, WHOLE_RANGE)
             model[zone] = (model.get(zone, set()) | add) - remove
         elif op[0] == "delete":
             glob.delete_zone(op[1], now)
@@ -633,14 +638,14 @@ def test_global_table_never_gives_one_offset_to_two_keys(ops) -> None:
 @given(key_sets, key_sets, st.sets(st.sampled_from(ZONES[1:]), max_size=2))
 def test_provisional_vips_are_what_the_global_allocates(remote, local, others) -> None:
     glob = MergedTable(SMALL, HOLD_DOWN)
-    glob.receive_inventory("zone-2", full(*remote), 0.0)
+    glob.receive_inventory("zone-2", full(*remote), 0.0, WHOLE_RANGE)
     zone = FederatedView(SMALL, global_allocations(glob), glob.version)
     zone.reconcile(local, 0.0)
     taken = {r.offset for r in glob.rows()}
     assert set(zone.provisional) | zone.exhausted == set(local) - set(offsets(glob))
     assert not set(zone.provisional.values()) & taken
     assert len(set(zone.provisional.values())) == len(zone.provisional)
-    glob.receive_inventory("zone-1", full(*local), 1.0)
+    glob.receive_inventory("zone-1", full(*local), 1.0, WHOLE_RANGE)
     allocated = offsets(glob)
     assert zone.provisional == {k: allocated[k] for k in zone.provisional}
 
@@ -692,11 +697,11 @@ def test_the_incremental_table_equals_one_computed_from_scratch(ops, vip_range) 
         if op[0] == "full":
             _, zone, services, size = op
             for message in inventory_messages(pairs(services), size=size):
-                table.receive_inventory(zone, message, now)
+                table.receive_inventory(zone, message, now, WHOLE_RANGE)
         elif op[0] == "change":
             _, zone, add, remove, size = op
             for message in inventory_messages(pairs(add), pairs(remove), full=False, size=size):
-                table.receive_inventory(zone, message, now)
+                table.receive_inventory(zone, message, now, WHOLE_RANGE)
         elif op[0] == "delete":
             table.delete_zone(op[1], now)
             stored.pop(op[1], None)

@@ -1,0 +1,1 @@
+"""The dataplane role: a DNS resolver beside each workload, fed by its zone control plane."""

@@ -2,9 +2,11 @@
 
 kumazone run [twistd plugin options]   run a control plane in the foreground
 kumazone check PATH...                 validate resource files or directories
-kumazone certs --out DIR ...           make a CA and certificates for zone sync
+kumazone certs --out DIR ...           make a CA and certificates for zone and dataplane sync
 kumazone install dns --flavor F ...    print cluster or host DNS config for the domain
 kumazone uninstall dns --flavor F ...  print it again without what install added
+kumazone install transparent-proxy ... redirect the host's DNS to its dataplane (iptables)
+kumazone uninstall transparent-proxy   remove exactly those rules
 kumazone status --api URL [--vips]     a control plane's zones, sync state and VIPs
 kumazone version
 """
@@ -139,12 +141,117 @@ def _remove_dropin(flavor: str, path: str | None) -> int:
     return 0
 
 
+def transparent_proxy(args: argparse.Namespace, install: bool) -> int:
+    """C{install transparent-proxy} / C{uninstall transparent-proxy}."""
+    from kumazone.dataplane import tproxy
+
+    try:
+        if install:
+            redirect = tproxy.dns_redirect(
+                args.kuma_dp_user,
+                redirect_all=args.redirect_all_dns_traffic,
+                port=args.redirect_dns_port,
+                ip_family_mode=args.ip_family_mode,
+                conntrack_zone_split=not args.skip_dns_conntrack_zone_split,
+                resolv_conf=args.resolv_conf,
+            )
+            if args.dry_run:
+                sys.stdout.write(tproxy.dry_run_text(redirect))
+                return 0
+            tproxy.require_root(os.geteuid(), dry_run_works=True)
+            tproxy.install(redirect, tproxy.find_iptables, print)
+        else:
+            tproxy.require_root(os.geteuid())
+            tproxy.uninstall(tproxy.find_iptables, print, dry_run=args.dry_run)
+    except tproxy.TransparentProxyError as e:
+        print(f"kumazone: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_transparent_proxy_parser(targets: Any, verb: str) -> None:
+    """The C{install transparent-proxy} or C{uninstall transparent-proxy} subcommand."""
+    from kumazone.dataplane.tproxy import CHAIN_PREFIX, DEFAULT_REDIRECT_PORT, IP_FAMILY_MODES
+
+    if verb == "uninstall":
+        parser = targets.add_parser(
+            "transparent-proxy",
+            help="remove the rules install transparent-proxy added",
+            description=f"Remove the {CHAIN_PREFIX}* chains and the jumps to them from the "
+            "IPv4 and IPv6 rules, and nothing else. Nothing installed is fine.",
+        )
+        parser.add_argument(
+            "--dry-run", action="store_true", help="print the iptables-restore input only"
+        )
+        return
+    parser = targets.add_parser(
+        "transparent-proxy",
+        help="redirect this host's DNS to its dataplane with iptables",
+        description="Install Kuma's DNS rules with iptables-restore and ip6tables-restore "
+        "(whichever backend they are; KUMAZONE_IPTABLES_BACKEND=nft or legacy picks one): "
+        "UDP and TCP port 53 from every user but the dataplane's go to the dataplane's "
+        "port, the dataplane's own queries go out, and conntrack zones keep the two legs "
+        "apart. TCP is redirected too, unlike Kuma: the dataplane serves TCP, and a client "
+        "retrying a truncated answer over TCP must reach the same resolver, which knows "
+        "the mesh names. The rules live in chains named "
+        f"{CHAIN_PREFIX}*; installing again replaces them.",
+    )
+    parser.add_argument(
+        "--kuma-dp-user",
+        required=True,
+        metavar="USER",
+        help="the user (or UID) the dataplane runs as: its DNS is not redirected",
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument(
+        "--redirect-dns",
+        action="store_true",
+        help="redirect port 53 to the nameservers of --resolv-conf only",
+    )
+    mode.add_argument(
+        "--redirect-all-dns-traffic",
+        action="store_true",
+        help="redirect port 53 to any address",
+    )
+    parser.add_argument(
+        "--redirect-dns-port",
+        type=int,
+        default=DEFAULT_REDIRECT_PORT,
+        metavar="PORT",
+        help=f"the dataplane's DNS port (default {DEFAULT_REDIRECT_PORT})",
+    )
+    parser.add_argument(
+        "--ip-family-mode",
+        choices=IP_FAMILY_MODES,
+        default="dualstack",
+        help="dualstack: IPv4 and IPv6 rules (default); ipv4: IPv4 rules only",
+    )
+    parser.add_argument(
+        "--skip-dns-conntrack-zone-split",
+        action="store_true",
+        help="no conntrack zones (raw table rules)",
+    )
+    parser.add_argument(
+        "--resolv-conf",
+        default="/etc/resolv.conf",
+        metavar="FILE",
+        help="with --redirect-dns: where the nameservers are (default /etc/resolv.conf)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the iptables-restore input of each family and change nothing",
+    )
+
+
 def _add_dns_parsers(commands: Any) -> None:
-    """The C{install dns} and C{uninstall dns} subcommands."""
+    """The C{install} and C{uninstall} subcommands: C{dns}, C{transparent-proxy}."""
     from kumazone.install.cluster_dns import FLAVORS
 
     for verb, what in (("install", "print"), ("uninstall", "undo")):
-        parser = commands.add_parser(verb, help=f"{what} DNS configuration for the domain")
+        parser = commands.add_parser(
+            verb, help=f"{what} DNS configuration for the domain, or the transparent proxy"
+        )
         targets = parser.add_subparsers(dest="target", required=True)
         dns = targets.add_parser(
             "dns",
@@ -174,6 +281,7 @@ def _add_dns_parsers(commands: Any) -> None:
             "(default: kubectl -n kube-system get configmap ... -o yaml)",
         )
         dns.add_argument("--config", metavar="FILE", help="YAML file with Kuma's dnsServer keys")
+        _add_transparent_proxy_parser(targets, verb)
 
 
 def status(args: argparse.Namespace) -> int:
@@ -207,7 +315,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("options", nargs=argparse.REMAINDER, help="kumazone plugin options")
     checker = commands.add_parser("check", help="validate resource files or directories")
     checker.add_argument("paths", nargs="+")
-    certs = commands.add_parser("certs", help="make a CA and certificates for zone sync")
+    certs = commands.add_parser(
+        "certs", help="make a CA and certificates for zone and dataplane sync"
+    )
     certs.add_argument("--out", required=True, help="directory for the PEM files")
     certs.add_argument(
         "--global-host",
@@ -219,7 +329,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--zone",
         action="append",
         default=[],
-        help="a zone to make a client certificate for (repeatable)",
+        help="a zone to make a certificate for (repeatable)",
+    )
+    certs.add_argument(
+        "--zone-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a name or IP the zones are reached by, put in every --zone certificate "
+        "so that dataplanes can check the zone (repeatable)",
+    )
+    certs.add_argument(
+        "--dataplane",
+        action="append",
+        default=[],
+        metavar="MESH/NAME",
+        help="a dataplane to make a client certificate for: DIR/dp-MESH-NAME.pem (repeatable)",
     )
     _add_dns_parsers(commands)
     status_parser = commands.add_parser(
@@ -247,12 +372,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kumazone.sync.certs import CertError, make_certs
 
         try:
-            for line in make_certs(Path(args.out), args.global_host, args.zone):
+            done = make_certs(
+                Path(args.out),
+                args.global_host,
+                args.zone,
+                zone_hosts=args.zone_host,
+                dataplanes=args.dataplane,
+            )
+            for line in done:
                 print(line)
         except (CertError, OSError) as e:
             print(f"kumazone certs: {e}", file=sys.stderr)
             return 1
         return 0
+    if args.command in ("install", "uninstall") and args.target == "transparent-proxy":
+        return transparent_proxy(args, install=args.command == "install")
     if args.command in ("install", "uninstall"):
         return install_dns(args, install=args.command == "install")
     if args.command == "status":

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.internet import ClientService, TimerService, backoffPolicy
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 
 from kumazone.control_plane import TICK_INTERVAL, ControlPlane
 from kumazone.core.config import DnsServerConfig, default_nameserver_addresses
@@ -19,9 +20,10 @@ from kumazone.dns.server import KumaDNSDatagramProtocol, KumaDNSServerFactory
 from kumazone.metrics import Metrics
 from kumazone.resource_dir import ResourceDirectory
 from kumazone.store.sqlite import SQLiteStore
+from kumazone.sync.dataplane_side import DataplaneHub, DataplaneLimits, DataplaneMetrics
 from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncFactory
-from kumazone.sync.tls import TLSFiles, client_options
+from kumazone.sync.tls import TLSFiles, client_options, server_options
 from kumazone.sync.zone_side import ZoneSync
 from kumazone.web.api import ApiResource
 
@@ -54,6 +56,7 @@ class ZoneSettings:
     dp_interface: str = "0.0.0.0"
     dp_tls: TLSFiles | None = None
     dp_insecure: bool = False
+    dp_limits: DataplaneLimits = field(default_factory=DataplaneLimits)
 
 
 def mesh_lookup(get_snapshot: Callable[[], ZoneSnapshot]) -> Callable[[str], str]:
@@ -75,6 +78,8 @@ class ZoneService(ControlPlane):
         self.settings = settings
         self.zone: Zone | None = None
         self.sync: ZoneSync | None = None
+        self.dataplanes: DataplaneHub | None = None
+        self._sync_metrics: SyncMetrics | None = None
 
     def _start(self) -> None:
         settings = self.settings
@@ -87,8 +92,9 @@ class ZoneService(ControlPlane):
         if settings.global_address is not None:
             self._connect_global(zone, settings.global_address)
         self.ports["dns"] = self._listen_dns(self._dns_factory(zone))
+        self._serve_dataplanes(zone)
         self._listen_web(
-            ApiResource(zone, self.metrics, self.reactor, self._sync_status),
+            ApiResource(zone, self.metrics, self.reactor, self._sync_status, self.dataplanes),
             settings.api_port,
             settings.api_interface,
             settings.diagnostics_port,
@@ -122,13 +128,22 @@ class ZoneService(ControlPlane):
         if not loaded:
             zone.update(self.reactor.seconds())  # a scan that loaded anything reconciled
 
+    def _nameservers(self) -> tuple[str, ...]:
+        """The addresses of the apex NS name, as the zone's authority serves them."""
+        return self.settings.dns.nameserver_addresses or default_nameserver_addresses(
+            self.settings.dns_interface
+        )
+
+    def _shared_sync_metrics(self) -> SyncMetrics:
+        """The sync counters, made once: zone sync and the dataplane port share them."""
+        if self._sync_metrics is None:
+            self._sync_metrics = SyncMetrics(self.metrics.registry)
+        return self._sync_metrics
+
     def _dns_factory(self, zone: Zone) -> KumaDNSServerFactory:
         """The DNS server factory over an authority that follows the zone's table."""
         dns_config = self.settings.dns
-        nameservers = dns_config.nameserver_addresses or default_nameserver_addresses(
-            self.settings.dns_interface
-        )
-        authority = MeshAuthority(dns_config, nameservers)
+        authority = MeshAuthority(dns_config, self._nameservers())
         authority.update(zone.snapshot)
         zone.listeners.append(authority.apply)
         factory = KumaDNSServerFactory(
@@ -151,7 +166,7 @@ class ZoneService(ControlPlane):
 
     def _connect_global(self, zone: Zone, address: tuple[str, int]) -> None:
         host, port = address
-        sync_metrics = SyncMetrics(self.metrics.registry)
+        sync_metrics = self._shared_sync_metrics()
         sync_metrics.connected.labels(zone.name).set(0)
         self.sync = ZoneSync(zone, self.reactor, sync_metrics)
         sync = self.sync
@@ -171,6 +186,51 @@ class ZoneService(ControlPlane):
             port=port,
             how="TLS" if self.settings.tls else "insecure, no TLS",
         )
+
+    def _serve_dataplanes(self, zone: Zone) -> None:
+        """The dataplane port: mutual TLS, or plain TCP when told --insecure; else off."""
+        settings = self.settings
+        if settings.dp_tls is None and not settings.dp_insecure:
+            self.log.info("dataplane port off: give --tls-cert/--tls-key/--tls-ca or --insecure")
+            return
+        hub = self.dataplanes = DataplaneHub(
+            zone,
+            self.reactor,
+            DataplaneMetrics(self.metrics.registry),
+            self._shared_sync_metrics(),
+            settings.dns,
+            self._nameservers(),
+            require_certificates=settings.dp_tls is not None,
+            limits=settings.dp_limits,
+        )
+        if settings.dp_tls is None:
+            self.ports["dp"] = self._listen_tcp(
+                settings.dp_port, hub.factory(), settings.dp_interface
+            )
+        else:
+            listening = self.reactor.listenSSL(
+                settings.dp_port,
+                hub.factory(),
+                server_options(settings.dp_tls),
+                interface=settings.dp_interface,
+            )
+            self._listening.append(listening)
+            self.ports["dp"] = int(listening.getHost().port)
+        self.log.info(
+            "dataplanes on {interface}:{port} ({how})",
+            interface=settings.dp_interface,
+            port=self.ports["dp"],
+            how="mutual TLS" if settings.dp_tls is not None else "insecure, no TLS",
+        )
+
+    def stopService(self) -> Any:
+        # Close every dataplane's connection cleanly (TLS close_notify) and give the
+        # closes a moment to go out before the listeners and the store go.
+        if self.dataplanes is None:
+            return super().stopService()
+        self.dataplanes.stop()
+        delay = deferLater(self.reactor, 0.2, lambda: None)
+        return delay.addCallback(lambda _: super(ZoneService, self).stopService())
 
     def _sync_status(self) -> dict[str, Any] | None:
         if self.settings.global_address is None or self.sync is None:

@@ -178,6 +178,8 @@ class ZoneProcess(ControlPlaneProcess):
             "--dns-port=0",
             "--api-port=0",
             "--diagnostics-port=0",
+            # With TLS files a zone serves dataplanes too: never on the one 5678.
+            "--dp-port=0",
             "--dns-interface=127.0.0.1",
             f"--data-dir={self.data_dir}",
         ]

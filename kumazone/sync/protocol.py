@@ -4,7 +4,9 @@ L{SyncProtocol} frames messages (L{kumazone.core.messages}), sends a heartbeat
 every C{heartbeat} seconds and drops a peer silent for C{silence} seconds; it
 hands each message to its handler's method for the message's kind
 (C{<kind>_received}): L{kumazone.sync.global_side.GlobalSession} on the global,
-L{kumazone.sync.zone_side.ZoneSync} on a zone.  Time comes from an injected
+L{kumazone.sync.zone_side.ZoneSync} on a zone, and on a zone's dataplane port
+L{kumazone.sync.dataplane_side.DataplaneSession} (which writes one change's
+frames, encoded once, to many peers: L{SyncProtocol.send_encoded}).  Time comes from an injected
 clock.
 """
 
@@ -23,7 +25,15 @@ from kumazone.core.messages import Error, FrameDecoder, Message, Ping, ProtocolE
 from kumazone.core.ratelimit import RateLimiter
 from kumazone.sync.metrics import SyncMetrics
 
-__all__ = ["CLOSE_GRACE", "HEARTBEAT", "SILENCE", "Handler", "SyncFactory", "SyncProtocol"]
+__all__ = [
+    "CLOSE_GRACE",
+    "HEARTBEAT",
+    "SILENCE",
+    "Handler",
+    "SyncCounters",
+    "SyncFactory",
+    "SyncProtocol",
+]
 
 HEARTBEAT = 5.0
 SILENCE = 15.0
@@ -31,6 +41,18 @@ SILENCE = 15.0
 CLOSE_GRACE = 5.0
 #: Octets that may be queued for a peer that does not read, by default.
 MAX_PENDING_OCTETS = 32 << 20
+
+
+class SyncCounters(Protocol):
+    """What a L{SyncProtocol} counts in: L{SyncMetrics} has them; so may others.
+
+    C{octets} is labelled (zone, direction), C{messages} (zone, direction, type),
+    C{refused} (reason).
+    """
+
+    octets: Any
+    messages: Any
+    refused: Any
 
 
 class Handler(Protocol):
@@ -68,7 +90,7 @@ class SyncProtocol(protocol.Protocol):
         self,
         handler: Handler,
         clock: IReactorTime,
-        metrics: SyncMetrics,
+        metrics: SyncMetrics | SyncCounters,
         heartbeat: float = HEARTBEAT,
         silence: float = SILENCE,
         max_pending: int = MAX_PENDING_OCTETS,
@@ -234,6 +256,27 @@ class SyncProtocol(protocol.Protocol):
         self.metrics.messages.labels(self.zone or "?", "out", message.kind.capitalize()).inc()
         self.transport.write(data)
 
+    def send_encoded(self, data: bytes, kind: str, messages: int = 1, count: bool = True) -> bool:
+        """Send frames encoded already (the same octets to many peers); False if not sent.
+
+        C{data} holds C{messages} whole frames of kind C{kind}, counted unless
+        C{count} is false (a caller writing to many peers counts them at once).
+        The bound on what a peer that does not read may have queued applies: past
+        it the peer is dropped, and this returns False.
+        """
+        if self.closed or self.transport is None:
+            return False
+        if self.paused_since is not None:
+            self.pending_octets += len(data)
+            if self.pending_octets > self.max_pending:
+                self._slow_reader(f"more than {self.max_pending} octets queued, none read")
+                return False
+        if count:
+            self.metrics.octets.labels(self.zone or "?", "out").inc(len(data))
+            self.metrics.messages.labels(self.zone or "?", "out", kind.capitalize()).inc(messages)
+        self.transport.write(data)
+        return True
+
     def fail(self, why: str, log: bool = True) -> None:
         """Tell the peer why, log it (unless the caller did), and close."""
         if log and SyncProtocol._close_log.allow(self.clock.seconds()):
@@ -282,7 +325,7 @@ class SyncFactory(protocol.Factory):
         self,
         make_handler: Callable[[], Handler],
         clock: IReactorTime,
-        metrics: SyncMetrics,
+        metrics: SyncMetrics | SyncCounters,
         heartbeat: float = HEARTBEAT,
         silence: float = SILENCE,
         max_pending: int = MAX_PENDING_OCTETS,

@@ -1,4 +1,5 @@
-"""TLS for zone sync: pyOpenSSL through twisted.internet.ssl, names checked by service-identity."""
+"""TLS for zone and dataplane sync: pyOpenSSL through twisted.internet.ssl, names
+checked by service-identity."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 
-__all__ = ["TLSFiles", "certificate_names", "client_options", "server_options"]
+from kumazone.sync.certs import parse_dataplane_uri
+
+__all__ = [
+    "TLSFiles",
+    "certificate_names",
+    "client_options",
+    "dataplane_identity",
+    "server_options",
+]
 
 
 class TLSFiles:
@@ -27,7 +36,8 @@ class TLSFiles:
 
 
 def server_options(files: TLSFiles) -> Any:
-    """The global's side: present our certificate, require one signed by the CA."""
+    """The server's side (the global, a zone's dataplane port): present our
+    certificate, require one signed by the CA."""
     return files.private.options(files.ca)
 
 
@@ -49,3 +59,21 @@ def certificate_names(peer: Any) -> set[str]:
         return names
     names |= set(san.value.get_values_for_type(x509.DNSName))
     return names
+
+
+def dataplane_identity(peer: Any) -> tuple[str, str] | None:
+    """The (mesh, name) a peer certificate (pyOpenSSL X509) names by its URI SAN
+    C{spiffe://MESH/NAME}; None if it names no dataplane, or more than one."""
+    certificate = peer.to_cryptography()
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return None
+    found = {
+        parse_dataplane_uri(str(uri))
+        for uri in san.value.get_values_for_type(x509.UniformResourceIdentifier)
+    }
+    found.discard(None)
+    if len(found) != 1:
+        return None
+    return found.pop()

@@ -10,6 +10,7 @@ Routes::
     GET    /meshes/{mesh}/external-services   ExternalServices of a mesh, a page at a time
     GET|PUT|DELETE /meshes/{mesh}/external-services/{name}
     GET    /vips                              the VIP table, a page at a time
+    GET    /dataplanes/connected              the dataplanes connected, a page at a time
 
 Bodies are JSON or YAML (by Content-Type; YAML when unsure), one resource each.
 A resource that does not validate gets HTTP 400 naming the field; nothing stored
@@ -68,9 +69,11 @@ from kumazone.core.storage import StoreError
 from kumazone.core.vips import ServiceKey
 from kumazone.core.zone import ConflictError, VipEntry, Zone, ZoneSnapshot
 from kumazone.metrics import Metrics, method_label
+from kumazone.sync.dataplane_side import DataplaneHub, DataplaneSession
 from kumazone.sync.global_side import GlobalHub, ZoneConnected
 from kumazone.web.listing import (
     KeyScan,
+    MeshQuery,
     PageQuery,
     QueryError,
     VipQuery,
@@ -652,11 +655,16 @@ class ApiResource(_JsonApi):
         metrics: Metrics,
         clock: IReactorTime,
         sync_status: Callable[[], dict[str, Any] | None] = lambda: None,
+        dataplanes: DataplaneHub | None = None,
     ) -> None:
+        """
+        @param dataplanes: the dataplane port's sessions (None: the port is off).
+        """
         super().__init__(metrics)
         self.zone = zone
         self.clock = clock
         self.sync_status = sync_status
+        self.dataplanes = dataplanes
         self.vips = _VipPages(clock)
         #: The snapshot whose exhausted services were listed last, and that list.
         self._exhausted_of: tuple[ZoneSnapshot | None, list[str]] = (None, [])
@@ -685,6 +693,9 @@ class ApiResource(_JsonApi):
                     self._vip_source, _query(request, VipQuery), _base_url(request, "/vips")
                 )
             )
+        if path == ["dataplanes", "connected"]:
+            self._only(method, "GET")
+            return 200, self._connected(request)
         if path[0] != "meshes" or len(path) > 4:
             raise HttpError(404, "Not found", f"no such endpoint /{'/'.join(path)}")
         if len(path) == 1:
@@ -725,6 +736,31 @@ class ApiResource(_JsonApi):
 
     def _vip_source(self) -> _VipSource:
         return _ZoneVips(self.zone, self._exhausted)
+
+    def _connected(self, request: Request) -> dict[str, Any]:
+        """A page of the dataplanes connected, by mesh and name: O(page)."""
+        query: MeshQuery = _query(request, MeshQuery)
+        hub = self.dataplanes
+        base_url = _base_url(request, "/dataplanes/connected")
+        if hub is None:
+            return {"total": 0, "items": [], "next": None, "listening": False}
+        sessions = hub.listing
+        if query.mesh is None:
+            start, stop = 0, len(sessions)
+        else:
+            start, stop = key_range(
+                sessions, (query.mesh, ""), (query.mesh + "\x00", ""), _session_key
+            )
+        total = stop - start
+        first, last = query.bounds(total)
+        page = sessions[start + first : start + last] if last > first else []
+        return {
+            "total": total,
+            "items": [_session_item(session) for session in page],
+            "next": next_url(base_url, query, total),
+            "listening": True,
+            "tableVersion": hub.version,
+        }
 
     def _exhausted(self, snapshot: ZoneSnapshot) -> list[str]:
         """The services without a VIP, as C{/vips} lists them (once per snapshot)."""
@@ -825,6 +861,22 @@ class ApiResource(_JsonApi):
             raise HttpError(404, "Could not delete a resource", f"{key} not found")
         self.log.info("API: {key} deleted", key=str(key))
         return 200, {}
+
+
+def _session_key(session: DataplaneSession) -> tuple[str, str]:
+    return session.mesh, session.name
+
+
+def _session_item(session: DataplaneSession) -> dict[str, Any]:
+    """A dataplane as C{/dataplanes/connected} lists it."""
+    return {
+        "mesh": session.mesh,
+        "name": session.name,
+        "address": session.address,
+        "version": session.acked if session.acked >= 0 else None,
+        "sentVersion": session.sent_version if session.sent_version >= 0 else None,
+        "connectedSince": _timestamp(session.connected_at),
+    }
 
 
 def _timestamp(seconds: float) -> str | None:

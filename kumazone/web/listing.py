@@ -34,6 +34,7 @@ __all__ = [
     "MAX_PAGE_SIZE",
     "PAGE_SIZE",
     "KeyScan",
+    "MeshQuery",
     "PageQuery",
     "QueryError",
     "VipQuery",
@@ -112,6 +113,22 @@ class PageQuery:
         """The positions C{[start, stop)} of this page in a listing of C{total} items."""
         start = min(self.offset, total)
         return start, min(total, start + self.size)
+
+
+@dataclass(frozen=True)
+class MeshQuery(PageQuery):
+    """A page of a listing by (mesh, name) that may keep to one mesh: C{?mesh=}."""
+
+    mesh: str | None = None
+
+    @classmethod
+    def parse(cls, args: Mapping[str, Sequence[str]]) -> MeshQuery:
+        """The query of a request's arguments (name -> values); L{QueryError} if bad."""
+        page = PageQuery.parse(args)
+        return cls(size=page.size, offset=page.offset, mesh=_text(args, "mesh"))
+
+    def filters(self) -> list[tuple[str, str | int]]:
+        return [("mesh", self.mesh)] if self.mesh else []
 
 
 @dataclass(frozen=True)

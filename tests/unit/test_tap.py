@@ -102,6 +102,12 @@ DEFAULTS: dict[str, Any] = {
     "kds-zone-max-pending-bytes": str(32 << 20),
     "kds-zone-refusal-cooldown": "5",
     "kds-zone-max-range-share": "0.5",
+    "dp-port": 5678,
+    "dp-interface": "0.0.0.0",
+    "cp-address": None,  # the dataplane's flags: see "role dataplane" below
+    "mesh": None,
+    "name": None,
+    "resolv-conf": None,
     "tls-cert": None,
     "tls-key": None,
     "tls-ca": None,
@@ -139,6 +145,8 @@ GIVEN: dict[str, tuple[str, Any]] = {
     "api-interface": ("::1", "::1"),
     "kds-port": ("65535", 65535),
     "kds-interface": ("192.0.2.1", "192.0.2.1"),
+    "dp-port": ("0", 0),
+    "dp-interface": ("192.0.2.1", "192.0.2.1"),
 }
 
 
@@ -149,6 +157,8 @@ GIVEN_ELSEWHERE |= {"tls-cert", "tls-key", "tls-ca"}
 GIVEN_ELSEWHERE |= {f"kds-zone-max-{n}" for n in ("services", "parts", "pending-bytes")}
 GIVEN_ELSEWHERE |= {"kds-zone-max-messages-per-second", "kds-zone-refusal-cooldown"}
 GIVEN_ELSEWHERE |= {"kds-zone-max-range-share"}
+# The dataplane role's own flags: "role dataplane" below.
+GIVEN_ELSEWHERE |= {"cp-address", "mesh", "name", "resolv-conf"}
 
 
 def test_every_flag_has_a_given_value_test() -> None:
@@ -203,10 +213,10 @@ def test_unknown_flag_is_a_usage_error() -> None:
 # -- --role and --zone --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("role", ["dataplane", "Zone", "", "global,zone"])
+@pytest.mark.parametrize("role", ["Dataplane", "Zone", "", "global,zone", "data-plane"])
 def test_bad_role(role: str) -> None:
     message = refused(f"--role={role}", ZONE)
-    assert_names(message, "--role", repr(role), "zone or global")
+    assert_names(message, "--role", repr(role), "zone, global or dataplane")
 
 
 def test_zone_is_required_with_role_zone() -> None:
@@ -580,3 +590,304 @@ def test_a_bad_nameserver_address_is_one_line() -> None:
         "kumazone: --nameserver-addresses: 'ns.example' holds 'ns.example', "
         "which is not an IP address"
     )
+
+
+# -- the zone's dataplane port ------------------------------------------------------------
+
+
+def test_zone_dataplane_port_is_off_without_tls_or_insecure() -> None:
+    options = parse(ZONE)
+    assert (options["dp-port"], options["dp-interface"]) == (5678, "0.0.0.0")
+    assert options.tls is None
+    assert not options.dp_insecure
+
+
+def test_zone_dataplane_port_insecure_listens_on_loopback() -> None:
+    options = parse(ZONE, "--insecure")
+    assert options.dp_insecure
+    assert options["dp-interface"] == "127.0.0.1"
+    assert parse(ZONE, "--insecure", "--dp-interface=0.0.0.0")["dp-interface"] == "0.0.0.0"
+
+
+def test_standalone_zone_loads_its_tls_files_for_the_dataplane_port(certs: Path) -> None:
+    options = parse(ZONE, *as_argv(tls_flags(certs, "zone-1")))
+    assert isinstance(options.tls, TLSFiles)
+    assert options["dp-interface"] == "0.0.0.0"
+    # --insecure beside the files: TLS all the same, and not loopback only.
+    options = parse(ZONE, "--insecure", *as_argv(tls_flags(certs, "zone-1")))
+    assert isinstance(options.tls, TLSFiles)
+    assert options["dp-interface"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize("missing", ["tls-cert", "tls-key", "tls-ca"])
+def test_standalone_zone_with_partial_tls_flags(certs: Path, missing: str) -> None:
+    given = {flag: path for flag, path in tls_flags(certs, "zone-1").items() if flag != missing}
+    message = refused(ZONE, *as_argv(given))
+    assert_names(message, f"--{missing}: missing")
+
+
+def test_standalone_zone_with_tls_files_that_do_not_load(tmp_path: Path) -> None:
+    flags = {f: str(tmp_path / f"{f}.pem") for f in ("tls-cert", "tls-key", "tls-ca")}
+    assert_names(refused(ZONE, *as_argv(flags)), "--tls-cert", "cannot read TLS files")
+
+
+@pytest.mark.parametrize("value", ["65536", "http"])
+def test_bad_dp_port(value: str) -> None:
+    assert_names(refused(ZONE, f"--dp-port={value}"), "--dp-port", repr(value))
+
+
+def test_make_service_for_a_zone_fills_the_dataplane_settings(
+    tmp_path: Path, certs: Path, no_sockets: None
+) -> None:
+    options = parse(
+        ZONE, f"--data-dir={tmp_path}", "--dp-port=0", *as_argv(tls_flags(certs, "zone-1"))
+    )
+    settings = makeService(options).settings
+    assert (settings.dp_port, settings.dp_interface) == (0, "0.0.0.0")
+    assert settings.dp_tls is options.tls
+    assert not settings.dp_insecure
+    settings = makeService(parse(ZONE, f"--data-dir={tmp_path}", "--insecure")).settings
+    assert (settings.dp_tls, settings.dp_insecure, settings.dp_interface) == (
+        None,
+        True,
+        "127.0.0.1",
+    )
+
+
+@pytest.mark.parametrize("flag", ["dp-port", "dp-interface"])
+def test_dataplane_port_flags_with_role_global(flag: str) -> None:
+    message = refused("--role=global", "--insecure", f"--{flag}=1")
+    assert_names(message, f"--{flag}", "'1'", "is for --role=zone, not global")
+
+
+# -- role dataplane -------------------------------------------------------------------------
+
+DATAPLANE = ["--role=dataplane", "--cp-address=zone.example"]
+
+
+@pytest.fixture(scope="module")
+def dp_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("dp-certs")
+    make_certs(
+        out,
+        ["localhost"],
+        ["zone-1"],
+        zone_hosts=["127.0.0.1"],
+        dataplanes=["default/web-1", "other/db-1"],
+    )
+    return out
+
+
+def test_dataplane_defaults() -> None:
+    options = parse(*DATAPLANE, "--insecure")
+    assert options.cp_address == ("zone.example", 5678)
+    assert options["dns-port"] == 15053
+    assert options.dns_interfaces == ("127.0.0.1", "::1")
+    assert options.dns_interfaces_default
+    assert options["diagnostics-port"] == 9902
+    assert options["diagnostics-interface"] == "127.0.0.1"
+    assert options["resolv-conf"] == "/etc/resolv.conf"
+    assert options.tls is None
+    assert options.mesh == "default"
+    assert options.name == socket.gethostname()
+    assert options["data-dir"] == os.path.join("kumazone-data", socket.gethostname())
+
+
+def test_dataplane_given_values(tmp_path: Path) -> None:
+    options = parse(
+        "--role=dataplane",
+        "--cp-address=[2001:db8::1]:7000",
+        "--insecure",
+        "--mesh=other",
+        "--name=db-1",
+        "--dns-port=0",
+        "--dns-interface=127.0.0.1, 127.0.0.2,127.0.0.1",
+        "--diagnostics-port=0",
+        "--diagnostics-interface=0.0.0.0",
+        f"--resolv-conf={tmp_path / 'resolv.conf'}",
+        f"--data-dir={tmp_path / 'data'}",
+    )
+    assert options.cp_address == ("2001:db8::1", 7000)
+    assert (options.mesh, options.name) == ("other", "db-1")
+    assert options["dns-port"] == 0
+    assert options.dns_interfaces == ("127.0.0.1", "127.0.0.2")
+    assert not options.dns_interfaces_default
+    assert (options["diagnostics-port"], options["diagnostics-interface"]) == (0, "0.0.0.0")
+    assert options["resolv-conf"] == str(tmp_path / "resolv.conf")
+    assert options["data-dir"] == str(tmp_path / "data")
+
+
+def test_dataplane_data_dir_is_named_after_the_dataplane() -> None:
+    options = parse(*DATAPLANE, "--insecure", "--name=web-1")
+    assert options["data-dir"] == os.path.join("kumazone-data", "web-1")
+
+
+def test_dataplane_needs_the_cp_address() -> None:
+    message = refused("--role=dataplane", "--insecure")
+    assert_names(message, "--cp-address", "required", "--role=dataplane")
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("", ["has no host"]),
+        ("zone.example:0", ["a port other than 0"]),
+        ("zone.example:70000", ["port", "out of range"]),
+        ("[2001:db8::1]x", ["is not HOST[:PORT]"]),
+    ],
+)
+def test_bad_cp_address(value: str, words: list[str]) -> None:
+    message = refused("--role=dataplane", f"--cp-address={value}", "--insecure")
+    assert message.startswith("kumazone: --cp-address: "), message
+    assert_names(message, repr(value), *words)
+
+
+def test_dataplane_without_tls_or_insecure_is_refused() -> None:
+    message = refused(*DATAPLANE)
+    assert_names(message, "--tls-cert", "--tls-key", "--tls-ca", "--insecure", "--dataplane")
+
+
+def test_dataplane_with_tls_takes_mesh_and_name_from_the_certificate(dp_certs: Path) -> None:
+    options = parse(*DATAPLANE, *as_argv(tls_flags(dp_certs, "dp-other-db-1")))
+    assert isinstance(options.tls, TLSFiles)
+    assert (options.mesh, options.name) == ("other", "db-1")
+    assert options["data-dir"] == os.path.join("kumazone-data", "db-1")
+    # The same ones given again are fine.
+    options = parse(
+        *DATAPLANE, "--mesh=other", "--name=db-1", *as_argv(tls_flags(dp_certs, "dp-other-db-1"))
+    )
+    assert (options.mesh, options.name) == ("other", "db-1")
+
+
+@pytest.mark.parametrize("flag, value", [("mesh", "default"), ("name", "web-1")])
+def test_dataplane_with_tls_and_another_mesh_or_name(dp_certs: Path, flag: str, value: str) -> None:
+    message = refused(
+        *DATAPLANE, f"--{flag}={value}", *as_argv(tls_flags(dp_certs, "dp-other-db-1"))
+    )
+    assert_names(message, f"--{flag}", repr(value), "certificate")
+
+
+def test_dataplane_with_a_certificate_that_names_no_dataplane(dp_certs: Path) -> None:
+    message = refused(*DATAPLANE, *as_argv(tls_flags(dp_certs, "zone-1")))
+    assert_names(message, "--tls-cert", "zone-1.pem", "names no dataplane")
+
+
+@pytest.mark.parametrize("missing", ["tls-cert", "tls-key", "tls-ca"])
+def test_dataplane_with_partial_tls_flags(dp_certs: Path, missing: str) -> None:
+    flags = tls_flags(dp_certs, "dp-default-web-1")
+    given = {flag: path for flag, path in flags.items() if flag != missing}
+    assert_names(refused(*DATAPLANE, *as_argv(given)), f"--{missing}: missing")
+
+
+@pytest.mark.parametrize("mesh", ["", "-bad", "a/b", "m" * 64])
+def test_dataplane_bad_mesh(mesh: str) -> None:
+    message = refused(*DATAPLANE, "--insecure", f"--mesh={mesh}")
+    assert_names(message, "--mesh", repr(mesh), "not a valid mesh name")
+
+
+@pytest.mark.parametrize("name", ["", "web/1", "-web", "n" * 254])
+def test_dataplane_bad_name(name: str) -> None:
+    message = refused(*DATAPLANE, "--insecure", f"--name={name}")
+    assert_names(message, "--name", repr(name), "not a valid dataplane name")
+
+
+@pytest.mark.parametrize("flag", ["dns-port", "diagnostics-port"])
+@pytest.mark.parametrize("value", ["65536", "dns"])
+def test_dataplane_bad_port(flag: str, value: str) -> None:
+    assert_names(refused(*DATAPLANE, "--insecure", f"--{flag}={value}"), f"--{flag}", repr(value))
+
+
+@pytest.mark.parametrize("value", ["localhost", "127.0.0.1,nope", ",", ""])
+def test_dataplane_bad_dns_interface(value: str) -> None:
+    message = refused(*DATAPLANE, "--insecure", f"--dns-interface={value}")
+    assert_names(message, "--dns-interface", repr(value))
+
+
+def test_dataplane_resolv_conf_that_is_a_directory(tmp_path: Path) -> None:
+    message = refused(*DATAPLANE, "--insecure", f"--resolv-conf={tmp_path}")
+    assert_names(message, "--resolv-conf", repr(str(tmp_path)), "directory")
+
+
+#: A flag of the control planes, and a value to give it.
+CONTROL_PLANE_FLAGS = {
+    "zone": "zone-1",
+    "global": "global.example",
+    "config": "kumazone.yaml",
+    "resources": "zones",
+    "store": "sqlite:///x",
+    "nameserver-addresses": "192.0.2.53",
+    "api-port": "0",
+    "api-interface": "::1",
+    "kds-port": "0",
+    "kds-interface": "127.0.0.1",
+    "kds-zone-max-services": "5",
+    "kds-zone-max-parts": "5",
+    "kds-zone-max-messages-per-second": "5",
+    "kds-zone-max-pending-bytes": "5",
+    "kds-zone-refusal-cooldown": "1",
+    "kds-zone-max-range-share": "0.25",
+    "dp-port": "0",
+    "dp-interface": "127.0.0.1",
+}
+
+
+def test_every_flag_is_sorted_by_role() -> None:
+    dataplane_flags = {"cp-address", "mesh", "name", "resolv-conf"}
+    every_role = {"role", "data-dir", "dns-port", "dns-interface", "diagnostics-port"}
+    every_role |= {"diagnostics-interface", "tls-cert", "tls-key", "tls-ca"}
+    assert set(CONTROL_PLANE_FLAGS) | dataplane_flags | every_role == PARAMETERS
+
+
+@pytest.mark.parametrize("flag", sorted(CONTROL_PLANE_FLAGS))
+def test_control_plane_flags_with_role_dataplane(flag: str) -> None:
+    value = CONTROL_PLANE_FLAGS[flag]
+    message = refused(*DATAPLANE, "--insecure", f"--{flag}={value}")
+    roles = (
+        "zone"
+        if flag in ("zone", "global", "resources", "dp-port", "dp-interface")
+        else ("zone or global")
+    )
+    assert_names(message, f"--{flag}", repr(value), f"is for --role={roles}, not dataplane")
+
+
+@pytest.mark.parametrize("role", ["zone", "global"])
+@pytest.mark.parametrize("flag", ["cp-address", "mesh", "name", "resolv-conf"])
+def test_dataplane_flags_with_other_roles(role: str, flag: str) -> None:
+    argv = [ZONE] if role == "zone" else ["--role=global", "--insecure"]
+    message = refused(*argv, f"--{flag}=x")
+    assert_names(message, f"--{flag}", "'x'", f"is for --role=dataplane, not {role}")
+
+
+def test_make_service_for_a_dataplane_binds_nothing(
+    tmp_path: Path, dp_certs: Path, no_sockets: None
+) -> None:
+    from kumazone.dataplane.service import DataplaneService
+
+    options = parse(
+        "--role=dataplane",
+        "--cp-address=127.0.0.1:7000",
+        f"--data-dir={tmp_path / 'data'}",
+        "--dns-port=0",
+        "--diagnostics-port=0",
+        f"--resolv-conf={tmp_path / 'resolv.conf'}",
+        *as_argv(tls_flags(dp_certs, "dp-default-web-1")),
+    )
+    service = makeService(options)
+    assert isinstance(service, DataplaneService)
+    settings = service.settings
+    assert (settings.mesh, settings.name, settings.cp_address) == (
+        "default",
+        "web-1",
+        ("127.0.0.1", 7000),
+    )
+    assert (settings.dns_port, settings.dns_interfaces, settings.diagnostics_port) == (
+        0,
+        ("127.0.0.1", "::1"),
+        0,
+    )
+    assert settings.tls is options.tls
+    assert settings.resolv_conf == str(tmp_path / "resolv.conf")
+    assert not service.running
+    assert service.ports == {}
+    assert list(service) == []
+    assert not (tmp_path / "data").exists()

@@ -224,6 +224,11 @@ class ZoneService(ControlPlane):
         )
 
     def stopService(self) -> Any:
+        # The connection to the global is closed by its protocol first: that takes
+        # it off the transport as a producer, without which TLS would wait for it
+        # before sending its close (and SIGTERM would never end the process).
+        if self.sync is not None and self.sync.proto is not None:
+            self.sync.proto.close()
         # Close every dataplane's connection cleanly (TLS close_notify) and give the
         # closes a moment to go out before the listeners and the store go.
         if self.dataplanes is None:

@@ -109,13 +109,25 @@ class DataplaneService(ControlPlane):
     # -- start-up ---------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
-        """Bind the DNS and diagnostics ports (the only steps that may need privileges)."""
+        """Bind the ports now if one needs privileges (below 1024), else in L{startService}.
+
+        Sockets opened before twistd's C{-u}/C{-g} switch stay root's: the
+        transparent proxy's rules tell the dataplane's own packets by their
+        owner, so answers from a root-owned UDP socket would not be sent back
+        through the redirect.  Ports of 1024 and above (15053, 9902) are
+        therefore opened as the user the process runs as.
+        """
+        settings = self.settings
+        if any(0 < port < 1024 for port in (settings.dns_port, settings.diagnostics_port)):
+            self._bind_or_stop()
+        MultiService.privilegedStartService(self)
+
+    def _bind_or_stop(self) -> None:
         try:
             self._bind()
         except (OSError, CannotListenError, ValueError) as e:
             self._stop_listening()
             raise StartupError(f"kumazone: cannot start: {e}") from None
-        MultiService.privilegedStartService(self)
 
     def _bind(self) -> None:
         settings = self.settings
@@ -136,8 +148,8 @@ class DataplaneService(ControlPlane):
 
     def startService(self) -> None:
         """Open the table where the process's user can write it; connect to the zone."""
-        if self.factory is None:  # not run by twistd: the privileged step first
-            self.privilegedStartService()
+        if self.factory is None:  # unprivileged ports: opened as this process's user
+            self._bind_or_stop()
         try:
             os.makedirs(self.data_dir, exist_ok=True)
             self._open_table()

@@ -833,3 +833,20 @@ def test_ports_file_of_the_global_names_its_listeners(fed: Federation) -> None:
     status, document = fed.global_.api("GET", "/")
     assert status == 200 and document["role"] == "global"
     assert document["zones"] >= len(ZONES)
+
+
+def test_a_synced_zone_stops_at_once_on_sigterm(
+    fed: Federation, extra: ProcessGroup, certs: Path
+) -> None:
+    """Its TLS connection to the global closes first: SIGTERM ends it in well under the
+    15 s the process helper would wait before killing it."""
+    zone = start_zone(fed.workdir, "zone-9", fed.global_.address, certs, group=extra)
+    connected = b'kumazone_sync_connected{zone="zone-9"} 1.0'
+    wait_until(
+        lambda: connected in zone.http("diagnostics", "GET", "/metrics")[1],
+        SYNC_TIMEOUT,
+        what="zone-9 connects to the global",
+    )
+    started = time.monotonic()
+    assert zone.stop() in (0, -15)  # twistd ends by the signal it was sent
+    assert time.monotonic() - started < 5, f"{time.monotonic() - started:.1f}s"

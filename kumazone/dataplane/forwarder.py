@@ -21,6 +21,10 @@ plain non-blocking ones read by the reactor (L{IReadDescriptor}).
 
 from __future__ import annotations
 
+# getaddrinfo encodes a host name with the "idna" codec, imported on first use: here,
+# before twistd's -u/-g switch, since the user it switches to may not read Python's
+# own files.
+import encodings.idna  # noqa: F401
 import errno
 import ipaddress
 import math

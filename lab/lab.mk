@@ -1,16 +1,19 @@
 # The multi-zone lab (included by the Makefile).
-#   make lab          global + zone-1 + zone-2 + a client per zone, in network namespaces (root)
-#   make lab-status   every control plane side by side
+#   make lab          global + zone-1 + zone-2 + a cluster DNS + a client per zone (each with a
+#                     dataplane and the transparent proxy), in network namespaces (root)
+#   make lab-status   every control plane and dataplane side by side
 #   make lab-down     stop it all, remove the namespaces (safe to run any time)
-#   make lab-docker   the same topology with Docker Compose (lab/docker-compose.yml)
+#   make lab-docker   the global and zones with Docker Compose (lab/docker-compose.yml;
+#                     its clients forward mesh. with dnsmasq, no dataplane)
 #   make lab-docker-down
-# BIN, LAB_STATE and LAB_PREFIX may be given on the command line or in the environment;
-# for the Docker lab also LAB_BASE_IMAGE, LAB_IMAGE, LAB_PROJECT, LAB_BUILD_NETWORK,
-# LAB_CACHE and COMPOSE (see lab/docker/lab-docker.sh).
+# BIN, LAB_STATE, LAB_PREFIX and LAB_DP_USER (see lab/lab.sh) may be given on the command
+# line or in the environment; for the Docker lab also LAB_BASE_IMAGE, LAB_IMAGE,
+# LAB_PROJECT, LAB_BUILD_NETWORK, LAB_CACHE and COMPOSE (see lab/docker/lab-docker.sh).
 BIN ?= .venv/bin
 LAB_STATE ?= lab/state
 LAB_PREFIX ?= kzlab-
-LAB_ENV = BIN='$(BIN)' LAB_STATE='$(LAB_STATE)' LAB_PREFIX='$(LAB_PREFIX)'
+LAB_ENV = BIN='$(BIN)' LAB_STATE='$(LAB_STATE)' LAB_PREFIX='$(LAB_PREFIX)' \
+  $(if $(LAB_DP_USER),LAB_DP_USER='$(LAB_DP_USER)')
 # Build .venv only when the lab runs from it (a test points BIN at its own virtualenv).
 LAB_VENV := $(if $(filter $(abspath $(VENV)/bin),$(abspath $(BIN))),$(STAMP))
 LAB_BASE_IMAGE ?= python:3.11-slim-bookworm
@@ -24,7 +27,10 @@ LAB_DOCKER_ENV = $(LAB_ENV) LAB_BASE_IMAGE='$(LAB_BASE_IMAGE)' \
 # tests/lab/test_cluster_dns.py, which runs the binary itself: the system service the
 # package enables is stopped and disabled at once, so nothing holds port 53 on the host
 # or points resolv.conf at it.  nsd (the fake root and the reference server of
-# tests/lab/test_conformance.py, with dnsviz and zonemaster-cli) likewise.
+# tests/lab/test_conformance.py, with dnsviz and zonemaster-cli) likewise.  The
+# dataplane tests (tests/lab/test_dataplane_netns.py, test_tproxy.py, and the lab's
+# clients) need iptables (iptables-restore, ip6tables-restore), setpriv (util-linux)
+# and, as the workload's real clients, musl-gcc, node and java/javac.
 lab-tools: lab-docker-tools
 	@missing=""; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
@@ -37,6 +43,11 @@ lab-tools: lab-docker-tools
 	command -v dnsviz >/dev/null || missing="$$missing dnsviz"; \
 	command -v zonemaster-cli >/dev/null || missing="$$missing zonemaster-cli"; \
 	[ -x /usr/sbin/nsd ] || missing="$$missing nsd"; \
+	command -v iptables-restore >/dev/null || [ -x /usr/sbin/iptables-restore ] || missing="$$missing iptables"; \
+	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
+	command -v musl-gcc >/dev/null || missing="$$missing musl-tools"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	{ command -v java >/dev/null && command -v javac >/dev/null; } || missing="$$missing default-jdk-headless"; \
 	if [ -n "$$missing" ]; then \
 	  echo "lab: installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

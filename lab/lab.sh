@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # The kumazone multi-zone lab in network namespaces (root needed).
 #
-#   lab/lab.sh up                      namespaces, certificates, global + two zones, resolvers
+#   lab/lab.sh up                      namespaces, certificates, global + two zones, the
+#                                      cluster DNS, a dataplane and transparent proxy per client
 #   lab/lab.sh down                    stop everything, remove the namespaces (idempotent)
-#   lab/lab.sh status                  each control plane side by side (lab/labctl.py)
-#   lab/lab.sh stop  global|zone-1|zone-2
-#   lab/lab.sh start global|zone-1|zone-2
-#   lab/lab.sh wait-synced [SECONDS]   until both zones hold the global's table
+#   lab/lab.sh status                  each control plane and dataplane side by side (lab/labctl.py)
+#   lab/lab.sh stop  global|zone-1|zone-2|client-1|client-2
+#   lab/lab.sh start global|zone-1|zone-2|client-1|client-2
+#                                      (a client: its dataplane)
+#   lab/lab.sh wait-synced [SECONDS]   until both zones hold the global's table and each
+#                                      dataplane its zone's
 #
 # Environment: BIN (the virtualenv's bin, default .venv/bin), LAB_STATE (default
-# lab/state), LAB_PREFIX (namespace names, default kzlab-).  Relative paths are taken
-# from the directory lab.sh is called from.
+# lab/state), LAB_PREFIX (namespace names, default kzlab-), LAB_DP_USER (the user the
+# dataplanes run as, default <prefix>dp: made when missing, removed by `down` only when
+# `up` made it).  Relative paths are taken from the directory lab.sh is called from.
 #
 # Topology: one namespace per host, each with an eth0 plugged into a bridge that lives
 # in its own namespace (<prefix>net).  Nothing is added to the root namespace except
 # /etc/netns/<prefix>client{1,2}/resolv.conf, which `ip netns exec` shows the clients
-# as their /etc/resolv.conf.  Addresses are documentation addresses only.
+# as their /etc/resolv.conf, and the dataplanes' system user.  Addresses are
+# documentation addresses only.
 set -Eeuo pipefail
 
 PREFIX=${LAB_PREFIX:-kzlab-}
@@ -28,14 +33,14 @@ NET_NS="${PREFIX}net"
 BRIDGE=lab0
 CONTROL_PLANES=(global zone-1 zone-2)
 CLIENTS=(client-1 client-2)
-HOSTS=("${CONTROL_PLANES[@]}" "${CLIENTS[@]}")
+HOSTS=("${CONTROL_PLANES[@]}" cluster-dns "${CLIENTS[@]}")
 declare -A IPV4=(
   [global]=198.51.100.201 [zone-1]=198.51.100.211 [zone-2]=198.51.100.212
-  [client-1]=198.51.100.221 [client-2]=198.51.100.222
+  [cluster-dns]=198.51.100.250 [client-1]=198.51.100.221 [client-2]=198.51.100.222
 )
 declare -A IPV6=(
   [global]=2001:db8:100::201 [zone-1]=2001:db8:100::211 [zone-2]=2001:db8:100::212
-  [client-1]=2001:db8:100::221 [client-2]=2001:db8:100::222
+  [cluster-dns]=2001:db8:100::250 [client-1]=2001:db8:100::221 [client-2]=2001:db8:100::222
 )
 # Which zone a client host lives in.
 declare -A ZONE_OF=([client-1]=zone-1 [client-2]=zone-2)
@@ -46,6 +51,17 @@ DNS_PORT=5653
 API_PORT=5681
 DIAGNOSTICS_PORT=5680
 KDS_PORT=5685
+# The zones' dataplane port; each client's dataplane (mesh default, named after its
+# host) answers on 127.0.0.1 and ::1 port 15053, its /ready and /metrics on 9902.
+DP_PORT=5678
+DP_MESH=default
+DP_DNS_PORT=15053
+DP_DIAGNOSTICS_PORT=9902
+DP_USER=${LAB_DP_USER:-${PREFIX}dp}
+# The one name outside the mesh that the cluster DNS serves (all of lab.test is its).
+OUTSIDE_NAME=outside.lab.test
+OUTSIDE_IPV4=198.51.100.80
+OUTSIDE_IPV6=2001:db8:100::80
 
 say() { printf 'lab: %s\n' "$*"; }
 die() {
@@ -63,6 +79,10 @@ all_namespaces() {
 ns_exists() { [[ -e "/run/netns/$1" || -e "/var/run/netns/$1" ]]; }
 pidfile_of() { printf '%s/run/%s.pid' "$STATE" "$1"; }
 logfile_of() { printf '%s/logs/%s.log' "$STATE" "$1"; }
+# A dataplane's pid file is in a directory its user owns: twistd removes it as that user.
+dp_pidfile_of() { printf '%s/run/dataplanes/%s.pid' "$STATE" "$1"; }
+# Who made the dataplanes' user (so that `down` removes it only if `up` made it).
+dp_user_marker() { printf '%s/dp-user-made' "$STATE"; }
 
 check_paths() {
   case $STATE in
@@ -73,6 +93,8 @@ check_paths() {
 check_prefix() {
   [[ "$PREFIX" =~ ^[a-z0-9][a-z0-9-]{0,15}$ ]] ||
     die "LAB_PREFIX '$PREFIX' must be 1-16 of a-z, 0-9 and '-', starting with a letter or digit"
+  [[ "$DP_USER" =~ ^[a-z_][a-z0-9_-]{0,31}$ ]] ||
+    die "the dataplanes' user '$DP_USER' is not a valid user name: set LAB_DP_USER"
 }
 
 find_dnsmasq() {
@@ -85,6 +107,12 @@ preflight() {
   [[ -x "$BIN/twistd" && -x "$BIN/kumazone" && -x "$BIN/python" ]] ||
     die "no kumazone in $BIN: run 'make' first, or set BIN to a virtualenv's bin with kumazone installed"
   [[ -n "$(find_dnsmasq)" ]] || die "dnsmasq not found: apt-get install dnsmasq-base (make lab does it)"
+  command -v iptables-restore >/dev/null || [[ -x /usr/sbin/iptables-restore ]] ||
+    die "iptables-restore not found: apt-get install iptables (make lab does it)"
+  local tool
+  for tool in setpriv useradd userdel; do
+    command -v "$tool" >/dev/null || die "'$tool' not found: apt-get install util-linux passwd"
+  done
   "$BIN/twistd" kumazone --help >/dev/null 2>&1 ||
     die "'$BIN/twistd kumazone --help' fails: the kumazone twistd plugin is not installed in $BIN"
   # The probe namespace tells "cannot create namespaces here" apart from later errors.
@@ -135,14 +163,39 @@ stop_pid() {
   done
 }
 
+# stop_named NAME PIDFILE [NAME PIDFILE ...]: stop the process of each pid file that
+# runs, all at once (TERM, then KILL for those still running after 10 seconds).
 stop_named() {
-  local name=$1 pidfile pid
-  pidfile=$(pidfile_of "$name")
-  if pid=$(live_pid "$pidfile"); then
-    stop_pid "$pid"
-    say "stopped $name (pid $pid)"
-  fi
-  rm -f -- "$pidfile"
+  local names=() pids=() pidfiles=() name pidfile pid i running
+  while (($# >= 2)); do
+    name=$1 pidfile=$2
+    shift 2
+    pidfiles+=("$pidfile")
+    if pid=$(live_pid "$pidfile"); then
+      kill -TERM "$pid" 2>/dev/null || true
+      names+=("$name") pids+=("$pid")
+    fi
+  done
+  for ((i = 0; i < 200; i++)); do
+    running=0
+    for pid in "${pids[@]}"; do alive "$pid" && running=1; done
+    ((running)) || break
+    sleep 0.05
+  done
+  for i in "${!pids[@]}"; do
+    if alive "${pids[$i]}"; then
+      say "${names[$i]} (pid ${pids[$i]}) did not stop 10s after SIGTERM: killing it"
+      kill -KILL "${pids[$i]}" 2>/dev/null || true
+    fi
+  done
+  for i in "${!pids[@]}"; do
+    for ((running = 0; running < 40; running++)); do
+      alive "${pids[$i]}" || break
+      sleep 0.05
+    done
+    say "stopped ${names[$i]} (pid ${pids[$i]})"
+  done
+  ((${#pidfiles[@]} == 0)) || rm -f -- "${pidfiles[@]}"
 }
 
 tail_log() {
@@ -175,43 +228,22 @@ make_network() {
   done
 }
 
-# -- control planes ------------------------------------------------------------------
+# -- daemons ---------------------------------------------------------------------------
 
-start_control_plane() {
-  local name=$1 ns address pidfile log args
-  ns=$(ns_of "$name")
-  address=${IPV4[$name]}
-  pidfile=$(pidfile_of "$name")
+LAUNCH_AS=()
+
+# launch_twistd NAME NAMESPACE PIDFILE TWISTD-ARGUMENTS...: a twistd daemon in NAMESPACE,
+# logging to logs/NAME.log; dies (with the log's end) unless it started.  With
+# LAUNCH_AS=(setpriv ...) set, twistd runs under that.
+launch_twistd() {
+  local name=$1 ns=$2 pidfile=$3 log
+  shift 3
   log=$(logfile_of "$name")
-  ns_exists "$ns" || die "namespace $ns does not exist: is the lab up? (make lab)"
-  if live_pid "$pidfile" >/dev/null; then
-    say "$name is already running"
-    return 0
-  fi
-  args=(
-    --data-dir="$STATE/data/$name"
-    --api-interface="$address" --api-port="$API_PORT" --diagnostics-port="$DIAGNOSTICS_PORT"
-    --tls-ca="$STATE/certs/ca.pem"
-  )
-  if [[ $name == global ]]; then
-    args+=(
-      --role=global --kds-interface="$address" --kds-port="$KDS_PORT"
-      --tls-cert="$STATE/certs/global.pem" --tls-key="$STATE/certs/global-key.pem"
-    )
-  else
-    args+=(
-      --role=zone --zone="$name" --global="${IPV4[global]}:$KDS_PORT"
-      --resources="$STATE/zones/$name"
-      --dns-interface="$address" --dns-port="$DNS_PORT"
-      --tls-cert="$STATE/certs/$name.pem" --tls-key="$STATE/certs/$name-key.pem"
-    )
-  fi
   # twistd daemonizes and returns once the service has started (ports bound).  When
   # the daemon dies at start-up with SystemExit (kumazone's "cannot start: ..."), the
   # launching twistd waits for it forever: so watch the daemon too.
   rm -f -- "$pidfile"
-  ip netns exec "$ns" "$BIN/twistd" --pidfile="$pidfile" --logfile="$log" \
-    kumazone "${args[@]}" &
+  ip netns exec "$ns" "${LAUNCH_AS[@]}" "$BIN/twistd" --pidfile="$pidfile" --logfile="$log" "$@" &
   local launcher=$! status=0 i
   for ((i = 0; ; i++)); do
     alive "$launcher" || break
@@ -235,55 +267,194 @@ start_control_plane() {
     tail_log "$name"
     die "$name did not start (log: $log)"
   fi
-  if ! ip netns exec "$ns" "$BIN/python" "$HERE/labctl.py" wait \
-    "http://127.0.0.1:$DIAGNOSTICS_PORT/ready" --timeout 20; then
-    tail_log "$name"
-    die "$name is not ready after 20s (log: $log)"
-  fi
-  say "$name up in $ns: API http://$address:$API_PORT$([[ $name == global ]] && echo ", zone sync $address:$KDS_PORT" || echo ", DNS $address:$DNS_PORT"), log $log"
 }
 
-# -- client resolvers ----------------------------------------------------------------
+# wait_ready NAME NAMESPACE URL: until URL (a /ready) answers 200 inside NAMESPACE.
+wait_ready() {
+  if ! ip netns exec "$2" "$BIN/python" "$HERE/labctl.py" wait "$3" --timeout 20; then
+    tail_log "$1"
+    die "$1 is not ready after 20s (log: $(logfile_of "$1"))"
+  fi
+}
 
-start_resolver() {
-  local client=$1 ns zone server pidfile log dnsmasq dropin
-  ns=$(ns_of "$client")
-  zone=${ZONE_OF[$client]}
-  server="${IPV4[$zone]}:$DNS_PORT"
-  pidfile=$(pidfile_of "$client-dnsmasq")
-  log=$(logfile_of "$client-dnsmasq")
-  dnsmasq=$(find_dnsmasq)
-  if live_pid "$pidfile" >/dev/null; then
-    say "$client's resolver is already running"
+# -- control planes ------------------------------------------------------------------
+
+start_control_plane() {
+  local name=$1 ns address args
+  ns=$(ns_of "$name")
+  address=${IPV4[$name]}
+  ns_exists "$ns" || die "namespace $ns does not exist: is the lab up? (make lab)"
+  if live_pid "$(pidfile_of "$name")" >/dev/null; then
+    say "$name is already running"
     return 0
   fi
-  # The client host's system resolver, as a pod has: /etc/resolv.conf -> a local
-  # forwarder that sends mesh. (and the VIPs' reverse zones) to its zone's control plane.
+  args=(
+    --data-dir="$STATE/data/$name"
+    --api-interface="$address" --api-port="$API_PORT" --diagnostics-port="$DIAGNOSTICS_PORT"
+    --tls-ca="$STATE/certs/ca.pem"
+  )
+  if [[ $name == global ]]; then
+    args+=(
+      --role=global --kds-interface="$address" --kds-port="$KDS_PORT"
+      --tls-cert="$STATE/certs/global.pem" --tls-key="$STATE/certs/global-key.pem"
+    )
+  else
+    # The zone's certificate (which names both zones' addresses) serves zone sync and
+    # the dataplane port alike.
+    args+=(
+      --role=zone --zone="$name" --global="${IPV4[global]}:$KDS_PORT"
+      --resources="$STATE/zones/$name"
+      --dns-interface="$address" --dns-port="$DNS_PORT"
+      --dp-interface="$address" --dp-port="$DP_PORT"
+      --tls-cert="$STATE/certs/$name.pem" --tls-key="$STATE/certs/$name-key.pem"
+    )
+  fi
+  launch_twistd "$name" "$ns" "$(pidfile_of "$name")" kumazone "${args[@]}"
+  wait_ready "$name" "$ns" "http://127.0.0.1:$DIAGNOSTICS_PORT/ready"
+  if [[ $name == global ]]; then
+    say "global up in $ns: API http://$address:$API_PORT, zone sync $address:$KDS_PORT, log $(logfile_of "$name")"
+  else
+    say "$name up in $ns: API http://$address:$API_PORT, DNS $address:$DNS_PORT, dataplanes $address:$DP_PORT, log $(logfile_of "$name")"
+  fi
+}
+
+# -- the cluster DNS ---------------------------------------------------------------------
+
+# What the clients' resolv.conf names, as a cluster's DNS service would be: dnsmasq
+# serving lab.test (one name in it) and nothing else, logging every query it gets.
+start_cluster_dns() {
+  local ns pidfile log dnsmasq listen
+  ns=$(ns_of cluster-dns)
+  pidfile=$(pidfile_of cluster-dns)
+  log=$(logfile_of cluster-dns)
+  dnsmasq=$(find_dnsmasq)
+  if live_pid "$pidfile" >/dev/null; then
+    say "the cluster DNS is already running"
+    return 0
+  fi
+  # --no-resolv and no server: names outside lab.test are refused, nothing leaves the
+  # lab.  --cache-size=0: the log shows every query that reached it.  Runs as root so
+  # that it can write its log wherever the state is.
+  listen=(--listen-address="${IPV4[cluster-dns]}")
+  if ((HAVE_IPV6)); then listen+=(--listen-address="${IPV6[cluster-dns]}"); fi
+  local records=(--address="/$OUTSIDE_NAME/$OUTSIDE_IPV4" --address="/$OUTSIDE_NAME/$OUTSIDE_IPV6")
+  if ! ip netns exec "$ns" "$dnsmasq" --user=root --group=root \
+    --pid-file="$pidfile" --log-facility="$log" --log-queries "${listen[@]}" --bind-interfaces \
+    --port=53 --no-resolv --no-hosts --no-poll --cache-size=0 --local=/lab.test/ "${records[@]}"; then
+    tail_log cluster-dns
+    die "the cluster DNS (dnsmasq) did not start (log: $log)"
+  fi
+  say "cluster-dns up in $ns: dnsmasq on ${IPV4[cluster-dns]}:53 serving $OUTSIDE_NAME ($OUTSIDE_IPV4), log $log"
+}
+
+# -- client hosts: a dataplane and the transparent proxy -----------------------------
+
+# The dataplanes' system user: made when missing (and remembered, so that `down`
+# removes only what `up` made).
+ensure_dp_user() {
+  if id -u "$DP_USER" >/dev/null 2>&1; then
+    return 0
+  fi
+  useradd --system --user-group --no-create-home --home-dir /nonexistent \
+    --shell /usr/sbin/nologin --comment "kumazone lab dataplanes" "$DP_USER" ||
+    die "cannot make the dataplanes' user $DP_USER (useradd failed)"
+  echo "$DP_USER" >"$(dp_user_marker)"
+  say "made system user $DP_USER for the dataplanes (removed again by make lab-down)"
+}
+
+remove_dp_user() {
+  local marker
+  marker=$(dp_user_marker)
+  [[ -f "$marker" ]] || return 0
+  if [[ "$(cat "$marker")" == "$DP_USER" ]] && id -u "$DP_USER" >/dev/null 2>&1; then
+    if userdel "$DP_USER"; then
+      say "removed system user $DP_USER"
+    else
+      say "could not remove system user $DP_USER (userdel failed): remove it by hand"
+      return 0
+    fi
+  fi
+  rm -f -- "$marker"
+}
+
+# The client host's resolver, as a pod's: /etc/resolv.conf names the cluster DNS, the
+# transparent proxy takes every query on port 53 to the dataplane on this host (all
+# users but the dataplane's), and the dataplane answers mesh. and the VIPs' reverse
+# zones from its table and forwards the rest to resolv.conf's nameserver.
+write_resolv_conf() {
+  local client=$1 ns
+  ns=$(ns_of "$client")
   mkdir -p "/etc/netns/$ns"
   cat >"/etc/netns/$ns/resolv.conf" <<EOF
-# kumazone lab ($client, in $zone): dnsmasq on this host forwards mesh. to ${zone}'s control plane
-nameserver ${IPV4[$client]}
+# kumazone lab ($client, in ${ZONE_OF[$client]}): the cluster DNS.  The transparent proxy
+# takes port 53 to this host's dataplane (127.0.0.1:$DP_DNS_PORT), which forwards here what is not its.
+nameserver ${IPV4[cluster-dns]}
 options timeout:1 attempts:2
 EOF
-  # What to forward (the domain and the VIP reverse zones, as the zones are configured:
-  # same environment) is kumazone's own drop-in, loaded as dnsmasq's one config file.
-  dropin="$STATE/dns/$client-dnsmasq.conf"
-  mkdir -p "$STATE/dns"
-  "$BIN/kumazone" install dns --flavor dnsmasq --cp-address "$server" >"$dropin" ||
-    die "kumazone install dns --flavor dnsmasq --cp-address $server failed"
-  # The rest are this host's settings.  --no-resolv and no server but the drop-in's:
-  # any other name is refused, nothing leaves the lab.  --cache-size=0: every answer
-  # is the control plane's of the moment (a real host resolver would cache for the
-  # TTL, 60 s).  Runs as root so that it can write its log wherever the state is.
-  local listen=(--listen-address="${IPV4[$client]}")
-  if ((HAVE_IPV6)); then listen+=(--listen-address="${IPV6[$client]}"); fi
-  if ! ip netns exec "$ns" "$dnsmasq" --conf-file="$dropin" --user=root --group=root \
-    --pid-file="$pidfile" --log-facility="$log" --log-queries "${listen[@]}" --bind-interfaces \
-    --port=53 --no-resolv --no-hosts --no-poll --domain-needed --cache-size=0; then
-    tail_log "$client-dnsmasq"
-    die "$client's resolver (dnsmasq) did not start (log: $log)"
+}
+
+start_dataplane() {
+  local client=$1 ns zone cp data pidfile log key uid gid
+  ns=$(ns_of "$client")
+  zone=${ZONE_OF[$client]}
+  cp="${IPV4[$zone]}:$DP_PORT"
+  data="$STATE/data/$client"
+  pidfile=$(dp_pidfile_of "$client")
+  log=$(logfile_of "$client-dataplane")
+  key="$STATE/certs/dp-$DP_MESH-$client-key.pem"
+  ns_exists "$ns" || die "namespace $ns does not exist: is the lab up? (make lab)"
+  if live_pid "$pidfile" >/dev/null; then
+    say "$client's dataplane is already running"
+    return 0
   fi
-  say "$client up in $ns: resolver dnsmasq on ${IPV4[$client]}:53 -> mesh. at $zone ($server), config $dropin"
+  uid=$(id -u "$DP_USER") && gid=$(id -g "$DP_USER") ||
+    die "no user $DP_USER for the dataplanes: make lab-down, then make lab"
+  # The whole process runs as the dataplane's user, from the start (setpriv, not
+  # twistd -u): the transparent proxy tells the dataplane's DNS answers apart by the
+  # owner of the socket they leave from, and a socket keeps the user that opened it,
+  # so a DNS port that twistd -u binds as root before dropping privileges would send
+  # its UDP answers as root, past the conntrack zone that un-NATs them.  Its ports
+  # (15053, 9902) need no privileges.  So it needs its own: the data dir, the pid
+  # file's directory, its log and its key.
+  install -d -o "$uid" -g "$gid" -m 0755 -- "$data" "$STATE/run/dataplanes"
+  touch -- "$log"
+  chown -- "$uid:$gid" "$log" "$key"
+  if ! setpriv --reuid="$uid" --regid="$gid" --clear-groups test -w "$data"; then
+    die "user $DP_USER cannot write $data: the directories above LAB_STATE must be searchable by others (chmod o+x), or set LAB_STATE elsewhere"
+  fi
+  LAUNCH_AS=(setpriv --reuid="$uid" --regid="$gid" --clear-groups)
+  launch_twistd "$client-dataplane" "$ns" "$pidfile" \
+    kumazone --role=dataplane --cp-address="$cp" \
+    --tls-cert="$STATE/certs/dp-$DP_MESH-$client.pem" --tls-key="$key" \
+    --tls-ca="$STATE/certs/ca.pem" \
+    --data-dir="$data" --dns-port="$DP_DNS_PORT" --diagnostics-port="$DP_DIAGNOSTICS_PORT"
+  LAUNCH_AS=()
+  wait_ready "$client-dataplane" "$ns" "http://127.0.0.1:$DP_DIAGNOSTICS_PORT/ready"
+  say "$client's dataplane up in $ns: $DP_MESH/$client as $DP_USER, DNS 127.0.0.1:$DP_DNS_PORT, table from $zone ($cp), log $log"
+}
+
+install_transparent_proxy() {
+  local client=$1 ns family=dualstack log
+  ns=$(ns_of "$client")
+  log=$(logfile_of "$client-transparent-proxy")
+  ((HAVE_IPV6)) || family=ipv4
+  if ! ip netns exec "$ns" "$BIN/kumazone" install transparent-proxy \
+    --kuma-dp-user "$DP_USER" --redirect-all-dns-traffic --ip-family-mode "$family" >"$log" 2>&1; then
+    cat -- "$log" >&2
+    die "kumazone install transparent-proxy failed in $ns (log: $log)"
+  fi
+  say "$client: transparent proxy installed in $ns (DNS on port 53 from all but $DP_USER -> 127.0.0.1:$DP_DNS_PORT)"
+}
+
+uninstall_transparent_proxy() {
+  local client=$1 ns
+  ns=$(ns_of "$client")
+  ns_exists "$ns" || return 0
+  if ip netns exec "$ns" "$BIN/kumazone" uninstall transparent-proxy >/dev/null 2>&1; then
+    say "$client: transparent proxy uninstalled"
+  else
+    say "$client: kumazone uninstall transparent-proxy failed (the namespace goes anyway)"
+  fi
 }
 
 # -- commands ------------------------------------------------------------------------
@@ -291,8 +462,8 @@ EOF
 write_topology() {
   local host first=1
   {
-    printf '{\n  "prefix": "%s",\n  "state": "%s",\n  "bin": "%s",\n  "hosts": {\n' \
-      "$PREFIX" "$STATE" "$BIN"
+    printf '{\n  "prefix": "%s",\n  "state": "%s",\n  "bin": "%s",\n  "dataplaneUser": "%s",\n  "hosts": {\n' \
+      "$PREFIX" "$STATE" "$BIN" "$DP_USER"
     for host in "${HOSTS[@]}"; do
       ((first)) || printf ',\n'
       first=0
@@ -300,14 +471,30 @@ write_topology() {
         "$host" "$(ns_of "$host")" "${IPV4[$host]}" "${IPV6[$host]}"
       case $host in
         global) printf ', "role": "global", "api": "http://%s:%s"' "${IPV4[$host]}" "$API_PORT" ;;
-        zone-*) printf ', "role": "zone", "api": "http://%s:%s", "dns": "%s:%s"' \
-          "${IPV4[$host]}" "$API_PORT" "${IPV4[$host]}" "$DNS_PORT" ;;
-        *) printf ', "role": "client", "zone": "%s"' "${ZONE_OF[$host]}" ;;
+        zone-*) printf ', "role": "zone", "api": "http://%s:%s", "dns": "%s:%s", "dp": "%s:%s"' \
+          "${IPV4[$host]}" "$API_PORT" "${IPV4[$host]}" "$DNS_PORT" "${IPV4[$host]}" "$DP_PORT" ;;
+        cluster-dns) printf ', "role": "cluster-dns", "dns": "%s:53", "outside": {"name": "%s", "ipv4": "%s", "ipv6": "%s"}' \
+          "${IPV4[$host]}" "$OUTSIDE_NAME" "$OUTSIDE_IPV4" "$OUTSIDE_IPV6" ;;
+        *) printf ', "role": "client", "zone": "%s", "dataplane": {"mesh": "%s", "name": "%s", "dns": "127.0.0.1:%s", "diagnostics": "http://127.0.0.1:%s", "cp": "%s:%s"}' \
+          "${ZONE_OF[$host]}" "$DP_MESH" "$host" "$DP_DNS_PORT" "$DP_DIAGNOSTICS_PORT" "${IPV4[${ZONE_OF[$host]}]}" "$DP_PORT" ;;
       esac
       printf '}'
     done
     printf '\n  }\n}\n'
   } >"$STATE/lab.json"
+}
+
+make_certs() {
+  local args=(--out "$STATE/certs" --global-host "${IPV4[global]}" --global-host "${IPV6[global]}"
+    --global-host global --zone zone-1 --zone zone-2) zone client
+  # Each zone's certificate names the zones' addresses, so that a dataplane can check
+  # the zone it connects to; each client's dataplane gets a client certificate.
+  for zone in zone-1 zone-2; do
+    args+=(--zone-host "${IPV4[$zone]}" --zone-host "${IPV6[$zone]}")
+  done
+  for client in "${CLIENTS[@]}"; do args+=(--dataplane "$DP_MESH/$client"); done
+  "$BIN/kumazone" certs "${args[@]}" >"$STATE/logs/certs.log" ||
+    die "kumazone certs failed (log: $STATE/logs/certs.log)"
 }
 
 cmd_up() {
@@ -329,16 +516,22 @@ cmd_up() {
   mkdir -p "$STATE/data" "$STATE/zones" "$STATE/logs" "$STATE/run"
   cp -r -- "$REPO/zones/zone-1" "$REPO/zones/zone-2" "$STATE/zones/"
 
-  say "network: $NET_NS (bridge $BRIDGE) and $(ns_of global), $(ns_of zone-1), $(ns_of zone-2), $(ns_of client-1), $(ns_of client-2)"
+  local names=() host
+  for host in "${HOSTS[@]}"; do names+=("$(ns_of "$host")"); done
+  say "network: $NET_NS (bridge $BRIDGE) and ${names[*]}"
   make_network
   write_topology
-  "$BIN/kumazone" certs --out "$STATE/certs" --global-host "${IPV4[global]}" \
-    --global-host "${IPV6[global]}" --global-host global --zone zone-1 --zone zone-2 \
-    >"$STATE/logs/certs.log"
-  say "certificates in $STATE/certs (kumazone certs)"
+  make_certs
+  say "certificates in $STATE/certs (kumazone certs, with dataplane certificates for ${CLIENTS[*]})"
   local name
   for name in "${CONTROL_PLANES[@]}"; do start_control_plane "$name"; done
-  for name in "${CLIENTS[@]}"; do start_resolver "$name"; done
+  start_cluster_dns
+  ensure_dp_user
+  for name in "${CLIENTS[@]}"; do
+    write_resolv_conf "$name"
+    start_dataplane "$name"
+    install_transparent_proxy "$name"
+  done
   "$BIN/python" "$HERE/labctl.py" --state "$STATE" wait-synced --timeout 30
   UP_DONE=1
   say "up. Try: ip netns exec $(ns_of client-1) dig web.mesh; make lab-status; make lab-down"
@@ -358,8 +551,13 @@ on_up_exit() {
 cmd_down() {
   check_prefix
   local name ns pid
-  for name in "${CLIENTS[@]}"; do stop_named "$name-dnsmasq"; done
-  for name in zone-2 zone-1 global; do stop_named "$name"; done
+  local stopping=()
+  for name in "${CLIENTS[@]}"; do
+    uninstall_transparent_proxy "$name"
+    stopping+=("$name-dataplane" "$(dp_pidfile_of "$name")")
+  done
+  for name in cluster-dns zone-2 zone-1 global; do stopping+=("$name" "$(pidfile_of "$name")"); done
+  stop_named "${stopping[@]}"
   for ns in $(all_namespaces); do
     if ns_exists "$ns"; then
       # Anything still inside a lab namespace was started there by the lab.
@@ -373,6 +571,7 @@ cmd_down() {
     rm -rf -- "/etc/netns/$ns"
   done
   rmdir /etc/netns 2>/dev/null || true
+  remove_dp_user
   rm -f -- "$STATE/lab.json"
   say "down"
 }
@@ -386,29 +585,38 @@ cmd_status() {
   exec "$BIN/python" "$HERE/labctl.py" --state "$STATE" status "$@"
 }
 
-control_plane_arg() {
+host_arg() {
   case ${1:-} in
-    global | zone-1 | zone-2) ;;
-    *) die "expected global, zone-1 or zone-2, got '${1:-}'" ;;
+    global | zone-1 | zone-2 | client-1 | client-2) ;;
+    *) die "expected global, zone-1, zone-2, client-1 or client-2 (its dataplane), got '${1:-}'" ;;
   esac
 }
 
 cmd_stop() {
-  control_plane_arg "${1:-}"
+  host_arg "${1:-}"
   need_up
-  local pidfile
-  pidfile=$(pidfile_of "$1")
-  if live_pid "$pidfile" >/dev/null; then
-    stop_named "$1"
+  local name=$1 pidfile=""
+  if [[ $name == client-* ]]; then
+    pidfile=$(dp_pidfile_of "$name")
+    name="$name-dataplane"
   else
-    say "$1 is not running"
+    pidfile=$(pidfile_of "$name")
+  fi
+  if live_pid "$pidfile" >/dev/null; then
+    stop_named "$name" "$pidfile"
+  else
+    say "$name is not running"
   fi
 }
 
 cmd_start() {
-  control_plane_arg "${1:-}"
+  host_arg "${1:-}"
   need_up
-  start_control_plane "$1"
+  if [[ $1 == client-* ]]; then
+    start_dataplane "$1"
+  else
+    start_control_plane "$1"
+  fi
 }
 
 main() {

@@ -1,21 +1,27 @@
-"""The lab's helper: reads the control planes' HTTP APIs from inside their namespaces.
+"""The lab's helper: reads the control planes' APIs and the dataplanes' diagnostics
+from inside their namespaces.
 
     labctl.py get URL                         print the body (exit 1 unless HTTP 200)
     labctl.py wait URL [--timeout S]          until URL answers 200
-    labctl.py --state DIR status [--json]     global, zone-1, zone-2 side by side
+    labctl.py fetch dataplane URL             a dataplane's /ready and /metrics, as JSON
+    labctl.py --state DIR status [--json]     global, zone-1, zone-2 side by side, then
+                                              each client's dataplane
     labctl.py --state DIR wait-synced [--timeout S]
                                               until both zones hold the global's table
+                                              and each dataplane its zone's
 
 ``status`` and ``wait-synced`` read ``DIR/lab.json`` (written by ``lab.sh up``) and run
-``ip netns exec NAMESPACE python labctl.py fetch ...`` once per control plane: the
-APIs listen on the lab's addresses, which only the lab's namespaces can reach.
-Standard library only.
+``ip netns exec NAMESPACE python labctl.py fetch ...`` once per control plane and per
+client: the APIs listen on the lab's addresses, which only the lab's namespaces can
+reach, and each dataplane's diagnostics on its own host's loopback.  Standard library
+only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -28,6 +34,15 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ZONES = ("zone-1", "zone-2")
 CONTROL_PLANES = ("global", *ZONES)
+#: The dataplane metrics status and the tests read (counters without their _total).
+DATAPLANE_METRICS = (
+    "kumazone_dataplane_queries",
+    "kumazone_dataplane_upstream_queries",
+    "kumazone_dataplane_upstream_failures",
+    "kumazone_dataplane_table_version",
+    "kumazone_dataplane_connected",
+)
+_SAMPLE = re.compile(r"^(?P<name>[a-z_]+)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)$")
 
 
 # -- inside a namespace ----------------------------------------------------------------
@@ -47,13 +62,18 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 
 def fetch(role: str, api: str) -> dict[str, Any]:
     """What status needs from one control plane's API, or {"error": ...}."""
-    paths = ["/", "/vips"] + (["/zones"] if role == "global" else [])
+    if role == "dataplane":
+        return fetch_dataplane(api)
+    paths = ["/", "/vips"] + (["/zones"] if role == "global" else ["/dataplanes/connected"])
+    paged = ("/vips", "/dataplanes/connected")
     document: dict[str, Any] = {}
     for path in paths:
-        # /vips comes a page at a time: read them all (the lab's table fits in one).
-        url: str | None = api + (path + "?size=1000" if path == "/vips" else path)
+        # Listings come a page at a time: read them all (the lab's fit in one).
+        url: str | None = api + (path + "?size=1000" if path in paged else path)
         while url is not None:
             status, body = http_get(url)
+            if status == 404 and path == "/dataplanes/connected":
+                break  # a zone without the listing: status leaves the column empty
             if status != 200:
                 reason = body.decode(errors="replace").strip() or f"HTTP {status}"
                 return {"error": f"unreachable ({reason})" if status == 0 else f"HTTP {status}"}
@@ -62,8 +82,34 @@ def fetch(role: str, api: str) -> dict[str, Any]:
                 document[path]["items"] += page["items"]
             else:
                 document[path] = page
-            url = page.get("next") if path == "/vips" else None
+            url = page.get("next") if path in paged else None
     return document
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The samples of L{DATAPLANE_METRICS} in a Prometheus text page, keyed as written
+    (C{name{labels}}), counters without their C{_total}."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None:
+            continue
+        name = match["name"].removesuffix("_total")
+        if name not in DATAPLANE_METRICS:
+            continue
+        key = name + (f"{{{match['labels']}}}" if match["labels"] else "")
+        samples[key] = float(match["value"])
+    return samples
+
+
+def fetch_dataplane(diagnostics: str) -> dict[str, Any]:
+    """A dataplane's readiness and metrics from its diagnostics port, or {"error": ...}."""
+    ready, _ = http_get(diagnostics + "/ready")
+    status, body = http_get(diagnostics + "/metrics")
+    if status != 200:
+        reason = body.decode(errors="replace").strip() or f"HTTP {status}"
+        return {"error": f"unreachable ({reason})" if status == 0 else f"HTTP {status}"}
+    return {"ready": ready == 200, "metrics": parse_metrics(body.decode(errors="replace"))}
 
 
 # -- from the root namespace --------------------------------------------------------------
@@ -79,12 +125,22 @@ def load_topology(state: Path) -> dict[str, Any]:
         sys.exit(f"lab: the lab is not up (no {path}): make lab")
 
 
+def clients(topology: dict[str, Any]) -> list[str]:
+    """The client hosts, each with a dataplane."""
+    return [name for name, host in topology["hosts"].items() if host.get("role") == "client"]
+
+
 def collect(topology: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Each control plane's documents, fetched from inside its namespace, in parallel."""
+    """Each control plane's and each dataplane's documents, fetched from inside its
+    namespace, in parallel."""
     running: dict[str, subprocess.Popen[str]] = {}
-    for name in CONTROL_PLANES:
+    for name in (*CONTROL_PLANES, *clients(topology)):
         host = topology["hosts"][name]
-        inside = [sys.executable, str(HERE / "labctl.py"), "fetch", host["role"], host["api"]]
+        if host["role"] == "client":
+            role, url = "dataplane", host["dataplane"]["diagnostics"]
+        else:
+            role, url = host["role"], host["api"]
+        inside = [sys.executable, str(HERE / "labctl.py"), "fetch", role, url]
         command = ["ip", "netns", "exec", host["namespace"], *inside]
         running[name] = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -187,11 +243,94 @@ def render(documents: dict[str, dict[str, Any]], topology: dict[str, Any]) -> st
         text.append(f"zone-1 and zone-2 agree on all {len(rows)} VIPs")
     if len(zone_versions) > 1:
         text.append("! the zones hold different table versions")
+    if clients(topology):
+        text += ["", render_dataplanes(documents, topology)]
     return "\n".join(text)
 
 
-def synced(documents: dict[str, dict[str, Any]]) -> str | None:
-    """None when both zones are connected and hold the global's table; else why not."""
+def _metric(document: dict[str, Any], key: str) -> float | None:
+    value = document.get("metrics", {}).get(key)
+    return None if value is None else float(value)
+
+
+def _count(value: float | None) -> str:
+    return "?" if value is None else str(int(value))
+
+
+def connected_entry(
+    documents: dict[str, dict[str, Any]], zone: str, mesh: str, name: str
+) -> dict[str, Any] | None:
+    """The zone's C{/dataplanes/connected} entry of a dataplane, if the zone lists it."""
+    listing = documents.get(zone, {}).get("/dataplanes/connected")
+    if listing is None:
+        return None
+    for item in listing["items"]:
+        if item["mesh"] == mesh and item["name"] == name:
+            return dict(item)
+    return None
+
+
+def _zone_sees(documents: dict[str, dict[str, Any]], zone: str, mesh: str, name: str) -> str:
+    document = documents.get(zone, {})
+    if "error" in document:
+        return "?"
+    if "/dataplanes/connected" not in document:
+        return "(no /dataplanes/connected)"
+    entry = connected_entry(documents, zone, mesh, name)
+    if entry is None:
+        return "not connected"
+    when = (entry.get("connectedSince") or "")[11:19] or "?"
+    return f"acked version {entry['version']}, since {when}"
+
+
+def render_dataplanes(documents: dict[str, dict[str, Any]], topology: dict[str, Any]) -> str:
+    """One column per client host's dataplane: its zone, readiness, table, queries."""
+    names = clients(topology)
+    hosts = [topology["hosts"][n] for n in names]
+    lines: list[list[str]] = [["dataplane", *names]]
+    lines.append(["name", *(f"{h['dataplane']['mesh']}/{h['dataplane']['name']}" for h in hosts)])
+    lines.append(["DNS", *(h["dataplane"]["dns"] for h in hosts)])
+    lines.append(["zone", *(f"{h['zone']} ({h['dataplane']['cp']})" for h in hosts)])
+    ready, connected, version, local, upstream, sees = [], [], [], [], [], []
+    for name, host in zip(names, hosts, strict=True):
+        document = documents[name]
+        if "error" in document:
+            ready.append(str(document["error"]))
+            connected += ["?"]
+            version += ["?"]
+            local += ["?"]
+            upstream += ["?"]
+        else:
+            ready.append("ready" if document["ready"] else "NOT READY")
+            up = _metric(document, "kumazone_dataplane_connected")
+            connected.append("?" if up is None else "connected" if up else "DISCONNECTED")
+            version.append(_count(_metric(document, "kumazone_dataplane_table_version")))
+            local.append(_count(_metric(document, 'kumazone_dataplane_queries{source="local"}')))
+            upstream.append(
+                _count(_metric(document, 'kumazone_dataplane_queries{source="upstream"}'))
+            )
+        plane = host["dataplane"]
+        sees.append(_zone_sees(documents, host["zone"], plane["mesh"], plane["name"]))
+    lines += [
+        ["/ready", *ready],
+        ["to the zone", *connected],
+        ["table version", *version],
+        ["zone sees", *sees],
+        ["queries: local", *local],
+        ["queries: upstream", *upstream],
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def synced(
+    documents: dict[str, dict[str, Any]], topology: dict[str, Any] | None = None
+) -> str | None:
+    """None when both zones are connected and hold the global's table, and each
+    client's dataplane (with C{topology}) is ready and its zone's table; else why not."""
     if "error" in documents["global"]:
         return f"global: {documents['global']['error']}"
     version = documents["global"]["/"]["tableVersion"]
@@ -208,22 +347,39 @@ def synced(documents: dict[str, dict[str, Any]]) -> str | None:
         provisional = [i["service"] for i in document["/vips"]["items"] if i["provisional"]]
         if provisional:
             return f"{zone} still has provisional VIPs: {', '.join(provisional)}"
+    for name in clients(topology) if topology else []:
+        document = documents[name]
+        zone = topology["hosts"][name]["zone"] if topology else ""
+        if "error" in document:
+            return f"{name}'s dataplane: {document['error']}"
+        if not document["ready"] or not _metric(document, "kumazone_dataplane_connected"):
+            return f"{name}'s dataplane is not ready or not connected to {zone}"
+        held = _metric(document, "kumazone_dataplane_table_version")
+        if held != documents[zone]["/"]["tableVersion"]:
+            return f"{name}'s dataplane has table version {_count(held)}, {zone} {version}"
     return None
 
 
 # -- commands ----------------------------------------------------------------------------
 
 
-def wait_synced(collect_documents: Callable[[], dict[str, dict[str, Any]]], timeout: float) -> int:
-    """Poll until both zones hold the global's table: 0, or 1 after C{timeout} seconds."""
+def wait_synced(
+    collect_documents: Callable[[], dict[str, dict[str, Any]]],
+    timeout: float,
+    topology: dict[str, Any] | None = None,
+) -> int:
+    """Poll until both zones hold the global's table (and with C{topology}, each
+    dataplane its zone's): 0, or 1 after C{timeout} seconds."""
     started = time.monotonic()
     while True:
         documents = collect_documents()
-        why = synced(documents)
+        why = synced(documents, topology)
         if why is None:
             version = documents["global"]["/"]["tableVersion"]
+            planes = clients(topology) if topology else []
+            also = f", the dataplanes of {' and '.join(planes)} too," if planes else ""
             print(
-                f"lab: zone-1 and zone-2 hold the global's table (version {version}) "
+                f"lab: zone-1 and zone-2 hold the global's table (version {version}){also} "
                 f"after {time.monotonic() - started:.1f}s"
             )
             return 0
@@ -243,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("url")
     wait.add_argument("--timeout", type=float, default=20.0)
     fetcher = commands.add_parser("fetch")
-    fetcher.add_argument("role", choices=["global", "zone"])
+    fetcher.add_argument("role", choices=["global", "zone", "dataplane"])
     fetcher.add_argument("api")
     status = commands.add_parser("status")
     status.add_argument("--json", action="store_true", help="the raw documents")
@@ -273,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(documents, indent=2) if args.json else render(documents, topology))
         return 0
     if args.command == "wait-synced":
-        return wait_synced(lambda: collect(topology), args.timeout)
+        return wait_synced(lambda: collect(topology), args.timeout, topology)
     return 2
 
 

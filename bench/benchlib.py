@@ -418,6 +418,7 @@ def start_zone(
             "--dns-port=0",
             "--api-port=0",
             "--diagnostics-port=0",
+            "--dp-port=0",  # zones with TLS serve dataplanes: several on one host
             "--dns-interface=127.0.0.1",
             f"--data-dir={data}",
         ],

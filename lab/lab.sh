@@ -230,11 +230,8 @@ make_network() {
 
 # -- daemons ---------------------------------------------------------------------------
 
-LAUNCH_AS=()
-
 # launch_twistd NAME NAMESPACE PIDFILE TWISTD-ARGUMENTS...: a twistd daemon in NAMESPACE,
-# logging to logs/NAME.log; dies (with the log's end) unless it started.  With
-# LAUNCH_AS=(setpriv ...) set, twistd runs under that.
+# logging to logs/NAME.log; dies (with the log's end) unless it started.
 launch_twistd() {
   local name=$1 ns=$2 pidfile=$3 log
   shift 3
@@ -243,7 +240,7 @@ launch_twistd() {
   # the daemon dies at start-up with SystemExit (kumazone's "cannot start: ..."), the
   # launching twistd waits for it forever: so watch the daemon too.
   rm -f -- "$pidfile"
-  ip netns exec "$ns" "${LAUNCH_AS[@]}" "$BIN/twistd" --pidfile="$pidfile" --logfile="$log" "$@" &
+  ip netns exec "$ns" "$BIN/twistd" --pidfile="$pidfile" --logfile="$log" "$@" &
   local launcher=$! status=0 i
   for ((i = 0; ; i++)); do
     alive "$launcher" || break
@@ -409,26 +406,21 @@ start_dataplane() {
   fi
   uid=$(id -u "$DP_USER") && gid=$(id -g "$DP_USER") ||
     die "no user $DP_USER for the dataplanes: make lab-down, then make lab"
-  # The whole process runs as the dataplane's user, from the start (setpriv, not
-  # twistd -u): the transparent proxy tells the dataplane's DNS answers apart by the
-  # owner of the socket they leave from, and a socket keeps the user that opened it,
-  # so a DNS port that twistd -u binds as root before dropping privileges would send
-  # its UDP answers as root, past the conntrack zone that un-NATs them.  Its ports
-  # (15053, 9902) need no privileges.  So it needs its own: the data dir, the pid
-  # file's directory, its log and its key.
+  # twistd -u/-g: started as root (so the interpreter and the virtualenv need not be
+  # readable by the dataplane's user), it runs as that user from before its ports are
+  # opened: the transparent proxy tells the dataplane's DNS answers apart by the owner
+  # of the socket they leave from.  So the user needs its own data dir, key and log.
   install -d -o "$uid" -g "$gid" -m 0755 -- "$data" "$STATE/run/dataplanes"
   touch -- "$log"
   chown -- "$uid:$gid" "$log" "$key"
   if ! setpriv --reuid="$uid" --regid="$gid" --clear-groups test -w "$data"; then
     die "user $DP_USER cannot write $data: the directories above LAB_STATE must be searchable by others (chmod o+x), or set LAB_STATE elsewhere"
   fi
-  LAUNCH_AS=(setpriv --reuid="$uid" --regid="$gid" --clear-groups)
-  launch_twistd "$client-dataplane" "$ns" "$pidfile" \
+  launch_twistd "$client-dataplane" "$ns" "$pidfile" --uid="$uid" --gid="$gid" \
     kumazone --role=dataplane --cp-address="$cp" \
     --tls-cert="$STATE/certs/dp-$DP_MESH-$client.pem" --tls-key="$key" \
     --tls-ca="$STATE/certs/ca.pem" \
     --data-dir="$data" --dns-port="$DP_DNS_PORT" --diagnostics-port="$DP_DIAGNOSTICS_PORT"
-  LAUNCH_AS=()
   wait_ready "$client-dataplane" "$ns" "http://127.0.0.1:$DP_DIAGNOSTICS_PORT/ready"
   say "$client's dataplane up in $ns: $DP_MESH/$client as $DP_USER, DNS 127.0.0.1:$DP_DNS_PORT, table from $zone ($cp), log $log"
 }

@@ -52,8 +52,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # One table with every figure of issue 10 and its target (about 15 min; e.g.
-# BENCH_ARGS="--million 100000" for a shorter run).  bench/dns_bench.py and
-# bench/federation.py also run on their own: see bench/README.md.
+# BENCH_ARGS="--million 100000" for a shorter run), then issue 13's data-plane
+# table (about 5 min; DP_BENCH_ARGS="--quick" for a smoke run).  bench/dns_bench.py
+# and bench/federation.py also run on their own: see bench/README.md.
 bench: $(STAMP)
 	@missing=""; \
 	command -v dnsperf >/dev/null || missing="$$missing dnsperf"; \
@@ -64,6 +65,7 @@ bench: $(STAMP)
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	$(BIN)/python bench/churn_bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/dataplane_bench.py $(DP_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache .pytest_cache .mypy_cache .hypothesis

@@ -618,6 +618,11 @@ class DpTable:
                     "forms": [forms...], "prov": [0 or 1...]},
          "remove": [service...]}
 
+    It goes to thousands of dataplanes at each change, so what is at its default
+    is left out: C{full} (false), C{part} (0), C{last} (true), C{remove} (empty),
+    C{prov} (all 0) and C{forms} (all 1); a one-service change is then about 120
+    octets.
+
     @ivar upsert: rows added or changed (L{DpRow}).
     @ivar remove: the services gone.
     """
@@ -633,26 +638,38 @@ class DpTable:
 
     def _fields(self) -> _Document:
         rows = self.upsert
-        return {
-            "version": self.version,
-            "base": self.base,
-            "full": self.full,
-            "part": self.part,
-            "last": self.last,
-            "upsert": {
+        document: _Document = {"version": self.version, "base": self.base}
+        if self.full:
+            document["full"] = True
+        if self.part:
+            document["part"] = self.part
+        if not self.last:
+            document["last"] = False
+        if rows:
+            upsert: _Document = {
                 "service": [row.service for row in rows],
                 "offset": [row.offset for row in rows],
-                "forms": [row.forms for row in rows],
-                "prov": [int(row.provisional) for row in rows],
-            },
-            "remove": list(self.remove),
-        }
+            }
+            if any(row.forms != FORM_UNDERSCORE for row in rows):
+                upsert["forms"] = [row.forms for row in rows]
+            if any(row.provisional for row in rows):
+                upsert["prov"] = [int(row.provisional) for row in rows]
+            document["upsert"] = upsert
+        if self.remove:
+            document["remove"] = list(self.remove)
+        return document
 
     @classmethod
     def _parse(cls, document: _Document) -> Self:
-        value = _columns(document, "upsert", _DP_ROW_COLUMNS)
         rows: tuple[DpRow, ...] = ()
+        value = document.get("upsert")
         if value is not None:
+            if type(value) is not dict:
+                raise ProtocolError("upsert: must be an object of columns")
+            count = len(value.get("service") or ())
+            defaults = {"forms": [FORM_UNDERSCORE] * count, "prov": [0] * count}
+            value = _columns({"upsert": {**defaults, **value}}, "upsert", _DP_ROW_COLUMNS)
+            assert value is not None
             rows = tuple(
                 map(
                     DpRow,
@@ -665,9 +682,9 @@ class DpTable:
         return cls(
             _int(document, "version"),
             _int(document, "base"),
-            _bool(document, "full"),
-            _int(document, "part"),
-            _bool(document, "last"),
+            _bool({"full": False, **document}, "full"),
+            _int({"part": 0, **document}, "part"),
+            _bool({"last": True, **document}, "last"),
             rows,
             tuple(_texts(document.get("remove", []), "remove")),
         )

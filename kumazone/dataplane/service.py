@@ -38,7 +38,7 @@ from kumazone.dns.authority import Negative, Result
 from kumazone.dns.server import KumaDNSDatagramProtocol
 from kumazone.metrics import Metrics
 from kumazone.sync.metrics import SyncMetrics
-from kumazone.sync.protocol import SyncFactory
+from kumazone.sync.protocol import DATAPLANE_HEARTBEAT, DATAPLANE_SILENCE, SyncFactory
 from kumazone.sync.tls import TLSFiles, client_options
 from kumazone.web.diagnostics import diagnostics_root
 
@@ -200,7 +200,9 @@ class DataplaneService(ControlPlane):
         client = self.client = DataplaneClient(
             self.table, settings.name, self.reactor, self.dp_metrics, self.zone_address
         )
-        factory = SyncFactory(lambda: client, self.reactor, sync_metrics)
+        factory = SyncFactory(
+            lambda: client, self.reactor, sync_metrics, DATAPLANE_HEARTBEAT, DATAPLANE_SILENCE
+        )
         endpoint: Any = HostnameEndpoint(self.reactor, host, port)
         if settings.tls is not None:
             endpoint = wrapClientTLS(client_options(settings.tls, host), endpoint)

@@ -52,7 +52,12 @@ from kumazone.core.vips import VipRange
 from kumazone.core.zone import VipEntry, Zone, ZoneChange, ZoneSnapshot
 from kumazone.sync.certs import dataplane_identity_problem
 from kumazone.sync.metrics import SyncMetrics
-from kumazone.sync.protocol import HEARTBEAT, SILENCE, SyncFactory, SyncProtocol
+from kumazone.sync.protocol import (
+    DATAPLANE_HEARTBEAT,
+    DATAPLANE_SILENCE,
+    SyncFactory,
+    SyncProtocol,
+)
 from kumazone.sync.tls import certificate_names, dataplane_identity
 
 __all__ = [
@@ -238,8 +243,8 @@ class DataplaneHub:
         nameservers: Sequence[str],
         require_certificates: bool = True,
         limits: DataplaneLimits | None = None,
-        heartbeat: float = HEARTBEAT,
-        silence: float = SILENCE,
+        heartbeat: float = DATAPLANE_HEARTBEAT,
+        silence: float = DATAPLANE_SILENCE,
     ) -> None:
         """
         @param dns: the zone's dnsServer config (what the welcome says).

@@ -37,6 +37,10 @@ __all__ = [
 
 HEARTBEAT = 5.0
 SILENCE = 15.0
+#: A dataplane link beats more slowly: a zone holds thousands of them, and a
+#: heartbeat costs each end a TLS record and a JSON message.
+DATAPLANE_HEARTBEAT = 15.0
+DATAPLANE_SILENCE = 45.0
 #: Seconds a closing connection may take to flush before it is cut.
 CLOSE_GRACE = 5.0
 #: Octets that may be queued for a peer that does not read, by default.
@@ -112,6 +116,8 @@ class SyncProtocol(protocol.Protocol):
         #: When the heartbeat last ran (a late run means this process was busy).
         self._last_tick = 0.0
         self._beat: LoopingCall | None = None
+        #: Whether anything was sent since the last beat (then no ping is needed).
+        self._sent = False
         self.closed = False
         #: When the transport paused this producer (its peer reads too slowly).
         self.paused_since: float | None = None
@@ -202,7 +208,11 @@ class SyncProtocol(protocol.Protocol):
                 )
             self.abort()
             return
+        if self._sent:
+            self._sent = False  # the peer heard from us meanwhile: no ping needed
+            return
         self.send(Ping())
+        self._sent = False
 
     def peer(self) -> str:
         """The peer's address as C{host:port}, for logs."""
@@ -255,6 +265,7 @@ class SyncProtocol(protocol.Protocol):
         self.metrics.octets.labels(self.zone or "?", "out").inc(len(data))
         self.metrics.messages.labels(self.zone or "?", "out", message.kind.capitalize()).inc()
         self.transport.write(data)
+        self._sent = True
 
     def send_encoded(self, data: bytes, kind: str, messages: int = 1, count: bool = True) -> bool:
         """Send frames encoded already (the same octets to many peers); False if not sent.
@@ -275,6 +286,7 @@ class SyncProtocol(protocol.Protocol):
             self.metrics.octets.labels(self.zone or "?", "out").inc(len(data))
             self.metrics.messages.labels(self.zone or "?", "out", kind.capitalize()).inc(messages)
         self.transport.write(data)
+        self._sent = True
         return True
 
     def fail(self, why: str, log: bool = True) -> None:

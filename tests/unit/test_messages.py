@@ -190,9 +190,9 @@ PINNED: list[tuple[Message, bytes]] = [
     ),
     (
         DpTable(43, 42, False, 0, True, (DpRow("web", 7, 1), DpRow("a_b", 9, 3, True)), ("gone",)),
-        b'\x00\x00\x00\xad{"v":3,"t":"dptable","version":43,"base":42,"full":false,"part":0,'
-        b'"last":true,"upsert":{"service":["web","a_b"],"offset":[7,9],"forms":[1,3],'
-        b'"prov":[0,1]},"remove":["gone"]}',
+        b'\x00\x00\x00\x8b{"v":3,"t":"dptable","version":43,"base":42,'
+        b'"upsert":{"service":["web","a_b"],"offset":[7,9],"forms":[1,3],"prov":[0,1]},'
+        b'"remove":["gone"]}',
     ),
     (DpAck(43), b'\x00\x00\x00 {"v":3,"t":"dpack","version":43}'),
 ]
@@ -784,13 +784,27 @@ def test_dataplane_messages_round_trip():
     assert list(decoder.feed(b"".join(encode(m) for m in messages))) == messages
 
 
-def test_one_service_change_to_a_dataplane_is_under_200_octets():
+def test_one_service_change_to_a_dataplane_is_under_200_octets_in_a_tls_record():
     from kumazone.core.messages import DpRow, dp_table_messages
 
+    # A Kubernetes-style service name, a large version and offset; TLS 1.3 adds 22
+    # octets (header, content type, AEAD tag) to the frame.
     (message,) = dp_table_messages(
-        123_456, 123_455, False, [DpRow("checkout-service-v2", 1_048_575, 1, False)]
+        123_456, 123_455, False, [DpRow("backend_kuma-demo_svc_3001", 1_048_575, 1, False)]
     )
-    assert len(encode(message)) < 200
+    assert len(encode(message)) + 22 < 200
+
+
+def test_a_dataplane_table_leaves_out_what_is_at_its_default():
+    from kumazone.core.messages import DpRow, DpTable
+
+    for message in (
+        DpTable(2, 1, False),
+        DpTable(2, 0, True, 3, False, (DpRow("a", 1),), ()),
+        DpTable(2, 1, False, upsert=(DpRow("a_b", 1, 2, True),), remove=("x",)),
+    ):
+        assert decode(encode(message)[4:]) == message
+    assert encode(DpTable(2, 1, False))[4:] == b'{"v":3,"t":"dptable","version":2,"base":1}'
 
 
 @pytest.mark.parametrize(

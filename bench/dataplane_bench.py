@@ -107,9 +107,11 @@ _TCP_INFO = ((128, "Q"), (140, "I"), (152, "I"), (136, "I"), (156, "I"), (200, "
 #: Frames larger than this (a whole table, on connect) are read only as far as the
 #: header: decoding them in full would make the simulated dataplanes the bottleneck.
 _SMALL_FRAME = 8192
+#: A DpTable's head: its version, and whether it is not the last part (fields at their
+#: defaults are left out: no "full" unless true, no "part" if 0, no "last" unless false).
 _HEAD = re.compile(
-    rb'\{"v":\d+,"t":"dptable","version":(\d+),"base":\d+,"full":(?:true|false),'
-    rb'"part":\d+,"last":(true|false)'
+    rb'\{"v":\d+,"t":"dptable","version":(\d+),"base":\d+(?:,"full":true)?'
+    rb'(?:,"part":\d+)?(,"last":false)?'
 )
 _LENGTH = struct.Struct("!I")
 #: Linux's SO_TIMESTAMPNS: recvmsg gives the time the kernel received the data.
@@ -221,7 +223,7 @@ class SimDataplane(Protocol):
             if head is None:
                 self.pool.problem(self, f"a frame of {len(body)} octets that is no table")
                 return
-            if head.group(2) == b"true":
+            if head.group(2) is None:  # the last part
                 self.table_done(int(head.group(1)))
             return
         message = decode(body)

@@ -250,16 +250,9 @@ class ZoneService(ControlPlane):
 
     def _listen_udp(self, port: int, protocol: KumaDNSDatagramProtocol, interface: str) -> Any:
         """Batched reads and writes where the system has them, else Twisted's own port."""
-        if udpbatch.available:
-            listening = udpbatch.BatchedDNSPort(port, protocol, interface, reactor=self.reactor)
-            try:
-                listening.startListening()
-            except OSError as e:
-                self.log.warn("DNS over UDP: one datagram per system call ({why})", why=e)
-            else:
-                return listening
-            protocol = KumaDNSDatagramProtocol(protocol.controller)
-        return self.reactor.listenUDP(port, protocol, interface=interface)
+        return udpbatch.listen(
+            self.reactor, port, protocol, interface, lambda line: self.log.warn("{line}", line=line)
+        )
 
     def _listen_dns(self, factory: KumaDNSServerFactory) -> int:
         """UDP and TCP on one port; with port 0, a port free for both."""

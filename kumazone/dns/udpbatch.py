@@ -33,7 +33,7 @@ from kumazone.dns.hotpath import Client, hot_key
 if TYPE_CHECKING:
     from kumazone.dns.server import KumaDNSDatagramProtocol
 
-__all__ = ["BATCH", "BatchedDNSPort", "available"]
+__all__ = ["BATCH", "BatchedDNSPort", "available", "listen"]
 
 #: Datagrams read (and answers sent) per system call.
 BATCH = 64
@@ -298,3 +298,26 @@ class BatchedDNSPort(udp.Port):
                 self.protocol.connectionRefused()
             return
         raise OSError(number, f"recvmmsg: {errno.errorcode.get(number, number)}")
+
+
+def listen(
+    reactor: Any,
+    port: int,
+    protocol: KumaDNSDatagramProtocol,
+    interface: str,
+    warn: Callable[[str], None],
+) -> Any:
+    """DNS over UDP on C{interface}: batched where the system has it, else Twisted's own port.
+
+    C{warn} is told (once per port) why batching is off.
+    """
+    if available:
+        listening = BatchedDNSPort(port, protocol, interface, reactor=reactor)
+        try:
+            listening.startListening()
+        except OSError as e:
+            warn(f"DNS over UDP: one datagram per system call ({e})")
+        else:
+            return listening
+        protocol = type(protocol)(protocol.controller)
+    return reactor.listenUDP(port, protocol, interface=interface)

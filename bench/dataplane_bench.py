@@ -93,6 +93,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from kumazone.core.messages import DpAck, DpHello, DpTable, Error, Ping, decode, encode
+from kumazone.dataplane.client import ACK_DELAY
 
 MESH = "default"
 #: Open files the script, the zone and the client processes may have (the zone
@@ -195,6 +196,7 @@ class SimDataplane(Protocol):
         self.at_arrival: tuple[int, ...] = ()
         #: Why this side closed the connection (a refusal, a frame it cannot read).
         self.why = ""
+        self.ack_due = False
 
     def connectionMade(self) -> None:
         self.tls = self.transport
@@ -246,11 +248,21 @@ class SimDataplane(Protocol):
         # DpWelcome: the table follows; Ping: the zone is there.
 
     def table_done(self, version: int) -> None:
+        """Acknowledge as the real dataplane does: its first table at once, a change
+        ACK_DELAY later with those that follow (kumazone.dataplane.client)."""
         self.version = version
-        self.tls.write(encode(DpAck(version)))
         if not self.ready:
+            self.tls.write(encode(DpAck(version)))
             self.ready = True
             self.pool.became_ready(self)
+        elif not self.ack_due:
+            self.ack_due = True
+            self.pool.reactor.callLater(ACK_DELAY, self.ack)
+
+    def ack(self) -> None:
+        self.ack_due = False
+        if not self.gone:
+            self.tls.write(encode(DpAck(self.version)))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True

@@ -8,7 +8,7 @@ afresh.  The table itself is L{kumazone.dataplane.table.DataplaneTable}.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -18,7 +18,12 @@ from kumazone.dataplane.metrics import DataplaneMetrics
 from kumazone.dataplane.table import DataplaneTable, TableError
 from kumazone.sync.protocol import SyncProtocol
 
-__all__ = ["DataplaneClient"]
+__all__ = ["ACK_DELAY", "DataplaneClient"]
+
+#: A change is acknowledged this long after it applied, with any that follow it: a
+#: zone fanning a change out to thousands of dataplanes is not read their acks while
+#: it writes (an ack only tells the zone's listing which version is held).
+ACK_DELAY = 1.0
 
 
 class DataplaneClient:
@@ -58,6 +63,7 @@ class DataplaneClient:
         self._stopping = False
         self.connected_since: float | None = None
         self.last_table_at: float | None = None
+        self._ack_call: IDelayedCall | None = None
         metrics.connected.set(0)
         metrics.table_version.set(table.version)
         self._log_failure = limited(
@@ -120,12 +126,29 @@ class DataplaneClient:
             return
         self._rows_received += len(part.upsert) + len(part.remove)
         if done:
-            if self._first_table:
+            first = self._first_table
+            if first:
                 self._log_first_table(part, held)
             self._rows_received = 0
             self.last_table_at = self.clock.seconds()
             self.metrics.table_version.set(self.table.version)
-            proto.send(DpAck(self.table.version))
+            if first:
+                proto.send(DpAck(self.table.version))  # the connection's table: at once
+            else:
+                self._ack_later(proto)
+
+    def _ack_later(self, proto: SyncProtocol) -> None:
+        """Acknowledge the version held in L{ACK_DELAY} seconds (once for every change
+        applied meanwhile)."""
+        if self._ack_call is not None and self._ack_call.active():
+            return
+
+        def ack() -> None:
+            self._ack_call = None
+            if self.proto is proto and not proto.closed:
+                proto.send(DpAck(self.table.version))
+
+        self._ack_call = self.clock.callLater(ACK_DELAY, ack)
 
     def _log_first_table(self, last: DpTable, held: int | None) -> None:
         """Say how this connection began: the whole table, or the changes since the one held."""
@@ -162,6 +185,9 @@ class DataplaneClient:
         """Lost the zone (or never reached it): keep serving the table held."""
         if self.proto is proto:
             self.proto = None
+        if self._ack_call is not None and self._ack_call.active():
+            self._ack_call.cancel()
+        self._ack_call = None
         held = f"table version {self.table.version}" if self.table.loaded else "no table yet"
         if self._stopping:
             self.log.info("closed the connection to the zone at {zone}", zone=self.zone)

@@ -19,6 +19,7 @@ from twisted.internet import protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from kumazone.core.messages import Error, FrameDecoder, Message, Ping, ProtocolError, encode
@@ -118,6 +119,8 @@ class SyncProtocol(protocol.Protocol):
         self._beat: LoopingCall | None = None
         #: Whether anything was sent since the last beat (then no ping is needed).
         self._sent = False
+        #: How L{send_encoded} writes (L{_direct_write}, once connected).
+        self._write_now: Callable[[bytes], object] = lambda data: None
         self.closed = False
         #: When the transport paused this producer (its peer reads too slowly).
         self.paused_since: float | None = None
@@ -126,6 +129,7 @@ class SyncProtocol(protocol.Protocol):
 
     def connectionMade(self) -> None:
         """Start the heartbeat and tell the handler."""
+        self._write_now = self._direct_write()
         self.last_heard = self._last_tick = self.clock.seconds()
         self._no_delay()
         self._beat = LoopingCall(self._tick)
@@ -267,6 +271,26 @@ class SyncProtocol(protocol.Protocol):
         self.transport.write(data)
         self._sent = True
 
+    def _direct_write(self) -> Callable[[bytes], object]:
+        """How L{send_encoded} writes: past TLS's small-write aggregation where it can.
+
+        Twisted's TLS transport holds each small write until the next reactor turn,
+        through a delayed call per connection: a fan-out to thousands of peers
+        would schedule thousands of them.  A fan-out's frame is written at once
+        instead, after whatever the aggregation held (so the order is kept).
+        """
+        transport: Any = self.transport
+        aggregator = getattr(transport, "_aggregator", None)
+        flush = getattr(aggregator, "flush", None)
+        if not isinstance(transport, TLSMemoryBIOProtocol) or flush is None:
+            return transport.write
+
+        def write(data: bytes) -> None:
+            flush()
+            TLSMemoryBIOProtocol.write(transport, data)
+
+        return write
+
     def send_encoded(self, data: bytes, kind: str, messages: int = 1, count: bool = True) -> bool:
         """Send frames encoded already (the same octets to many peers); False if not sent.
 
@@ -285,7 +309,7 @@ class SyncProtocol(protocol.Protocol):
         if count:
             self.metrics.octets.labels(self.zone or "?", "out").inc(len(data))
             self.metrics.messages.labels(self.zone or "?", "out", kind.capitalize()).inc(messages)
-        self.transport.write(data)
+        self._write_now(data)
         self._sent = True
         return True
 

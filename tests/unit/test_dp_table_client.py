@@ -22,7 +22,7 @@ from kumazone.core.messages import (
     Message,
     encode,
 )
-from kumazone.dataplane.client import DataplaneClient
+from kumazone.dataplane.client import ACK_DELAY, DataplaneClient
 from kumazone.dataplane.metrics import DataplaneMetrics
 from kumazone.dataplane.table import DataplaneTable
 from kumazone.sync.metrics import SyncMetrics
@@ -78,13 +78,19 @@ def test_hello_claims_nothing_at_first_then_the_table_held() -> None:
     assert (harness.gauge("connected"), harness.gauge("table_version")) == (1, 3)
     harness.clock.advance(2)
     zone_says(proto, DpTable(5, 3, False, 0, True, (DpRow("web", 8),)))
-    assert sent(transport) == [DpAck(5)]
-    assert harness.client.last_table_at == 2.0
+    # A change is acknowledged ACK_DELAY later, with the changes that follow it.
+    assert sent(transport) == []
+    harness.clock.advance(ACK_DELAY / 2)
+    zone_says(proto, DpTable(6, 5, False, 0, True, (DpRow("db", 9),)))
+    assert sent(transport) == []
+    harness.clock.advance(ACK_DELAY / 2)
+    assert sent(transport) == [DpAck(6)]
+    assert harness.client.last_table_at == 2.0 + ACK_DELAY / 2
     proto.connectionLost(Failure(ConnectionError("gone")))
     assert harness.gauge("connected") == 0
     assert harness.client.connected_since is None
     _proto, transport = harness.connect()
-    assert sent(transport) == [DpHello("default", "web-1", 5, "t1")]
+    assert sent(transport) == [DpHello("default", "web-1", 6, "t1")]
 
 
 def test_parts_are_acknowledged_once_whole() -> None:

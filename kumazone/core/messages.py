@@ -666,7 +666,8 @@ class DpTable:
         if value is not None:
             if type(value) is not dict:
                 raise ProtocolError("upsert: must be an object of columns")
-            count = len(value.get("service") or ())
+            service = value.get("service")
+            count = len(service) if type(service) is list else 0  # else refused below
             defaults = {"forms": [FORM_UNDERSCORE] * count, "prov": [0] * count}
             value = _columns({"upsert": {**defaults, **value}}, "upsert", _DP_ROW_COLUMNS)
             assert value is not None

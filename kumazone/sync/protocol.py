@@ -117,8 +117,8 @@ class SyncProtocol(protocol.Protocol):
         #: When the heartbeat last ran (a late run means this process was busy).
         self._last_tick = 0.0
         self._beat: LoopingCall | None = None
-        #: Whether anything was sent since the last beat (then no ping is needed).
-        self._sent = False
+        #: When anything was last sent (a ping is needed only when that is long ago).
+        self._last_sent = 0.0
         #: How L{send_encoded} writes (L{_direct_write}, once connected).
         self._write_now: Callable[[bytes], object] = lambda data: None
         self.closed = False
@@ -212,11 +212,9 @@ class SyncProtocol(protocol.Protocol):
                 )
             self.abort()
             return
-        if self._sent:
-            self._sent = False  # the peer heard from us meanwhile: no ping needed
-            return
+        if now - self._last_sent < self.heartbeat / 2:
+            return  # the peer heard from us within half a beat: no ping needed
         self.send(Ping())
-        self._sent = False
 
     def peer(self) -> str:
         """The peer's address as C{host:port}, for logs."""
@@ -269,7 +267,7 @@ class SyncProtocol(protocol.Protocol):
         self.metrics.octets.labels(self.zone or "?", "out").inc(len(data))
         self.metrics.messages.labels(self.zone or "?", "out", message.kind.capitalize()).inc()
         self.transport.write(data)
-        self._sent = True
+        self._last_sent = self.clock.seconds()
 
     def _direct_write(self) -> Callable[[bytes], object]:
         """How L{send_encoded} writes: past TLS's small-write aggregation where it can.
@@ -310,7 +308,7 @@ class SyncProtocol(protocol.Protocol):
             self.metrics.octets.labels(self.zone or "?", "out").inc(len(data))
             self.metrics.messages.labels(self.zone or "?", "out", kind.capitalize()).inc(messages)
         self._write_now(data)
-        self._sent = True
+        self._last_sent = self.clock.seconds()
         return True
 
     def fail(self, why: str, log: bool = True) -> None:

@@ -35,6 +35,8 @@ REFUSED_LONGEST = 300.0
 #: A connection that lasted this long without a refusal ends a row of refusals.
 FORGIVEN_AFTER = 60.0
 _RETRY_IN = re.compile(r"retry in (\d{1,6}) s")
+#: Errors that close a connection without refusing the zone: no wait for them.
+_NOT_REFUSALS = ("the global cannot", "replaced by a new connection")
 
 
 def _pairs(keys: Iterable[ServiceKey]) -> list[tuple[str, str]]:
@@ -170,6 +172,8 @@ class ZoneSync:
         global may ask for longer (C{"retry in N s"}).
         """
         self._log_failure(f"the global refused this zone: {error.message}")
+        if any(text in error.message for text in _NOT_REFUSALS):
+            return  # the global's own trouble, or a newer connection of this zone
         self.refusals += 1
         self._refused_here = True
         wait = min(REFUSED_LONGEST, REFUSED_WAIT * 2.0 ** min(self.refusals - 1, 16))

@@ -859,3 +859,18 @@ def test_a_large_dataplane_table_goes_in_parts_below_a_frame():
     assert len(parts) > 1 and parts[-1].last and not parts[0].last
     assert all(len(encode(p)) <= MAX_FRAME for p in parts)
     assert [r for p in parts for r in p.upsert] == rows
+
+
+@pytest.mark.parametrize("service", [5, 1.5, True, "abc", {"a": 1}])
+def test_a_dataplane_table_with_a_column_of_the_wrong_type_is_a_protocol_error(service):
+    body = json.dumps(
+        {
+            "v": PROTOCOL_VERSION,
+            "t": "dptable",
+            "version": 1,
+            "base": 0,
+            "upsert": {"service": service},
+        }
+    )
+    with pytest.raises(ProtocolError):
+        decode(body.encode())

@@ -586,15 +586,13 @@ def test_both_sides_send_heartbeats_and_stay_connected() -> None:
     assert len(zone.recording.of(Ping)) == 0
     clock.advance(0.5)
     pump.flush()
-    # Each side sent something in the first interval (hello, inventory; welcome,
-    # table): no ping was needed.  From then on the link is idle: a ping a beat.
-    assert len(zone.recording.of(Ping)) == 0
-    assert len(glob.sessions[0].of(Ping)) == 0
+    assert len(zone.recording.of(Ping)) == 1
+    assert len(glob.sessions[0].of(Ping)) == 1
     for _ in range(20):
         clock.advance(HEARTBEAT)
         pump.flush()
-    assert len(zone.recording.of(Ping)) == 20
-    assert len(glob.sessions[0].of(Ping)) == 20
+    assert len(zone.recording.of(Ping)) == 21
+    assert len(glob.sessions[0].of(Ping)) == 21
     assert not client.closed and not server.closed
     assert not client.transport.disconnecting and not server.transport.disconnecting
     assert glob.hub.sessions.keys() == {"zone-1"}
@@ -634,11 +632,10 @@ def test_the_global_drops_a_silent_zone() -> None:
     for _ in range(int(SILENCE / HEARTBEAT)):
         clock.advance(HEARTBEAT)
         pump.flush()
-    # Silent for exactly SILENCE seconds: still there, and pinged all along (but at
-    # the first beat: the welcome and the table were sent in that interval).
+    # Silent for exactly SILENCE seconds: still there, and pinged all along.
     assert not server.transport.disconnecting
     pings = [m for m in FrameDecoder().feed(peer.received) if isinstance(m, Ping)]
-    assert len(pings) == int(SILENCE / HEARTBEAT) - 1
+    assert len(pings) == int(SILENCE / HEARTBEAT)
     clock.advance(HEARTBEAT)
     pump.flush()
     assert server.closed
@@ -1078,3 +1075,33 @@ def test_a_zone_refused_after_hello_is_refused_at_once_while_it_cools_down() -> 
     assert sent(transport)[0].kind == "welcome" and not any(
         isinstance(m, Error) for m in sent(transport)
     )
+
+
+def test_a_side_that_sent_within_half_a_beat_sends_no_ping() -> None:
+    clock = Clock()
+    glob = Global(clock)
+    zone = ZoneEnd(clock, make_zone("zone-1", "redis"))
+    _client, server, pump = connect(glob, zone)
+    clock.advance(HEARTBEAT - 1)
+    pump.flush()
+    server.send(Ping())  # anything the global sends, a second before its beat
+    pump.flush()
+    before = len(zone.recording.of(Ping))
+    clock.advance(1)
+    pump.flush()
+    assert len(zone.recording.of(Ping)) == before  # the beat sent nothing more
+    clock.advance(HEARTBEAT)
+    pump.flush()
+    assert len(zone.recording.of(Ping)) == before + 1  # an idle beat: a ping
+
+
+def test_an_error_that_is_not_a_refusal_costs_no_wait() -> None:
+    clock = Clock()
+    sync = ZoneEnd(clock, make_zone("zone-1", "web")).sync
+    for message in (
+        "refused: the global cannot store it (disk full)",
+        "the global cannot send its table: boom",
+        "replaced by a new connection from the same zone",
+    ):
+        sync.error_received(cast(Any, None), Error(message))
+        assert sync.retry_delay(0.5) == 0.5 and sync.refusals == 0

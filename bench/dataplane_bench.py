@@ -94,6 +94,7 @@ from zope.interface import implementer
 
 from kumazone.core.messages import DpAck, DpHello, DpTable, Error, Ping, decode, encode
 from kumazone.dataplane.client import ACK_DELAY
+from kumazone.sync.certs import LEAF_KEY_USAGE
 
 MESH = "default"
 #: Open files the script, the zone and the client processes may have (the zone
@@ -582,17 +583,6 @@ def make_certs(work: Path, simulated: int) -> Path:
         )
     )
     now = datetime.datetime.now(datetime.UTC)
-    usage = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=True,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
     authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     with (certs / "dataplanes.pem").open("wb") as out:
         for i in range(simulated):
@@ -615,7 +605,7 @@ def make_certs(work: Path, simulated: int) -> Path:
                 .add_extension(
                     x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
                 )
-                .add_extension(usage, critical=True)
+                .add_extension(LEAF_KEY_USAGE, critical=True)
                 .add_extension(authority, critical=False)
                 .sign(ca_key, hashes.SHA256())
             )

@@ -38,8 +38,8 @@ class ControlPlaneProcess:
     def command(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self, timeout: float = 30.0) -> Self:
-        """Start and wait until /ready answers 200."""
+    def start(self, timeout: float = 30.0, until: str = "/ready") -> Self:
+        """Start and wait until C{until} (on the diagnostics port) answers 200."""
         ports_file = self.data_dir / "ports.json"
         if ports_file.exists():
             ports_file.unlink()
@@ -62,7 +62,7 @@ class ControlPlaneProcess:
             if ports_file.exists():
                 self.ports = json.loads(ports_file.read_text())
                 try:
-                    if self.http("diagnostics", "GET", "/ready")[0] == 200:
+                    if self.http("diagnostics", "GET", until)[0] == 200:
                         return self
                 except OSError:
                     pass

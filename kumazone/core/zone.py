@@ -33,6 +33,7 @@ __all__ = [
     "Zone",
     "ZoneChange",
     "ZoneSnapshot",
+    "publish",
 ]
 
 DEFAULT_MESH = "default"
@@ -101,6 +102,20 @@ class ZoneChange:
     services_removed: frozenset[ServiceKey] = frozenset()
     #: Anything may have changed (the first build, a recovery, a new table).
     full: bool = False
+
+
+def publish(
+    listeners: Iterable[Callable[[ZoneChange], object]],
+    change: ZoneChange,
+    warn: Callable[[str], None],
+) -> None:
+    """Tell every listener of a table C{change}; one that fails is warned of, and the
+    others are told all the same (the DNS authority, the hot path's cache)."""
+    for listener in list(listeners):
+        try:
+            listener(change)
+        except Exception as e:
+            warn(f"a listener of the table failed: {type(e).__name__}: {e}")
 
 
 class _Inventory(NamedTuple):
@@ -628,13 +643,7 @@ class Zone:
 
     def _publish(self, change: ZoneChange) -> None:
         self.snapshot = change.snapshot
-        for listener in list(self.listeners):
-            # One failing listener must not keep the others (the DNS authority,
-            # the hot path's cache) on the old table.
-            try:
-                listener(change)
-            except Exception as e:
-                self._warn(f"a listener of the table failed: {type(e).__name__}: {e}")
+        publish(self.listeners, change, self._warn)
 
     def _make_snapshot(self) -> ZoneSnapshot:
         """The view the DNS server and the API serve: the live structures, O(1)."""

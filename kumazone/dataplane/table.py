@@ -30,7 +30,7 @@ from kumazone.core.messages import FORM_DOTTED, FORM_UNDERSCORE, DpRow, DpTable,
 from kumazone.core.names import name_problem, names_from_forms
 from kumazone.core.sortedindex import SortedIndex
 from kumazone.core.vips import ServiceKey, VipRange
-from kumazone.core.zone import VipEntry, ZoneChange, ZoneSnapshot
+from kumazone.core.zone import VipEntry, ZoneChange, ZoneSnapshot, publish
 
 __all__ = [
     "STORE_FILE",
@@ -538,12 +538,7 @@ class DataplaneTable:
 
     def _publish(self, change: ZoneChange) -> None:
         self.snapshot = change.snapshot
-        for listener in list(self.listeners):
-            # One failing listener must not keep the others on the old table.
-            try:
-                listener(change)
-            except Exception as e:
-                self._warn(f"a listener of the table failed: {type(e).__name__}: {e}")
+        publish(self.listeners, change, self._warn)
 
     def _make_snapshot(self) -> ZoneSnapshot:
         config = self.config

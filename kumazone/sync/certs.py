@@ -32,6 +32,7 @@ from kumazone.core.names import ZONE_NAME
 from kumazone.core.resources import MAX_NAME_LENGTH, ResourceError, check_mesh_name
 
 __all__ = [
+    "LEAF_KEY_USAGE",
     "CertError",
     "dataplane_identity_problem",
     "dataplane_stem",
@@ -44,6 +45,18 @@ __all__ = [
 #: Zone names whose files would overwrite the CA's or the global's.
 RESERVED = ("ca", "global")
 _VALIDITY = datetime.timedelta(days=3650)
+#: What a leaf's EC key may do: sign (TLS 1.3) and agree keys, nothing else.
+LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=True,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
 _LEAF_VALIDITY = datetime.timedelta(days=825)
 #: A leaf that expires sooner than this is issued again when certs runs.
 RENEW_BEFORE = datetime.timedelta(days=30)
@@ -200,17 +213,7 @@ def _issue(
         .add_extension(x509.SubjectAlternativeName(leaf.names()), critical=False)
         .add_extension(x509.ExtendedKeyUsage(list(leaf.usages)), critical=False)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=True,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            LEAF_KEY_USAGE,
             critical=True,
         )
         .add_extension(

@@ -29,19 +29,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from tests.lab.test_lab import namespaces_unavailable
+from tests.lab.test_lab import namespaces_unavailable, wait_for
 from tests.lab.test_tproxy import normalised
 
 BIN = Path(sys.executable).parent
 TWISTD = str(BIN / "twistd")
 KUMAZONE = str(BIN / "kumazone")
-T = TypeVar("T")
 
 PREFIX = f"kzdp{os.getpid() % 100000}"
 INFRA, WORK = f"{PREFIX}i", f"{PREFIX}w"
@@ -108,17 +107,6 @@ NODE_PROBE = (
     "require('dns').promises.resolve4(process.argv[1])"
     ".then(a => console.log(a[0]), e => { console.log('error ' + e.code); process.exit(2); })"
 )
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float, every: float = 0.1) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = probe()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {timeout:.0f}s: {what}")
-        time.sleep(every)
 
 
 def run(*command: str, check: bool = True, timeout: float = 60.0) -> str:

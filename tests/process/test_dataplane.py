@@ -129,23 +129,7 @@ class DataplaneProcess(ControlPlaneProcess):
 
     def start_unready(self, timeout: float = 30.0) -> DataplaneProcess:
         """Start and wait until it serves (/healthy), with or without a table."""
-        ports_file = self.data_dir / "ports.json"
-        ports_file.unlink(missing_ok=True)
-        self.process = subprocess.Popen(
-            self.command(), cwd=self.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log()
-            if ports_file.exists():
-                self.ports = json.loads(ports_file.read_text())
-                try:
-                    if self.http("diagnostics", "GET", "/healthy")[0] == 200:
-                        return self
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        raise AssertionError(f"the dataplane did not start:\n{self.log()}")
+        return self.start(timeout, until="/healthy")
 
     def ready(self) -> int:
         return self.http("diagnostics", "GET", "/ready")[0]

@@ -386,3 +386,73 @@ def test_every_batched_answer_is_counted_and_timed(factory, reactor) -> None:
     assert stats.hot_answers == hot_before + 100
     assert sum(stats.buckets) == timed_before + 101
     assert cell[0] == counted_before + 101
+
+
+def test_a_saturated_port_yields_to_the_reactor_after_its_turn(factory, reactor) -> None:
+    """Full batches one after another end the read after TURN_SECONDS, not after ROUNDS."""
+    recvmmsg, sendmmsg = udpbatch._CALLS or (None, None)
+    reads = {"full": 0}
+
+    def always_full(fd: int, headers: int, count: int, flags: int, timeout: Any) -> int:
+        if count == 0:
+            return recvmmsg(fd, headers, count, flags, timeout)  # the check at start-up
+        reads["full"] += 1
+        return udpbatch.BATCH
+
+    batched = listen("batched", factory, reactor, "127.0.0.1", (always_full, sendmmsg))
+    # Each batch takes 0.4 ms here (a busy server's 64 answers take about as long).
+    batched._answer_batch = lambda count: time.sleep(0.0004)  # type: ignore[method-assign]
+    batched.doRead()
+    batched.stopListening()
+    turn_rounds = int(udpbatch.TURN_SECONDS / 0.0004) + 1
+    assert 1 <= reads["full"] <= turn_rounds < udpbatch.ROUNDS
+
+
+def test_the_epoll_reactor_calls_the_batched_port_directly(factory, reactor) -> None:
+    """dispatch_directly: the batched port is read without Twisted's log context; every
+    other descriptor as Twisted does it, in its context; other reactors are left alone."""
+    from twisted.internet.selectreactor import SelectReactor
+    from twisted.python import context, log
+
+    def system() -> object:
+        return context.get(log.ILogContext, {}).get("system", "none")
+
+    assert not udpbatch.dispatch_directly(SelectReactor())
+    seen: dict[str, object] = {}
+
+    class Watched(udpbatch.BatchedDNSPort):
+        pass  # a subclass is dispatched as Twisted does it (the check is exact)
+
+    batched = listen("batched", factory, reactor, "127.0.0.1")
+    original = batched.doRead
+
+    def read_batched() -> None:
+        seen["batched"] = system()
+        original()
+
+    batched.doRead = read_batched  # type: ignore[method-assign]
+    other = Watched(0, KumaDNSDatagramProtocol(factory), "127.0.0.1", reactor=reactor)
+    other.startListening()
+    other.doRead = lambda: seen.setdefault("other", system())  # type: ignore[method-assign]
+    other.logPrefix = lambda: "other-port"  # type: ignore[method-assign]
+    assert udpbatch.dispatch_directly(reactor)
+    assert udpbatch.dispatch_directly(reactor)  # once is enough; again changes nothing
+    clients = client_sockets()
+    query = dns.message.make_query("redis.mesh", "A").to_wire()
+    for port in (batched, other):
+        clients["default"].sendto(query, ("127.0.0.1", port.getHost().port))
+    deadline = time.monotonic() + 5
+    while len(seen) < 2 and time.monotonic() < deadline:
+        reactor.doIteration(0.05)
+    answer = None
+    while answer is None and time.monotonic() < deadline:
+        reactor.doIteration(0.05)
+        try:
+            answer = clients["default"].recv(65535)
+        except BlockingIOError:
+            pass
+    batched.stopListening()
+    other.stopListening()
+    # "-": Twisted's default context, where the port's prefix would be in its own.
+    assert seen == {"batched": "-", "other": "other-port"}
+    assert answer is not None and dns.message.from_wire(answer).answer

@@ -13,7 +13,7 @@ ZONE ?= zone-1
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --config-settings editable_mode=compat -e '.[test,dev]'
+	$(BIN)/pip install -q --config-settings editable_mode=compat -e '.[test,dev,postgresql]'
 	touch $(STAMP)
 
 # System tools the tests drive as real clients; installed only when missing.
@@ -21,9 +21,14 @@ tools:
 	@missing=""; \
 	command -v dig >/dev/null || missing="$$missing bind9-dnsutils"; \
 	command -v kdig >/dev/null || missing="$$missing knot-dnsutils"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  mkdir -p /etc/postgresql-common; \
+	  test -e /etc/postgresql-common/createcluster.conf || \
+	    echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    -o Dpkg::Options::=--force-confold $$missing >/dev/null; \
 	fi
 
 run: $(STAMP)

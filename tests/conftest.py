@@ -30,3 +30,16 @@ def zone_process(tmp_path: Path) -> Iterator[Callable[..., ZoneProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A real PostgreSQL server of the session's own (initdb in a temporary directory)."""
+    from tests.pgserver import PostgresServer, find_binaries
+
+    binaries = find_binaries()
+    if binaries is None:
+        pytest.fail("PostgreSQL is not installed: `make test` installs Debian's postgresql")
+    server = PostgresServer(binaries).start()
+    yield server
+    server.remove()

@@ -1,0 +1,325 @@
+"""The store on PostgreSQL (psycopg 3): SQLite's tables and transactions, for several replicas.
+
+The same logical schema as L{kumazone.store.sqlite} (resources, vips, holds,
+zones, zone_services, meta) and the same contract: every change is one
+transaction that writes the rows it changed; C{UNIQUE(vip_offset)} makes a VIP
+on two services impossible; a failed write changes nothing and raises
+L{StoreError}.
+
+Schema versions.  The tables are created, or migrated from an older version,
+at open, in one transaction holding a transaction-level advisory lock
+(L{MIGRATION_LOCK}): of several replicas starting at once, one creates or
+migrates and the others wait for it, then find the current version.
+
+Passwords.  The store URL names no password (L{check_url} refuses one: it would
+be seen in C{ps} and in logs); libpq takes it from C{PGPASSWORD} or
+C{~/.pgpass}.  Errors name the database as C{host:port/db}, never the password.
+
+Like the SQLite store this class is synchronous and not thread-safe: callers
+use it from one thread at a time (the control plane's database thread, never
+the reactor).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from importlib import resources as package_files
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+
+from kumazone.core.federation import ZoneRecord
+from kumazone.core.resources import ResourceKey, parse_stored
+from kumazone.core.storage import StoreChanges, StoredState, StoreError
+from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
+
+__all__ = ["MIGRATION_LOCK", "SCHEMA_VERSION", "PostgresStore", "check_url", "describe_url"]
+
+SCHEMA_VERSION = 1
+#: The advisory lock (one bigint) held while the schema is created or migrated.
+MIGRATION_LOCK = 0x6B756D617A6F6E65  # "kumazone"
+#: Scripts taking the schema from each older version to the next one.
+_MIGRATIONS: dict[int, str] = {}
+#: Seconds a connection attempt may take.
+CONNECT_TIMEOUT = 5
+
+
+def check_url(url: str) -> str:
+    """C{url} if it is a store URL kumazone takes, else ValueError saying why.
+
+    C{postgresql://USER@HOST[:PORT]/DB} (C{postgres://} too); no password in it.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"not a postgresql:// URL: {describe_url(url)}")
+    if parts.password is not None:
+        raise ValueError(
+            "the store URL must not hold a password (it would show in ps and logs): "
+            "give it in PGPASSWORD or ~/.pgpass"
+        )
+    if not parts.hostname or not parts.path.strip("/"):
+        raise ValueError(f"a store URL names a host and a database: {describe_url(url)}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        raise ValueError(f"bad port in store URL {describe_url(url)}") from None
+    return url
+
+
+def describe_url(url: str) -> str:
+    """C{url} fit for a log line: C{postgresql://USER@HOST:PORT/DB}, a password never."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        user = f"{parts.username}@" if parts.username else ""
+    except ValueError:
+        return "postgresql://(unreadable URL)"
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+def _schema_file(name: str) -> str:
+    return (package_files.files("kumazone.store") / "schema" / "postgresql" / name).read_text()
+
+
+class PostgresStore:
+    """A store in the PostgreSQL database at C{url}; connects (and creates the schema) at once."""
+
+    def __init__(self, url: str) -> None:
+        self.url = check_url(url)
+        self.where = describe_url(url)
+        self._db: psycopg.Connection[Any] | None = None
+        self._connect()
+
+    # -- connection -----------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        if self._db is not None and not self._db.closed and not self._db.broken:
+            return self._db
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        try:
+            db = psycopg.connect(
+                self.url,
+                connect_timeout=CONNECT_TIMEOUT,
+                application_name="kumazone",
+            )
+        except psycopg.Error as e:
+            raise StoreError(f"cannot open store {self.where}: {_reason(e)}") from None
+        try:
+            self._create(db)
+        except psycopg.Error as e:
+            db.close()
+            raise StoreError(f"cannot open store {self.where}: {_reason(e)}") from None
+        self._db = db
+        return db
+
+    def _create(self, db: psycopg.Connection[Any]) -> None:
+        """Create the schema, or migrate it, under the migration lock; one transaction."""
+        with db.transaction():
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            exists = db.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
+            if not (exists and exists[0]):
+                db.execute(_schema_file(f"v{SCHEMA_VERSION}.sql"))
+                return
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version == SCHEMA_VERSION:
+                return
+            if version > SCHEMA_VERSION or version not in _MIGRATIONS:
+                raise StoreError(
+                    f"store {self.where} has schema version {version}, this kumazone "
+                    f"reads version {SCHEMA_VERSION}"
+                )
+            while version < SCHEMA_VERSION:
+                db.execute(_schema_file(_MIGRATIONS[version]))
+                version += 1
+
+    # -- reading --------------------------------------------------------------
+
+    def load(self) -> StoredState:
+        """Read everything back, in one snapshot; raises L{StoreError} if it cannot."""
+        try:
+            db = self._connect()
+            with db.transaction():
+                db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                return _load(db)
+        except psycopg.Error as e:
+            raise StoreError(f"cannot read store {self.where}: {_reason(e)}") from None
+        except (ValueError, KeyError) as e:
+            raise StoreError(f"cannot read store {self.where}: {e}") from None
+
+    # -- writing --------------------------------------------------------------
+
+    def commit(self, changes: StoreChanges) -> None:
+        """Apply C{changes} in one transaction; on failure raise L{StoreError}, changing nothing."""
+        try:
+            db = self._connect()
+            with db.transaction(), db.cursor() as cursor:
+                if changes.reset_table:
+                    cursor.execute("DELETE FROM vips")
+                    cursor.execute("DELETE FROM holds")
+                _write_resources(cursor, changes)
+                if changes.delta is not None:
+                    _write_delta(cursor, changes.delta)
+                _write_zones(cursor, changes)
+                _write_meta(cursor, changes)
+        except psycopg.Error as e:
+            raise StoreError(f"cannot write to store {self.where}: {_reason(e)}") from None
+        except (OverflowError, ValueError, TypeError) as e:
+            raise StoreError(f"cannot write to store {self.where}: {e}") from None
+
+    def close(self) -> None:
+        """Close the connection."""
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _reason(error: psycopg.Error) -> str:
+    """The first line of what the server or libpq said (no URL, so no password)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _load(db: psycopg.Connection[Any]) -> StoredState:
+    state = StoredState()
+    for type_, mesh, name, document in db.execute(
+        "SELECT type, mesh, name, document FROM resources ORDER BY type, mesh, name"
+    ):
+        try:
+            resource = parse_stored(document)
+        except ValueError as e:
+            state.bad_resources.append((ResourceKey(type_, mesh, name), str(e)))
+            continue
+        state.resources.append(resource)
+    keys: dict[tuple[str, str], ServiceKey] = {}
+    zone_sets: dict[str, tuple[str, ...]] = {}
+    for mesh, service, offset, zones, claim in db.execute(
+        "SELECT mesh, service, vip_offset, zones, claim FROM vips ORDER BY vip_offset"
+    ):
+        key = keys[(mesh, service)] = ServiceKey(mesh, service)
+        names = zone_sets.get(zones)
+        if names is None:
+            names = zone_sets[zones] = tuple(json.loads(zones))
+        state.allocations.append(Allocation(key, offset, names, claim))
+    records = {
+        name: ZoneRecord(name, set(), last_contact=last_contact, acked=acked)
+        for name, last_contact, acked in db.execute(
+            "SELECT name, last_contact, acked FROM zones ORDER BY name"
+        )
+    }
+    for zone, mesh, service in db.execute("SELECT zone, mesh, service FROM zone_services"):
+        record = records.get(zone)
+        if record is None:
+            continue
+        shared = keys.get((mesh, service))
+        if shared is None:
+            shared = keys[(mesh, service)] = ServiceKey(mesh, service)
+        record.services.add(shared)
+    state.zones = list(records.values())
+    state.holds = [
+        Hold(ServiceKey(mesh, service), offset, until)
+        for offset, mesh, service, until in db.execute(
+            "SELECT vip_offset, mesh, service, until FROM holds ORDER BY vip_offset"
+        )
+    ]
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    state.table_version = int(meta["table_version"])
+    state.vip_range = meta["vip_range"]
+    state.table_id = meta["table_origin"]
+    return state
+
+
+def _many(cursor: psycopg.Cursor[Any], sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    rows = list(rows)
+    if rows:
+        cursor.executemany(sql, rows)
+
+
+def _write_resources(cursor: psycopg.Cursor[Any], changes: StoreChanges) -> None:
+    _many(
+        cursor,
+        "INSERT INTO resources (type, mesh, name, document) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (type, mesh, name) DO UPDATE SET document = excluded.document",
+        [(r.type, r.mesh, r.name, r.raw.decode("utf-8")) for r in changes.puts],
+    )
+    _many(
+        cursor,
+        "DELETE FROM resources WHERE type=%s AND mesh=%s AND name=%s",
+        [(k.type, k.mesh, k.name) for k in changes.deletes],
+    )
+
+
+def _write_delta(cursor: psycopg.Cursor[Any], delta: TableDelta) -> None:
+    _many(
+        cursor,
+        "DELETE FROM vips WHERE mesh=%s AND service=%s",
+        [(a.key.mesh, a.key.service) for a in delta.removed],
+    )
+    _many(
+        cursor,
+        "DELETE FROM holds WHERE vip_offset=%s",
+        [(h.offset,) for h in delta.holds_dropped],
+    )
+    _many(
+        cursor,
+        "INSERT INTO holds (vip_offset, mesh, service, until) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (vip_offset) DO UPDATE SET mesh = excluded.mesh, "
+        "service = excluded.service, until = excluded.until",
+        [(h.offset, h.key.mesh, h.key.service, h.until) for h in delta.holds_added],
+    )
+    zones_text: dict[tuple[str, ...], str] = {}
+    _many(
+        cursor,
+        "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (%s, %s, %s, %s, %s)",
+        [
+            (
+                a.key.mesh,
+                a.key.service,
+                a.offset,
+                zones_text.get(a.zones)
+                or zones_text.setdefault(a.zones, json.dumps(list(a.zones))),
+                a.claim,
+            )
+            for a in delta.added
+        ],
+    )
+
+
+def _write_zones(cursor: psycopg.Cursor[Any], changes: StoreChanges) -> None:
+    for name in changes.zones_deleted:
+        cursor.execute("DELETE FROM zones WHERE name=%s", (name,))
+        cursor.execute("DELETE FROM zone_services WHERE zone=%s", (name,))
+    _many(
+        cursor,
+        "INSERT INTO zones (name, last_contact, acked) VALUES (%s, %s, %s) "
+        "ON CONFLICT (name) DO UPDATE SET "
+        "last_contact = excluded.last_contact, acked = excluded.acked",
+        [(r.name, r.last_contact, r.acked) for r in changes.zones_put],
+    )
+    _many(
+        cursor,
+        "DELETE FROM zone_services WHERE zone=%s AND mesh=%s AND service=%s",
+        [(zone, k.mesh, k.service) for zone, k in changes.zone_services_removed],
+    )
+    _many(
+        cursor,
+        "INSERT INTO zone_services (zone, mesh, service) VALUES (%s, %s, %s) "
+        "ON CONFLICT DO NOTHING",
+        [(zone, k.mesh, k.service) for zone, k in changes.zone_services_added],
+    )
+
+
+def _write_meta(cursor: psycopg.Cursor[Any], changes: StoreChanges) -> None:
+    version = changes.table_version
+    for key, value in (
+        ("table_origin", changes.table_id),
+        ("table_version", None if version is None else str(version)),
+        ("vip_range", changes.vip_range),
+    ):
+        if value is not None:
+            cursor.execute("UPDATE meta SET value=%s WHERE key=%s", (value, key))

@@ -1,0 +1,113 @@
+"""What the PostgreSQL store alone has: its URL, concurrent first opens, a database that is down.
+
+Against the session's own PostgreSQL server (L{tests.pgserver}).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+from kumazone.core.storage import StoreChanges, StoreError
+from kumazone.core.vips import Allocation, ServiceKey, TableDelta
+from kumazone.store.postgres import SCHEMA_VERSION, PostgresStore, check_url, describe_url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://kumazone@db.example:5432/kumazone",
+        "postgres://kumazone@127.0.0.1/kz",
+        "postgresql://127.0.0.1:6543/kz",
+    ],
+)
+def test_store_urls_taken(url: str) -> None:
+    assert check_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("postgresql://kumazone:s3cret@db.example/kz", "PGPASSWORD"),
+        ("mysql://kumazone@db.example/kz", "not a postgresql:// URL"),
+        ("postgresql://kumazone@db.example", "names a host and a database"),
+        ("postgresql:///kz", "names a host and a database"),
+        ("postgresql://kumazone@db.example:99999/kz", "bad port"),
+    ],
+)
+def test_store_urls_refused_say_why_and_never_show_a_password(url: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why) as raised:
+        check_url(url)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_a_described_url_has_no_password() -> None:
+    described = describe_url("postgresql://kz:s3cret@db.example:5433/kumazone")
+    assert described == "postgresql://kz@db.example:5433/kumazone"
+
+
+def test_a_database_that_is_down_is_a_store_error_naming_it(postgres) -> None:
+    # A port nothing listens on: the server's own port, on an address it does not serve.
+    url = f"postgresql://kumazone@127.0.0.2:{postgres.port}/kumazone"
+    with pytest.raises(StoreError, match=r"cannot open store postgresql://kumazone@127\.0\.0\.2"):
+        PostgresStore(url)
+
+
+def test_replicas_opening_a_new_database_at_once_create_the_schema_once(postgres) -> None:
+    url = postgres.fresh_database("concurrent_open")
+    stores: list[PostgresStore] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def open_one() -> None:
+        start.wait()
+        try:
+            stores.append(PostgresStore(url))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    try:
+        assert errors == []
+        assert len(stores) == 6
+        stores[0].commit(
+            StoreChanges(delta=TableDelta(added=[Allocation(ServiceKey("default", "a"), 1)]))
+        )
+        assert all(len(s.load().allocations) == 1 for s in stores)
+        with psycopg.connect(url) as db:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            assert row == (str(SCHEMA_VERSION),)
+            count = db.execute("SELECT count(*) FROM meta WHERE key='schema_version'").fetchone()
+            assert count == (1,)
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_a_newer_schema_is_refused(postgres) -> None:
+    url = postgres.fresh_database("newer_schema")
+    PostgresStore(url).close()
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    with pytest.raises(StoreError, match="schema version 99"):
+        PostgresStore(url)
+
+
+def test_the_store_reconnects_after_the_server_restarts(postgres) -> None:
+    url = postgres.fresh_database("restart")
+    store = PostgresStore(url)
+    store.commit(StoreChanges(table_version=5))
+    postgres.stop()
+    try:
+        with pytest.raises(StoreError, match=r"cannot (read|write|open) store"):
+            store.load()
+    finally:
+        postgres.start()
+    assert store.load().table_version == 5  # a new connection, the same rows
+    store.close()

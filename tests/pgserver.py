@@ -102,6 +102,8 @@ class PostgresServer:
                     f"unix_socket_directories = '{self.sockets}'\n"
                     "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                     "max_connections = 200\nshared_buffers = 32MB\n"
+                    # When each transaction committed: tests order writes by it.
+                    "track_commit_timestamp = on\n"
                 )
         self._run(
             str(self.binaries / "pg_ctl"),

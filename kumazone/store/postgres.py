@@ -35,15 +35,47 @@ from kumazone.core.resources import ResourceKey, parse_stored
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
 
-__all__ = ["MIGRATION_LOCK", "SCHEMA_VERSION", "PostgresStore", "check_url", "describe_url"]
+__all__ = [
+    "MIGRATION_LOCK",
+    "SCHEMA_VERSION",
+    "Fenced",
+    "PostgresStore",
+    "check_url",
+    "connect",
+    "describe_url",
+]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The advisory lock (one bigint) held while the schema is created or migrated.
 MIGRATION_LOCK = 0x6B756D617A6F6E65  # "kumazone"
 #: Scripts taking the schema from each older version to the next one.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS = {1: "migrate-v1-v2.sql"}
 #: Seconds a connection attempt may take.
 CONNECT_TIMEOUT = 5
+
+
+class Fenced(StoreError):
+    """A leader's write refused: its epoch is no longer the leader's (another replica leads)."""
+
+
+def connect(url: str, **options: Any) -> psycopg.Connection[Any]:
+    """A connection to the database at C{url} that gives up rather than hang.
+
+    Connecting takes L{CONNECT_TIMEOUT} s at most, and a dead peer is noticed in
+    seconds (TCP keepalives, and a user timeout for unacknowledged writes), so
+    that a replica cut off from the database finds out while its lease runs.
+    """
+    return psycopg.connect(
+        url,
+        connect_timeout=CONNECT_TIMEOUT,
+        application_name="kumazone",
+        keepalives=1,
+        keepalives_idle=2,
+        keepalives_interval=1,
+        keepalives_count=2,
+        tcp_user_timeout=4000,
+        **options,
+    )
 
 
 def check_url(url: str) -> str:
@@ -102,11 +134,7 @@ class PostgresStore:
             self._db.close()
             self._db = None
         try:
-            db = psycopg.connect(
-                self.url,
-                connect_timeout=CONNECT_TIMEOUT,
-                application_name="kumazone",
-            )
+            db = connect(self.url)
         except psycopg.Error as e:
             raise StoreError(f"cannot open store {self.where}: {_reason(e)}") from None
         try:
@@ -156,9 +184,23 @@ class PostgresStore:
 
     def commit(self, changes: StoreChanges) -> None:
         """Apply C{changes} in one transaction; on failure raise L{StoreError}, changing nothing."""
+        self._commit(changes, None)
+
+    def commit_fenced(self, changes: StoreChanges, fence: tuple[str, int]) -> None:
+        """L{commit} as the leader of C{fence} (name, epoch): L{Fenced}, and nothing
+        written, unless that epoch still leads when the transaction commits.
+
+        The caller takes C{fence} when it decides to write (on the reactor), never
+        later: a leader that stepped down meanwhile must be refused, not unchecked.
+        """
+        self._commit(changes, fence)
+
+    def _commit(self, changes: StoreChanges, fence: tuple[str, int] | None) -> None:
         try:
             db = self._connect()
             with db.transaction(), db.cursor() as cursor:
+                if fence is not None:
+                    self._check_fence(cursor, *fence)
                 if changes.reset_table:
                     cursor.execute("DELETE FROM vips")
                     cursor.execute("DELETE FROM holds")
@@ -171,6 +213,13 @@ class PostgresStore:
             raise StoreError(f"cannot write to store {self.where}: {_reason(e)}") from None
         except (OverflowError, ValueError, TypeError) as e:
             raise StoreError(f"cannot write to store {self.where}: {e}") from None
+
+    def _check_fence(self, cursor: psycopg.Cursor[Any], name: str, epoch: int) -> None:
+        # FOR SHARE: a replica taking over (UPDATE of this row) waits for this
+        # transaction, and this one fails once the row has moved on.
+        cursor.execute("SELECT 1 FROM leader WHERE name=%s AND epoch=%s FOR SHARE", (name, epoch))
+        if cursor.fetchone() is None:
+            raise Fenced(f"store {self.where}: epoch {epoch} of {name} no longer leads")
 
     def close(self) -> None:
         """Close the connection."""

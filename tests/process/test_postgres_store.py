@@ -111,3 +111,42 @@ def test_the_store_reconnects_after_the_server_restarts(postgres) -> None:
         postgres.start()
     assert store.load().table_version == 5  # a new connection, the same rows
     store.close()
+
+
+def test_a_v1_database_is_migrated_at_open_and_keeps_its_rows(postgres) -> None:
+    from importlib import resources as package_files
+
+    url = postgres.fresh_database("migrate_v1")
+    v1 = (package_files.files("kumazone.store") / "schema" / "postgresql" / "v1.sql").read_text()
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(v1)
+        db.execute("INSERT INTO vips (mesh, service, vip_offset) VALUES ('default', 'web', 9)")
+        db.execute("UPDATE meta SET value='7' WHERE key='table_version'")
+    store = PostgresStore(url)
+    state = store.load()
+    store.close()
+    assert [(a.key.service, a.offset) for a in state.allocations] == [("web", 9)]
+    assert state.table_version == 7
+    with psycopg.connect(url) as db:
+        version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        assert version == (str(SCHEMA_VERSION),)
+        assert db.execute("SELECT count(*) FROM leader").fetchone() == (0,)
+
+
+def test_a_fenced_write_of_an_epoch_that_no_longer_leads_writes_nothing(postgres) -> None:
+    from kumazone.store.postgres import Fenced
+
+    url = postgres.fresh_database("fenced")
+    store = PostgresStore(url)
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(
+            "INSERT INTO leader (name, epoch, holder, pid, renewed_at) "
+            "VALUES ('global', 3, 'a', 1, now())"
+        )
+    web = TableDelta(added=[Allocation(ServiceKey("default", "web"), 1)])
+    with pytest.raises(Fenced, match="epoch 2 of global no longer leads"):
+        store.commit_fenced(StoreChanges(delta=web, table_version=1), ("global", 2))
+    assert store.load().allocations == []
+    store.commit_fenced(StoreChanges(delta=web, table_version=1), ("global", 3))
+    assert len(store.load().allocations) == 1
+    store.close()

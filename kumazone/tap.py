@@ -75,7 +75,13 @@ class Options(usage.Options):
     optParameters = [
         ["role", None, "zone", "zone, global or dataplane."],
         ["zone", None, None, "The zone's name (role zone)."],
-        ["global", None, None, "HOST[:PORT] of the global control plane (role zone)."],
+        [
+            "global",
+            None,
+            None,
+            "HOST[:PORT] of the global control plane (role zone); several replicas of "
+            "it as HOST[:PORT],HOST[:PORT],...: tried in turn when one cannot be reached.",
+        ],
         ["config", None, None, "YAML file with Kuma's dnsServer keys."],
         ["resources", None, None, "Directory of resource files (*.yaml, *.yml, *.json), watched."],
         [
@@ -209,7 +215,8 @@ class Options(usage.Options):
                 self[flag] = parse_port(self[flag])
             except ValueError as e:
                 raise _fail(f"--{flag}: {self[flag]!r} {e}") from None
-        self.global_address = None if self["global"] is None else parse_global(self["global"])
+        self.global_addresses = () if self["global"] is None else parse_globals(self["global"])
+        self.global_address = self.global_addresses[0] if self.global_addresses else None
         self.tls = self._tls(syncs=role == "global" or self.global_address is not None)
         if self["kds-interface"] is None:
             # Without TLS anyone who reaches the port can be any zone: loopback only.
@@ -419,6 +426,19 @@ def parse_global(value: str) -> tuple[str, int]:
     return parse_address(value, "--global", 5685)
 
 
+def parse_globals(value: str) -> tuple[tuple[str, int], ...]:
+    """Comma-separated L{parse_global} addresses (the global's replicas), each once, in order."""
+    found: list[tuple[str, int]] = []
+    for item in value.split(","):
+        text = item.strip()
+        if not text and "," in value:
+            raise _fail(f"--global: {value!r} has an empty address")
+        address = parse_global(text)
+        if address not in found:
+            found.append(address)
+    return tuple(found)
+
+
 def parse_address(value: str, flag: str, default_port: int) -> tuple[str, int]:
     """C{HOST}, C{HOST:PORT} or C{[IPv6]:PORT} to (host, port), errors naming C{flag}."""
     host, port = value, str(default_port)
@@ -509,6 +529,7 @@ def makeService(options: Options) -> Any:
             resources_dir=options["resources"],
             dns_interface=options["dns-interface"],
             global_address=options.global_address,
+            global_fallbacks=options.global_addresses[1:],
             dp_port=options["dp-port"],
             dp_interface=options["dp-interface"],
             dp_tls=options.tls,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from kumazone.metrics import Metrics
 from kumazone.resource_dir import ResourceDirectory
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.sync.dataplane_side import DataplaneHub, DataplaneLimits, DataplaneMetrics
+from kumazone.sync.failover import FailoverEndpoint
 from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncFactory
 from kumazone.sync.tls import TLSFiles, client_options, server_options
@@ -31,6 +32,13 @@ __all__ = ["ZoneService", "ZoneSettings", "mesh_lookup"]
 
 #: How often the resources directory is looked at (a change is live within a second).
 SCAN_INTERVAL = 0.5
+#: Seconds a connection to one of the global's replicas may take before the next is tried.
+GLOBAL_TIMEOUT = 5.0
+
+
+def _host_port(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,8 @@ class ZoneSettings:
     diagnostics_interface: str = "127.0.0.1"
     #: The global to sync with (host, port), or None for a standalone zone.
     global_address: tuple[str, int] | None = None
+    #: The global's other replicas, tried in turn when one cannot be reached.
+    global_fallbacks: tuple[tuple[str, int], ...] = ()
     tls: TLSFiles | None = None
     #: The dataplane port: served with C{dp_tls} (mutual TLS), or without TLS
     #: when C{dp_insecure}; with neither, not at all.
@@ -80,6 +90,7 @@ class ZoneService(ControlPlane):
         self.sync: ZoneSync | None = None
         self.dataplanes: DataplaneHub | None = None
         self._sync_metrics: SyncMetrics | None = None
+        self._globals: FailoverEndpoint
 
     def _start(self) -> None:
         settings = self.settings
@@ -90,7 +101,7 @@ class ZoneService(ControlPlane):
             TimerService(TICK_INTERVAL, self._guarded, lambda: zone.tick(clock.seconds()))
         )
         if settings.global_address is not None:
-            self._connect_global(zone, settings.global_address)
+            self._connect_global(zone, (settings.global_address, *settings.global_fallbacks))
         self.ports["dns"] = self._listen_dns(self._dns_factory(zone))
         self._serve_dataplanes(zone)
         self._listen_web(
@@ -164,26 +175,30 @@ class ZoneService(ControlPlane):
             **self.ports,
         )
 
-    def _connect_global(self, zone: Zone, address: tuple[str, int]) -> None:
-        host, port = address
+    def _connect_global(self, zone: Zone, addresses: Sequence[tuple[str, int]]) -> None:
         sync_metrics = self._shared_sync_metrics()
         sync_metrics.connected.labels(zone.name).set(0)
         self.sync = ZoneSync(zone, self.reactor, sync_metrics)
         sync = self.sync
         factory = SyncFactory(lambda: sync, self.reactor, sync_metrics)
-        endpoint: Any = HostnameEndpoint(self.reactor, host, port)
-        if self.settings.tls is not None:
-            endpoint = wrapClientTLS(client_options(self.settings.tls, host), endpoint)
+        endpoints: list[Any] = []
+        for host, port in addresses:
+            endpoint: Any = HostnameEndpoint(self.reactor, host, port, timeout=GLOBAL_TIMEOUT)
+            if self.settings.tls is not None:
+                endpoint = wrapClientTLS(client_options(self.settings.tls, host), endpoint)
+            endpoints.append(endpoint)
+        self._globals = FailoverEndpoint(endpoints, [_host_port(a) for a in addresses])
         backoff = backoffPolicy(0.5, 10.0)
         # A zone the global refused waits longer (ZoneSync.retry_delay).
         retry = ClientService(
-            endpoint, factory, retryPolicy=lambda attempt: sync.retry_delay(backoff(attempt))
+            self._globals,
+            factory,
+            retryPolicy=lambda attempt: sync.retry_delay(backoff(attempt)),
         )
         self.addService(retry)
         self.log.info(
-            "syncing with the global at {host}:{port} ({how})",
-            host=host,
-            port=port,
+            "syncing with the global at {where} ({how})",
+            where=", ".join(self._globals.names),
             how="TLS" if self.settings.tls else "insecure, no TLS",
         )
 
@@ -240,13 +255,15 @@ class ZoneService(ControlPlane):
     def _sync_status(self) -> dict[str, Any] | None:
         if self.settings.global_address is None or self.sync is None:
             return None
-        host, port = self.settings.global_address
-        return {
-            "global": f"{host}:{port}",
+        status = {
+            "global": self._globals.current_name,
             "connected": self.sync.connected_since is not None,
             "connectedSince": self.sync.connected_since,
             "lastTable": self.sync.last_table_at,
         }
+        if len(self._globals.names) > 1:
+            status["globals"] = list(self._globals.names)
+        return status
 
     def _listen_udp(self, port: int, protocol: KumaDNSDatagramProtocol, interface: str) -> Any:
         """Batched reads and writes where the system has them, else Twisted's own port."""

@@ -381,6 +381,28 @@ def test_bad_global(value: str, words: list[str]) -> None:
     assert refused(ZONE, f"--global={value}", "--insecure") == message
 
 
+def test_the_replicas_of_the_global_are_a_list_tried_in_its_order() -> None:
+    options = parse(
+        ZONE, "--global=g1.example, g2.example:7000,[2001:db8::1]:7001,g1.example", "--insecure"
+    )
+    assert options.global_addresses == (
+        ("g1.example", 5685),
+        ("g2.example", 7000),
+        ("2001:db8::1", 7001),
+    )
+    assert options.global_address == ("g1.example", 5685)
+    service = makeService(options)
+    assert isinstance(service, ZoneService)
+    assert service.settings.global_fallbacks == (("g2.example", 7000), ("2001:db8::1", 7001))
+
+
+@pytest.mark.parametrize("value", ["g1.example,,g2.example", "g1.example,", ",g1.example"])
+def test_a_list_of_globals_with_an_empty_entry_is_refused(value: str) -> None:
+    message = refused(ZONE, f"--global={value}", "--insecure")
+    assert message.startswith("kumazone: --global: "), message
+    assert "empty address" in message
+
+
 # -- --store ------------------------------------------------------------------------------
 
 

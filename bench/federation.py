@@ -119,6 +119,8 @@ class Federation:
                 "--kds-port=0",
                 "--kds-interface=127.0.0.1",
                 f"--kds-zone-max-services={max_services}",
+                # An inventory goes in parts of at most 2,000 services: room for them.
+                f"--kds-zone-max-parts={max_services // 1000 + 64}",
                 f"--kds-zone-max-pending-bytes={1 << 31}",
                 *self.tls("global"),
             ],

@@ -18,6 +18,7 @@ import os
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from kumazone.core.bulk import bulk_load
 from kumazone.core.resources import Resource, ResourceError, parse_documents
 from kumazone.core.zone import Zone
 from kumazone.metrics import Metrics
@@ -100,20 +101,26 @@ class ResourceDirectory:
             self._empty.pop(path, None)
             self.log.info("{path}: removed", path=self._relative(path))
             changes[path] = []
-        for path, signature in sorted(current.items()):
-            if self._seen.get(path) == signature:
-                continue
-            resources = self._load(path, signature)
-            if resources is not None:
-                changes[path] = resources
-        if changes:
-            # One reconciliation for the whole scan: at start-up every file is
-            # loaded before any VIP is allocated or released.
-            try:
-                self.zone.set_files(changes, self.clock.seconds())
-            except Exception:
-                self._seen = seen_before  # the next scan tries these files again
-                raise
+        changed = [
+            (path, signature)
+            for path, signature in sorted(current.items())
+            if self._seen.get(path) != signature
+        ]
+        if not changed and not changes:
+            return 0
+        with bulk_load():  # a first scan loads the whole directory
+            for path, signature in changed:
+                resources = self._load(path, signature)
+                if resources is not None:
+                    changes[path] = resources
+            if changes:
+                # One reconciliation for the whole scan: at start-up every file is
+                # loaded before any VIP is allocated or released.
+                try:
+                    self.zone.set_files(changes, self.clock.seconds())
+                except Exception:
+                    self._seen = seen_before  # the next scan tries these files again
+                    raise
         return len(changes)
 
     def _load(self, path: str, signature: _Signature) -> list[Resource] | None:

@@ -11,6 +11,7 @@ provisional VIPs for local services the global has not allocated yet.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -78,6 +79,21 @@ class ZoneRecord:
     pending_part: int | None = None
     #: When the zone's acked version fell behind, for the sync-lag metric.
     behind_since: float | None = None
+    #: An inventory accepted but not applied yet, in order: whether the zone has
+    #: each key (True) or not (False) once it is (see L{MergedTable.step}).
+    todo: dict[ServiceKey, bool] = field(default_factory=dict)
+    #: The services the zone has once L{todo} is applied.
+    target: int = 0
+
+    def will_have(self, key: ServiceKey) -> bool:
+        """Whether the zone has C{key} once its accepted inventory is applied."""
+        present = self.todo.get(key)
+        return key in self.services if present is None else present
+
+    @property
+    def target_count(self) -> int:
+        """How many services the zone has once its accepted inventory is applied."""
+        return self.target if self.todo else len(self.services)
 
 
 _cached_service_names = functools.lru_cache(maxsize=1 << 14)(service_names)
@@ -142,12 +158,16 @@ class MergedTable:
     ) -> None:
         """Go back to what the store holds (after a write to it failed)."""
         connected = {name for name, record in self.zones.items() if record.connected}
+        todos = {name: (r.todo, r.target) for name, r in self.zones.items() if r.todo}
         self.allocator = VipAllocator(
             self.allocator.range, self.allocator.hold_down, allocations, holds, version
         )
         self.zones = {z.name: z for z in zones}
         for name in connected & set(self.zones):
             self.zones[name].connected = True
+        for name in todos.keys() & self.zones.keys():
+            # Accepted, not applied yet: what the zone has after it is unchanged.
+            self.zones[name].todo, self.zones[name].target = todos[name]
         self._zone_sets = {}
         self._zones_of = self._compute_zones_of()
         self._log.clear()
@@ -187,14 +207,24 @@ class MergedTable:
         return record
 
     def receive_inventory(
-        self, name: str, message: Inventory, now: float, limits: ZoneLimits | None = None
+        self,
+        name: str,
+        message: Inventory,
+        now: float,
+        limits: ZoneLimits | None = None,
+        limit: int | None = None,
     ) -> TableDelta | None:
-        """Apply one inventory part; a delta when the merged set changed, else None.
+        """Take one inventory part; a delta when the merged set changed, else None.
 
-        A change costs what it names; a full inventory, what it holds.  Raises
-        L{ZoneRefused} (dropping the whole inventory being received, and keeping
-        the zone's services as they were) for a part that breaks the rules or
-        C{limits}.
+        At the last part the inventory is accepted whole: it is checked, and what
+        it changes becomes the zone's L{ZoneRecord.todo}, of which up to C{limit}
+        keys (all if None) are applied at once; L{step} applies the rest, a
+        bounded slice at a time, each slice a version of its own (a table every
+        zone can take), in key order, so that the VIPs are those the whole
+        change gives.  A change costs what it names; a full inventory, what it
+        holds.  Raises L{ZoneRefused} (dropping the whole inventory being
+        received, and keeping the zone's services and accepted inventory as
+        they were) for a part that breaks the rules or C{limits}.
         """
         record = self.zone(name)
         record.last_contact = now
@@ -207,16 +237,57 @@ class MergedTable:
             record.pending, record.pending_part = pending, message.part
             return None
         record.pending, record.pending_part = None, None
+        self._accept(record, pending)
+        return self.step(name, now, limit)
+
+    def _accept(self, record: ZoneRecord, pending: _Pending) -> None:
+        """A whole inventory received: what it changes joins the zone's L{ZoneRecord.todo}."""
         services = record.services
         if pending.full:
-            added = pending.keys - services
-            removed = services - pending.keys
+            # Removals first, then additions in key order (as one change places them).
+            todo = dict.fromkeys(sorted(services - pending.keys), False)
+            todo.update(dict.fromkeys(sorted(pending.keys - services), True))
+            record.todo = todo
         else:
-            added = {k for k, present in pending.present.items() if present and k not in services}
-            removed = {k for k, present in pending.present.items() if not present and k in services}
+            todo = record.todo
+            for key, present in pending.present.items():
+                if (key in services) == present:
+                    todo.pop(key, None)
+                else:
+                    todo.pop(key, None)  # moved to the end: after what came before it
+                    todo[key] = present
+        record.target = pending.count
+
+    def step(self, name: str, now: float, limit: int | None = None) -> TableDelta | None:
+        """Apply up to C{limit} keys (all if None) of zone C{name}'s accepted inventory.
+
+        One version per call that changes something; None if nothing changed.
+        O(C{limit}).
+        """
+        record = self.zones.get(name)
+        if record is None or not record.todo:
+            return None
+        todo = record.todo
+        if limit is None or len(todo) <= limit:
+            items, record.todo = todo, {}
+        else:
+            items = {key: todo.pop(key) for key in list(itertools.islice(todo, limit))}
+        services = record.services
+        added = [key for key, present in items.items() if present and key not in services]
+        removed = [key for key, present in items.items() if not present and key in services]
         if not added and not removed:
             return None
         return self.change_zone(name, added, removed, now)
+
+    def stepping(self) -> list[str]:
+        """The zones with an accepted inventory not applied yet, by name."""
+        return sorted(name for name, record in self.zones.items() if record.todo)
+
+    def drop_todo(self, name: str) -> None:
+        """Forget what zone C{name} sent and is not applied yet (it sends it all again)."""
+        record = self.zones.get(name)
+        if record is not None:
+            record.todo = {}
 
     def _gather(self, record: ZoneRecord, message: Inventory, limits: ZoneLimits) -> _Pending:
         """The inventory being received once C{message} is added to the parts so far."""
@@ -233,19 +304,18 @@ class MergedTable:
         check_service_keys(message.remove, "remove")
         pending = record.pending
         if message.part == 0 or pending is None:
-            # A change is applied whole, like a full inventory: one version for it.
-            pending = _Pending(message.full, count=0 if message.full else len(record.services))
+            pending = _Pending(message.full, count=0 if message.full else record.target_count)
         if pending.full:
             pending.keys.update(ServiceKey(m, s) for m, s in message.add)
             pending.count = len(pending.keys)
         else:
-            services, present = record.services, pending.present
+            present, will_have = pending.present, record.will_have
             for keys, now_present in ((message.add, True), (message.remove, False)):
                 for mesh, service in keys:
                     key = ServiceKey(mesh, service)
                     before = present.get(key)
                     if before is None:
-                        before = key in services
+                        before = will_have(key)
                     if before != now_present:
                         pending.count += 1 if now_present else -1
                     present[key] = now_present

@@ -8,9 +8,10 @@ outside C{[A-Za-z0-9_.-]}) is left out, with a reason.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 __all__ = [
     "MAX_LABEL_OCTETS",
@@ -37,9 +38,12 @@ _ALLOWED = re.compile(r"\A[A-Za-z0-9_.-]+\Z")
 ZONE_NAME = re.compile(r"\A[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
 
 
-@dataclass(frozen=True)
-class ServiceNames:
-    """The DNS names a service gets, and why any form was left out."""
+class ServiceNames(NamedTuple):
+    """The DNS names a service gets, and why any form was left out.
+
+    A named tuple: made for every service of a first load, at a fraction of a
+    frozen dataclass's cost.
+    """
 
     names: tuple[str, ...]
     problems: tuple[str, ...]
@@ -77,16 +81,29 @@ def name_problem(name: str) -> str | None:
 _PLAIN = re.compile(r"\A[A-Za-z0-9-]{1,63}\Z")
 
 
+@functools.lru_cache(maxsize=64)
+def _fine_domain(domain: str) -> bool:
+    """Whether C{domain} is a valid DNS name (asked once per domain, not per service)."""
+    return name_problem(domain) is None
+
+
+_plain_match = _PLAIN.match
+_NO_PROBLEMS: tuple[str, ...] = ()
+#: C{_new_names(ServiceNames, (names, problems))}: C{ServiceNames(names, problems)}
+#: without the named tuple's argument handling (a first load makes one per service).
+_new_names = tuple.__new__
+
+
 def service_names(service: str, domain: str) -> ServiceNames:
     """The DNS names of C{service} under C{domain}, lower-cased, underscore form first."""
     if (
-        _PLAIN.match(service)
+        _plain_match(service)
         and len(service) + len(domain) + 3 <= MAX_NAME_OCTETS
+        and _fine_domain(domain)
         and service.lower() != NAMESERVER_LABEL
-        and name_problem(domain) is None
     ):
         # The usual case (a global checks every name of every zone's inventory).
-        return ServiceNames((f"{service}.{domain}".lower(),), ())
+        return _new_names(ServiceNames, ((f"{service}.{domain}".lower(),), _NO_PROBLEMS))
     return _service_names(service, domain)
 
 
@@ -160,24 +177,30 @@ class NameIndex:
     The same owners and problems as L{assign_names} over the current claimants,
     without walking them: a claimant's names are looked at when it is set or
     removed, and so are the claimants of those names (usually none).  Kept
-    small (a zone holds a million claimants): a name with one claimant is a
-    pair, not a dict, and only assignments where a claimant lacks a name it
-    asks for are stored.
+    small (a zone holds a million claimants): per mesh, a name with one
+    claimant maps to that service's name, not to a dict or a tuple; claims are
+    kept once per claimant; and only assignments where a claimant lacks a name
+    it asks for are stored.
     """
 
     def __init__(self, names_of: Callable[[str], ServiceNames]) -> None:
         self._names_of = names_of
-        #: (name, mesh) -> the claimants of that name: (service, claim), or {service: claim}.
-        self._claims: dict[tuple[str, str], tuple[str, int] | dict[str, int]] = {}
-        self._claim_of: dict[Claimant, int] = {}
+        #: mesh -> name -> its one claimant's service, or {service: claim} of several.
+        self._claims: dict[str, dict[str, str | dict[str, int]]] = {}
+        #: mesh -> service -> claim.
+        self._claim_of: dict[str, dict[str, int]] = {}
         #: Assignments where a claimant does not own every name it asks for.
         self._shared: dict[Claimant, Assignment] = {}
 
     def __len__(self) -> int:
-        return len(self._claim_of)
+        return sum(len(services) for services in self._claim_of.values())
 
     def __contains__(self, claimant: object) -> bool:
-        return claimant in self._claim_of
+        if not isinstance(claimant, tuple) or len(claimant) != 2:
+            return False
+        mesh, service = claimant
+        services = self._claim_of.get(mesh)
+        return services is not None and service in services
 
     def assigned(self, mesh: str, service: str) -> Assignment:
         """The names C{(mesh, service)} owns and the problems of the others."""
@@ -186,26 +209,91 @@ class NameIndex:
 
     def _alone(self, service: str) -> Assignment:
         """What C{service} gets holding every name it asks for."""
-        names = self._names_of(service)
-        return names.names, tuple(f"no DNS name {problem}" for problem in names.problems)
+        return _alone(self._names_of(service))
+
+    def fill(
+        self,
+        claimants: Sequence[tuple[str, str, int]],
+        names_of: Callable[[str], ServiceNames] | None = None,
+    ) -> Iterator[Assignment]:
+        """Put many claimants into an empty index at once; then what each gets, in order.
+
+        The state is the one L{put} of each would leave, at a fraction of the
+        cost (a zone's start-up puts every service of its table): each
+        claimant's names are worked out once, and what it gets holds those very
+        strings.  The claimants must be distinct; the assignments come as the
+        iterator is walked, after every claim is in.
+
+        @param names_of: the index's own function, or one that gives the same
+            names (uncached: the index's may cache a few).
+        """
+        if self._claim_of:
+            raise ValueError("NameIndex.fill needs an empty index")
+        names_of = names_of or self._names_of
+        every_names: list[ServiceNames] = []
+        claim_of = self._claim_of
+        claims = self._claims
+        for mesh, service, claim in claimants:
+            services = claim_of.get(mesh)
+            if services is None:
+                services = claim_of[mesh] = {}
+                claims[mesh] = {}
+            in_mesh = claims[mesh]
+            services[service] = claim
+            names = names_of(service)
+            every_names.append(names)
+            for name in names.names:
+                held = in_mesh.get(name)
+                if held is None:
+                    in_mesh[name] = service
+                elif isinstance(held, dict):
+                    held[service] = claim
+                else:
+                    in_mesh[name] = {held: services[held], service: claim}
+        return self._filled(claimants, every_names)
+
+    def _filled(
+        self, claimants: Sequence[tuple[str, str, int]], every_names: list[ServiceNames]
+    ) -> Iterator[Assignment]:
+        claims = self._claims
+        for (mesh, service, _claim), names in zip(claimants, every_names, strict=True):
+            in_mesh = claims[mesh]
+            for name in names.names:
+                held = in_mesh[name]
+                if held is service or held == service:
+                    continue  # its one claimant
+                if isinstance(held, dict) and self._holder(name, mesh) == service:
+                    continue
+                break
+            else:
+                yield _alone(names)
+                continue
+            # A name held by another: worked out (and kept) as any change does.
+            self._reassign({(mesh, service)})
+            yield self._shared[(mesh, service)]
 
     def put(self, mesh: str, service: str, claim: int) -> set[Claimant]:
         """Add a claimant or change its claim; the claimants whose assignment changed."""
-        if self._claim_of.get((mesh, service)) == claim:
+        services = self._claim_of.get(mesh)
+        if services is None:
+            services = self._claim_of[mesh] = {}
+            self._claims[mesh] = {}
+        elif services.get(service) == claim:
             return set()
-        new = (mesh, service) not in self._claim_of
+        new = service not in services
         touched = self._drop(mesh, service)
         touched.add((mesh, service))
-        self._claim_of[(mesh, service)] = claim
+        services[service] = claim
+        in_mesh = self._claims[mesh]
         for name in self._names_of(service).names:
-            claims = self._claims.get((name, mesh))
-            if claims is None:
-                self._claims[(name, mesh)] = (service, claim)
+            held = in_mesh.get(name)
+            if held is None:
+                in_mesh[name] = service
                 continue
-            if isinstance(claims, tuple):
-                claims = self._claims[(name, mesh)] = {claims[0]: claims[1]}
-            claims[service] = claim
-            touched.update((mesh, other) for other in claims)
+            if not isinstance(held, dict):
+                held = in_mesh[name] = {held: services[held]}
+            held[service] = claim
+            touched.update((mesh, other) for other in held)
         changed = self._reassign(touched)
         if new:
             changed.add((mesh, service))
@@ -213,10 +301,14 @@ class NameIndex:
 
     def remove(self, mesh: str, service: str) -> set[Claimant]:
         """Remove a claimant; the claimants whose assignment changed (itself included)."""
-        if (mesh, service) not in self._claim_of:
+        services = self._claim_of.get(mesh)
+        if services is None or service not in services:
             return set()
         touched = self._drop(mesh, service)
-        del self._claim_of[(mesh, service)]
+        del services[service]
+        if not services:
+            del self._claim_of[mesh]
+            del self._claims[mesh]
         self._shared.pop((mesh, service), None)
         changed = self._reassign(touched - {(mesh, service)})
         changed.add((mesh, service))
@@ -225,29 +317,31 @@ class NameIndex:
     def _drop(self, mesh: str, service: str) -> set[Claimant]:
         """Take C{(mesh, service)}'s claims off its names; the claimants of those names."""
         touched: set[Claimant] = set()
-        if (mesh, service) not in self._claim_of:
+        services = self._claim_of.get(mesh)
+        if services is None or service not in services:
             return touched
+        in_mesh = self._claims[mesh]
         for name in self._names_of(service).names:
-            claims = self._claims.get((name, mesh))
-            if claims is None:
+            held = in_mesh.get(name)
+            if held is None:
                 continue
-            if isinstance(claims, tuple):
-                if claims[0] == service:
-                    del self._claims[(name, mesh)]
+            if not isinstance(held, dict):
+                if held == service:
+                    del in_mesh[name]
                 continue
-            claims.pop(service, None)
-            touched.update((mesh, other) for other in claims)
-            if len(claims) == 1:
-                ((other, other_claim),) = claims.items()
-                self._claims[(name, mesh)] = (other, other_claim)
+            held.pop(service, None)
+            touched.update((mesh, other) for other in held)
+            if len(held) == 1:
+                (other,) = held
+                in_mesh[name] = other
         touched.add((mesh, service))
         return touched
 
     def _holder(self, name: str, mesh: str) -> str:
-        claims = self._claims[(name, mesh)]
-        if isinstance(claims, tuple):
-            return claims[0]
-        return min(claims.items(), key=lambda item: (item[1], item[0]))[0]
+        held = self._claims[mesh][name]
+        if not isinstance(held, dict):
+            return held
+        return min(held.items(), key=lambda item: (item[1], item[0]))[0]
 
     def _reassign(self, claimants: set[Claimant]) -> set[Claimant]:
         """Work out the assignment of C{claimants} again; those whose assignment changed."""
@@ -273,6 +367,13 @@ class NameIndex:
                 self._shared[(mesh, service)] = assignment
                 changed.add((mesh, service))
         return changed
+
+
+def _alone(names: ServiceNames) -> Assignment:
+    """What a claimant of C{names} gets holding every name it asks for."""
+    if not names.problems:
+        return names.names, _NO_PROBLEMS
+    return names.names, tuple(f"no DNS name {problem}" for problem in names.problems)
 
 
 #: The bits of L{name_forms} (as L{kumazone.core.messages.FORM_UNDERSCORE} and

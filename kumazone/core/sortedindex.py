@@ -9,10 +9,11 @@ time without ever sorting or walking it on the reactor.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Generic, Protocol, Self, TypeVar, overload
 
-__all__ = ["SortedIndex"]
+__all__ = ["SortedIndex", "sorted_keys"]
 
 
 class _Ordered(Protocol):
@@ -24,6 +25,28 @@ V = TypeVar("V")
 
 #: Beyond this many keys changed at once, the key list is sorted anew instead.
 _BULK = 64
+_last = operator.itemgetter(-1)
+T = TypeVar("T")
+
+
+def sorted_keys(keys: Iterable[T]) -> list[T]:
+    """C{sorted(keys)}, faster for tuples of strings that differ in their last field only.
+
+    Service keys of one mesh, resource keys of one type and mesh (the usual
+    case): those sort on their last field alone, strings compared as strings,
+    which costs a third of comparing the (named) tuples.
+    """
+    result: list[Any] = list(keys)
+    if len(result) > 1 and isinstance(result[0], tuple):
+        first = result[0]
+        kind, prefix = type(first), first[:-1]
+        if type(first[-1]) is str and all(
+            type(key) is kind and key[:-1] == prefix for key in result
+        ):
+            result.sort(key=_last)
+            return result
+    result.sort()
+    return result
 
 
 class SortedIndex(Sequence[V], Generic[K, V]):
@@ -34,7 +57,7 @@ class SortedIndex(Sequence[V], Generic[K, V]):
 
     def __init__(self, items: Iterable[tuple[K, V]] = ()) -> None:
         self._values: dict[K, V] = dict(items)
-        self._keys: list[K] = sorted(self._values)
+        self._keys: list[K] = sorted_keys(self._values)
 
     @classmethod
     def copy_of(cls, other: SortedIndex[K, V]) -> Self:
@@ -62,9 +85,8 @@ class SortedIndex(Sequence[V], Generic[K, V]):
         return values[self._keys[position]]
 
     def __iter__(self) -> Iterator[V]:
-        values = self._values
-        for key in self._keys:
-            yield values[key]
+        # (A map, not a generator: the DNS authority's first build walks 100,000.)
+        return map(self._values.__getitem__, self._keys)
 
     def __contains__(self, value: object) -> bool:
         """Whether C{value} is a key (not a value: that would walk the index)."""
@@ -128,4 +150,4 @@ class SortedIndex(Sequence[V], Generic[K, V]):
                 values.pop(key, None)
             else:
                 values[key] = value
-        self._keys = sorted(values)
+        self._keys = sorted_keys(values)

@@ -82,6 +82,8 @@ class FederatedView:
         self.changed = False
         #: Keys whose served row may have changed since L{take_touched}.
         self._touched: set[ServiceKey] = set()
+        #: Touched keys held back from L{take_touched}, handed out by L{release}.
+        self._backlog: set[ServiceKey] = set()
         #: Provisional VIPs given, moved or dropped so far (for L{changed}).
         self._moves = 0
         #: A full table being gathered (by key), or a change's upserts and removals.
@@ -121,6 +123,37 @@ class FederatedView:
         """The keys whose served row may have changed since the last call."""
         touched, self._touched = self._touched, set()
         return touched
+
+    def defer_touched(self, limit: int) -> bool:
+        """Hold the touched keys back if more than C{limit}; whether they were.
+
+        L{release} then hands them to L{take_touched} C{limit} at a time, so that
+        whoever follows the table (the entries, DNS) does it in bounded slices.
+        """
+        if len(self._touched) <= limit:
+            return False
+        self._backlog |= self._touched
+        self._touched = set()
+        return True
+
+    def release(self, limit: int) -> int:
+        """Hand up to C{limit} keys held back to L{take_touched}; how many remain held.
+
+        A key touched again meanwhile is in both: it is followed twice, which
+        changes nothing the second time.
+        """
+        backlog = self._backlog
+        if len(backlog) <= limit:
+            self._touched |= backlog
+            self._backlog = set()
+            return 0
+        self._touched.update(backlog.pop() for _ in range(limit))
+        return len(backlog)
+
+    @property
+    def held_back(self) -> int:
+        """How many touched keys wait for L{release}."""
+        return len(self._backlog)
 
     def owner(self, offset: int) -> ServiceKey | None:
         """The key served at C{offset}, or None."""

@@ -13,9 +13,12 @@ import hashlib
 import heapq
 import socket
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import NamedTuple
+
+from kumazone.core.sortedindex import sorted_keys
 
 __all__ = [
     "PROVISIONAL_CLAIM",
@@ -27,6 +30,13 @@ __all__ = [
     "VipAllocator",
     "VipRange",
 ]
+
+
+_sha256 = hashlib.sha256
+#: C{_new_tuple(Served, (...))}: C{Served(...)} without the named tuple's argument
+#: handling (likewise for L{Allocation}).
+_new_tuple = tuple.__new__
+_inet_ntop, _AF_INET, _AF_INET6 = socket.inet_ntop, socket.AF_INET, socket.AF_INET6
 
 
 class ServiceKey(NamedTuple):
@@ -61,10 +71,13 @@ class VipRange:
             raise ValueError(f"IPv4 range {cidr} has no usable address")
         self._base4 = int(cidr.network_address)
         self._base6 = int(cidr6.network_address)
+        #: The addresses at offset 0.
+        self._start4 = self._base4 + self._first
+        self._start6 = self._base6 + self._first
 
     def candidate(self, key: ServiceKey) -> int:
         """The offset this key asks for first."""
-        digest = hashlib.sha256(f"{key.mesh}/{key.service}".encode()).digest()
+        digest = _sha256(f"{key[0]}/{key[1]}".encode()).digest()
         return int.from_bytes(digest[:8], "big") % self.size
 
     def next_offset(self, offset: int) -> int:
@@ -81,14 +94,29 @@ class VipRange:
 
     def ipv4_text(self, offset: int) -> str:
         """C{str(self.ipv4(offset))}, without building an address object."""
-        return socket.inet_ntop(socket.AF_INET, (self._base4 + self._first + offset).to_bytes(4))
+        return _inet_ntop(_AF_INET, (self._start4 + offset).to_bytes(4, "big"))
 
     def ipv6_text(self, offset: int) -> str:
         """C{str(self.ipv6(offset))} (RFC 5952 text), without building an address object."""
-        value = self._base6 + self._first + offset
-        text = socket.inet_ntop(socket.AF_INET6, value.to_bytes(16))
+        value = self._start6 + offset
+        text = _inet_ntop(_AF_INET6, value.to_bytes(16, "big"))
         # The C library writes ::a.b.c.d forms for v4-compatible and v4-mapped addresses.
         return text if "." not in text else str(IPv6Address(value))
+
+    def offset_of_ipv4_text(self, text: str) -> int | None:
+        """C{self.offset_of(IPv4Address(text))}: the offset of an IPv4 VIP given as text.
+
+        Raises ValueError (C{AddressValueError}) if C{text} is not an IPv4 address.
+        """
+        try:
+            packed = socket.inet_pton(socket.AF_INET, text)
+        except (OSError, TypeError):
+            packed = None
+        if packed is None or socket.inet_ntop(socket.AF_INET, packed) != text:
+            # Not in canonical form (or not an address): as ipaddress reads it.
+            return self.offset_of(IPv4Address(text))
+        offset = int.from_bytes(packed, "big") - self._base4 - self._first
+        return offset if 0 <= offset < self.size else None
 
     def offset_of(self, address: IPv4Address | IPv6Address) -> int | None:
         """The offset of a VIP of this range, or None if it is not one."""
@@ -247,10 +275,12 @@ class VipAllocator:
         O(table): for a start-up or a whole new set.  A change of a few keys is
         L{change}, which costs what it changes.
         """
-        wanted_set = set(wanted)
-        removed = [k for k in self.allocations if k not in wanted_set]
+        # A set-like view (the zone's wanted services) is read as it is, not copied.
+        wanted_set = wanted if isinstance(wanted, AbstractSet) else set(wanted)
+        allocations = self.allocations
+        removed = [k for k in allocations if k not in wanted_set]
         removed += [k for k in self.exhausted if k not in wanted_set]
-        added = [k for k in wanted_set if k not in self.allocations]
+        added = [k for k in wanted_set if k not in allocations]
         return self.change(added, removed, now)
 
     def change(
@@ -282,33 +312,68 @@ class VipAllocator:
             k for k in added if k not in gone and k not in self.allocations
         }
         self.exhausted = set()
-        for key in sorted(waiting):
+        # Claimed at the version this change makes.
+        claim = self.version + 1
+        allocations, owners, added_rows = self.allocations, self._owner, delta.added
+        for key in sorted_keys(waiting):
             offset = self._place(key, delta)
             if offset is None:
                 self.exhausted.add(key)
                 delta.exhausted.append(key)
                 continue
-            # Claimed at the version this change makes.
-            allocation = Allocation(key, offset, claim=self.version + 1)
-            self.allocations[key] = allocation
-            self._owner[offset] = key
-            delta.added.append(allocation)
+            allocation = _new_tuple(Allocation, (key, offset, (), claim))
+            allocations[key] = allocation
+            owners[offset] = key
+            added_rows.append(allocation)
         if delta.changed:
             self.version += 1
         return delta
 
     def _place(self, key: ServiceKey, delta: TableDelta) -> int | None:
-        own_hold = self._held_by.get(key)
-        if own_hold is not None:
-            self._drop_hold(own_hold)
-            delta.holds_dropped.append(own_hold)
-            return own_hold.offset
-        if self.used >= self.range.size:
+        if self._held_by:
+            own_hold = self._held_by.get(key)
+            if own_hold is not None:
+                self._drop_hold(own_hold)
+                delta.holds_dropped.append(own_hold)
+                return own_hold.offset
+        owners, holds, size = self._owner, self.holds, self.range.size
+        if len(owners) + len(holds) >= size:
             return None
-        offset = self.range.candidate(key)
-        while offset in self._owner or offset in self.holds:
-            offset = self.range.next_offset(offset)
+        # VipRange.candidate and next_offset, inline (a first load places 100,000 keys).
+        digest = _sha256(f"{key[0]}/{key[1]}".encode()).digest()
+        offset = int.from_bytes(digest[:8], "big") % size
+        while offset in owners or offset in holds:
+            offset = (offset + 1) % size
         return offset
+
+    def follow(self, delta: TableDelta, version: int) -> None:
+        """Apply what another table's change did (a replica's leader): O(delta).
+
+        A replica that follows never places a key itself; it takes the leader's
+        rows, hold-downs and version as they were stored.
+        """
+        allocations, owners = self.allocations, self._owner
+        for gone in delta.removed:
+            allocation = allocations.pop(gone.key, None)
+            if allocation is not None and owners.get(allocation.offset) == gone.key:
+                del owners[allocation.offset]
+        for hold in delta.holds_dropped:
+            held = self.holds.get(hold.offset)
+            if held is not None:
+                self._drop_hold(held)
+        for hold in delta.holds_added:
+            held = self.holds.get(hold.offset)
+            if held is not None:
+                self._drop_hold(held)
+            self._add_hold(hold)
+        for allocation in delta.added:
+            before = allocations.get(allocation.key)
+            if before is not None and owners.get(before.offset) == allocation.key:
+                del owners[before.offset]
+            allocations[allocation.key] = allocation
+            owners[allocation.offset] = allocation.key
+            self.exhausted.discard(allocation.key)
+        self.version = version
 
     def row(self, key: ServiceKey) -> Served | None:
         """C{key}'s row as served, or None."""
@@ -319,6 +384,7 @@ class VipAllocator:
 
     def served(self) -> Iterator[Served]:
         """Every allocation as served, sorted by key."""
-        for key in sorted(self.allocations):
-            allocation = self.allocations[key]
-            yield Served(key, allocation.offset, (), False, allocation.claim)
+        allocations = self.allocations
+        for key in sorted_keys(allocations):
+            allocation = allocations[key]
+            yield _new_tuple(Served, (key, allocation[1], (), False, allocation[3]))

@@ -11,15 +11,17 @@ changed.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from kumazone.core.bulk import bulk_load
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.messages import TableUpdate
-from kumazone.core.names import NameIndex, service_names
+from kumazone.core.names import Assignment, NameIndex, service_names
 from kumazone.core.resources import DATAPLANE, MESH, Resource, ResourceKey
 from kumazone.core.sortedindex import SortedIndex
 from kumazone.core.storage import Store, StoreChanges, StoredState, StoreError
@@ -41,6 +43,9 @@ DEFAULT_MESH = "default"
 _WARNED_KEPT = 10_000
 #: Services whose candidate DNS names are kept worked out.
 _NAMES_CACHED = 4096
+#: A change of more services than this, and of a quarter of the table or more (a
+#: first load), builds every entry anew in one pass instead of one at a time.
+_REBUILD_AT = 1024
 
 
 class ConflictError(Exception):
@@ -58,6 +63,43 @@ class VipEntry:
     problems: tuple[str, ...] = ()
     provisional: bool = False
     zones: tuple[str, ...] = ()
+
+
+_set_entry_fields = tuple(VipEntry.__dict__[f.name].__set__ for f in dataclasses.fields(VipEntry))
+
+
+def _new_entry(
+    key: ServiceKey,
+    vip: str,
+    vip6: str,
+    names: tuple[str, ...],
+    problems: tuple[str, ...],
+    provisional: bool,
+    zones: tuple[str, ...],
+) -> VipEntry:
+    """C{VipEntry(key, vip, vip6, names, problems, provisional, zones)} at half the cost.
+
+    A frozen dataclass's constructor sets each field through C{object.__setattr__};
+    this sets the slots directly (a start-up makes an entry per service).
+    """
+    entry = _new_object(VipEntry)
+    set_key, set_vip, set_vip6, set_names, set_problems, set_provisional, set_zones = (
+        _set_entry_fields
+    )
+    set_key(entry, key)
+    set_vip(entry, vip)
+    set_vip6(entry, vip6)
+    set_names(entry, names)
+    set_problems(entry, problems)
+    set_provisional(entry, provisional)
+    set_zones(entry, zones)
+    return entry
+
+
+_new_object = object.__new__
+#: C{_new_tuple(ServiceKey, (mesh, service))}: C{ServiceKey(mesh, service)} without
+#: the named tuple's argument handling.
+_new_tuple = tuple.__new__
 
 
 @dataclass(frozen=True)
@@ -139,6 +181,14 @@ class Zone:
     nothing (no write, no version, no listener).
     """
 
+    #: A change of more services than this (and of a quarter of the table or
+    #: more) builds the entries anew in one pass (tests set it low).
+    rebuild_at = _REBUILD_AT
+
+    #: A replica that follows its leader (L{follow}): it never allocates, expires
+    #: hold-downs or writes; its table is the leader's, change by change.
+    following = False
+
     def __init__(
         self,
         name: str,
@@ -168,15 +218,17 @@ class Zone:
         #: Resources given through the API, and what each file defines.
         self.api: dict[ResourceKey, Resource] = {}
         self.files: dict[str, dict[ResourceKey, Resource]] = {}
-        state = store.load()
-        for key, problem in state.bad_resources:
-            warn(f"stored {key} no longer validates and is not served: {problem}")
-        self._load_table(state, warn)
-        self._start_inventory(state.resources)
-        # The stored table need not hold what the stored inventory wants (a new VIP
-        # range, a table from a global): the first change or tick reconciles whole.
-        self._stale = True
-        self._build_entries()
+        with bulk_load():  # a restart loads every stored resource and row
+            state = store.load()
+            for key, problem in state.bad_resources:
+                warn(f"stored {key} no longer validates and is not served: {problem}")
+            self._load_table(state, warn)
+            self._start_inventory(state.resources)
+            del state
+            # The stored table need not hold what the stored inventory wants (a new VIP
+            # range, a table from a global): the first change or tick reconciles whole.
+            self._stale = True
+            self._build_entries()
         self.snapshot = self._make_snapshot()
 
     def _start_inventory(self, api: Iterable[Resource]) -> None:
@@ -193,8 +245,9 @@ class Zone:
         self._listings: dict[tuple[str, str], SortedIndex[ResourceKey, Resource]] = {}
         #: Dataplanes providing each wanted service.
         self._wanted: dict[ServiceKey, int] = {}
-        #: Each Dataplane address's meshes, as (mesh, count) or {mesh: count}.
-        self._address_uses: dict[str, tuple[str, int] | dict[str, int]] = {}
+        #: Each Dataplane address's meshes: mesh (one Dataplane), (mesh, count) or
+        #: {mesh: count}.
+        self._address_uses: dict[str, str | tuple[str, int] | dict[str, int]] = {}
         self._mesh_of_address: dict[str, str] = {}
         #: Resources naming each mesh.
         self._mesh_uses: dict[str, int] = {}
@@ -386,20 +439,28 @@ class Zone:
         addresses: dict[str, str | None] = {}
         listed: dict[tuple[str, str], list[tuple[ResourceKey, Resource | None]]] = {}
         changed = False
+        # _source_of, inline (a first load refreshes every key of the inventory).
+        owner_of, files, api = self._owner.get, self.files, self.api
+        count = self._count
         for key in keys:
-            new = self._source_of(key)
+            path = owner_of(key)
+            new = files[path][key] if path is not None else api.get(key)
             old = merged.get(key)
             if old is new or (old is not None and old == new):
                 continue
             changed = True
             if old is not None:
-                self._count(old, -1, services, addresses)
+                count(old, -1, services, addresses)
             if new is None:
                 del merged[key]
             else:
                 merged[key] = new
-                self._count(new, 1, services, addresses)
-            listed.setdefault((key.type, key.mesh), []).append((key, new))
+                count(new, 1, services, addresses)
+            where = (key[0], key[1])  # (type, mesh)
+            pairs = listed.get(where)
+            if pairs is None:
+                pairs = listed[where] = []
+            pairs.append((key, new))
         if not changed:
             return _NOTHING
         for where, pairs in listed.items():
@@ -408,8 +469,8 @@ class Zone:
                 listing = listings[where] = SortedIndex()
             listing.update(pairs)
         wanted = self._wanted
-        added = frozenset(k for k, was in services.items() if not was and k in wanted)
-        removed = frozenset(k for k, was in services.items() if was and k not in wanted)
+        added = frozenset([k for k, was in services.items() if not was and k in wanted])
+        removed = frozenset([k for k, was in services.items() if was and k not in wanted])
         moved = frozenset(self._settle_addresses(addresses))
         meshes_changed = False
         if self._meshes_moved:
@@ -427,37 +488,40 @@ class Zone:
     ) -> None:
         """Count C{resource} in (C{sign} 1) or out (-1) of the wanted services,
         addresses and meshes; note the services and addresses touched as they were."""
-        key = resource.key
-        mesh = key.name if key.type == MESH else key.mesh
-        uses = self._mesh_uses.get(mesh, 0) + sign
+        kind, mesh, name = resource.key
+        counted = name if kind == MESH else mesh
+        mesh_uses = self._mesh_uses
+        uses = mesh_uses.get(counted, 0) + sign
         if uses:
-            self._mesh_uses[mesh] = uses
+            mesh_uses[counted] = uses
         else:
-            del self._mesh_uses[mesh]
+            del mesh_uses[counted]
         if uses == 0 or (uses == 1 and sign == 1):
             self._meshes_moved = True
-        if key.type != DATAPLANE:
+        if kind != DATAPLANE:
             return
         wanted = self._wanted
         for service in resource.services:
-            service_key = ServiceKey(key.mesh, service)
+            service_key = _new_tuple(ServiceKey, (mesh, service))
             count = wanted.get(service_key, 0)
-            services.setdefault(service_key, count > 0)
+            if service_key not in services:
+                services[service_key] = count > 0
             if count + sign:
                 wanted[service_key] = count + sign
             else:
                 del wanted[service_key]
         address = resource.address
         if address is not None:
-            addresses.setdefault(address, self._mesh_of_address.get(address))
-            _add_use(self._address_uses, address, key.mesh, sign)
+            if address not in addresses:
+                addresses[address] = self._mesh_of_address.get(address)
+            _add_use(self._address_uses, address, mesh, sign)
 
     def _settle_addresses(self, addresses: Mapping[str, str | None]) -> list[str]:
         """Each address touched to its one mesh (none if several); those that moved."""
         moved = []
         for address, before in addresses.items():
             uses = self._address_uses.get(address)
-            mesh = uses[0] if isinstance(uses, tuple) else None
+            mesh = uses if isinstance(uses, str) else uses[0] if isinstance(uses, tuple) else None
             if isinstance(uses, dict):
                 self._warn_once(
                     f"address {address} is a Dataplane in several meshes; it gets mesh default"
@@ -481,6 +545,12 @@ class Zone:
     ) -> None:
         """The inventory changed at C{keys}: follow it in the table, store and listeners."""
         inventory = self._refresh(keys)
+        if self.following:
+            # The leader places what the inventory wants; this replica serves it when
+            # the leader's change comes (L{follow}).
+            if inventory.changed:
+                self._followed(TableDelta(), inventory)
+            return
         if not inventory.changed and not puts and not deletes and not self._stale:
             return
         try:
@@ -501,8 +571,12 @@ class Zone:
         """Reconcile the whole table with the inventory, persist, and tell listeners.
 
         O(table): for start-up (and tests); every change of the inventory goes
-        through the incremental path.
+        through the incremental path.  A replica that follows only tells listeners.
         """
+        if self.following:
+            delta = TableDelta()
+            self._followed(delta, _NOTHING)
+            return delta
         try:
             delta = self.table.reconcile(self.wanted(), now)
             self._stale = False
@@ -516,6 +590,8 @@ class Zone:
 
     def tick(self, now: float) -> None:
         """Periodic work: expire hold-downs, retry a full range (only when due)."""
+        if self.following:
+            return  # the leader's work
         if self._stale:
             self.update(now)
             return
@@ -530,21 +606,27 @@ class Zone:
             raise
         self._followed(delta, _NOTHING)
 
-    def apply_global(self, message: TableUpdate, table_id: str, now: float) -> bool:
+    def apply_global(
+        self, message: TableUpdate, table_id: str, now: float, limit: int | None = None
+    ) -> bool:
         """Apply one part of the global's table; True once a whole update is applied.
 
-        Raises ValueError if the message is a change from a version not held.
+        The whole update is stored at once; the entries (and DNS) follow the
+        services it changed now if they are at most C{limit} (or C{limit} is
+        None), else through L{follow_global}, C{limit} at a time.  Raises
+        ValueError if the message is a change from a version not held.
         """
-        assert isinstance(self.table, FederatedView)
+        table = self.table
+        assert isinstance(table, FederatedView)
         new_table = table_id != self.table_id
         if new_table and not message.full:
             raise ValueError(f"a change for table {table_id}, holding {self.table_id!r}")
         try:
-            delta = self.table.apply(message, now)
+            delta = table.apply(message, now)
             if delta is None:
                 return False
             if self._stale:
-                held = self.table.reconcile(self.wanted(), now)
+                held = table.reconcile(self.wanted(), now)
                 delta.holds_added += held.holds_added
                 delta.holds_dropped += held.holds_dropped
                 delta.exhausted = held.exhausted
@@ -555,8 +637,67 @@ class Zone:
             self._recover()
             raise
         self.table_id = table_id
-        self._followed(delta, _NOTHING, full=new_table)
+        # A new table too is followed by the services it changed (the view
+        # touched every row that differs): no rebuild of everything at once.
+        # More than C{limit} wait for follow_global; fewer are followed now.
+        if limit is not None:
+            table.defer_touched(limit)
+        self._followed(delta, _NOTHING)
         return True
+
+    def follow_global(self, limit: int) -> int:
+        """Follow up to C{limit} more services of a table update applied in slices
+        (L{apply_global}); how many still wait.  O(C{limit})."""
+        table = self.table
+        if not isinstance(table, FederatedView) or not table.held_back:
+            return 0
+        remaining = table.release(limit)
+        self._followed(TableDelta(exhausted=sorted(table.exhausted)), _NOTHING)
+        return remaining
+
+    # -- replicas --------------------------------------------------------------
+
+    def follow(self, changes: StoreChanges, now: float) -> None:
+        """Apply a change another replica stored (L{following}): O(change).
+
+        Its resources are the API's (put or deleted), its table rows and version
+        the leader's.  A change that resets the table is applied by L{reload}.
+        """
+        assert self.following, "only a replica that follows applies another's changes"
+        keys: list[ResourceKey] = []
+        for resource in changes.puts:
+            if self.api.get(resource.key) != resource:
+                self.api[resource.key] = resource
+                keys.append(resource.key)
+        for key in changes.deletes:
+            if self.api.pop(key, None) is not None:
+                keys.append(key)
+        inventory = self._refresh(keys)
+        delta = changes.delta or TableDelta()
+        if changes.table_id is not None:
+            self.table_id = changes.table_id
+        if delta.anything or changes.table_version is not None:
+            version = self.table.version if changes.table_version is None else changes.table_version
+            if isinstance(self.table, VipAllocator):
+                self.table.follow(delta, version)
+        self._followed(delta, inventory)
+
+    def reload(self, state: StoredState, following: bool) -> None:
+        """Everything from C{state} (a replica catching up whole, or stepping down
+        with changes it could not store): O(table); listeners rebuild."""
+        self.following = following
+        self._load_table(state, lambda message: None)
+        self._start_inventory(state.resources)
+        self._stale = not following
+        self._build_entries()
+        self._publish(ZoneChange(self._make_snapshot(), full=True))
+
+    def lead(self, now: float) -> None:
+        """This replica leads from now: it places what the inventory wants that the
+        last leader left unplaced, expires hold-downs, and writes (O(table), once)."""
+        self.following = False
+        self._stale = True
+        self.update(now)
 
     def _commit(
         self,
@@ -658,25 +799,68 @@ class Zone:
             zone=self.name,
         )
 
-    def _build_entries(self) -> None:
-        """Every entry and name from the table, from scratch (start-up, recovery)."""
+    def _build_entries(self, previous: SortedIndex[ServiceKey, VipEntry] | None = None) -> None:
+        """Every entry and name from the table, from scratch (start-up, recovery).
+
+        An entry of C{previous} that is still the same is kept (the same object);
+        without C{previous}, the problems of every entry are warned of.
+        """
         self._exhausted = tuple(sorted(self.table.exhausted))
         self._names = NameIndex(self._names_of)
         served = list(self.table.served())
-        names = self._names
-        for row in served:
-            names.put(row.key.mesh, row.key.service, row.claim)
+        # One pass for every name (the claims), then each entry with what it owns;
+        # each service's names worked out once (not through the small cache).
+        domain = self.config.domain
+        assignments = self._names.fill(
+            [(row[0][0], row[0][1], row.claim) for row in served],
+            lambda service: service_names(service, domain),
+        )
         entries = []
-        for row in served:
-            entry = self._entry(row)
-            self._warn_problems(entry)
-            entries.append((row.key, entry))
+        entry_of = self._entry
+        if previous:
+            for row, assignment in zip(served, assignments, strict=True):
+                entries.append((row[0], entry_of(row, previous.get(row[0]), assignment)))
+        else:
+            for row, assignment in zip(served, assignments, strict=True):
+                entries.append((row[0], entry_of(row, None, assignment)))
+        if previous is None:
+            for _key, entry in entries:
+                if entry.problems:
+                    self._warn_problems(entry)
         self._entries: SortedIndex[ServiceKey, VipEntry] = SortedIndex(entries)
+
+    def _rebuild_entries(self, removed: list[VipEntry], added: list[VipEntry]) -> None:
+        """L{_update_entries} for a change of much of the table (a first load): every
+        entry built anew in one pass, those unchanged kept, the difference told."""
+        before, exhausted = self._entries, self._exhausted
+        self._build_entries(before)
+        self._exhausted = exhausted
+        after = self._entries
+        if not before:
+            added.extend(after)
+        else:
+            for key, entry in zip(before.keys(), before, strict=True):
+                if after.get(key) is not entry:
+                    removed.append(entry)
+            for key, entry in zip(after.keys(), after, strict=True):
+                if before.get(key) is not entry:
+                    added.append(entry)
+        for entry in added:
+            if entry.problems:
+                self._warn_problems(entry)
 
     def _update_entries(
         self, keys: set[ServiceKey], removed: list[VipEntry], added: list[VipEntry]
     ) -> None:
         """The entries of C{keys} (and of services their names moved to) built again."""
+        if (
+            len(keys) > self.rebuild_at
+            and len(keys) * 4 > len(self._entries)
+            and isinstance(self.table, VipAllocator)
+        ):
+            # (A federated zone follows a big table in slices: see apply_global.)
+            self._rebuild_entries(removed, added)
+            return
         table, names = self.table, self._names
         rows: dict[ServiceKey, Served | None] = {}
         claimants: set[tuple[str, str]] = set()
@@ -711,9 +895,16 @@ class Zone:
             for problem in entry.problems:
                 self._warn_once(f"service {entry.key}: {problem}")
 
-    def _entry(self, row: Served, old: VipEntry | None = None) -> VipEntry:
-        """The entry of C{row}: C{old} itself if nothing about it changed."""
-        owned, problems = self._names.assigned(row.key.mesh, row.key.service)
+    def _entry(
+        self, row: Served, old: VipEntry | None = None, assignment: Assignment | None = None
+    ) -> VipEntry:
+        """The entry of C{row}: C{old} itself if nothing about it changed.
+
+        C{assignment}: what the row's service owns, when the caller has it already.
+        """
+        if assignment is None:
+            assignment = self._names.assigned(row.key.mesh, row.key.service)
+        owned, problems = assignment
         zones = row.zones or self._zones
         vip_range = self.table.range
         vip = vip_range.ipv4_text(row.offset)
@@ -725,7 +916,7 @@ class Zone:
             old.zones,
         ) == (vip, owned, problems, row.provisional, zones):
             return old
-        return VipEntry(
+        return _new_entry(
             row.key,
             vip,
             vip_range.ipv6_text(row.offset),
@@ -744,17 +935,20 @@ class Zone:
 
 
 def _add_use(
-    uses: dict[str, tuple[str, int] | dict[str, int]], address: str, mesh: str, sign: int
+    uses: dict[str, str | tuple[str, int] | dict[str, int]], address: str, mesh: str, sign: int
 ) -> None:
     """Count one Dataplane of C{mesh} at C{address} in (1) or out (-1).
 
-    One mesh (the usual case) is a (mesh, count) pair; several, a dict.
+    One Dataplane (the usual case) is its mesh; one mesh, a (mesh, count) pair;
+    several, a dict.
     """
     current = uses.get(address)
     if current is None:
-        uses[address] = (mesh, 1)
+        uses[address] = mesh
         return
-    if isinstance(current, tuple):
+    if isinstance(current, str):
+        counts = {current: 1}
+    elif isinstance(current, tuple):
         counts = {current[0]: current[1]}
     else:
         counts = current
@@ -767,6 +961,6 @@ def _add_use(
         del uses[address]
     elif len(counts) == 1:
         ((only, n),) = counts.items()
-        uses[address] = (only, n)
+        uses[address] = only if n == 1 else (only, n)
     else:
         uses[address] = counts

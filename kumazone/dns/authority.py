@@ -18,6 +18,7 @@ from twisted.names import dns
 from twisted.names.common import ResolverBase
 from twisted.names.error import AuthoritativeDomainError, DomainError
 
+from kumazone.core.bulk import bulk_load
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.names import nameserver_name
 from kumazone.core.vips import ServiceKey, VipRange
@@ -188,11 +189,13 @@ class MeshAuthority(ResolverBase):
         self._forward, self._contested, self._by_offset = {}, {}, {}
         self._offset_contested, self._served = {}, {}
         self._empty = {self.nameserver.split(b".", 1)[1]: {"*": 1}}
-        for entry in snapshot.entries:
-            built = old.get(entry.key)
-            if built is None or built.entry != entry:
-                built = self._serve(entry)
-            self._add(built, None)
+        serve, add = self._serve, self._add
+        with bulk_load():  # a first build makes a few objects per service
+            for entry in snapshot.entries:
+                built = old.get(entry.key) if old else None
+                if built is None or built.entry != entry:
+                    built = serve(entry)
+                add(built, None)
         self.version = snapshot.version
         self.changed = None
 
@@ -220,8 +223,8 @@ class MeshAuthority(ResolverBase):
 
     def _serve(self, entry: VipEntry) -> _Served:
         """C{entry} as the authority serves it."""
-        names = tuple(text.encode("ascii") for text in entry.names)
-        offset = self._range.offset_of(ipaddress.IPv4Address(entry.vip))
+        names = tuple([text.encode("ascii") for text in entry.names])
+        offset = self._range.offset_of_ipv4_text(entry.vip)
         return _Served(entry, -1 if offset is None else offset, names)
 
     def _parents(self, name: bytes) -> Iterable[bytes]:
@@ -254,6 +257,8 @@ class MeshAuthority(ResolverBase):
                 if claims[0] is served:
                     in_mesh[name] = served
                     self._set_ptr(owner, changed)
+            if b"." not in name[: -len(self._suffix)] or not name.endswith(self._suffix):
+                continue  # one label under the apex (the usual case): no parent to count
             for parent in self._parents(name):
                 counts = self._empty.get(parent)
                 if counts is None:

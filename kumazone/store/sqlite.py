@@ -129,6 +129,8 @@ class SQLiteStore:
         keys: dict[tuple[str, str], ServiceKey] = {}
         #: One tuple per set of zones (most rows share a few).
         zone_sets: dict[str, tuple[str, ...]] = {}
+        #: One number per claim (many rows share one: those allocated by one change).
+        claims: dict[int, int] = {}
         allocations = state.allocations
         for mesh, service, offset, zones, claim in db.execute(
             "SELECT mesh, service, vip_offset, zones, claim FROM vips ORDER BY vip_offset"
@@ -137,7 +139,7 @@ class SQLiteStore:
             names = zone_sets.get(zones)
             if names is None:
                 names = zone_sets[zones] = tuple(json.loads(zones))
-            allocations.append(Allocation(key, offset, names, claim))
+            allocations.append(Allocation(key, offset, names, claims.setdefault(claim, claim)))
         records = {
             name: ZoneRecord(name, set(), last_contact=last_contact, acked=acked)
             for name, last_contact, acked in db.execute(
@@ -211,19 +213,18 @@ class SQLiteStore:
             "INSERT OR REPLACE INTO holds (vip_offset, mesh, service, until) VALUES (?, ?, ?, ?)",
             [(h.offset, h.key.mesh, h.key.service, h.until) for h in delta.holds_added],
         )
-        zones_text: dict[tuple[str, ...], str] = {}
+        zones_text: dict[tuple[str, ...], str] = {(): "[]"}
         db.executemany(
             "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (?, ?, ?, ?, ?)",
             [
                 (
-                    a.key.mesh,
-                    a.key.service,
-                    a.offset,
-                    zones_text.get(a.zones)
-                    or zones_text.setdefault(a.zones, json.dumps(list(a.zones))),
-                    a.claim,
+                    key[0],
+                    key[1],
+                    offset,
+                    zones_text.get(zones) or zones_text.setdefault(zones, json.dumps(list(zones))),
+                    claim,
                 )
-                for a in delta.added
+                for key, offset, zones, claim in delta.added
             ],
         )
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -17,6 +17,7 @@ from kumazone.core.messages import (
     Hello,
     Inventory,
     Ping,
+    TableUpdate,
     Welcome,
     table_messages,
 )
@@ -28,7 +29,13 @@ from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncProtocol
 from kumazone.sync.tls import certificate_names
 
-__all__ = ["GlobalHub", "GlobalSession", "ZoneConnected"]
+__all__ = ["PARTS_PER_TURN", "STEP_KEYS", "GlobalHub", "GlobalSession", "ZoneConnected"]
+
+#: Keys of a zone's accepted inventory applied per reactor turn (one version each):
+#: a zone's first inventory of 500,000 services never holds the reactor for long.
+STEP_KEYS = 2000
+#: Table parts one zone is sent per reactor turn (a whole table goes over many turns).
+PARTS_PER_TURN = 4
 
 
 class ZoneConnected(Exception):
@@ -67,6 +74,12 @@ class GlobalHub:
         #: Zones refused after hello wait before they are heard again.
         self.cooldowns = Cooldowns(self.limits.refusal_cooldown)
         self.sessions: dict[str, GlobalSession] = {}
+        #: Keys of an accepted inventory applied per turn (L{STEP_KEYS}).
+        self.step_keys = STEP_KEYS
+        #: The next slice of the zones' accepted inventories (L{step}), when due.
+        self._stepping: IDelayedCall | None = None
+        #: The zone whose inventory was stepped last (zones take turns).
+        self._stepped: str = ""
         self._refusal_log = limited(
             RateLimiter(burst=20, interval=60.0), clock, lambda line: self.log.warn(line)
         )
@@ -107,6 +120,48 @@ class GlobalHub:
         self.persist(delta, zones, deleted)
         self.push_all()
         self.update_metrics()
+
+    def accepted(self, session: GlobalSession, delta: TableDelta | None) -> None:
+        """A zone's inventory came whole; its first slice (C{delta}) is applied: share it.
+
+        The rest is applied a slice per reactor turn (L{step}).
+        """
+        assert session.zone is not None
+        self.changed(delta, [session.zone], [])
+        self.cooldowns.forgive(session.zone)
+        self._schedule_step()
+
+    def _schedule_step(self) -> None:
+        if self._stepping is None and self.merged.stepping():
+            self._stepping = self.clock.callLater(0, self.step)
+
+    def step(self) -> None:
+        """Apply one slice of a zone's accepted inventory, share it, and come back.
+
+        Zones take turns; a slice is L{step_keys} keys, one version.  A slice that
+        cannot be stored is dropped with the rest of that zone's inventory, and
+        the zone, if connected, is refused: it sends it all again.
+        """
+        self._stepping = None
+        zones = self.merged.stepping()
+        if not zones:
+            return
+        later = [name for name in zones if name > self._stepped]
+        name = self._stepped = (later or zones)[0]
+        try:
+            delta = self.merged.step(name, self.clock.seconds(), self.step_keys)
+            if delta is not None:
+                self.changed(delta, [name], [])
+        except StoreError as e:
+            self.merged.drop_todo(name)
+            session = self.sessions.get(name)
+            if session is not None:
+                self.refuse(session, ZoneRefused("store", f"the global cannot store it ({e})"))
+        except Exception:
+            self.merged.drop_todo(name)  # not again at every turn
+            raise
+        finally:
+            self._schedule_step()
 
     def push_all(self) -> None:
         """Push the table to every zone; one that fails is dropped, the others go on."""
@@ -184,6 +239,9 @@ class GlobalSession:
         self.sent_version = -1
         #: The last version the zone acknowledged on this connection.
         self.acked = -1
+        #: A table on its way, L{PARTS_PER_TURN} parts per reactor turn.
+        self._parts: Iterator[TableUpdate] | None = None
+        self._sending: IDelayedCall | None = None
         limits = hub.limits
         self._rate = TokenBucket(limits.max_messages_per_second, 2 * limits.max_messages_per_second)
         self.proto: SyncProtocol
@@ -329,14 +387,17 @@ class GlobalSession:
         """Take in (a part of) the zone's inventory; after its last part, share the change."""
         try:
             zone, now = self._heard()
-            delta = self.hub.merged.receive_inventory(zone, inventory, now, self.hub.limits)
+            delta = self.hub.merged.receive_inventory(
+                zone, inventory, now, self.hub.limits, self.hub.step_keys
+            )
             if inventory.last:
-                self.hub.changed(delta, [zone], [])
-                self.hub.cooldowns.forgive(zone)
+                self.hub.accepted(self, delta)
         except ZoneRefused as refusal:
             self.hub.refuse(self, refusal)
         except StoreError as e:
             # The table is back to what is stored: the zone sends it all again.
+            if self.zone is not None:
+                self.hub.merged.drop_todo(self.zone)
             self.hub.refuse(self, ZoneRefused("store", f"the global cannot store it ({e})"))
 
     def ack_received(self, proto: SyncProtocol, ack: Ack) -> None:
@@ -374,27 +435,63 @@ class GlobalSession:
 
     def resumed(self, proto: SyncProtocol) -> None:
         """The zone reads again: send what it was not sent meanwhile."""
+        if self._parts is not None:
+            if self._sending is None:
+                self._send_parts()
+            return
         self.push()
 
     def push(self) -> None:
-        """Send what changed since the version this zone was last sent."""
+        """Send what changed since the version this zone was last sent.
+
+        The parts go L{PARTS_PER_TURN} per reactor turn; changes made meanwhile
+        follow once the last part is out, coalesced.
+        """
         table = self.hub.merged
-        if self.sent_version == table.version or self.proto.paused or self.proto.closed:
+        if self.zone is None:
+            return  # nothing before the welcome (the transport may resume before hello)
+        if self._parts is not None or self.proto.paused or self.proto.closed:
             return  # a zone not reading gets the changes, coalesced, once it reads
+        if self.sent_version == table.version:
+            return
         changes = table.changes_since(self.sent_version) if self.sent_version >= 0 else None
         if changes is None:
             messages = table_messages(table.version, 0, True, table.listing)
         else:
             upsert, remove = changes
             messages = table_messages(table.version, self.sent_version, False, upsert, remove)
-        for message in messages:
-            self.proto.send(message)
         self.sent_version = table.version
+        self._parts = iter(messages)
+        self._send_parts()
+
+    def _send_parts(self) -> None:
+        """Send the next parts of the table on its way; come back for the rest."""
+        self._sending = None
+        parts = self._parts
+        if parts is None:
+            return
+        if self.proto.closed:
+            self._parts = None
+            return
+        if self.proto.paused:
+            return  # resumed() goes on
+        for _ in range(PARTS_PER_TURN):
+            message = next(parts, None)
+            if message is None:
+                self._parts = None
+                self.push()  # what changed while the parts went
+                return
+            self.proto.send(message)
+        self._sending = self.hub.clock.callLater(0, self._send_parts)
 
     # -- the end ------------------------------------------------------------------
 
     def disconnected(self, proto: SyncProtocol, reason: Failure) -> None:
         """The connection is gone: count it if it never said hello, else mark the zone."""
+        self._parts = None
+        if self._sending is not None and self._sending.active():
+            self._sending.cancel()
+        self._sending = None
         if self.zone is None:
             if not self.refused:  # a refused one was logged and counted then
                 self.hub.refused(

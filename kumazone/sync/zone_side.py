@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -13,6 +13,7 @@ from kumazone.core.messages import (
     Ack,
     Error,
     Hello,
+    Inventory,
     Ping,
     TableUpdate,
     Welcome,
@@ -25,7 +26,14 @@ from kumazone.core.zone import Zone, ZoneChange
 from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncProtocol
 
-__all__ = ["REFUSED_LONGEST", "REFUSED_WAIT", "ZoneSync"]
+__all__ = ["FOLLOW_KEYS", "PARTS_PER_TURN", "REFUSED_LONGEST", "REFUSED_WAIT", "ZoneSync"]
+
+#: Services of a table update the zone's entries (and DNS) follow per reactor
+#: turn: a change of 100,000 rows never holds the zone (its DNS, its heartbeat)
+#: for long.
+FOLLOW_KEYS = 500
+#: Inventory parts sent per reactor turn (a whole inventory goes over many turns).
+PARTS_PER_TURN = 4
 
 #: After the global refuses it, a zone waits this long before connecting again,
 #: twice as long after each refusal in a row, up to L{REFUSED_LONGEST} (or as long
@@ -71,6 +79,16 @@ class ZoneSync:
         self.refusals = 0
         self.cooldown_until = 0.0
         self._refused_here = False
+        #: The whole inventory on its way, L{PARTS_PER_TURN} parts per reactor turn.
+        self._parts: Iterator[Inventory] | None = None
+        self._sending: IDelayedCall | None = None
+        #: The next slice of a table update followed in slices, when due.
+        self._following: IDelayedCall | None = None
+        #: The last version acknowledged on this connection, whether a table came
+        #: whole on it, and the table (id, version) its hello claimed.
+        self._acked = -1
+        self._table_here = False
+        self._claimed: tuple[str, int] = ("", 0)
         zone.listeners.append(self._changed)
         self._log_failure = limited(
             RateLimiter(burst=5, interval=60.0), clock, lambda line: self.log.warn(line)
@@ -97,14 +115,43 @@ class ZoneSync:
                 str(self.zone.config.cidr6),
             )
         )
+        self._acked, self._table_here, self._claimed = -1, False, (claimed, have)
         self.sent = set(self.zone.wanted())
-        for message in inventory_messages(_pairs(self.sent), full=True):
+        self._parts = iter(inventory_messages(self.sent, full=True))
+        self._send_parts()
+
+    def _send_parts(self) -> None:
+        """Send the next parts of the whole inventory; come back for the rest.
+
+        Changes made meanwhile go once the last part is out (L{inventory_changed}).
+        """
+        self._sending = None
+        proto, parts = self.proto, self._parts
+        if parts is None or proto is None or proto.closed:
+            self._parts = None
+            return
+        if proto.paused:
+            return  # resumed() goes on
+        for _ in range(PARTS_PER_TURN):
+            message = next(parts, None)
+            if message is None:
+                self._parts = None
+                self.inventory_changed()
+                return
             proto.send(message)
+        self._sending = self.clock.callLater(0, self._send_parts)
+
+    def resumed(self, proto: SyncProtocol) -> None:
+        """The global reads again: go on with the inventory on its way."""
+        if self._parts is not None and self._sending is None and proto is self.proto:
+            self._send_parts()
 
     def _changed(self, change: ZoneChange) -> None:
         """The zone's table changed: send the services that came and went (O(those))."""
         if self.proto is None or self.proto.closed or self.global_table_id is None:
             return  # the next connection sends the whole inventory
+        if self._parts is not None:
+            return  # compared whole once the whole inventory is out
         if change.full:
             self.inventory_changed()  # anything may have changed: compare whole (O(n))
             return
@@ -125,9 +172,11 @@ class ZoneSync:
         """
         if self.proto is None or self.proto.closed or self.global_table_id is None:
             return
+        if self._parts is not None:
+            return  # done once the whole inventory is out
         wanted, sent = self.zone.wanted(), self.sent
-        add = [key for key in wanted if key not in sent]
-        remove = [key for key in sent if key not in wanted]
+        add = wanted - sent
+        remove = sent.difference(wanted)
         if not add and not remove:
             return
         sent.update(add)
@@ -148,22 +197,50 @@ class ZoneSync:
         self.inventory_changed()  # anything that changed while connecting
 
     def table_received(self, proto: SyncProtocol, update: TableUpdate) -> None:
-        """Apply (a part of) the global's table; acknowledge it once whole."""
+        """Apply (a part of) the global's table; acknowledge it once whole and followed.
+
+        A large update is stored at once and followed (entries, DNS)
+        L{FOLLOW_KEYS} services per reactor turn.
+        """
         if self.global_table_id is None:
             proto.fail("table before welcome")
             return
         now = self.clock.seconds()
         try:
-            done = self.zone.apply_global(update, self.global_table_id, now)
+            done = self.zone.apply_global(update, self.global_table_id, now, FOLLOW_KEYS)
         except ValueError as e:
             self.force_full = True
             proto.fail(f"cannot apply table change: {e}; reconnecting for a full table")
             return
-        if done:
-            self.force_full = False
-            self.last_table_at = now
-            self.metrics.table_version.labels(self.zone.name).set(update.version)
-            proto.send(Ack(update.version))
+        if not done:
+            return
+        self.force_full = False
+        self._table_here = True
+        table = self.zone.table
+        if self._following is None:
+            if isinstance(table, FederatedView) and table.held_back:
+                self._following = self.clock.callLater(0, self._follow)
+            else:
+                self._follow()
+
+    def _follow(self) -> None:
+        """Follow the next slice of the table updates applied; once none waits, acknowledge."""
+        self._following = None
+        if self.zone.follow_global(FOLLOW_KEYS):
+            self._following = self.clock.callLater(0, self._follow)
+            return
+        version = self.zone.table.version
+        self.last_table_at = self.clock.seconds()
+        self.metrics.table_version.labels(self.zone.name).set(version)
+        proto = self.proto
+        if proto is None or proto.closed or self.global_table_id is None:
+            return
+        # Only a version this connection was sent (or its hello claimed, and the
+        # global took), and never one below what it acknowledged.
+        claimed = self._claimed == (self.global_table_id, version)
+        if version > self._acked and (self._table_here or claimed):
+            self._acked = version
+            proto.send(Ack(version))
 
     def error_received(self, proto: SyncProtocol, error: Error) -> None:
         """Log what the global says before it closes (rate-limited), and wait before retrying.
@@ -193,6 +270,10 @@ class ZoneSync:
         """Lost the global (or never reached it): keep serving the table held."""
         if self.proto is proto:
             self.proto = None
+            self._parts = None
+            if self._sending is not None and self._sending.active():
+                self._sending.cancel()
+            self._sending = None
         since = self.connected_since
         if (
             not self._refused_here

@@ -498,6 +498,7 @@ def test_a_zone_cut_off_in_the_middle_of_a_change_catches_up() -> None:
 
     other, _other_transport = glob.server()
     many = [("default", f"svc-{i:05d}") for i in range(CHUNK_ITEMS + 500)]
+    glob.hub.step_keys = len(many)  # one version, applied at once
     other.dataReceived(
         hello("zone-2") + b"".join(encode(m) for m in inventory_messages(many, size=1000))
     )

@@ -58,9 +58,10 @@ lint: $(STAMP)
 
 # One table with every figure of issue 10 and its target (about 15 min; e.g.
 # BENCH_ARGS="--million 100000" for a shorter run), then issue 13's data-plane
-# table (about 5 min; DP_BENCH_ARGS="--quick" for a smoke run).  bench/dns_bench.py
+# table (about 5 min; DP_BENCH_ARGS="--quick" for a smoke run), then issue 14's zone
+# replicas on PostgreSQL (about 2 min; REPLICA_BENCH_ARGS="--quick").  bench/dns_bench.py
 # and bench/federation.py also run on their own: see bench/README.md.
-bench: $(STAMP)
+bench: $(STAMP) tools
 	@missing=""; \
 	command -v dnsperf >/dev/null || missing="$$missing dnsperf"; \
 	command -v nsd >/dev/null || test -x /usr/sbin/nsd || missing="$$missing nsd"; \
@@ -71,6 +72,7 @@ bench: $(STAMP)
 	fi
 	$(BIN)/python bench/churn_bench.py $(BENCH_ARGS)
 	$(BIN)/python bench/dataplane_bench.py $(DP_BENCH_ARGS)
+	$(BIN)/python bench/replica_bench.py $(REPLICA_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info twisted/plugins/dropin.cache .pytest_cache .mypy_cache .hypothesis

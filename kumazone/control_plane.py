@@ -177,7 +177,7 @@ class ControlPlane(MultiService):
         site = _QuietSite(api)
         self.ports["api"] = self._listen_tcp(api_port, site, api_interface)
         # The diagnostics take no bodies: GETs only.
-        diagnostics = _QuietSite(diagnostics_root(self.metrics, self._readiness), 4096)
+        diagnostics = _QuietSite(diagnostics_root(self.metrics, self._readiness, self._role), 4096)
         self.ports["diagnostics"] = self._listen_tcp(
             diagnostics_port, diagnostics, diagnostics_interface
         )
@@ -192,6 +192,10 @@ class ControlPlane(MultiService):
 
     def _readiness(self) -> str | None:
         return None if self._ready else "starting"
+
+    def _role(self) -> str | None:
+        """A replica's part (C{leader}, C{follower}) for /ready; None for one process."""
+        return None
 
     def stopService(self) -> Any:
         self._ready = False

@@ -90,7 +90,14 @@ class Options(usage.Options):
             None,
             "State directory (default ./kumazone-data/<zone, global or dataplane name>).",
         ],
-        ["store", None, None, "Store URL (default sqlite:///<data-dir>/kumazone.sqlite3)."],
+        [
+            "store",
+            None,
+            None,
+            "Store URL (default sqlite:///<data-dir>/kumazone.sqlite3); "
+            "postgresql://USER@HOST[:PORT]/DB for replicas of a standalone zone sharing "
+            "one database (the password from PGPASSWORD or ~/.pgpass).",
+        ],
         [
             "dns-port",
             None,
@@ -230,7 +237,12 @@ class Options(usage.Options):
             "kumazone-data", self["zone"] if role == "zone" else "global"
         )
         self["data-dir"] = data_dir
-        self.store_path = self._store_path(self["store"], data_dir)
+        self.store_url: str | None = None
+        if self["store"] is not None and self["store"].startswith(("postgresql:", "postgres:")):
+            self.store_url = self._postgres_url(self["store"], role)
+            self.store_path = ""
+        else:
+            self.store_path = self._store_path(self["store"], data_dir)
         if role == "zone":
             self._zone_dataplane_port()
 
@@ -410,6 +422,20 @@ class Options(usage.Options):
         except ValueError as e:
             raise _fail(f"--tls-cert: {e}") from None
 
+    def _postgres_url(self, url: str, role: str) -> str:
+        from kumazone.store.postgres import check_url
+
+        try:
+            check_url(url)
+        except ValueError as e:
+            raise _fail(f"--store: {e}") from None
+        if role != "zone" or self["global"] is not None:
+            raise _fail(
+                "--store: postgresql:// is for the replicas of a standalone zone in this "
+                "version (not yet the global, nor a zone synced with one)"
+            )
+        return url
+
     @staticmethod
     def _store_path(url: str | None, data_dir: str) -> str:
         if url is None:
@@ -418,7 +444,9 @@ class Options(usage.Options):
             return url[len("sqlite://") :]
         if url.startswith("sqlite://"):
             return url[len("sqlite://") :]
-        raise _fail(f"--store: {url!r} is not supported (use sqlite:///PATH)")
+        raise _fail(
+            f"--store: {url!r} is not supported (use sqlite:///PATH or postgresql://USER@HOST/DB)"
+        )
 
 
 def parse_global(value: str) -> tuple[str, int]:
@@ -530,6 +558,7 @@ def makeService(options: Options) -> Any:
             dns_interface=options["dns-interface"],
             global_address=options.global_address,
             global_fallbacks=options.global_addresses[1:],
+            store_url=options.store_url,
             dp_port=options["dp-port"],
             dp_interface=options["dp-interface"],
             dp_tls=options.tls,

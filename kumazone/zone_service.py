@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService, TimerService, backoffPolicy
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
@@ -27,6 +29,9 @@ from kumazone.sync.protocol import SyncFactory
 from kumazone.sync.tls import TLSFiles, client_options, server_options
 from kumazone.sync.zone_side import ZoneSync
 from kumazone.web.api import ApiResource
+
+if TYPE_CHECKING:
+    from kumazone.store.replica import ZoneReplica
 
 __all__ = ["ZoneService", "ZoneSettings", "mesh_lookup"]
 
@@ -59,6 +64,8 @@ class ZoneSettings:
     global_address: tuple[str, int] | None = None
     #: The global's other replicas, tried in turn when one cannot be reached.
     global_fallbacks: tuple[tuple[str, int], ...] = ()
+    #: A PostgreSQL store shared with the zone's other replicas (instead of SQLite).
+    store_url: str | None = None
     tls: TLSFiles | None = None
     #: The dataplane port: served with C{dp_tls} (mutual TLS), or without TLS
     #: when C{dp_insecure}; with neither, not at all.
@@ -91,6 +98,7 @@ class ZoneService(ControlPlane):
         self.dataplanes: DataplaneHub | None = None
         self._sync_metrics: SyncMetrics | None = None
         self._globals: FailoverEndpoint
+        self.replica: ZoneReplica | None = None
 
     def _start(self) -> None:
         settings = self.settings
@@ -105,18 +113,48 @@ class ZoneService(ControlPlane):
         self.ports["dns"] = self._listen_dns(self._dns_factory(zone))
         self._serve_dataplanes(zone)
         self._listen_web(
-            ApiResource(zone, self.metrics, self.reactor, self._sync_status, self.dataplanes),
+            ApiResource(
+                zone,
+                self.metrics,
+                self.reactor,
+                self._sync_status,
+                self.dataplanes,
+                writes=self.replica,
+            ),
             settings.api_port,
             settings.api_interface,
             settings.diagnostics_port,
             settings.diagnostics_interface,
         )
+        if self.replica is not None:
+            self.replica.start(zone)
         self._log_started(zone)
+
+    def _role(self) -> str | None:
+        if self.replica is None:
+            return None
+        return "leader" if self.replica.leading else "follower"
 
     def _open_zone(self) -> Zone:
         """The zone over its store, as the store left it."""
         settings = self.settings
-        store = self._store = SQLiteStore(settings.store_path)
+        store: Any
+        if settings.store_url is not None:
+            # Replicas on PostgreSQL: the store waits for the database (a line each
+            # try), then every call of it runs on its own thread, never here.
+            # (psycopg is imported only for them: SQLite alone needs none of it.)
+            from kumazone.store.replica import ZoneReplica, open_store
+
+            postgres = open_store(settings.store_url, self.log)
+            store = self._store = self.replica = ZoneReplica(
+                postgres,
+                settings.zone,
+                self.reactor,
+                self.metrics.registry,
+                holder=f"{settings.zone}@{socket.gethostname()}:{os.getpid()}",
+            )
+        else:
+            store = self._store = SQLiteStore(settings.store_path)
         zone = Zone(
             settings.zone,
             settings.dns,
@@ -125,6 +163,8 @@ class ZoneService(ControlPlane):
             federated=settings.global_address is not None,
         )
         zone.listeners.append(lambda change: self._update_gauges(change.snapshot))
+        if self.replica is not None:
+            zone.following = True  # until the election says otherwise
         return zone
 
     def _load_resources(self, zone: Zone) -> None:
@@ -244,6 +284,14 @@ class ZoneService(ControlPlane):
         # before sending its close (and SIGTERM would never end the process).
         if self.sync is not None and self.sync.proto is not None:
             self.sync.proto.close()
+        if self.replica is not None:
+            # Stop leading first: the lock goes with its session, and another leads.
+            stopping = self.replica.stop()
+            self._store = None  # the replica closes its own store
+            return stopping.addBoth(lambda _: self._stop_rest())
+        return self._stop_rest()
+
+    def _stop_rest(self) -> Any:
         # Close every dataplane's connection cleanly (TLS close_notify) and give the
         # closes a moment to go out before the listeners and the store go.
         if self.dataplanes is None:

@@ -39,6 +39,9 @@ class StoredState:
     zones: list[ZoneRecord] = field(default_factory=list)
     #: Rows that no longer validate (kept in the database, reported, not served).
     bad_resources: list[tuple[ResourceKey, str]] = field(default_factory=list)
+    #: The last change of the store's change log this state includes (a store
+    #: that replicas share; 0 for one that has none).
+    log_seq: int = 0
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,10 @@ from kumazone.core.federation import ZoneRecord
 from kumazone.core.resources import ResourceKey, parse_stored
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
+from kumazone.store import changelog
 
 __all__ = [
+    "CHANNEL",
     "MIGRATION_LOCK",
     "SCHEMA_VERSION",
     "Fenced",
@@ -45,11 +47,13 @@ __all__ = [
     "describe_url",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The advisory lock (one bigint) held while the schema is created or migrated.
 MIGRATION_LOCK = 0x6B756D617A6F6E65  # "kumazone"
 #: Scripts taking the schema from each older version to the next one.
-_MIGRATIONS = {1: "migrate-v1-v2.sql"}
+_MIGRATIONS = {1: "migrate-v1-v2.sql", 2: "migrate-v2-v3.sql"}
+#: The channel every transaction notifies (with its log sequence number) at commit.
+CHANNEL = "kumazone_changes"
 #: Seconds a connection attempt may take.
 CONNECT_TIMEOUT = 5
 
@@ -186,16 +190,18 @@ class PostgresStore:
         """Apply C{changes} in one transaction; on failure raise L{StoreError}, changing nothing."""
         self._commit(changes, None)
 
-    def commit_fenced(self, changes: StoreChanges, fence: tuple[str, int]) -> None:
+    def commit_fenced(self, changes: StoreChanges, fence: tuple[str, int] | None) -> int:
         """L{commit} as the leader of C{fence} (name, epoch): L{Fenced}, and nothing
-        written, unless that epoch still leads when the transaction commits.
+        written, unless that epoch still leads when the transaction commits.  None:
+        no check (a write any replica may make: the API's resources).
 
         The caller takes C{fence} when it decides to write (on the reactor), never
         later: a leader that stepped down meanwhile must be refused, not unchecked.
+        Returns the change's sequence number in the change log.
         """
-        self._commit(changes, fence)
+        return self._commit(changes, fence)
 
-    def _commit(self, changes: StoreChanges, fence: tuple[str, int] | None) -> None:
+    def _commit(self, changes: StoreChanges, fence: tuple[str, int] | None) -> int:
         try:
             db = self._connect()
             with db.transaction(), db.cursor() as cursor:
@@ -209,10 +215,47 @@ class PostgresStore:
                     _write_delta(cursor, changes.delta)
                 _write_zones(cursor, changes)
                 _write_meta(cursor, changes)
+                return _append(cursor, changes)
         except psycopg.Error as e:
             raise StoreError(f"cannot write to store {self.where}: {_reason(e)}") from None
         except (OverflowError, ValueError, TypeError) as e:
             raise StoreError(f"cannot write to store {self.where}: {e}") from None
+
+    def changes_since(self, seq: int, limit: int = 1000) -> list[tuple[int, StoreChanges]] | None:
+        """The logged changes after C{seq}, oldest first (C{limit} at most); None if
+        the log no longer holds them all (trimmed: load the whole state again)."""
+        try:
+            db = self._connect()
+            with db.transaction():
+                first = db.execute("SELECT min(seq) FROM changes").fetchone()
+                rows = db.execute(
+                    "SELECT seq, body FROM changes WHERE seq > %s ORDER BY seq LIMIT %s",
+                    (seq, limit),
+                ).fetchall()
+        except psycopg.Error as e:
+            raise StoreError(f"cannot read store {self.where}: {_reason(e)}") from None
+        oldest = first[0] if first else None
+        if oldest is not None and oldest > seq + 1:
+            return None  # rows after seq were trimmed (the log keeps its newest always)
+        try:
+            return [(int(n), changelog.decode(body)) for n, body in rows]
+        except ValueError as e:
+            raise StoreError(f"store {self.where}: change log unreadable: {e}") from None
+
+    def trim_log(self, keep: int) -> None:
+        """Drop all but the last C{keep} (1 at least) changes of the log (a follower
+        further behind loads the whole state again)."""
+        keep = max(1, keep)
+        try:
+            db = self._connect()
+            with db.transaction():
+                db.execute(
+                    "DELETE FROM changes WHERE seq <= "
+                    "(SELECT value::bigint FROM meta WHERE key = 'log_seq') - %s",
+                    (keep,),
+                )
+        except psycopg.Error as e:
+            raise StoreError(f"cannot write to store {self.where}: {_reason(e)}") from None
 
     def _check_fence(self, cursor: psycopg.Cursor[Any], name: str, epoch: int) -> None:
         # FOR SHARE: a replica taking over (UPDATE of this row) waits for this
@@ -277,10 +320,29 @@ def _load(db: psycopg.Connection[Any]) -> StoredState:
         )
     ]
     meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    state.log_seq = int(meta["log_seq"])
     state.table_version = int(meta["table_version"])
     state.vip_range = meta["vip_range"]
     state.table_id = meta["table_origin"]
     return state
+
+
+def _append(cursor: psycopg.Cursor[Any], changes: StoreChanges) -> int:
+    """Log C{changes} under the next sequence number and notify at commit; the number.
+
+    The counter's row lock, held to the commit, makes sequence order commit order.
+    """
+    cursor.execute(
+        "UPDATE meta SET value = (value::bigint + 1)::text WHERE key = 'log_seq' RETURNING value"
+    )
+    row = cursor.fetchone()
+    assert row is not None
+    seq = int(row[0])
+    cursor.execute(
+        "INSERT INTO changes (seq, body) VALUES (%s, %s)", (seq, changelog.encode(changes))
+    )
+    cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, str(seq)))
+    return seq
 
 
 def _many(cursor: psycopg.Cursor[Any], sql: str, rows: Iterable[tuple[Any, ...]]) -> None:

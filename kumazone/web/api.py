@@ -646,6 +646,14 @@ class _JsonApi(web_resource.Resource):
             raise HttpError(405, "Method not allowed", f"{method} is not allowed here")
 
 
+class Writes(Protocol):
+    """Where the API's writes go: the zone itself, or a replica of it."""
+
+    def put(self, resource: Resource, now: float) -> bool | Deferred[bool]: ...
+
+    def delete(self, key: ResourceKey, now: float) -> bool | Deferred[bool]: ...
+
+
 class ApiResource(_JsonApi):
     """A zone's API."""
 
@@ -656,12 +664,16 @@ class ApiResource(_JsonApi):
         clock: IReactorTime,
         sync_status: Callable[[], dict[str, Any] | None] = lambda: None,
         dataplanes: DataplaneHub | None = None,
+        writes: Writes | None = None,
     ) -> None:
         """
         @param dataplanes: the dataplane port's sessions (None: the port is off).
+        @param writes: where PUTs and DELETEs go (None: the zone itself); a replica's
+            answer later, once stored (L{kumazone.store.replica.ZoneReplica}).
         """
         super().__init__(metrics)
         self.zone = zone
+        self.writes: Writes = zone if writes is None else writes
         self.clock = clock
         self.sync_status = sync_status
         self.dataplanes = dataplanes
@@ -807,7 +819,7 @@ class ApiResource(_JsonApi):
             [{"field": error.field, "message": error.message}],
         )
 
-    def _put(self, key: ResourceKey, request: Request) -> tuple[int, Any]:
+    def _put(self, key: ResourceKey, request: Request) -> Answer | Deferred[Answer]:
         assert request.content is not None
         body = request.content.read(MAX_BODY_OCTETS + 1)
         if len(body) > MAX_BODY_OCTETS:
@@ -837,30 +849,57 @@ class ApiResource(_JsonApi):
             raise self._reject(key, ResourceError("(body)", "is not UTF-8")) from None
         except ResourceError as e:
             raise self._reject(key, e) from None
-        try:
-            created = self.zone.put(resource, self.clock.seconds())
-        except ConflictError as e:
-            raise HttpError(409, "Conflict", str(e)) from None
-        except StoreError as e:
-            self.log.error("API: {key} not stored: {error}", key=str(key), error=str(e))
-            raise HttpError(503, "Store unavailable", str(e)) from None
-        self.log.info(
-            "API: {key} {action}", key=str(key), action="created" if created else "updated"
-        )
-        return (201 if created else 200), dict(resource.document)
 
-    def _delete(self, key: ResourceKey) -> tuple[int, Any]:
+        def answer(created: bool) -> tuple[int, Any]:
+            self.log.info(
+                "API: {key} {action}", key=str(key), action="created" if created else "updated"
+            )
+            return (201 if created else 200), dict(resource.document)
+
+        return self._written(
+            key, "stored", lambda: self.writes.put(resource, self.clock.seconds()), answer
+        )
+
+    def _delete(self, key: ResourceKey) -> Answer | Deferred[Answer]:
+        def answer(deleted: bool) -> tuple[int, Any]:
+            if not deleted:
+                raise HttpError(404, "Could not delete a resource", f"{key} not found")
+            self.log.info("API: {key} deleted", key=str(key))
+            return 200, {}
+
+        return self._written(
+            key, "deleted", lambda: self.writes.delete(key, self.clock.seconds()), answer
+        )
+
+    def _written(
+        self,
+        key: ResourceKey,
+        what: str,
+        write: Callable[[], bool | Deferred[bool]],
+        answer: Callable[[bool], Answer],
+    ) -> Answer | Deferred[Answer]:
+        """C{write}'s outcome as an answer: now, or once a replica has stored it."""
+
+        def refused(error: Exception) -> HttpError:
+            if isinstance(error, ConflictError):
+                return HttpError(409, "Conflict", str(error))
+            self.log.error(
+                "API: {key} not {what}: {error}", key=str(key), what=what, error=str(error)
+            )
+            return HttpError(503, "Store unavailable", str(error))
+
         try:
-            deleted = self.zone.delete(key, self.clock.seconds())
-        except ConflictError as e:
-            raise HttpError(409, "Conflict", str(e)) from None
-        except StoreError as e:
-            self.log.error("API: {key} not deleted: {error}", key=str(key), error=str(e))
-            raise HttpError(503, "Store unavailable", str(e)) from None
-        if not deleted:
-            raise HttpError(404, "Could not delete a resource", f"{key} not found")
-        self.log.info("API: {key} deleted", key=str(key))
-        return 200, {}
+            done = write()
+        except (ConflictError, StoreError) as e:
+            raise refused(e) from None
+        if not isinstance(done, Deferred):
+            return answer(done)
+
+        def failed(failure: Failure) -> Answer:
+            failure.trap(ConflictError, StoreError)
+            raise refused(failure.value)  # type: ignore[arg-type]
+
+        return done.addCallbacks(answer, failed)
 
 
 def _session_key(session: DataplaneSession) -> tuple[str, str]:

@@ -150,3 +150,44 @@ def test_a_fenced_write_of_an_epoch_that_no_longer_leads_writes_nothing(postgres
     store.commit_fenced(StoreChanges(delta=web, table_version=1), ("global", 3))
     assert len(store.load().allocations) == 1
     store.close()
+
+
+def test_every_write_is_logged_in_order_and_a_trimmed_log_says_so(postgres) -> None:
+    url = postgres.fresh_database("change_log")
+    store = PostgresStore(url)
+    web = ServiceKey("default", "web")
+    first = store.commit_fenced(StoreChanges(table_version=1), None)
+    second = store.commit_fenced(
+        StoreChanges(delta=TableDelta(added=[Allocation(web, 3)]), table_version=2), None
+    )
+    assert second == first + 1
+    rows = store.changes_since(0)
+    assert rows is not None
+    assert [seq for seq, _ in rows] == [first, second]
+    assert rows[1][1].delta is not None and rows[1][1].delta.added == [Allocation(web, 3)]
+    assert store.load().log_seq == second
+    # A failed write logs nothing: the next one follows on.
+    with pytest.raises(StoreError):
+        store.commit(
+            StoreChanges(delta=TableDelta(added=[Allocation(ServiceKey("default", "x"), 3)]))
+        )
+    third = store.commit_fenced(StoreChanges(table_version=3), None)
+    assert third == second + 1
+    store.trim_log(1)
+    assert store.changes_since(0) is None  # a follower that far behind loads whole
+    assert [seq for seq, _ in store.changes_since(second) or []] == [third]
+    assert store.changes_since(third) == []
+    store.close()
+
+
+def test_a_commit_notifies_the_change_log_channel(postgres) -> None:
+    from kumazone.store.postgres import CHANNEL
+
+    url = postgres.fresh_database("notify")
+    store = PostgresStore(url)
+    with psycopg.connect(url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {CHANNEL}")
+        seq = store.commit_fenced(StoreChanges(table_version=1), None)
+        notified = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+    assert notified == [str(seq)]
+    store.close()

@@ -420,11 +420,36 @@ def test_store(url: str, path: str) -> None:
     assert options.store_path == path
 
 
-@pytest.mark.parametrize(
-    "url", ["postgres://db/kumazone", "sqlite:/relative", "/var/lib/kz.sqlite3", "", "SQLITE:///x"]
-)
+@pytest.mark.parametrize("url", ["sqlite:/relative", "/var/lib/kz.sqlite3", "", "SQLITE:///x"])
 def test_unsupported_store(url: str) -> None:
     assert_names(refused(ZONE, f"--store={url}"), "--store", repr(url), "not supported")
+
+
+def test_a_postgresql_store_makes_replicas_of_a_standalone_zone() -> None:
+    url = "postgresql://kumazone@db.example:5432/kumazone"
+    options = parse(ZONE, f"--store={url}")
+    assert options.store_url == url
+    service = makeService(options)
+    assert isinstance(service, ZoneService)
+    assert service.settings.store_url == url
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--store=postgresql://kz:s3cret@db.example/kz"], ["PGPASSWORD"]),
+        (["--store=postgres://db.example"], ["names a host and a database"]),
+        (
+            ["--store=postgresql://kz@db.example/kz", "--global=g.example", "--insecure"],
+            ["not yet"],
+        ),
+        (["--role=global", "--insecure", "--store=postgresql://kz@db.example/kz"], ["not yet"]),
+    ],
+)
+def test_postgresql_stores_refused_say_why(argv: list[str], words: list[str]) -> None:
+    message = refused(ZONE, *argv) if argv[0].startswith("--store") else refused(*argv)
+    assert_names(message, "--store", *words)
+    assert "s3cret" not in message
 
 
 # -- --config -----------------------------------------------------------------------------

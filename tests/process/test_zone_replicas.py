@@ -1,0 +1,227 @@
+"""Replicas of one zone on a real PostgreSQL: one leads, every one serves, none gives a VIP twice.
+
+Real `twistd kumazone --role=zone --store=postgresql://...` processes on the
+session's own PostgreSQL server (L{tests.pgserver}), a database per test.  The
+tests write through the API of any replica, kill (SIGKILL), pause (SIGSTOP)
+and resume the leader, restart the database, and check what every replica
+serves over DNS and /vips.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.builders import dataplane
+from tests.fedprocess import wait_until
+from tests.kzprocess import ZoneProcess
+
+#: The issue's bound: another replica leads within 5 s.
+FAILOVER = 5.0
+
+
+def role(replica: ZoneProcess) -> str:
+    status, body = replica.http("diagnostics", "GET", "/ready")
+    assert status == 200, body
+    return body.decode().strip().removeprefix("ok: ")
+
+
+def alive(replica: ZoneProcess) -> bool:
+    return replica.process is not None and replica.process.poll() is None
+
+
+def leader_of(group: list[ZoneProcess], timeout: float = 15) -> ZoneProcess:
+    def one() -> ZoneProcess | None:
+        leaders = [r for r in group if alive(r) and role(r) == "leader"]
+        return leaders[0] if len(leaders) == 1 else None
+
+    found = wait_until(one, timeout, 0.05, "exactly one replica leads")
+    assert found is not None
+    return found
+
+
+def put(replica: ZoneProcess, service: str, index: int) -> int:
+    document = dataplane(f"dp-{service}", service, address=f"10.7.{index // 250}.{index % 250 + 1}")
+    status, _ = replica.api("PUT", f"/meshes/default/dataplanes/dp-{service}", document)
+    return status
+
+
+def vips(replica: ZoneProcess) -> dict[str, str]:
+    """service -> IPv4 VIP, as the replica's /vips lists them."""
+    return {item["service"]: item["vip"] for item in replica.vips()["items"]}
+
+
+def answer(replica: ZoneProcess, service: str) -> str | None:
+    message = replica.query(f"{service}.mesh", timeout=2.0)
+    for rrset in message.answer:
+        for record in rrset:
+            return str(record)
+    return None
+
+
+@pytest.fixture
+def make(postgres: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    url = postgres.fresh_database(
+        f"replicas_{request.node.name[:40]}".replace("[", "_").replace("]", "")
+    )
+    started: list[ZoneProcess] = []
+
+    def start(count: int) -> list[ZoneProcess]:
+        made = []
+        for _ in range(count):
+            home = tmp_path / f"replica-{len(started)}"
+            home.mkdir()
+            replica = ZoneProcess(home, None, zone="zone-1", args=[f"--store={url}"])
+            started.append(replica)
+            made.append(replica.start())
+        return made
+
+    yield start
+    for replica in started:
+        if replica.process is not None and replica.process.poll() is None:
+            replica.process.send_signal(signal.SIGCONT)
+        replica.stop()
+
+
+def same_everywhere(group: list[ZoneProcess], services: list[str]) -> dict[str, str]:
+    """The table, once every live replica serves every one of C{services} identically."""
+
+    def agreed() -> dict[str, str] | None:
+        tables = [vips(r) for r in group if alive(r)]
+        if not all(set(services) <= set(t) for t in tables):
+            return None
+        wanted = {s: tables[0][s] for s in services}
+        if any({s: t[s] for s in services} != wanted for t in tables):
+            return None
+        return tables[0]
+
+    table = wait_until(agreed, 20, 0.1, f"every replica serves {len(services)} services alike")
+    assert table is not None
+    assert len(set(table.values())) == len(table), "a VIP on two services"
+    return table
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_one_replica_leads_and_a_write_on_any_is_served_by_all(make: Any, count: int) -> None:
+    group = make(count)
+    leader = leader_of(group)
+    followers = [r for r in group if r is not leader]
+    assert {role(r) for r in followers} == {"follower"}
+    assert put(leader, "web", 1) == 201
+    assert put(followers[0], "backend", 2) == 201  # a follower writes to the database
+    assert put(followers[-1], "backend", 2) == 200  # the same again: nothing new
+    table = same_everywhere(group, ["web", "backend"])
+    for replica in group:
+        wait_until(lambda r=replica: answer(r, "backend") == table["backend"], 10, 0.05)
+        assert answer(replica, "web") == table["web"]
+    status, _ = followers[0].api("DELETE", "/meshes/default/dataplanes/dp-web")
+    assert status == 200
+    for replica in group:
+        wait_until(lambda r=replica: "web" not in vips(r), 10, 0.05, "web gone everywhere")
+    metrics = leader.http("diagnostics", "GET", "/metrics")[1].decode()
+    assert "kumazone_leader 1.0" in metrics
+    assert "kumazone_store_up 1.0" in metrics
+    assert "kumazone_leader 0.0" in followers[0].http("diagnostics", "GET", "/metrics")[1].decode()
+
+
+def test_the_leader_killed_in_a_burst_of_writes_loses_no_acknowledged_write(make: Any) -> None:
+    group = make(3)
+    leader = leader_of(group)
+    for i in range(10):
+        assert put(group[i % 3], f"before-{i}", i) in (200, 201)
+    before = same_everywhere(group, [f"before-{i}" for i in range(10)])
+    acknowledged: list[str] = []
+    stop = threading.Event()
+    others = [r for r in group if r is not leader]
+
+    def burst(target: ZoneProcess, prefix: str) -> None:
+        i = 0
+        while not stop.is_set() and i < 400:
+            name = f"{prefix}-{i}"
+            try:
+                if put(target, name, 1000 + i) in (200, 201):
+                    acknowledged.append(name)
+            except OSError:
+                pass  # the leader, killed: no answer, not acknowledged
+            i += 1
+
+    writers = [
+        threading.Thread(target=burst, args=(leader, "at-leader")),
+        threading.Thread(target=burst, args=(others[0], "at-follower")),
+    ]
+    for writer in writers:
+        writer.start()
+    time.sleep(1.0)
+    assert acknowledged, "no write was answered before the kill"
+    assert leader.process is not None
+    killed = time.monotonic()
+    leader.process.send_signal(signal.SIGKILL)
+    leader.process.wait(10)
+    successor = leader_of(others, FAILOVER + 5)
+    taken = time.monotonic() - killed
+    time.sleep(1.0)
+    stop.set()
+    for writer in writers:
+        writer.join(30)
+    assert taken < FAILOVER, f"another replica led after {taken:.1f} s"
+    table = same_everywhere(others, [*before, *acknowledged])
+    assert {s: table[s] for s in before} == before, "a VIP moved"
+    assert successor in others
+
+
+def test_a_paused_leader_is_replaced_and_follows_when_it_resumes(make: Any) -> None:
+    group = make(2)
+    leader = leader_of(group)
+    (other,) = [r for r in group if r is not leader]
+    assert put(leader, "web", 1) == 201
+    before = same_everywhere(group, ["web"])
+    assert leader.process is not None
+    paused = time.monotonic()
+    leader.process.send_signal(signal.SIGSTOP)
+    try:
+        # The other replica serves throughout, then leads once the lease runs out.
+        assert answer(other, "web") == before["web"]
+        wait_until(lambda: role(other) == "leader", FAILOVER + 5, 0.05, "the other leads")
+        taken = time.monotonic() - paused
+        assert taken < FAILOVER, f"took {taken:.1f} s"
+        assert put(other, "backend", 2) == 201
+    finally:
+        leader.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: role(leader) == "follower", 10, 0.1, "the resumed leader follows")
+    table = same_everywhere(group, ["web", "backend"])
+    assert table["web"] == before["web"]
+    assert role(other) == "leader"
+    assert put(leader, "db", 3) == 201  # through the database to the new leader
+    same_everywhere(group, ["web", "backend", "db"])
+
+
+def test_replicas_serve_through_a_database_restart_and_write_again_after(
+    make: Any, postgres: Any
+) -> None:
+    group = make(2)
+    leader = leader_of(group)
+    assert put(leader, "web", 1) == 201
+    before = same_everywhere(group, ["web"])
+    postgres.stop()
+    try:
+        for replica in group:
+            assert answer(replica, "web") == before["web"]
+        status = put(group[1], "backend", 2)
+        assert status == 503 or status in (200, 201)
+        time.sleep(4.0)  # the leader's lease runs out meanwhile
+        for replica in group:
+            assert answer(replica, "web") == before["web"]
+        metrics = group[0].http("diagnostics", "GET", "/metrics")[1].decode()
+        assert "kumazone_store_up 0.0" in metrics
+    finally:
+        postgres.start()
+    leader_of(group, 20)
+    wait_until(lambda: put(group[0], "db", 3) in (200, 201), 20, 0.5, "writes again")
+    table = same_everywhere(group, ["web", "db"])
+    assert table["web"] == before["web"]

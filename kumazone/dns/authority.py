@@ -9,6 +9,7 @@ exist raises L{NameNotFound}, which carries the SOA for the authority section.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
@@ -99,10 +100,23 @@ class _Served:
     def reverse_names(self) -> tuple[bytes, bytes]:
         """The reverse names of both VIPs (lower case, as keys are)."""
         entry = self.entry
-        return (
-            ipaddress.IPv4Address(entry.vip).reverse_pointer.encode("ascii"),
-            ipaddress.IPv6Address(entry.vip6).reverse_pointer.encode("ascii"),
-        )
+        return reverse_name4(entry.vip), reverse_name6(entry.vip6)
+
+
+def reverse_name4(text: str) -> bytes:
+    """C{IPv4Address(text).reverse_pointer}, encoded, for a VIP in canonical text.
+
+    ipaddress takes 16 us (and 40 us for IPv6) where this takes under 2: a change of
+    100,000 rows asks for both names two or three times a row.
+    """
+    a, b, c, d = text.split(".")
+    return f"{d}.{c}.{b}.{a}.in-addr.arpa".encode("ascii")
+
+
+def reverse_name6(text: str) -> bytes:
+    """C{IPv6Address(text).reverse_pointer}, encoded: every nibble, lower case."""
+    nibbles = socket.inet_pton(socket.AF_INET6, text).hex()
+    return (".".join(reversed(nibbles)) + ".ip6.arpa").encode("ascii")
 
 
 def _address_label(label: bytes, suffix: bytes) -> bool:

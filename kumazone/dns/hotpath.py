@@ -249,7 +249,8 @@ class HotCache:
         #: For readers that see raw addresses: a client's packed IP address to
         #: its mesh and that mesh's C{exact} dictionary.
         self.clients: dict[bytes, Client] = {}
-        #: Lower-cased wire-form name -> where its answers lie.
+        #: Lower-cased name, presentation form (as the authority tells changed
+        #: names) -> where its answers lie.
         self._by_name: dict[bytes, list[_Item]] = {}
         #: The entries that carry the SOA (and so its serial).
         self._serial: list[_Item] = []
@@ -305,8 +306,10 @@ class HotCache:
         ):
             self.clear()
             return
-        for name in authority.changed:
-            self._drop(self._by_name.pop(wire_name(name), None))
+        by_name = self._by_name
+        if by_name:
+            for name in authority.changed:
+                self._drop(by_name.pop(name.lower(), None))
         if authority.version != self._version:
             self._version = authority.version
             self.tails.clear()
@@ -360,9 +363,12 @@ class HotCache:
             self._serial.clear()
             self._forms.clear()
             self._exact_entries = 0
-        items = self._by_name.get(name)
+        # Listed by the name's presentation form, as the authority tells changed names:
+        # a change of many rows then drops what it touched without encoding each name.
+        dotted = _dotted(name).lower()
+        items = self._by_name.get(dotted)
         if items is None:
-            items = self._by_name[name] = []
+            items = self._by_name[dotted] = []
         items.append(item)
         if name in self._apexes and type_class[:2] in _SERIAL_TYPES:
             self._serial.append(item)

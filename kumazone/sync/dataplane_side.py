@@ -20,7 +20,6 @@ its mesh's table whole.
 from __future__ import annotations
 
 import bisect
-import ipaddress
 import uuid
 from collections import deque
 from collections.abc import Sequence
@@ -311,7 +310,7 @@ class DataplaneHub:
     # -- the table ----------------------------------------------------------------
 
     def _row(self, entry: VipEntry, vip_range: VipRange) -> DpRow:
-        offset = vip_range.offset_of(ipaddress.IPv4Address(entry.vip))
+        offset = vip_range.offset_of_ipv4_text(entry.vip)
         assert offset is not None  # the zone's entries hold VIPs of its range
         service = entry.key.service
         return DpRow(

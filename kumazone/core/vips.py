@@ -372,7 +372,7 @@ class VipAllocator:
                 del owners[before.offset]
             allocations[allocation.key] = allocation
             owners[allocation.offset] = allocation.key
-            self.exhausted.discard(allocation.key)
+        self.exhausted = set(delta.exhausted)  # the leader's, worked out at each change
         self.version = version
 
     def row(self, key: ServiceKey) -> Served | None:

@@ -43,6 +43,9 @@ def encode(changes: StoreChanges) -> str:
             "holds_dropped": [
                 [h.key.mesh, h.key.service, h.offset, h.until] for h in delta.holds_dropped
             ],
+            # The services the range left without a VIP, all of them (each change
+            # of the leader's table works them out anew).
+            "exhausted": [[k.mesh, k.service] for k in delta.exhausted],
         }
     for name in ("table_version", "vip_range", "table_id"):
         value = getattr(changes, name)
@@ -92,6 +95,7 @@ def _decode(document: dict[str, Any]) -> StoreChanges:
             holds_dropped=[
                 Hold(_key(m, s), int(o), float(u)) for m, s, o, u in raw["holds_dropped"]
             ],
+            exhausted=[_key(m, s) for m, s in raw.get("exhausted", ())],
         )
     version = document.get("table_version")
     return StoreChanges(

@@ -13,8 +13,8 @@ its own, and calls L{Contender.step} every L{STEP} seconds:
   (the server's clock: no replica's clock is trusted), it ends the lock
   holder's session with C{pg_terminate_backend} and takes the lock.
 - Taking the lead increments the name's C{epoch}.  Every write of a leader
-  checks its epoch in the same transaction (L{kumazone.store.postgres.PostgresStore.fence},
-  C{SELECT ... FOR SHARE}): a paused leader that resumes writes nothing, because
+  checks its epoch in the same transaction (L{kumazone.store.postgres.PostgresStore.commit_fenced},
+  C{SELECT ... FOR KEY SHARE}): a paused leader that resumes writes nothing, because
   its epoch has moved on, and steps down at its next step, when the renewal of
   its lease finds the row taken (or its session gone).
 - A leader that cannot renew steps down once the lease it last renewed would
@@ -160,16 +160,20 @@ class Contender:
             if not self._wait_for_lock(db):
                 return Leadership(False, why="the last leader's session is still ending")
         started = self._clock()
-        # Waits for the last leader's writes still in flight (they hold the row
-        # FOR SHARE); they fail once this commits, their epoch gone.
-        row = db.execute(
-            "INSERT INTO leader (name, epoch, holder, pid, renewed_at) "
-            "VALUES (%s, 1, %s, pg_backend_pid(), now()) "
-            "ON CONFLICT (name) DO UPDATE SET epoch = leader.epoch + 1, "
-            "holder = excluded.holder, pid = excluded.pid, renewed_at = now() "
-            "RETURNING epoch",
-            (self.name, self.holder),
-        ).fetchone()
+        with db.transaction():
+            # FOR UPDATE waits for the last leader's writes still in flight (they
+            # hold the row FOR KEY SHARE); they fail once this commits, their epoch
+            # gone.  (A session paused in one is ended by the server within
+            # idle_in_transaction_session_timeout: see postgres.SESSION_LIMITS.)
+            db.execute("SELECT 1 FROM leader WHERE name = %s FOR UPDATE", (self.name,))
+            row = db.execute(
+                "INSERT INTO leader (name, epoch, holder, pid, renewed_at) "
+                "VALUES (%s, 1, %s, pg_backend_pid(), now()) "
+                "ON CONFLICT (name) DO UPDATE SET epoch = leader.epoch + 1, "
+                "holder = excluded.holder, pid = excluded.pid, renewed_at = now() "
+                "RETURNING epoch",
+                (self.name, self.holder),
+            ).fetchone()
         assert row is not None
         self.epoch = int(row[0])
         self._renewed = started

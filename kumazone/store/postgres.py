@@ -23,9 +23,9 @@ the reactor).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib import resources as package_files
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import psycopg
@@ -35,6 +35,8 @@ from kumazone.core.resources import ResourceKey, parse_stored
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
 from kumazone.store import changelog
+
+T = TypeVar("T")
 
 __all__ = [
     "CHANNEL",
@@ -62,13 +64,26 @@ class Fenced(StoreError):
     """A leader's write refused: its epoch is no longer the leader's (another replica leads)."""
 
 
+#: Server-side limits of a store connection (ms): a statement, a wait for a lock,
+#: and a transaction left open between statements.  The last ends the session of a
+#: replica paused (or cut off) in the middle of a transaction, which would otherwise
+#: hold its row locks (the leader row, the log's counter) and stop every other
+#: replica's writes and the failover for as long as its connection stays open.
+SESSION_LIMITS = (
+    "-c statement_timeout=5000 -c lock_timeout=3000 -c idle_in_transaction_session_timeout=1500"
+)
+
+
 def connect(url: str, **options: Any) -> psycopg.Connection[Any]:
     """A connection to the database at C{url} that gives up rather than hang.
 
     Connecting takes L{CONNECT_TIMEOUT} s at most, and a dead peer is noticed in
     seconds (TCP keepalives, and a user timeout for unacknowledged writes), so
     that a replica cut off from the database finds out while its lease runs.
+    The server ends its statements, lock waits and idle transactions past
+    L{SESSION_LIMITS} (C{options} may set others).
     """
+    options.setdefault("options", SESSION_LIMITS)
     return psycopg.connect(
         url,
         connect_timeout=CONNECT_TIMEOUT,
@@ -127,6 +142,8 @@ class PostgresStore:
         self.url = check_url(url)
         self.where = describe_url(url)
         self._db: psycopg.Connection[Any] | None = None
+        #: Whether the current transaction's first statement went through.
+        self._alive = False
         self._connect()
 
     # -- connection -----------------------------------------------------------
@@ -174,13 +191,14 @@ class PostgresStore:
 
     def load(self) -> StoredState:
         """Read everything back, in one snapshot; raises L{StoreError} if it cannot."""
+        return self._once_more(self._load_once, "read")
+
+    def _load_once(self) -> StoredState:
         try:
             db = self._connect()
-            with db.transaction():
-                db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            with db.transaction(), db.cursor() as cursor:
+                self._first(cursor, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 return _load(db)
-        except psycopg.Error as e:
-            raise StoreError(f"cannot read store {self.where}: {_reason(e)}") from None
         except (ValueError, KeyError) as e:
             raise StoreError(f"cannot read store {self.where}: {e}") from None
 
@@ -202,9 +220,42 @@ class PostgresStore:
         return self._commit(changes, fence)
 
     def _commit(self, changes: StoreChanges, fence: tuple[str, int] | None) -> int:
+        return self._once_more(lambda: self._commit_once(changes, fence), "write to")
+
+    def _once_more(self, work: Callable[[], T], verb: str) -> T:
+        """C{work}, and once more on a new connection if the old one was found dead
+        before its transaction did anything (a server restarted meanwhile: the first
+        statement on a connection it ended always fails).  Nothing is sent twice:
+        once L{_first} has gone through, a failure is the caller's L{StoreError}."""
+        for attempt in range(2):
+            self._alive = False
+            try:
+                return work()
+            except psycopg.OperationalError as e:
+                dead = self._db is None or self._db.broken or self._db.closed
+                if attempt == 0 and dead and not self._alive:
+                    self._drop()
+                    continue
+                raise StoreError(f"cannot {verb} store {self.where}: {_reason(e)}") from None
+            except psycopg.Error as e:
+                raise StoreError(f"cannot {verb} store {self.where}: {_reason(e)}") from None
+        raise AssertionError("unreachable")
+
+    def _first(self, cursor: psycopg.Cursor[Any], sql: str, params: Any = None) -> None:
+        """The first statement of a transaction: past it, the connection was alive."""
+        cursor.execute(sql, params)
+        self._alive = True
+
+    def _drop(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _commit_once(self, changes: StoreChanges, fence: tuple[str, int] | None) -> int:
         try:
             db = self._connect()
             with db.transaction(), db.cursor() as cursor:
+                self._first(cursor, "SELECT 1")
                 if fence is not None:
                     self._check_fence(cursor, *fence)
                 if changes.reset_table:
@@ -216,27 +267,30 @@ class PostgresStore:
                 _write_zones(cursor, changes)
                 _write_meta(cursor, changes)
                 return _append(cursor, changes)
-        except psycopg.Error as e:
-            raise StoreError(f"cannot write to store {self.where}: {_reason(e)}") from None
         except (OverflowError, ValueError, TypeError) as e:
             raise StoreError(f"cannot write to store {self.where}: {e}") from None
 
     def changes_since(self, seq: int, limit: int = 1000) -> list[tuple[int, StoreChanges]] | None:
         """The logged changes after C{seq}, oldest first (C{limit} at most); None if
         the log no longer holds them all (trimmed: load the whole state again)."""
-        try:
-            db = self._connect()
-            with db.transaction():
-                first = db.execute("SELECT min(seq) FROM changes").fetchone()
-                rows = db.execute(
-                    "SELECT seq, body FROM changes WHERE seq > %s ORDER BY seq LIMIT %s",
-                    (seq, limit),
-                ).fetchall()
-        except psycopg.Error as e:
-            raise StoreError(f"cannot read store {self.where}: {_reason(e)}") from None
-        oldest = first[0] if first else None
-        if oldest is not None and oldest > seq + 1:
-            return None  # rows after seq were trimmed (the log keeps its newest always)
+        return self._once_more(lambda: self._changes_since_once(seq, limit), "read")
+
+    def _changes_since_once(self, seq: int, limit: int) -> list[tuple[int, StoreChanges]] | None:
+        db = self._connect()
+        with db.transaction(), db.cursor() as cursor:
+            # One snapshot: a trim between two statements cannot open a gap unseen.
+            self._first(cursor, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cursor.execute("SELECT value::bigint FROM meta WHERE key = 'log_seq'")
+            last = cursor.fetchone()
+            cursor.execute(
+                "SELECT seq, body FROM changes WHERE seq > %s ORDER BY seq LIMIT %s",
+                (seq, limit),
+            )
+            rows = cursor.fetchall()
+        newest = int(last[0]) if last else 0
+        # Sequence numbers have no gaps: the rows must start right after seq.
+        if (rows and rows[0][0] != seq + 1) or (not rows and newest > seq):
+            return None  # trimmed past seq
         try:
             return [(int(n), changelog.decode(body)) for n, body in rows]
         except ValueError as e:
@@ -258,9 +312,12 @@ class PostgresStore:
             raise StoreError(f"cannot write to store {self.where}: {_reason(e)}") from None
 
     def _check_fence(self, cursor: psycopg.Cursor[Any], name: str, epoch: int) -> None:
-        # FOR SHARE: a replica taking over (UPDATE of this row) waits for this
-        # transaction, and this one fails once the row has moved on.
-        cursor.execute("SELECT 1 FROM leader WHERE name=%s AND epoch=%s FOR SHARE", (name, epoch))
+        # FOR KEY SHARE: a replica taking over (SELECT ... FOR UPDATE of this row
+        # first) waits for this transaction, and this one fails once the row has
+        # moved on; the leader's own renewal (an UPDATE of renewed_at) does not wait.
+        cursor.execute(
+            "SELECT 1 FROM leader WHERE name=%s AND epoch=%s FOR KEY SHARE", (name, epoch)
+        )
         if cursor.fetchone() is None:
             raise Fenced(f"store {self.where}: epoch {epoch} of {name} no longer leads")
 

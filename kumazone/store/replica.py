@@ -123,6 +123,7 @@ class ZoneReplica:
         self._read_again = False
         self._resyncing = False
         self._stopping = False
+        self._fenced_epoch = -1
         self.election = Election(
             Contender(store.url, self.name, self.holder), reactor, self._elected
         )
@@ -149,7 +150,7 @@ class ZoneReplica:
 
     def commit(self, changes: StoreChanges) -> None:
         """Hand the leader's change to the store's thread; told when it is stored."""
-        if not self.leading or self._resyncing:
+        if not self.leading or self._resyncing or self._stopping:
             raise StoreError(f"{self.name}: this replica does not lead; not written")
         fence = (self.name, self.epoch)
         self._written += 1
@@ -193,6 +194,7 @@ class ZoneReplica:
         if generation != self._generation:
             return
         if failure.check(Fenced):
+            self._fenced_epoch = self.epoch  # never to lead under it again
             self.log.warn("{name}: {error}: stepping down", name=self.name, error=failure.value)
         else:
             self.log.error("{name}: a write failed: {error}", name=self.name, error=failure.value)
@@ -312,7 +314,11 @@ class ZoneReplica:
                 continue
             try:
                 if self.leading:
-                    self._take_up(zone, changes, now)
+                    # Only an API write through the database (it has no table version);
+                    # a leader's own rows (of an earlier epoch of its own, or the last
+                    # leader's, applied before it led) are never taken up again.
+                    if changes.table_version is None:
+                        self._take_up(zone, changes, now)
                 elif changes.reset_table:
                     self._resync()
                     return
@@ -370,14 +376,32 @@ class ZoneReplica:
             if self._held or self._durable < self._written:
                 self._resync()  # changes made but not stored: back to what is
 
+    def _still_elected(self, epoch: int) -> bool:
+        return (
+            not self._stopping
+            and self.election.leading
+            and self.election.leadership.epoch == epoch
+            and epoch != self._fenced_epoch
+        )
+
     def _promote(self, epoch: int) -> None:
-        """Apply what the last leader stored (its epoch is over), then lead."""
-        if self._resyncing:
+        """Apply what the last leader stored (its epoch is over), then lead.
+
+        A read that fails is tried again (every 0.5 s) for as long as this replica
+        holds that epoch: the election tells a change only once.
+        """
+        if self._resyncing or not self._still_elected(epoch):
             return  # the reload takes the lead when it is done
         caught = deferToThreadPool(self.reactor, self._reads, self._catch_up_rows, self.applied)
 
+        def again(failure: Failure) -> None:
+            failure.trap(StoreError)
+            self.store_up_gauge.set(0)
+            self.log.warn("{name}: {error}; trying again", name=self.name, error=failure.value)
+            self.reactor.callLater(0.5, self._promote, epoch)
+
         def lead(rows: list[tuple[int, StoreChanges]] | None) -> None:
-            if not self.election.leading or self.election.leadership.epoch != epoch:
+            if not self._still_elected(epoch) or self.leading:
                 return
             if rows is None:
                 self._resync()
@@ -391,7 +415,7 @@ class ZoneReplica:
             self.leader_gauge.set(1)
             self._zone().lead(self.reactor.seconds())
 
-        caught.addCallbacks(lead, self._read_failed)
+        caught.addCallbacks(lead, again)
 
     def _catch_up_rows(self, seq: int) -> list[tuple[int, StoreChanges]] | None:
         """Every change after C{seq} (on the store's thread, in pages)."""
@@ -412,9 +436,12 @@ class ZoneReplica:
         if self._resyncing or self._stopping:
             return
         self._resyncing = True
-        self._generation += 1
+        self._generation += 1  # what is in flight no longer counts
         self._held = []
+        self._written = self._durable = 0
         self._fail_waiters(f"{self.name}: the change was not stored")
+        self.leading = False
+        self.leader_gauge.set(0)
         zone = self._zone()
         zone.following = True
         loaded = deferToThreadPool(self.reactor, self._reads, self._load_when_up)
@@ -427,7 +454,9 @@ class ZoneReplica:
                 return self.reader.load()
             except StoreError as e:
                 self.reactor.callFromThread(self._store_down, str(e))
-                time.sleep(delay)
+                until = time.monotonic() + delay
+                while time.monotonic() < until and not self._stopping:
+                    time.sleep(0.1)
                 delay = min(delay * 2, 5.0)
         return None
 
@@ -441,6 +470,7 @@ class ZoneReplica:
         self._resyncing = False
         self.store_up_gauge.set(1)
         self._written = self._durable = 0
+        self._held = []
         self._own.clear()
         self.applied = state.log_seq
         self.log.info(
@@ -489,6 +519,9 @@ class ZoneReplica:
     def stop(self) -> Deferred[None]:
         """Stop leading and following; the threads end."""
         self._stopping = True
+        self.leading = False
+        if self.zone is not None:
+            self.zone.following = True  # nothing more is written
         for loop in self._loops:
             if loop.running:
                 loop.stop()

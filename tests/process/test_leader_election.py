@@ -242,3 +242,36 @@ def test_the_database_restarted_then_one_replica_leads_again(
     assert holder == back.holder
     assert stored_writes(url)[-1][0] == epoch
     assert_epochs_in_order(url)
+
+
+def test_a_leader_paused_in_the_middle_of_a_write_is_replaced_all_the_same(
+    replicas: Any, url: str
+) -> None:
+    """Paused with a write's transaction open (its row locks held): the server ends
+    that session (idle in a transaction), and another replica leads within the bound."""
+    from kumazone.store.postgres import connect
+
+    group = replicas(2)
+    leader = one_leader(group, 10)
+    leader.wait_for(lambda e: "wrote" in e, 10)
+    epoch = (leader_row(url) or (0,))[0]
+    # What the leader's own write would hold: the fence on its row, the log's counter.
+    write = connect(url)
+    write.execute(
+        "SELECT 1 FROM leader WHERE name = %s AND epoch = %s FOR KEY SHARE", (NAME, epoch)
+    )
+    write.execute("UPDATE meta SET value = value WHERE key = 'log_seq'")
+    paused = time.monotonic()
+    leader.signal(signal.SIGSTOP)
+    (other,) = [r for r in group if r is not leader]
+    try:
+        other.wait_for(lambda e: e.get("leading") is True, FAILOVER + 2)
+        taken = time.monotonic() - paused
+        other.wait_for(lambda e: "wrote" in e, 5)  # the log's counter is free again
+    finally:
+        leader.signal(signal.SIGCONT)
+    assert taken < FAILOVER, f"took {taken:.1f} s"
+    with pytest.raises(psycopg.Error, match="idle-in-transaction timeout"):
+        write.execute("SELECT 1")  # the server ended the session that sat in a transaction
+    write.close()
+    assert_epochs_in_order(url)

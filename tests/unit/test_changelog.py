@@ -28,6 +28,7 @@ def test_every_field_round_trips() -> None:
             removed=[Allocation(ServiceKey("default", "gone"), 9)],
             holds_added=[Hold(ServiceKey("default", "gone"), 9, 1234.5)],
             holds_dropped=[Hold(DB, 2, 99.0)],
+            exhausted=[ServiceKey("default", "waiting")],
         ),
         table_version=42,
         vip_range="240.0.0.0/4 fd00:fd00::/64",

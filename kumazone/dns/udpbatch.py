@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import socket
 import struct
 import sys
@@ -318,9 +319,11 @@ def dispatch_directly(reactor: Any) -> bool:
     where a whole hot answer costs about 1.7 us of Python.  At a steady
     50,000 queries a second a DNS port is woken for one or two datagrams at a
     time, so that context was a sixth of the CPU per answer.  The port needs
-    none: it catches and logs its own errors (bounded, with its own words), and
-    the reactor's C{_doReadOrWrite}, still called, handles a port that fails or
-    closes as before.  Every other descriptor is dispatched as Twisted does.
+    none: it catches and logs its own errors (bounded, with its own words).  A
+    readable port's C{doRead} is called straight away (a read that raises is
+    logged and the port closed, as Twisted does); any other event goes through
+    the reactor's C{_doReadOrWrite}.  Every other descriptor is dispatched as
+    Twisted does.
 
     Only Twisted's own epoll reactor is changed (its C{doIteration} on this
     instance); any other reactor is left as it is.  True if it was changed now
@@ -334,8 +337,10 @@ def dispatch_directly(reactor: Any) -> bool:
         return True
     poller, selectables = reactor._poller, reactor._selectables
     handle = reactor._doReadOrWrite
+    disconnect = reactor._disconnectSelectable
     with_logger = log.callWithLogger
     direct = BatchedDNSPort
+    readable = select.EPOLLIN
 
     def doPoll(timeout: float | None) -> None:
         # Twisted's EPollReactor.doPoll, but for the direct dispatch.
@@ -350,7 +355,16 @@ def dispatch_directly(reactor: Any) -> bool:
             if selectable is None:
                 continue
             if type(selectable) is direct:
-                handle(selectable, fd, event)
+                if event != readable:
+                    handle(selectable, fd, event)  # an error or a hang-up: as Twisted does
+                    continue
+                # Readable only: what _doReadOrWrite would do, less its checks of
+                # other events (the port's doRead returns nothing but raises).
+                try:
+                    selectable.doRead()
+                except BaseException as e:
+                    log.err()
+                    disconnect(selectable, e, True)
             else:
                 with_logger(selectable, handle, selectable, fd, event)
 

@@ -456,3 +456,35 @@ def test_the_epoll_reactor_calls_the_batched_port_directly(factory, reactor) -> 
     # "-": Twisted's default context, where the port's prefix would be in its own.
     assert seen == {"batched": "-", "other": "other-port"}
     assert answer is not None and dns.message.from_wire(answer).answer
+
+
+def test_a_read_that_raises_closes_the_port_as_twisted_does(factory, reactor) -> None:
+    """Through dispatch_directly as through Twisted's own dispatch: logged, and closed."""
+    from twisted.python import log
+
+    errors: list[dict[str, Any]] = []
+    log.addObserver(errors.append)
+    batched = listen("batched", factory, reactor, "127.0.0.1")
+    lost: list[object] = []
+    original_lost = batched.connectionLost
+
+    def connection_lost(reason: object = None) -> None:
+        lost.append(reason)
+        original_lost()
+
+    def broken() -> None:
+        raise OSError(errno.EBADF, "recvmmsg: EBADF")
+
+    batched.connectionLost = connection_lost  # type: ignore[method-assign]
+    batched.doRead = broken  # type: ignore[method-assign]
+    assert udpbatch.dispatch_directly(reactor)
+    client = client_sockets()["default"]
+    client.sendto(b"\0" * 12, ("127.0.0.1", batched.getHost().port))
+    deadline = time.monotonic() + 5
+    try:
+        while not lost and time.monotonic() < deadline:
+            reactor.doIteration(0.05)
+    finally:
+        log.removeObserver(errors.append)
+    assert lost, "the port was not closed"
+    assert any(e.get("isError") and "EBADF" in str(e.get("failure")) for e in errors)

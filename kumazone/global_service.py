@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import uuid
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.task import deferLater
+from twisted.web import resource as web_resource
+from twisted.web.server import Request
 
 from kumazone.control_plane import TICK_INTERVAL, ControlPlane
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.federation import Federation
 from kumazone.core.limits import ZoneLimits
 from kumazone.core.ratelimit import RateLimiter, limited
-from kumazone.core.storage import StoreError
+from kumazone.core.storage import Store, StoreError
 from kumazone.core.vips import TableDelta
 from kumazone.metrics import Metrics
 from kumazone.store.sqlite import SQLiteStore
@@ -23,6 +29,9 @@ from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncFactory
 from kumazone.sync.tls import TLSFiles, server_options
 from kumazone.web.api import GlobalApiResource
+
+if TYPE_CHECKING:
+    from kumazone.store.global_replica import GlobalReplica
 
 __all__ = ["GlobalService", "GlobalSettings"]
 
@@ -42,6 +51,8 @@ class GlobalSettings:
     diagnostics_interface: str = "127.0.0.1"
     tls: TLSFiles | None = None
     limits: ZoneLimits = field(default_factory=ZoneLimits)
+    #: A PostgreSQL store shared with the global's other replicas (instead of SQLite).
+    store_url: str | None = None
 
 
 class GlobalService(ControlPlane):
@@ -52,6 +63,12 @@ class GlobalService(ControlPlane):
         self.settings = settings
         self.federation: Federation | None = None
         self.hub: GlobalHub | None = None
+        self.replica: GlobalReplica | None = None
+        self._kds: Any = None
+        self._kds_factory: _ZoneSyncFactory | None = None
+        self._sync_metrics: SyncMetrics | None = None
+        #: The API: the federation's while there is one, else a replica standing by.
+        self._api = _Switch(_StandingBy())
         # A failing store fails every zone message: one line per such message would flood.
         self._store_log = limited(
             RateLimiter(burst=10, interval=60.0), reactor, lambda line: self.log.error(line)
@@ -59,35 +76,14 @@ class GlobalService(ControlPlane):
 
     def _start(self) -> None:
         settings = self.settings
-        store = self._store = SQLiteStore(settings.store_path)
-        federation = self.federation = Federation(
-            settings.dns, store, uuid.uuid4().hex, warn=lambda m: self.log.warn(m)
-        )
-        sync_metrics = SyncMetrics(self.metrics.registry)
-        hub = self.hub = GlobalHub(
-            federation.merged,
-            federation.table_id,
-            (str(settings.dns.cidr), str(settings.dns.cidr6)),
-            self._persist,
-            self.reactor,
-            sync_metrics,
-            require_certificates=settings.tls is not None,
-            limits=settings.limits,
-        )
-        hub.changed(
-            federation.merged.reconcile(self.reactor.seconds()), federation.cleaned_zones, []
-        )
+        if settings.store_url is not None:
+            self._start_replica(settings.store_url)
+            return
+        self._store = SQLiteStore(settings.store_path)
+        self._run(self._store)
         self.addService(TimerService(TICK_INTERVAL, self._guarded, self._tick))
-        self._listen_kds(
-            SyncFactory(
-                hub.session,
-                self.reactor,
-                sync_metrics,
-                max_pending=settings.limits.max_pending_octets,
-            )
-        )
         self._listen_web(
-            GlobalApiResource(hub, settings.dns.domain, self.metrics, self.reactor),
+            self._api,
             settings.api_port,
             settings.api_interface,
             settings.diagnostics_port,
@@ -95,9 +91,100 @@ class GlobalService(ControlPlane):
         )
         self._log_started()
 
+    def _run(self, store: Store) -> None:
+        """The federation over C{store}: its table, zone sync, the API's data."""
+        settings = self.settings
+        federation = self.federation = Federation(
+            settings.dns, store, uuid.uuid4().hex, warn=lambda m: self.log.warn(m)
+        )
+        if self._sync_metrics is None:
+            self._sync_metrics = SyncMetrics(self.metrics.registry)
+        hub = self.hub = GlobalHub(
+            federation.merged,
+            federation.table_id,
+            (str(settings.dns.cidr), str(settings.dns.cidr6)),
+            self._persist,
+            self.reactor,
+            self._sync_metrics,
+            require_certificates=settings.tls is not None,
+            limits=settings.limits,
+        )
+        if self.replica is not None:
+            replica = self.replica
+            hub.may_push = replica.pushable
+            replica.on_drained = hub.push_all
+        hub.changed(
+            federation.merged.reconcile(self.reactor.seconds()), federation.cleaned_zones, []
+        )
+        factory = self._kds_factory = _ZoneSyncFactory(
+            hub.session,
+            self.reactor,
+            self._sync_metrics,
+            max_pending=settings.limits.max_pending_octets,
+        )
+        self._listen_kds(factory)
+        self._api.current = GlobalApiResource(hub, settings.dns.domain, self.metrics, self.reactor)
+
+    # -- replicas on PostgreSQL -------------------------------------------------------
+
+    def _start_replica(self, url: str) -> None:
+        """Stand by on the shared store; lead when elected (L{GlobalReplica})."""
+        from kumazone.store.global_replica import GlobalReplica
+        from kumazone.store.replica import open_store
+
+        settings = self.settings
+        store = open_store(url, self.log)
+        self.replica = GlobalReplica(
+            store,
+            self.reactor,
+            self.metrics.registry,
+            holder=f"global@{socket.gethostname()}:{os.getpid()}",
+            on_lead=lambda state: self._run(self.replica),  # type: ignore[arg-type]
+            on_stand_by=self._stand_by,
+        )
+        self._store = None  # the replica closes its own
+        self.ports["kds"] = settings.kds_port  # opened while leading
+        self.addService(TimerService(TICK_INTERVAL, self._guarded, self._tick))
+        self._listen_web(
+            self._api,
+            settings.api_port,
+            settings.api_interface,
+            settings.diagnostics_port,
+            settings.diagnostics_interface,
+        )
+        self.replica.start()
+        self.log.info(
+            "global replica on {where}: standing by until elected; API on {api}, "
+            "diagnostics on {diagnostics}",
+            where=store.where,
+            **self.ports,
+        )
+
+    def _stand_by(self, why: str) -> None:
+        """Lost the lead: zone sync closes (and every connection of it, past its hello
+        or not: a zone must not wait on a replica that will send it nothing), the
+        table goes, the API says so."""
+        if self._kds is not None:
+            self._kds.stopListening()
+            if self._kds in self._listening:
+                self._listening.remove(self._kds)
+            self._kds = None
+        if self._kds_factory is not None:
+            self._kds_factory.close_all()
+            self._kds_factory = None
+        self.hub = None
+        self.federation = None
+        self._api.current = _StandingBy()
+
+    def _role(self) -> str | None:
+        if self.replica is None:
+            return None
+        return "leader" if self.replica.leading else "follower"
+
     def _persist(self, delta: TableDelta | None, zones: list[str], deleted: list[str]) -> None:
         """Store a change (the hub pushes only what this stored)."""
-        assert self.federation is not None
+        if self.federation is None:
+            raise StoreError("this replica stands by: nothing is stored here")
         try:
             self.federation.persist(delta, zones, deleted)
         except StoreError as e:
@@ -107,7 +194,8 @@ class GlobalService(ControlPlane):
 
     def _tick(self) -> None:
         """Expire hold-downs and retry a full range when due; refresh the sync metrics."""
-        assert self.federation is not None and self.hub is not None
+        if self.federation is None or self.hub is None:
+            return  # a replica standing by
         delta = self.federation.tick(self.reactor.seconds())
         if delta is not None:
             self.hub.changed(delta, [], [])
@@ -118,6 +206,7 @@ class GlobalService(ControlPlane):
         settings = self.settings
         if settings.tls is None:
             self.ports["kds"] = self._listen_tcp(settings.kds_port, factory, settings.kds_interface)
+            self._kds = self._listening[-1]
             return
         listening = self.reactor.listenSSL(
             settings.kds_port,
@@ -126,6 +215,7 @@ class GlobalService(ControlPlane):
             interface=settings.kds_interface,
         )
         self._listening.append(listening)
+        self._kds = listening
         self.ports["kds"] = int(listening.getHost().port)
 
     def _log_started(self) -> None:
@@ -144,6 +234,8 @@ class GlobalService(ControlPlane):
     def stopService(self) -> Any:
         # Close every zone's connection cleanly (TLS close_notify) and give the
         # closes a moment to go out before the listeners and the store go.
+        if self.replica is not None:
+            self.replica.stop()  # its lock goes with its session: another leads
         if self.hub is not None:
             for session in list(self.hub.sessions.values()):
                 session.proto.close()
@@ -160,3 +252,55 @@ class GlobalService(ControlPlane):
         self.metrics.vip_range_used.set(len(table.allocator.allocations) / size)
         self.metrics.vips_exhausted.set(len(table.allocator.exhausted))
         self.metrics.table_version.set(table.version)
+
+
+class _Switch(web_resource.Resource):
+    """The API root: whichever resource is current (the federation's, or standing by)."""
+
+    isLeaf = True
+
+    def __init__(self, current: web_resource.Resource) -> None:
+        super().__init__()
+        self.current = current
+
+    def render(self, request: Request) -> Any:
+        return self.current.render(request)
+
+
+class _StandingBy(web_resource.Resource):
+    """A replica of the global standing by: 503, and why (the leader serves the API)."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(503)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(
+            {
+                "title": "Standing by",
+                "details": "this replica of the global follows; the leader serves the API",
+                "causes": [],
+            }
+        ).encode()
+
+
+class _ZoneSyncFactory(SyncFactory):
+    """Zone sync's factory, which can close every connection it made (a replica that
+    stops leading); once closed, a connection still in the listen backlog is dropped."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.protocols: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.closed = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.closed:
+            return None  # the connection is closed at once
+        made = super().buildProtocol(addr)
+        self.protocols.add(made)
+        return made
+
+    def close_all(self) -> None:
+        self.closed = True
+        for made in list(self.protocols):
+            made.close()

@@ -95,8 +95,9 @@ class Options(usage.Options):
             None,
             None,
             "Store URL (default sqlite:///<data-dir>/kumazone.sqlite3); "
-            "postgresql://USER@HOST[:PORT]/DB for replicas of a standalone zone sharing "
-            "one database (the password from PGPASSWORD or ~/.pgpass).",
+            "postgresql://USER@HOST[:PORT]/DB for replicas of the global or of a "
+            "standalone zone sharing one database (the password from PGPASSWORD or "
+            "~/.pgpass).",
         ],
         [
             "dns-port",
@@ -429,11 +430,13 @@ class Options(usage.Options):
             check_url(url)
         except ValueError as e:
             raise _fail(f"--store: {e}") from None
-        if role != "zone" or self["global"] is not None:
+        if role == "zone" and self["global"] is not None:
             raise _fail(
-                "--store: postgresql:// is for the replicas of a standalone zone in this "
-                "version (not yet the global, nor a zone synced with one)"
+                "--store: postgresql:// is for the replicas of the global or of a "
+                "standalone zone in this version (not yet a zone synced with a global)"
             )
+        if role == "global" and self["kds-port"] in ("0", 0):
+            raise _fail("--kds-port: replicas of the global need a fixed zone sync port")
         return url
 
     @staticmethod
@@ -548,6 +551,7 @@ def makeService(options: Options) -> Any:
             kds_port=options["kds-port"],
             kds_interface=options["kds-interface"],
             limits=options.limits,
+            store_url=options.store_url,
             **common,
         )
         return GlobalService(settings, reactor)

@@ -67,6 +67,9 @@ class GlobalHub:
         self.table_id = table_id
         self.cidrs = cidrs
         self.persist = persist
+        #: Whether the table may be sent to zones now (a replica on a shared store:
+        #: not while a write is on its way; it calls push_all once they are stored).
+        self.may_push: Callable[[], bool] = lambda: True
         self.clock = clock
         self.metrics = metrics
         self.require_certificates = require_certificates
@@ -450,6 +453,8 @@ class GlobalSession:
         table = self.hub.merged
         if self.zone is None:
             return  # nothing before the welcome (the transport may resume before hello)
+        if not self.hub.may_push():
+            return  # not all stored yet: the hub pushes once it is
         if self._parts is not None or self.proto.paused or self.proto.closed:
             return  # a zone not reading gets the changes, coalesced, once it reads
         if self.sent_version == table.version:

@@ -425,6 +425,13 @@ def test_unsupported_store(url: str) -> None:
     assert_names(refused(ZONE, f"--store={url}"), "--store", repr(url), "not supported")
 
 
+def test_a_postgresql_store_makes_replicas_of_the_global() -> None:
+    url = "postgresql://kumazone@db.example/kumazone"
+    options = parse("--role=global", "--insecure", f"--store={url}")
+    service = makeService(options)
+    assert service.settings.store_url == url  # type: ignore[attr-defined]
+
+
 def test_a_postgresql_store_makes_replicas_of_a_standalone_zone() -> None:
     url = "postgresql://kumazone@db.example:5432/kumazone"
     options = parse(ZONE, f"--store={url}")
@@ -443,12 +450,20 @@ def test_a_postgresql_store_makes_replicas_of_a_standalone_zone() -> None:
             ["--store=postgresql://kz@db.example/kz", "--global=g.example", "--insecure"],
             ["not yet"],
         ),
-        (["--role=global", "--insecure", "--store=postgresql://kz@db.example/kz"], ["not yet"]),
+        (
+            [
+                "--role=global",
+                "--insecure",
+                "--kds-port=0",
+                "--store=postgresql://kz@db.example/kz",
+            ],
+            ["--kds-port", "fixed"],
+        ),
     ],
 )
 def test_postgresql_stores_refused_say_why(argv: list[str], words: list[str]) -> None:
     message = refused(ZONE, *argv) if argv[0].startswith("--store") else refused(*argv)
-    assert_names(message, "--store", *words)
+    assert_names(message, *words)
     assert "s3cret" not in message
 
 

@@ -1,0 +1,222 @@
+"""A replica of the global on a PostgreSQL store it shares with the global's other replicas.
+
+The global's replicas share the store and elect one leader
+(L{kumazone.store.election}).  The leader runs the federation as one process
+does: it takes zone sync, places VIPs and writes.  Its writes go to the
+database on one thread, fenced by its epoch; and nothing is pushed to a zone
+until everything written before is stored (L{GlobalReplica.pushable}: the hub
+asks before each push, and is told when the writes have drained).
+
+The others stand by: they hold no table and take no zone sync (their zone sync
+port is closed, so a zone's connection goes on to the next address of its
+C{--global} list); their API answers 503 and says so, /ready says
+C{follower}.  When one takes the lead it loads the whole table from the store
+(on a thread), builds the federation (O(table), once) and opens its zone sync
+port; zones find it at their next attempt, and take its table whole (a new
+table id), with every VIP as the last leader stored it.  A leader whose write
+fails, or that loses the lead, closes its zone sync and stands by again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from kumazone.core.storage import StoreChanges, StoredState, StoreError
+from kumazone.store.election import Election
+from kumazone.store.leader import Contender, Leadership
+from kumazone.store.postgres import Fenced, PostgresStore
+
+__all__ = ["GlobalReplica"]
+
+#: The leader's name in the leader table.
+NAME = "global"
+
+
+class GlobalReplica:
+    """The global's store while it leads, and its election; C{on_lead(state)} builds
+    the federation from the stored state, C{on_stand_by(why)} takes it down."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        store: PostgresStore,
+        reactor: Any,
+        registry: CollectorRegistry,
+        holder: str,
+        on_lead: Callable[[StoredState], None],
+        on_stand_by: Callable[[str], None],
+    ) -> None:
+        self.store = store
+        self.reactor = reactor
+        self.on_lead = on_lead
+        self.on_stand_by = on_stand_by
+        #: Told when every write made so far is stored (the hub pushes then).
+        self.on_drained: Callable[[], None] = lambda: None
+        self.leading = False
+        self.epoch = 0
+        self._state: StoredState | None = None
+        self._pool = ThreadPool(1, 1, name="kumazone-store-writes")
+        self._written = 0
+        self._durable = 0
+        self._generation = 0
+        self._failed_generation = -1
+        self._fenced_epoch = -1
+        self._loading = False
+        self._stopping = False
+        self.election = Election(Contender(store.url, NAME, holder), reactor, self._elected)
+        self.leader_gauge = Gauge(
+            "kumazone_leader", "1 while this replica leads, else 0", registry=registry
+        )
+        self.store_up_gauge = Gauge(
+            "kumazone_store_up", "1 while the store answers, else 0", registry=registry
+        )
+
+    # -- the Store the federation writes through ----------------------------------
+
+    def load(self) -> StoredState:
+        """The state loaded when this replica took the lead (once)."""
+        state, self._state = self._state, None
+        if state is None:
+            raise StoreError("global: the state is loaded once, when a replica takes the lead")
+        return state
+
+    def commit(self, changes: StoreChanges) -> None:
+        """Hand a change to the store's thread, fenced by this replica's epoch."""
+        if not self.leading or self._stopping:
+            raise StoreError("global: this replica does not lead; not written")
+        fence = (NAME, self.epoch)
+        self._written += 1
+        number, generation = self._written, self._generation
+        done = deferToThreadPool(self.reactor, self._pool, self._write, changes, fence, generation)
+        done.addCallbacks(
+            lambda _seq: self._stored(number, generation),
+            lambda failure: self._write_failed(generation, failure),
+        )
+
+    def close(self) -> None:
+        self.store.close()
+
+    def pushable(self) -> bool:
+        """Whether every write made so far is stored: only then may zones be sent the table."""
+        return self.leading and self._durable >= self._written
+
+    def _write(self, changes: StoreChanges, fence: tuple[str, int], generation: int) -> int:
+        if generation <= self._failed_generation:
+            raise StoreError("an earlier write failed; not written")
+        try:
+            return self.store.commit_fenced(changes, fence)
+        except BaseException:
+            self._failed_generation = generation
+            raise
+
+    def _stored(self, number: int, generation: int) -> None:
+        if generation != self._generation:
+            return
+        self._durable = number
+        if self._durable >= self._written:
+            try:
+                self.on_drained()
+            except Exception:
+                self.log.failure("global: pushing the stored table failed")
+
+    def _write_failed(self, generation: int, failure: Failure) -> None:
+        if generation != self._generation:
+            return
+        if failure.check(Fenced):
+            self._fenced_epoch = self.epoch
+        self._stand_by(f"a write failed: {failure.getErrorMessage()}")
+        # Still elected (the database failed, not the lead)? Take it up again anew.
+        self.reactor.callLater(1.0, self._retake)
+
+    # -- leading ------------------------------------------------------------------
+
+    def _elected(self, found: Leadership) -> None:
+        self.store_up_gauge.set(1 if found.store_up else 0)
+        if found.leading and not self.leading:
+            self._take_lead(found.epoch)
+        elif not found.leading and self.leading:
+            self._stand_by(found.why)
+
+    def _retake(self) -> None:
+        found = self.election.leadership
+        if found.leading and not self.leading:
+            self._take_lead(found.epoch)
+
+    def _take_lead(self, epoch: int) -> None:
+        if self._loading or self._stopping or epoch == self._fenced_epoch:
+            return
+        self._loading = True
+        loaded = deferToThreadPool(self.reactor, self._pool, self.store.load)
+
+        def lead(state: StoredState) -> None:
+            self._loading = False
+            found = self.election.leadership
+            if self._stopping or not found.leading or found.epoch != epoch:
+                return
+            self._generation += 1
+            self._written = self._durable = 0
+            self.epoch = epoch
+            self.leading = True
+            self.leader_gauge.set(1)
+            self._state = state
+            self.log.info(
+                "global: leading (epoch {epoch}): {count} service(s), table version {version}",
+                epoch=epoch,
+                count=len(state.allocations),
+                version=state.table_version,
+            )
+            try:
+                self.on_lead(state)
+            except Exception:
+                self.log.failure("global: taking the lead failed")
+                self._stand_by("taking the lead failed")
+
+        def failed(failure: Failure) -> None:
+            self._loading = False
+            failure.trap(StoreError)
+            self.store_up_gauge.set(0)
+            self.log.warn("global: {error}; trying again", error=failure.getErrorMessage())
+            self.reactor.callLater(1.0, self._retake)
+
+        loaded.addCallbacks(lead, failed)
+
+    def _stand_by(self, why: str) -> None:
+        if not self.leading:
+            return
+        self.leading = False
+        self.leader_gauge.set(0)
+        self._generation += 1
+        self._written = self._durable = 0
+        self.log.warn("global: standing by: {why}", why=why)
+        try:
+            self.on_stand_by(why)
+        except Exception:
+            self.log.failure("global: standing by failed")
+
+    # -- start and stop -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._pool.start()
+        self.leader_gauge.set(0)
+        self.store_up_gauge.set(1)
+        self.election.startService()
+
+    def stop(self) -> Any:
+        self._stopping = True
+        self._stand_by("stopping")
+        stopped = self.election.stopService()
+
+        def stop_pool(result: object) -> None:
+            self._pool.stop()
+            self.store.close()
+
+        stopped.addBoth(stop_pool)
+        return stopped

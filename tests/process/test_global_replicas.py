@@ -1,0 +1,184 @@
+"""Replicas of the global on a real PostgreSQL: the leader killed, zones carry on with the other.
+
+Two `twistd kumazone --role=global --store=postgresql://...` processes on the
+session's PostgreSQL server, and two zones given both (`--global=A,B`), over
+mutual TLS.  The leader takes zone sync; the other stands by (its zone sync port
+closed, its API 503).  Killed with SIGKILL, the leader is replaced within the
+bound, the zones reconnect to the new one, every VIP stays where it was, and a
+new service placed afterwards resolves in both zones.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.builders import dataplane
+from tests.fedprocess import GlobalProcess, ProcessGroup, make_certs, start_zone, wait_until
+from tests.kzprocess import ZoneProcess
+
+FAILOVER = 5.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def role(process: Any) -> str:
+    try:
+        status, body = process.http("diagnostics", "GET", "/ready")
+    except OSError:
+        return "down"
+    return body.decode().strip().removeprefix("ok: ") if status == 200 else "down"
+
+
+def write_service(directory: Path, service: str, address: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{service}.yaml").write_text(
+        f"type: Dataplane\nmesh: default\nname: {service}-1\nnetworking:\n"
+        f"  address: {address}\n  inbound:\n  - port: 80\n"
+        f"    tags:\n      kuma.io/service: {service}\n"
+    )
+    return directory
+
+
+def vip(zone: ZoneProcess, service: str) -> str | None:
+    message = zone.query(f"{service}.mesh", timeout=2.0)
+    for rrset in message.answer:
+        for record in rrset:
+            return str(record)
+    return None
+
+
+def served_alike(zones: list[ZoneProcess], services: list[str]) -> dict[str, str]:
+    def agreed() -> dict[str, str] | None:
+        found = [{s: vip(z, s) for s in services} for z in zones]
+        if any(v is None for f in found for v in f.values()):
+            return None
+        return found[0] if all(f == found[0] for f in found) else None
+
+    table = wait_until(agreed, 30, 0.1, f"both zones serve {services} alike")
+    assert table is not None
+    assert len(set(table.values())) == len(table), "a VIP on two services"
+    return table
+
+
+@pytest.fixture
+def group(request: pytest.FixtureRequest) -> ProcessGroup:
+    made = ProcessGroup()
+    request.addfinalizer(made.stop_all)
+    return made
+
+
+def test_the_global_leader_killed_the_other_leads_and_no_vip_moves(
+    tmp_path: Path, group: ProcessGroup, postgres: Any
+) -> None:
+    url = postgres.fresh_database("global_replicas")
+    certs = make_certs(tmp_path / "certs", ["localhost", "127.0.0.1"], ["zone-1", "zone-2"])
+    globals_ = [
+        group.add(
+            GlobalProcess(
+                tmp_path, certs, [f"--store={url}"], kds_port=free_port(), name=f"global-{n}"
+            )
+        )
+        for n in "ab"
+    ]
+    for process in globals_:
+        process.start()
+    addresses = ",".join(g.address for g in globals_)
+    zones = [
+        start_zone(
+            tmp_path,
+            name,
+            addresses,
+            certs,
+            resources=write_service(tmp_path / f"resources-{name}", service, address),
+            group=group,
+        )
+        for name, service, address in (
+            ("zone-1", "web", "10.5.0.1"),
+            ("zone-2", "db", "10.5.0.2"),
+        )
+    ]
+    leader = wait_until(
+        lambda: next((g for g in globals_ if role(g) == "leader"), None), 15, 0.05, "a leader"
+    )
+    (standby,) = [g for g in globals_ if g is not leader]
+    assert role(standby) == "follower"
+    assert standby.http("api", "GET", "/")[0] == 503  # the leader serves the API
+    before = served_alike(zones, ["web", "db"])
+    assert leader.process is not None
+    killed = time.monotonic()
+    leader.process.send_signal(signal.SIGKILL)
+    leader.process.wait(10)
+    wait_until(lambda: role(standby) == "leader", FAILOVER + 5, 0.05, "the other leads")
+    taken = time.monotonic() - killed
+    assert taken < FAILOVER, f"took {taken:.1f} s"
+    # The zones reconnect to it; a new service is placed and reaches the other zone.
+    document = dataplane("cache-1", "cache", address="10.5.0.3")
+    wait_until(
+        lambda: (
+            zones[0].api("PUT", "/meshes/default/dataplanes/cache-1", document)[0] in (200, 201)
+        ),
+        10,
+        0.2,
+    )
+    table = served_alike(zones, ["web", "db", "cache"])
+    assert {s: table[s] for s in before} == before, "a VIP moved"
+    assert set(standby.zones()) == {"zone-1", "zone-2"}
+    _, about = zones[1].api("GET", "/")
+    assert about["sync"]["global"] == standby.address
+
+
+def test_a_paused_global_leader_is_replaced_and_stands_by_when_it_resumes(
+    tmp_path: Path, group: ProcessGroup, postgres: Any
+) -> None:
+    url = postgres.fresh_database("global_replicas_paused")
+    certs = make_certs(tmp_path / "certs", ["localhost", "127.0.0.1"], ["zone-1"])
+    globals_ = [
+        group.add(
+            GlobalProcess(
+                tmp_path, certs, [f"--store={url}"], kds_port=free_port(), name=f"global-{n}"
+            )
+        )
+        for n in "ab"
+    ]
+    for process in globals_:
+        process.start()
+    zone = start_zone(
+        tmp_path,
+        "zone-1",
+        ",".join(g.address for g in globals_),
+        certs,
+        resources=write_service(tmp_path / "resources", "web", "10.6.0.1"),
+        group=group,
+    )
+    leader = wait_until(
+        lambda: next((g for g in globals_ if role(g) == "leader"), None), 15, 0.05, "a leader"
+    )
+    (other,) = [g for g in globals_ if g is not leader]
+    before = served_alike([zone], ["web"])
+    assert leader.process is not None
+    paused = time.monotonic()
+    leader.process.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: role(other) == "leader", FAILOVER + 5, 0.05, "the other leads")
+        taken = time.monotonic() - paused
+        assert vip(zone, "web") == before["web"]  # the zone serves its stored table meanwhile
+    finally:
+        leader.process.send_signal(signal.SIGCONT)
+    assert taken < FAILOVER, f"took {taken:.1f} s"
+    # Resumed, it finds it no longer leads, closes zone sync, and the zone moves over.
+    wait_until(lambda: role(leader) == "follower", 10, 0.1, "the resumed leader stands by")
+    wait_until(lambda: other.zones().get("zone-1", {}).get("state") == "online", 30, 0.1)
+    document = dataplane("cache-1", "cache", address="10.6.0.2")
+    assert zone.api("PUT", "/meshes/default/dataplanes/cache-1", document)[0] in (200, 201)
+    table = served_alike([zone], ["web", "cache"])
+    assert table["web"] == before["web"]

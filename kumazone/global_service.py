@@ -82,6 +82,11 @@ class GlobalService(ControlPlane):
         self._store = SQLiteStore(settings.store_path)
         self._run(self._store)
         self.addService(TimerService(TICK_INTERVAL, self._guarded, self._tick))
+        self._listen_api()
+        self._log_started()
+
+    def _listen_api(self) -> None:
+        settings = self.settings
         self._listen_web(
             self._api,
             settings.api_port,
@@ -89,7 +94,6 @@ class GlobalService(ControlPlane):
             settings.diagnostics_port,
             settings.diagnostics_interface,
         )
-        self._log_started()
 
     def _run(self, store: Store) -> None:
         """The federation over C{store}: its table, zone sync, the API's data."""
@@ -145,13 +149,7 @@ class GlobalService(ControlPlane):
         self._store = None  # the replica closes its own
         self.ports["kds"] = settings.kds_port  # opened while leading
         self.addService(TimerService(TICK_INTERVAL, self._guarded, self._tick))
-        self._listen_web(
-            self._api,
-            settings.api_port,
-            settings.api_interface,
-            settings.diagnostics_port,
-            settings.diagnostics_interface,
-        )
+        self._listen_api()
         self.replica.start()
         self.log.info(
             "global replica on {where}: standing by until elected; API on {api}, "

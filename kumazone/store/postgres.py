@@ -30,11 +30,10 @@ from urllib.parse import urlsplit
 
 import psycopg
 
-from kumazone.core.federation import ZoneRecord
-from kumazone.core.resources import ResourceKey, parse_stored
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
-from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
+from kumazone.core.vips import TableDelta
 from kumazone.store import changelog
+from kumazone.store.rows import load_state
 
 T = TypeVar("T")
 
@@ -163,6 +162,9 @@ class PostgresStore:
         except psycopg.Error as e:
             db.close()
             raise StoreError(f"cannot open store {self.where}: {_reason(e)}") from None
+        except BaseException:
+            db.close()
+            raise
         self._db = db
         return db
 
@@ -172,10 +174,12 @@ class PostgresStore:
             db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             exists = db.execute("SELECT to_regclass('meta') IS NOT NULL").fetchone()
             if not (exists and exists[0]):
-                db.execute(_schema_file(f"v{SCHEMA_VERSION}.sql"))
-                return
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
+                # A new database: version 1, then every migration (one history to keep).
+                db.execute(_schema_file("v1.sql"))
+                version = 1
+            else:
+                row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                version = int(row[0]) if row else 0
             if version == SCHEMA_VERSION:
                 return
             if version > SCHEMA_VERSION or version not in _MIGRATIONS:
@@ -198,7 +202,7 @@ class PostgresStore:
             db = self._connect()
             with db.transaction(), db.cursor() as cursor:
                 self._first(cursor, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                return _load(db)
+                return load_state(db.execute)
         except (ValueError, KeyError) as e:
             raise StoreError(f"cannot read store {self.where}: {e}") from None
 
@@ -332,56 +336,6 @@ def _reason(error: psycopg.Error) -> str:
     """The first line of what the server or libpq said (no URL, so no password)."""
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-def _load(db: psycopg.Connection[Any]) -> StoredState:
-    state = StoredState()
-    for type_, mesh, name, document in db.execute(
-        "SELECT type, mesh, name, document FROM resources ORDER BY type, mesh, name"
-    ):
-        try:
-            resource = parse_stored(document)
-        except ValueError as e:
-            state.bad_resources.append((ResourceKey(type_, mesh, name), str(e)))
-            continue
-        state.resources.append(resource)
-    keys: dict[tuple[str, str], ServiceKey] = {}
-    zone_sets: dict[str, tuple[str, ...]] = {}
-    for mesh, service, offset, zones, claim in db.execute(
-        "SELECT mesh, service, vip_offset, zones, claim FROM vips ORDER BY vip_offset"
-    ):
-        key = keys[(mesh, service)] = ServiceKey(mesh, service)
-        names = zone_sets.get(zones)
-        if names is None:
-            names = zone_sets[zones] = tuple(json.loads(zones))
-        state.allocations.append(Allocation(key, offset, names, claim))
-    records = {
-        name: ZoneRecord(name, set(), last_contact=last_contact, acked=acked)
-        for name, last_contact, acked in db.execute(
-            "SELECT name, last_contact, acked FROM zones ORDER BY name"
-        )
-    }
-    for zone, mesh, service in db.execute("SELECT zone, mesh, service FROM zone_services"):
-        record = records.get(zone)
-        if record is None:
-            continue
-        shared = keys.get((mesh, service))
-        if shared is None:
-            shared = keys[(mesh, service)] = ServiceKey(mesh, service)
-        record.services.add(shared)
-    state.zones = list(records.values())
-    state.holds = [
-        Hold(ServiceKey(mesh, service), offset, until)
-        for offset, mesh, service, until in db.execute(
-            "SELECT vip_offset, mesh, service, until FROM holds ORDER BY vip_offset"
-        )
-    ]
-    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    state.log_seq = int(meta["log_seq"])
-    state.table_version = int(meta["table_version"])
-    state.vip_range = meta["vip_range"]
-    state.table_id = meta["table_origin"]
-    return state
 
 
 def _append(cursor: psycopg.Cursor[Any], changes: StoreChanges) -> int:

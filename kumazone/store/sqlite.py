@@ -28,10 +28,9 @@ import os
 import sqlite3
 from importlib import resources as package_files
 
-from kumazone.core.federation import ZoneRecord
-from kumazone.core.resources import ResourceKey, parse_stored
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
-from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
+from kumazone.core.vips import TableDelta
+from kumazone.store.rows import load_state
 
 __all__ = ["SCHEMA_VERSION", "SQLiteStore"]
 
@@ -114,58 +113,7 @@ class SQLiteStore:
             raise StoreError(f"cannot read store {self.path}: {e}") from None
 
     def _load(self) -> StoredState:
-        state = StoredState()
-        db = self._db
-        for type_, mesh, name, document in db.execute(
-            "SELECT type, mesh, name, document FROM resources ORDER BY type, mesh, name"
-        ):
-            try:
-                resource = parse_stored(document)
-            except ValueError as e:
-                state.bad_resources.append((ResourceKey(type_, mesh, name), str(e)))
-                continue
-            state.resources.append(resource)
-        #: One key object per service, shared by the table and every zone's services.
-        keys: dict[tuple[str, str], ServiceKey] = {}
-        #: One tuple per set of zones (most rows share a few).
-        zone_sets: dict[str, tuple[str, ...]] = {}
-        #: One number per claim (many rows share one: those allocated by one change).
-        claims: dict[int, int] = {}
-        allocations = state.allocations
-        for mesh, service, offset, zones, claim in db.execute(
-            "SELECT mesh, service, vip_offset, zones, claim FROM vips ORDER BY vip_offset"
-        ):
-            key = keys[(mesh, service)] = ServiceKey(mesh, service)
-            names = zone_sets.get(zones)
-            if names is None:
-                names = zone_sets[zones] = tuple(json.loads(zones))
-            allocations.append(Allocation(key, offset, names, claims.setdefault(claim, claim)))
-        records = {
-            name: ZoneRecord(name, set(), last_contact=last_contact, acked=acked)
-            for name, last_contact, acked in db.execute(
-                "SELECT name, last_contact, acked FROM zones ORDER BY name"
-            )
-        }
-        for zone, mesh, service in db.execute("SELECT zone, mesh, service FROM zone_services"):
-            record = records.get(zone)
-            if record is None:
-                continue  # rows of a zone deleted (never written so; harmless)
-            shared = keys.get((mesh, service))
-            if shared is None:
-                shared = keys[(mesh, service)] = ServiceKey(mesh, service)
-            record.services.add(shared)
-        state.zones = list(records.values())
-        state.holds = [
-            Hold(ServiceKey(mesh, service), offset, until)
-            for offset, mesh, service, until in db.execute(
-                "SELECT vip_offset, mesh, service, until FROM holds ORDER BY vip_offset"
-            )
-        ]
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        state.table_version = int(meta["table_version"])
-        state.vip_range = meta["vip_range"]
-        state.table_id = meta["table_origin"]
-        return state
+        return load_state(self._db.execute)
 
     def commit(self, changes: StoreChanges) -> None:
         """Apply C{changes} in one transaction.

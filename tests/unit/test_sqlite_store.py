@@ -1,16 +1,17 @@
-"""Tests for kumazone.store.sqlite: the SQLite store."""
+"""Tests for kumazone.store.sqlite: what the SQLite store alone has (its file, migrations from
+older schema versions, :memory:); the store contract both stores keep is
+tests/process/test_store_backends.py."""
 
 from __future__ import annotations
 
 import sqlite3
-from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 import pytest
 
 from kumazone.core.resources import DATAPLANE, ResourceKey, parse_resource
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
-from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta, VipAllocator, VipRange
+from kumazone.core.vips import Allocation, Hold, ServiceKey, TableDelta
 from kumazone.store.sqlite import SCHEMA_VERSION, SQLiteStore
 from tests.builders import dataplane_resource, external_service
 
@@ -84,112 +85,6 @@ def test_round_trip_after_reopen(path: str) -> None:
     assert state.bad_resources == []
 
 
-def test_round_trip_of_a_real_table(path: str) -> None:
-    vip_range = VipRange(IPv4Network("10.0.0.0/29"), IPv6Network("fd00::/125"))
-    table = VipAllocator(vip_range, 100.0)
-    store = SQLiteStore(path)
-    keys = [key(f"s{i}") for i in range(5)]
-    for now, wanted in [(0.0, keys), (1.0, keys[1:]), (2.0, keys[2:]), (50.0, keys[:1] + keys[3:])]:
-        delta = table.reconcile(wanted, now)
-        store.commit(StoreChanges(delta=delta, table_version=table.version))
-    store.close()
-
-    state = SQLiteStore(path).load()
-    assert sorted(state.allocations, key=by_offset) == sorted(
-        table.allocations.values(), key=by_offset
-    )
-    assert sorted(state.holds, key=by_offset) == sorted(table.holds.values(), key=by_offset)
-    assert state.table_version == table.version
-    reloaded = VipAllocator(vip_range, 100.0, state.allocations, state.holds, state.table_version)
-    assert reloaded.allocations == table.allocations
-    assert reloaded.holds == table.holds
-
-
-def test_put_replaces_and_delete_removes(store: SQLiteStore) -> None:
-    store.commit(StoreChanges(puts=[dataplane_resource("redis-1", "redis")]))
-    store.commit(StoreChanges(puts=[dataplane_resource("redis-1", "cache", address="192.0.2.99")]))
-    (resource,) = store.load().resources
-    assert resource.services == ("cache",)
-    assert resource.address == "192.0.2.99"
-    store.commit(StoreChanges(deletes=[resource.key]))
-    assert store.load().resources == []
-
-
-def test_delete_of_missing_resource_is_harmless(store: SQLiteStore) -> None:
-    store.commit(StoreChanges(deletes=[ResourceKey(DATAPLANE, "default", "nope")]))
-    assert store.load().resources == []
-
-
-def test_removed_allocations_and_dropped_holds(store: SQLiteStore) -> None:
-    store.commit(
-        StoreChanges(
-            delta=TableDelta(
-                added=[Allocation(key("a"), 1), Allocation(key("b"), 2)],
-                holds_added=[Hold(key("c"), 3, 10.0)],
-            )
-        )
-    )
-    store.commit(
-        StoreChanges(
-            delta=TableDelta(
-                removed=[Allocation(key("a"), 1)],
-                holds_added=[Hold(key("a"), 1, 20.0)],
-                holds_dropped=[Hold(key("c"), 3, 10.0)],
-            )
-        )
-    )
-    state = store.load()
-    assert state.allocations == [Allocation(key("b"), 2)]
-    assert state.holds == [Hold(key("a"), 1, 20.0)]
-
-
-def test_hold_taken_back_by_its_key_in_one_commit(store: SQLiteStore) -> None:
-    store.commit(StoreChanges(delta=TableDelta(holds_added=[Hold(key("a"), 4, 10.0)])))
-    store.commit(
-        StoreChanges(
-            delta=TableDelta(
-                added=[Allocation(key("a"), 4)], holds_dropped=[Hold(key("a"), 4, 10.0)]
-            )
-        )
-    )
-    state = store.load()
-    assert state.allocations == [Allocation(key("a"), 4)]
-    assert state.holds == []
-
-
-def test_reset_table_clears_vips_and_holds_but_not_resources(store: SQLiteStore) -> None:
-    store.commit(
-        StoreChanges(
-            puts=[dataplane_resource("redis-1", "redis")],
-            delta=TableDelta(
-                added=[Allocation(key("redis"), 5)], holds_added=[Hold(key("x"), 6, 1.0)]
-            ),
-            table_version=3,
-            vip_range="old",
-        )
-    )
-    store.commit(
-        StoreChanges(
-            delta=TableDelta(added=[Allocation(key("redis"), 9)]),
-            table_version=4,
-            vip_range="new",
-            reset_table=True,
-        )
-    )
-    state = store.load()
-    assert state.allocations == [Allocation(key("redis"), 9)]
-    assert state.holds == []
-    assert len(state.resources) == 1
-    assert (state.table_version, state.vip_range) == (4, "new")
-
-
-def test_commit_without_version_keeps_the_version(store: SQLiteStore) -> None:
-    store.commit(StoreChanges(table_version=7, vip_range="r"))
-    store.commit(StoreChanges(puts=[dataplane_resource("redis-1", "redis")]))
-    state = store.load()
-    assert (state.table_version, state.vip_range) == (7, "r")
-
-
 def _populated(store: SQLiteStore) -> StoredState:
     store.commit(
         StoreChanges(
@@ -227,15 +122,6 @@ def test_failing_commit_rolls_back_completely(store: SQLiteStore) -> None:
     assert after.table_version == 10
 
 
-def test_failing_commit_against_an_existing_offset(store: SQLiteStore) -> None:
-    before = _populated(store)
-    with pytest.raises((sqlite3.Error, StoreError)):
-        store.commit(
-            StoreChanges(delta=TableDelta(added=[Allocation(key("web"), 5)]), table_version=11)
-        )
-    assert store.load() == before
-
-
 def test_store_usable_after_a_failed_commit(path: str, store: SQLiteStore) -> None:
     _populated(store)
     with pytest.raises((sqlite3.Error, StoreError)):
@@ -268,13 +154,6 @@ def test_failing_commit_leaves_the_file_intact_for_another_reader(
         assert other.load() == before
     finally:
         other.close()
-
-
-def test_one_service_cannot_hold_two_offsets(store: SQLiteStore) -> None:
-    store.commit(StoreChanges(delta=TableDelta(added=[Allocation(key("a"), 1)])))
-    with pytest.raises((sqlite3.Error, StoreError)):
-        store.commit(StoreChanges(delta=TableDelta(added=[Allocation(key("a"), 2)])))
-    assert store.load().allocations == [Allocation(key("a"), 1)]
 
 
 def test_schema_version_mismatch(path: str) -> None:
@@ -526,21 +405,4 @@ def test_a_zone_record_is_written_without_its_services(path: str) -> None:
     store.commit(StoreChanges(zones_deleted=["zone-1"]))
     assert _zones(store.load()) == {"zone-2": ({key("redis")}, 0.0, 0)}
     assert _zone_rows(path) == [("zone-2", "default", "redis")]
-    store.close()
-
-
-def test_a_zone_and_its_services_are_shared_keys_with_the_table(path: str) -> None:
-    from kumazone.core.federation import ZoneRecord
-
-    store = SQLiteStore(path)
-    store.commit(
-        StoreChanges(
-            delta=TableDelta(added=[Allocation(key("redis"), 1, ("zone-1",))]),
-            zones_put=[ZoneRecord("zone-1")],
-            zone_services_added=[("zone-1", key("redis"))],
-        )
-    )
-    state = store.load()
-    (service,) = state.zones[0].services
-    assert service is state.allocations[0].key  # one object per service in memory
     store.close()

@@ -1,4 +1,5 @@
 -- kumazone store on PostgreSQL, schema version 1: SQLite's schema v3, table for table.
+-- A new database is created at version 1 and migrated: migrate-v1-v2.sql and so on.
 CREATE TABLE resources (
     type TEXT NOT NULL,
     mesh TEXT NOT NULL,

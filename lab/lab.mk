@@ -1,19 +1,24 @@
 # The multi-zone lab (included by the Makefile).
 #   make lab          global + zone-1 + zone-2 + a cluster DNS + a client per zone (each with a
 #                     dataplane and the transparent proxy), in network namespaces (root)
+#   make lab LAB_GLOBAL_REPLICAS=2
+#                     the same with the global as two replicas (global, global-2) on one
+#                     PostgreSQL server (a db host), the zones following the leader
 #   make lab-status   every control plane and dataplane side by side
 #   make lab-down     stop it all, remove the namespaces (safe to run any time)
 #   make lab-docker   the global and zones with Docker Compose (lab/docker-compose.yml;
 #                     its clients forward mesh. with dnsmasq, no dataplane)
 #   make lab-docker-down
-# BIN, LAB_STATE, LAB_PREFIX and LAB_DP_USER (see lab/lab.sh) may be given on the command
-# line or in the environment; for the Docker lab also LAB_BASE_IMAGE, LAB_IMAGE,
-# LAB_PROJECT, LAB_BUILD_NETWORK, LAB_CACHE and COMPOSE (see lab/docker/lab-docker.sh).
+# BIN, LAB_STATE, LAB_PREFIX, LAB_DP_USER and LAB_GLOBAL_REPLICAS (see lab/lab.sh) may be
+# given on the command line or in the environment; for the Docker lab also LAB_BASE_IMAGE,
+# LAB_IMAGE, LAB_PROJECT, LAB_BUILD_NETWORK, LAB_CACHE and COMPOSE (see
+# lab/docker/lab-docker.sh).
 BIN ?= .venv/bin
 LAB_STATE ?= lab/state
 LAB_PREFIX ?= kzlab-
 LAB_ENV = BIN='$(BIN)' LAB_STATE='$(LAB_STATE)' LAB_PREFIX='$(LAB_PREFIX)' \
-  $(if $(LAB_DP_USER),LAB_DP_USER='$(LAB_DP_USER)')
+  $(if $(LAB_DP_USER),LAB_DP_USER='$(LAB_DP_USER)') \
+  $(if $(LAB_GLOBAL_REPLICAS),LAB_GLOBAL_REPLICAS='$(LAB_GLOBAL_REPLICAS)')
 # Build .venv only when the lab runs from it (a test points BIN at its own virtualenv).
 LAB_VENV := $(if $(filter $(abspath $(VENV)/bin),$(abspath $(BIN))),$(STAMP))
 LAB_BASE_IMAGE ?= python:3.11-slim-bookworm
@@ -30,12 +35,16 @@ LAB_DOCKER_ENV = $(LAB_ENV) LAB_BASE_IMAGE='$(LAB_BASE_IMAGE)' \
 # tests/lab/test_conformance.py, with dnsviz and zonemaster-cli) likewise.  The
 # dataplane tests (tests/lab/test_dataplane_netns.py, test_tproxy.py, and the lab's
 # clients) need iptables (iptables-restore, ip6tables-restore), setpriv (util-linux)
-# and, as the workload's real clients, musl-gcc, node and java/javac.
+# and, as the workload's real clients, musl-gcc, node and java/javac.  postgresql (its
+# binaries only: no cluster is made or started) is the server of the global's replicas
+# (make lab LAB_GLOBAL_REPLICAS=2, tests/lab/test_lab_replicas.py); curl reads their
+# /ready in lab/README.md.
 lab-tools: lab-docker-tools
 	@missing=""; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || missing="$$missing dnsmasq-base"; \
 	command -v dig >/dev/null || missing="$$missing bind9-dnsutils"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v unbound >/dev/null || [ -x /usr/sbin/unbound ] || missing="$$missing unbound"; \
 	[ -f /usr/share/dns/root.key ] || missing="$$missing dns-root-data"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
@@ -48,8 +57,14 @@ lab-tools: lab-docker-tools
 	command -v musl-gcc >/dev/null || missing="$$missing musl-tools"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	{ command -v java >/dev/null && command -v javac >/dev/null; } || missing="$$missing default-jdk-headless"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "lab: installing$$missing"; \
+	  case " $$missing " in *" postgresql "*) \
+	    mkdir -p /etc/postgresql-common; \
+	    test -e /etc/postgresql-common/createcluster.conf || \
+	      echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf;; \
+	  esac; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	  case " $$missing " in *" nsd "*) \
 	    if [ -d /run/systemd/system ]; then \

@@ -5,16 +5,19 @@
 #                                      cluster DNS, a dataplane and transparent proxy per client
 #   lab/lab.sh down                    stop everything, remove the namespaces (idempotent)
 #   lab/lab.sh status                  each control plane and dataplane side by side (lab/labctl.py)
-#   lab/lab.sh stop  global|zone-1|zone-2|client-1|client-2
-#   lab/lab.sh start global|zone-1|zone-2|client-1|client-2
-#                                      (a client: its dataplane)
-#   lab/lab.sh wait-synced [SECONDS]   until both zones hold the global's table and each
-#                                      dataplane its zone's
+#   lab/lab.sh stop  global|global-2|zone-1|zone-2|client-1|client-2
+#   lab/lab.sh start global|global-2|zone-1|zone-2|client-1|client-2
+#                                      (a client: its dataplane; global-2: with replicas)
+#   lab/lab.sh wait-synced [SECONDS]   until both zones hold the (leading) global's table
+#                                      and each dataplane its zone's
 #
 # Environment: BIN (the virtualenv's bin, default .venv/bin), LAB_STATE (default
 # lab/state), LAB_PREFIX (namespace names, default kzlab-), LAB_DP_USER (the user the
 # dataplanes run as, default <prefix>dp: made when missing, removed by `down` only when
-# `up` made it).  Relative paths are taken from the directory lab.sh is called from.
+# `up` made it), LAB_GLOBAL_REPLICAS (1, the default: one global on SQLite; 2: the
+# global as two replicas, global and global-2, on one PostgreSQL server in a db host,
+# the zones given both; `up` remembers it for the other commands).  Relative paths are
+# taken from the directory lab.sh is called from.
 #
 # Topology: one namespace per host, each with an eth0 plugged into a bridge that lives
 # in its own namespace (<prefix>net).  Nothing is added to the root namespace except
@@ -31,17 +34,48 @@ REPO=$(dirname -- "$HERE")
 
 NET_NS="${PREFIX}net"
 BRIDGE=lab0
-CONTROL_PLANES=(global zone-1 zone-2)
 CLIENTS=(client-1 client-2)
-HOSTS=("${CONTROL_PLANES[@]}" cluster-dns "${CLIENTS[@]}")
+# Every host any lab has (`down` looks for each): with replicas of the global also
+# global-2 and the PostgreSQL server's db.
+ALL_HOSTS=(global global-2 db zone-1 zone-2 cluster-dns "${CLIENTS[@]}")
 declare -A IPV4=(
-  [global]=198.51.100.201 [zone-1]=198.51.100.211 [zone-2]=198.51.100.212
+  [global]=198.51.100.201 [global-2]=198.51.100.202 [db]=198.51.100.230
+  [zone-1]=198.51.100.211 [zone-2]=198.51.100.212
   [cluster-dns]=198.51.100.250 [client-1]=198.51.100.221 [client-2]=198.51.100.222
 )
 declare -A IPV6=(
-  [global]=2001:db8:100::201 [zone-1]=2001:db8:100::211 [zone-2]=2001:db8:100::212
+  [global]=2001:db8:100::201 [global-2]=2001:db8:100::202 [db]=2001:db8:100::230
+  [zone-1]=2001:db8:100::211 [zone-2]=2001:db8:100::212
   [cluster-dns]=2001:db8:100::250 [client-1]=2001:db8:100::221 [client-2]=2001:db8:100::222
 )
+# How many replicas the global runs as: LAB_GLOBAL_REPLICAS for `up`; the other
+# commands take what `up` wrote to the state unless it is given.
+REPLICAS_FILE="$STATE/global-replicas"
+if [[ -n ${LAB_GLOBAL_REPLICAS:-} ]]; then
+  GLOBAL_REPLICAS=$LAB_GLOBAL_REPLICAS
+elif [[ ${1:-} != up && -f "$REPLICAS_FILE" ]]; then
+  GLOBAL_REPLICAS=$(tr -dc '0-9' <"$REPLICAS_FILE")
+else
+  GLOBAL_REPLICAS=1
+fi
+# The hosts of this lab: set_hosts fills these from GLOBAL_REPLICAS.
+GLOBALS=() CONTROL_PLANES=() HOSTS=()
+set_hosts() {
+  case $GLOBAL_REPLICAS in
+    1) GLOBALS=(global) HOSTS=() ;;
+    2) GLOBALS=(global global-2) HOSTS=(db) ;;
+    *) die "LAB_GLOBAL_REPLICAS must be 1 or 2, not '$GLOBAL_REPLICAS'" ;;
+  esac
+  CONTROL_PLANES=("${GLOBALS[@]}" zone-1 zone-2)
+  HOSTS=("${HOSTS[@]}" "${CONTROL_PLANES[@]}" cluster-dns "${CLIENTS[@]}")
+}
+# The replicas' PostgreSQL server (in the db host, its files under $STATE/db, run as
+# nobody: PostgreSQL refuses root), trusting the lab's network (no password).
+PG_PORT=5432
+PG_USER=kumazone
+PG_DATABASE=kumazone
+PG_DIR="$STATE/db"
+STORE_URL="postgresql://$PG_USER@${IPV4[db]}:$PG_PORT/$PG_DATABASE"
 # Which zone a client host lives in.
 declare -A ZONE_OF=([client-1]=zone-1 [client-2]=zone-2)
 # Without IPv6 in the kernel the lab is IPv4 only.
@@ -73,7 +107,7 @@ die() {
 ns_of() { printf '%s%s' "$PREFIX" "${1//-/}"; }
 all_namespaces() {
   local host
-  for host in "${HOSTS[@]}"; do ns_of "$host"; echo; done
+  for host in "${ALL_HOSTS[@]}"; do ns_of "$host"; echo; done
   echo "$NET_NS"
 }
 ns_exists() { [[ -e "/run/netns/$1" || -e "/var/run/netns/$1" ]]; }
@@ -290,16 +324,21 @@ start_control_plane() {
     --api-interface="$address" --api-port="$API_PORT" --diagnostics-port="$DIAGNOSTICS_PORT"
     --tls-ca="$STATE/certs/ca.pem"
   )
-  if [[ $name == global ]]; then
+  local globals="" replica
+  for replica in "${GLOBALS[@]}"; do globals+="${globals:+,}${IPV4[$replica]}:$KDS_PORT"; done
+  if [[ $name == global* ]]; then
+    # The replicas share global.pem (which names each one's addresses) and the store.
     args+=(
       --role=global --kds-interface="$address" --kds-port="$KDS_PORT"
       --tls-cert="$STATE/certs/global.pem" --tls-key="$STATE/certs/global-key.pem"
     )
+    if ((GLOBAL_REPLICAS > 1)); then args+=(--store="$STORE_URL"); fi
   else
     # The zone's certificate (which names both zones' addresses) serves zone sync and
-    # the dataplane port alike.
+    # the dataplane port alike.  With replicas of the global, the zone is given each
+    # one's address and connects to whichever leads.
     args+=(
-      --role=zone --zone="$name" --global="${IPV4[global]}:$KDS_PORT"
+      --role=zone --zone="$name" --global="$globals"
       --resources="$STATE/zones/$name"
       --dns-interface="$address" --dns-port="$DNS_PORT"
       --dp-interface="$address" --dp-port="$DP_PORT"
@@ -308,11 +347,111 @@ start_control_plane() {
   fi
   launch_twistd "$name" "$ns" "$(pidfile_of "$name")" kumazone "${args[@]}"
   wait_ready "$name" "$ns" "http://127.0.0.1:$DIAGNOSTICS_PORT/ready"
-  if [[ $name == global ]]; then
+  if ((GLOBAL_REPLICAS > 1)) && [[ $name == global* ]]; then
+    local role
+    role=$(ip netns exec "$ns" "$BIN/python" "$HERE/labctl.py" get "http://127.0.0.1:$DIAGNOSTICS_PORT/ready" 2>/dev/null) || true
+    say "$name up in $ns (${role:-ok}): API http://$address:$API_PORT, zone sync $address:$KDS_PORT, store $STORE_URL, log $(logfile_of "$name")"
+  elif [[ $name == global ]]; then
     say "global up in $ns: API http://$address:$API_PORT, zone sync $address:$KDS_PORT, log $(logfile_of "$name")"
   else
     say "$name up in $ns: API http://$address:$API_PORT, DNS $address:$DNS_PORT, dataplanes $address:$DP_PORT, log $(logfile_of "$name")"
   fi
+}
+
+# -- the replicas' PostgreSQL server --------------------------------------------------------
+
+# The directory of initdb, pg_ctl and postgres: Debian's newest, else initdb's on PATH.
+find_pg_bin() {
+  local found
+  found=$(for dir in /usr/lib/postgresql/*/bin; do [[ -x "$dir/initdb" ]] && echo "$dir"; done |
+    sort -V | tail -n 1)
+  if [[ -z $found ]] && command -v initdb >/dev/null; then
+    found=$(dirname -- "$(realpath -- "$(command -v initdb)")")
+  fi
+  [[ -n $found && -x "$found/pg_ctl" ]] || return 1
+  echo "$found"
+}
+
+# as_nobody COMMAND...: as the user nobody (PostgreSQL refuses root), from /.
+as_nobody() {
+  (cd / && setpriv --reuid="$(id -u nobody)" --regid="$(id -g nobody)" --clear-groups -- "$@")
+}
+
+# The postmaster's pid, if it runs.
+db_pid() {
+  local pid
+  [[ -f "$PG_DIR/data/postmaster.pid" ]] || return 1
+  pid=$(head -n 1 -- "$PG_DIR/data/postmaster.pid" | tr -dc '0-9')
+  [[ -n $pid ]] && alive "$pid" || return 1
+  echo "$pid"
+}
+
+# PostgreSQL in the db host: initdb under $STATE/db (owned by nobody) the first time,
+# trust for the lab's network, listening on the db host's addresses; the database
+# the replicas share made once.
+start_db() {
+  local ns pg log address listen fresh=0 uid gid i
+  ns=$(ns_of db)
+  address=${IPV4[db]}
+  log=$(logfile_of db)
+  ns_exists "$ns" || die "namespace $ns does not exist: is the lab up? (make lab)"
+  if db_pid >/dev/null; then
+    say "PostgreSQL is already running"
+    return 0
+  fi
+  pg=$(find_pg_bin) || die "PostgreSQL's initdb not found: apt-get install postgresql (make lab-tools does it)"
+  uid=$(id -u nobody) && gid=$(id -g nobody) || die "no user nobody for PostgreSQL"
+  if [[ ! -d "$PG_DIR/data" ]]; then
+    install -d -o "$uid" -g "$gid" -m 0700 -- "$PG_DIR" "$PG_DIR/run"
+    as_nobody test -w "$PG_DIR" ||
+      die "user nobody cannot write $PG_DIR: the directories above LAB_STATE must be searchable by others (chmod o+x), or set LAB_STATE elsewhere"
+    as_nobody "$pg/initdb" -D "$PG_DIR/data" -U "$PG_USER" -A trust -E UTF8 --no-sync \
+      >"$STATE/logs/db-initdb.log" 2>&1 || die "initdb failed (log: $STATE/logs/db-initdb.log)"
+    listen=$address
+    if ((HAVE_IPV6)); then listen+=",${IPV6[db]}"; fi
+    cat >>"$PG_DIR/data/postgresql.conf" <<CONF
+
+# kumazone lab: the db host's addresses only, a socket in its own directory.
+port = $PG_PORT
+listen_addresses = '$listen'
+unix_socket_directories = '$PG_DIR/run'
+fsync = off
+synchronous_commit = off
+full_page_writes = off
+CONF
+    cat >>"$PG_DIR/data/pg_hba.conf" <<CONF
+# kumazone lab: the lab's network, without a password.
+host all all 198.51.100.0/24 trust
+host all all 2001:db8:100::/64 trust
+CONF
+    fresh=1
+  fi
+  touch -- "$log"
+  chown -- "$uid:$gid" "$log"
+  if ! ip netns exec "$ns" setpriv --reuid="$uid" --regid="$gid" --clear-groups -- \
+    "$pg/pg_ctl" -D "$PG_DIR/data" -l "$log" -w -t 30 start >/dev/null 2>&1; then
+    tail_log db
+    die "PostgreSQL did not start (log: $log)"
+  fi
+  for ((i = 0; i < 100; i++)); do
+    ip netns exec "$ns" "$pg/pg_isready" -q -h "$address" -p "$PG_PORT" -U "$PG_USER" && break
+    sleep 0.1
+  done
+  if ((fresh)); then
+    ip netns exec "$ns" "$pg/createdb" -h "$address" -p "$PG_PORT" -U "$PG_USER" "$PG_DATABASE" ||
+      die "cannot create database $PG_DATABASE (log: $log)"
+  fi
+  say "db up in $ns: PostgreSQL (pid $(db_pid || echo '?'), as nobody) on $address:$PG_PORT, database $PG_DATABASE, log $log"
+}
+
+stop_db() {
+  local pid pg
+  pid=$(db_pid) || return 0
+  pg=$(find_pg_bin) || pg=""
+  if [[ -z $pg ]] || ! as_nobody "$pg/pg_ctl" -D "$PG_DIR/data" -m fast -w -t 10 stop >/dev/null 2>&1; then
+    stop_pid "$pid" 10
+  fi
+  say "stopped PostgreSQL (pid $pid)"
 }
 
 # -- the cluster DNS ---------------------------------------------------------------------
@@ -462,7 +601,12 @@ write_topology() {
       printf '    "%s": {"namespace": "%s", "ipv4": "%s", "ipv6": "%s"' \
         "$host" "$(ns_of "$host")" "${IPV4[$host]}" "${IPV6[$host]}"
       case $host in
-        global) printf ', "role": "global", "api": "http://%s:%s"' "${IPV4[$host]}" "$API_PORT" ;;
+        global | global-*)
+          printf ', "role": "global", "api": "http://%s:%s"' "${IPV4[$host]}" "$API_PORT"
+          ((GLOBAL_REPLICAS == 1)) ||
+            printf ', "diagnostics": "http://127.0.0.1:%s", "store": "%s"' "$DIAGNOSTICS_PORT" "$STORE_URL"
+          ;;
+        db) printf ', "role": "db", "postgresql": "%s:%s"' "${IPV4[$host]}" "$PG_PORT" ;;
         zone-*) printf ', "role": "zone", "api": "http://%s:%s", "dns": "%s:%s", "dp": "%s:%s"' \
           "${IPV4[$host]}" "$API_PORT" "${IPV4[$host]}" "$DNS_PORT" "${IPV4[$host]}" "$DP_PORT" ;;
         cluster-dns) printf ', "role": "cluster-dns", "dns": "%s:53", "outside": {"name": "%s", "ipv4": "%s", "ipv6": "%s"}' \
@@ -479,6 +623,10 @@ write_topology() {
 make_certs() {
   local args=(--out "$STATE/certs" --global-host "${IPV4[global]}" --global-host "${IPV6[global]}"
     --global-host global --zone zone-1 --zone zone-2) zone client
+  # The replicas share one certificate, which names each one's addresses.
+  if ((GLOBAL_REPLICAS > 1)); then
+    args+=(--global-host "${IPV4[global-2]}" --global-host "${IPV6[global-2]}" --global-host global-2)
+  fi
   # Each zone's certificate names the zones' addresses, so that a dataplane can check
   # the zone it connects to; each client's dataplane gets a client certificate.
   for zone in zone-1 zone-2; do
@@ -504,8 +652,10 @@ cmd_up() {
   trap 'exit 130' INT TERM HUP PIPE
   # A fresh lab every time: state from an earlier run goes, the CA is kept.
   mkdir -p "$STATE"
-  rm -rf -- "$STATE/data" "$STATE/zones" "$STATE/logs" "$STATE/run" "$STATE/dns" "$STATE/lab.json"
+  rm -rf -- "$STATE/data" "$STATE/zones" "$STATE/logs" "$STATE/run" "$STATE/dns" "$STATE/lab.json" \
+    "$PG_DIR" "$REPLICAS_FILE"
   mkdir -p "$STATE/data" "$STATE/zones" "$STATE/logs" "$STATE/run"
+  if ((GLOBAL_REPLICAS > 1)); then echo "$GLOBAL_REPLICAS" >"$REPLICAS_FILE"; fi
   cp -r -- "$REPO/zones/zone-1" "$REPO/zones/zone-2" "$STATE/zones/"
 
   local names=() host
@@ -516,6 +666,7 @@ cmd_up() {
   make_certs
   say "certificates in $STATE/certs (kumazone certs, with dataplane certificates for ${CLIENTS[*]})"
   local name
+  if ((GLOBAL_REPLICAS > 1)); then start_db; fi
   for name in "${CONTROL_PLANES[@]}"; do start_control_plane "$name"; done
   start_cluster_dns
   ensure_dp_user
@@ -548,8 +699,11 @@ cmd_down() {
     uninstall_transparent_proxy "$name"
     stopping+=("$name-dataplane" "$(dp_pidfile_of "$name")")
   done
-  for name in cluster-dns zone-2 zone-1 global; do stopping+=("$name" "$(pidfile_of "$name")"); done
+  for name in cluster-dns zone-2 zone-1 global-2 global; do
+    stopping+=("$name" "$(pidfile_of "$name")")
+  done
   stop_named "${stopping[@]}"
+  stop_db
   for ns in $(all_namespaces); do
     if ns_exists "$ns"; then
       # Anything still inside a lab namespace was started there by the lab.
@@ -564,7 +718,7 @@ cmd_down() {
   done
   rmdir /etc/netns 2>/dev/null || true
   remove_dp_user
-  rm -f -- "$STATE/lab.json"
+  rm -rf -- "$STATE/lab.json" "$PG_DIR" "$REPLICAS_FILE"
   say "down"
 }
 
@@ -580,7 +734,11 @@ cmd_status() {
 host_arg() {
   case ${1:-} in
     global | zone-1 | zone-2 | client-1 | client-2) ;;
-    *) die "expected global, zone-1, zone-2, client-1 or client-2 (its dataplane), got '${1:-}'" ;;
+    global-2)
+      ((GLOBAL_REPLICAS > 1)) ||
+        die "there is no global-2: this lab runs one global (make lab LAB_GLOBAL_REPLICAS=2)"
+      ;;
+    *) die "expected global,${GLOBALS[1]:+ ${GLOBALS[1]},} zone-1, zone-2, client-1 or client-2 (its dataplane), got '${1:-}'" ;;
   esac
 }
 
@@ -631,4 +789,5 @@ main() {
   esac
 }
 
+set_hosts
 main "$@"

@@ -4,17 +4,24 @@ from inside their namespaces.
     labctl.py get URL                         print the body (exit 1 unless HTTP 200)
     labctl.py wait URL [--timeout S]          until URL answers 200
     labctl.py fetch dataplane URL             a dataplane's /ready and /metrics, as JSON
-    labctl.py --state DIR status [--json]     global, zone-1, zone-2 side by side, then
-                                              each client's dataplane
+    labctl.py fetch global URL [--ready URL]  a global's API (with --ready, its /ready first:
+                                              a standby replica's API answers 503)
+    labctl.py --state DIR status [--json]     the global(s), zone-1, zone-2 side by side,
+                                              then each client's dataplane
     labctl.py --state DIR wait-synced [--timeout S]
-                                              until both zones hold the global's table
-                                              and each dataplane its zone's
+                                              until both zones hold the leading global's
+                                              table and each dataplane its zone's
 
 ``status`` and ``wait-synced`` read ``DIR/lab.json`` (written by ``lab.sh up``) and run
 ``ip netns exec NAMESPACE python labctl.py fetch ...`` once per control plane and per
 client: the APIs listen on the lab's addresses, which only the lab's namespaces can
 reach, and each dataplane's diagnostics on its own host's loopback.  Standard library
 only.
+
+With the global's replicas (``make lab LAB_GLOBAL_REPLICAS=2``: ``global`` and
+``global-2``) each global's ``/ready`` says whether it leads (``ok: leader``) or stands
+by (``ok: follower``, its API answering 503); status shows each one's role and reads
+the table from the one that leads, wait-synced waits for the zones to hold its table.
 """
 
 from __future__ import annotations
@@ -60,10 +67,35 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return 0, str(getattr(reason, "strerror", None) or reason).lower().encode()
 
 
-def fetch(role: str, api: str) -> dict[str, Any]:
-    """What status needs from one control plane's API, or {"error": ...}."""
+def replica_role(ready: str) -> str | None:
+    """A global's part from its C{/ready} (C{leader}, C{follower}), C{down} when nothing
+    answers, None for a global that is no replica (or not ready)."""
+    status, body = http_get(ready)
+    if status == 0:
+        return "down"
+    text = body.decode(errors="replace").strip()
+    if status == 200 and text.startswith("ok: "):
+        return text.removeprefix("ok: ")
+    return None
+
+
+def fetch(role: str, api: str, ready: str | None = None) -> dict[str, Any]:
+    """What status needs from one control plane's API, or {"error": ...}; with C{ready}
+    (a global's C{/ready}), its replica's part as C{"role"}, and a standby's API (503)
+    not read."""
     if role == "dataplane":
         return fetch_dataplane(api)
+    part = replica_role(ready) if ready else None
+    if part == "follower":
+        return {"error": "standby (API 503)", "role": part}
+    document = fetch_api(role, api)
+    if part is not None:
+        document["role"] = part
+    return document
+
+
+def fetch_api(role: str, api: str) -> dict[str, Any]:
+    """A control plane's C{/}, C{/vips} and C{/zones} or C{/dataplanes/connected}."""
     paths = ["/", "/vips"] + (["/zones"] if role == "global" else ["/dataplanes/connected"])
     paged = ("/vips", "/dataplanes/connected")
     document: dict[str, Any] = {}
@@ -130,17 +162,46 @@ def clients(topology: dict[str, Any]) -> list[str]:
     return [name for name, host in topology["hosts"].items() if host.get("role") == "client"]
 
 
+def control_planes(topology: dict[str, Any]) -> list[str]:
+    """The globals (one, or each replica) and the zones, in lab.json's order."""
+    roles = ("global", "zone")
+    return [name for name, host in topology["hosts"].items() if host.get("role") in roles]
+
+
+def global_names(documents: dict[str, dict[str, Any]]) -> list[str]:
+    """The globals among the documents: C{global}, and with replicas C{global-2}."""
+    return [name for name in documents if name == "global" or name.startswith("global-")]
+
+
+def leader(documents: dict[str, dict[str, Any]]) -> str:
+    """The global that leads: the one whose API answers (a standby's is 503); the first
+    global when none does."""
+    names = global_names(documents)
+    for name in names:
+        if "error" not in documents[name]:
+            return name
+    return names[0]
+
+
+def planes(documents: dict[str, dict[str, Any]]) -> list[str]:
+    """The control planes' columns: the global(s), then the zones."""
+    return [*global_names(documents), *ZONES]
+
+
 def collect(topology: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each control plane's and each dataplane's documents, fetched from inside its
     namespace, in parallel."""
     running: dict[str, subprocess.Popen[str]] = {}
-    for name in (*CONTROL_PLANES, *clients(topology)):
+    for name in (*control_planes(topology), *clients(topology)):
         host = topology["hosts"][name]
+        extra: list[str] = []
         if host["role"] == "client":
             role, url = "dataplane", host["dataplane"]["diagnostics"]
         else:
             role, url = host["role"], host["api"]
-        inside = [sys.executable, str(HERE / "labctl.py"), "fetch", role, url]
+            if role == "global" and host.get("diagnostics"):
+                extra = ["--ready", host["diagnostics"] + "/ready"]
+        inside = [sys.executable, str(HERE / "labctl.py"), "fetch", role, url, *extra]
         command = ["ip", "netns", "exec", host["namespace"], *inside]
         running[name] = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -163,7 +224,7 @@ def _sync_cell(name: str, document: dict[str, Any]) -> str:
     if "error" in document:
         return str(document["error"])
     about = document["/"]
-    if name == "global":
+    if name == "global" or name.startswith("global-"):
         zones = document["/zones"]["items"]
         online = sum(1 for z in zones if z["state"] == "online")
         return f"{online} of {len(zones)} zones online"
@@ -176,9 +237,9 @@ def _sync_cell(name: str, document: dict[str, Any]) -> str:
 
 
 def _global_view(zone: str, documents: dict[str, dict[str, Any]]) -> str:
-    if zone == "global":
+    if zone not in ZONES:
         return ""
-    document = documents["global"]
+    document = documents[leader(documents)]
     if "error" in document:
         return "?"
     for item in document["/zones"]["items"]:
@@ -192,7 +253,8 @@ def vip_rows(
 ) -> list[tuple[str, dict[str, str], bool]]:
     """(mesh/service, {control plane: cell}, differs) for every service anyone serves."""
     cells: dict[str, dict[str, str]] = {}
-    for name in CONTROL_PLANES:
+    names = planes(documents)
+    for name in names:
         document = documents[name]
         if "error" in document:
             continue
@@ -200,35 +262,40 @@ def vip_rows(
             key = f"{item['mesh']}/{item['service']}"
             cell = item["vip"] + (" (provisional)" if item.get("provisional") else "")
             cells.setdefault(key, {})[name] = cell
-    reachable = [n for n in CONTROL_PLANES if "error" not in documents[n]]
+    reachable = [n for n in names if "error" not in documents[n]]
     rows = []
     for key in sorted(cells):
-        row = {n: cells[key].get(n, "-") if n in reachable else "?" for n in CONTROL_PLANES}
+        row = {n: cells[key].get(n, "-") if n in reachable else "?" for n in names}
         seen = {row[n] for n in reachable}
         rows.append((key, row, len(seen) > 1))
     return rows
 
 
 def render(documents: dict[str, dict[str, Any]], topology: dict[str, Any]) -> str:
-    """The status table: one column per control plane, a '!' on every row that differs."""
-    header = ["", *CONTROL_PLANES]
+    """The status table: one column per control plane, a '!' on every row that differs
+    (with replicas of the global, a row of each one's role)."""
+    names = planes(documents)
+    globals_ = global_names(documents)
+    header = ["", *names]
     lines: list[list[str]] = [header]
-    lines.append(["API", *(topology["hosts"][n]["api"] for n in CONTROL_PLANES)])
-    zone_addresses = ["", *(topology["hosts"][n].get("dns", "") for n in ZONES)]
-    lines.append(["DNS", *zone_addresses])
-    lines.append(["sync", *(_sync_cell(n, documents[n]) for n in CONTROL_PLANES)])
-    versions = [
-        "?" if "error" in documents[n] else str(documents[n]["/"]["tableVersion"])
-        for n in CONTROL_PLANES
-    ]
-    lines.append(["table version", *versions])
-    lines.append(["global sees", *(_global_view(n, documents) for n in CONTROL_PLANES)])
-    lines.append(["", "", "", ""])
-    lines.append(["VIP (mesh/service)", *CONTROL_PLANES])
+    lines.append(["API", *(topology["hosts"][n]["api"] for n in names)])
+    if len(globals_) > 1:
+        roles = [str(documents[n].get("role") or "?") for n in globals_]
+        lines.append(["role", *roles, *("" for _ in ZONES)])
+    zone_addresses = [topology["hosts"][n].get("dns", "") for n in ZONES]
+    lines.append(["DNS", *("" for _ in globals_), *zone_addresses])
+    lines.append(["sync", *(_sync_cell(n, documents[n]) for n in names)])
+    versions = {
+        n: "?" if "error" in documents[n] else str(documents[n]["/"]["tableVersion"]) for n in names
+    }
+    lines.append(["table version", *versions.values()])
+    lines.append(["global sees", *(_global_view(n, documents) for n in names)])
+    lines.append(["" for _ in header])
+    lines.append(["VIP (mesh/service)", *names])
     rows = vip_rows(documents)
     differing = []
     for key, row, differs in rows:
-        lines.append([("! " if differs else "  ") + key, *(row[n] for n in CONTROL_PLANES)])
+        lines.append([("! " if differs else "  ") + key, *(row[n] for n in names)])
         if differs:
             differing.append(key)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -236,7 +303,7 @@ def render(documents: dict[str, dict[str, Any]], topology: dict[str, Any]) -> st
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
         for line in lines
     ]
-    zone_versions = {versions[1], versions[2]}
+    zone_versions = {versions[zone] for zone in ZONES}
     if differing:
         text.append(f"! {len(differing)} service(s) differ: {', '.join(differing)}")
     else:
@@ -329,12 +396,18 @@ def render_dataplanes(documents: dict[str, dict[str, Any]], topology: dict[str, 
 def synced(
     documents: dict[str, dict[str, Any]], topology: dict[str, Any] | None = None
 ) -> str | None:
-    """None when both zones are connected and hold the global's table, and each
-    client's dataplane (with C{topology}) is ready and its zone's table; else why not."""
-    if "error" in documents["global"]:
-        return f"global: {documents['global']['error']}"
-    version = documents["global"]["/"]["tableVersion"]
-    online = {z["name"] for z in documents["global"]["/zones"]["items"] if z["state"] == "online"}
+    """None when both zones are connected and hold the (leading) global's table, and
+    each client's dataplane (with C{topology}) is ready and its zone's table; else why
+    not."""
+    lead = leader(documents)
+    if "error" in documents[lead]:
+        if len(global_names(documents)) > 1:
+            return "no global leads: " + ", ".join(
+                f"{n}: {documents[n]['error']}" for n in global_names(documents)
+            )
+        return f"{lead}: {documents[lead]['error']}"
+    version = documents[lead]["/"]["tableVersion"]
+    online = {z["name"] for z in documents[lead]["/zones"]["items"] if z["state"] == "online"}
     for zone in ZONES:
         document = documents[zone]
         if "error" in document:
@@ -343,7 +416,7 @@ def synced(
         if not sync.get("connected") or zone not in online:
             return f"{zone} is not connected to the global"
         if document["/"]["tableVersion"] != version:
-            return f"{zone} has table version {document['/']['tableVersion']}, global {version}"
+            return f"{zone} has table version {document['/']['tableVersion']}, {lead} {version}"
         provisional = [i["service"] for i in document["/vips"]["items"] if i["provisional"]]
         if provisional:
             return f"{zone} still has provisional VIPs: {', '.join(provisional)}"
@@ -375,12 +448,14 @@ def wait_synced(
         documents = collect_documents()
         why = synced(documents, topology)
         if why is None:
-            version = documents["global"]["/"]["tableVersion"]
-            planes = clients(topology) if topology else []
-            also = f", the dataplanes of {' and '.join(planes)} too," if planes else ""
+            lead = leader(documents)
+            version = documents[lead]["/"]["tableVersion"]
+            dataplanes = clients(topology) if topology else []
+            also = f", the dataplanes of {' and '.join(dataplanes)} too," if dataplanes else ""
+            which = f" ({lead} leads)" if len(global_names(documents)) > 1 else ""
             print(
                 f"lab: zone-1 and zone-2 hold the global's table (version {version}){also} "
-                f"after {time.monotonic() - started:.1f}s"
+                f"after {time.monotonic() - started:.1f}s{which}"
             )
             return 0
         if time.monotonic() - started > timeout:
@@ -401,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     fetcher = commands.add_parser("fetch")
     fetcher.add_argument("role", choices=["global", "zone", "dataplane"])
     fetcher.add_argument("api")
+    fetcher.add_argument("--ready", help="a global's /ready: its replica's part")
     status = commands.add_parser("status")
     status.add_argument("--json", action="store_true", help="the raw documents")
     waiter = commands.add_parser("wait-synced")
@@ -421,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             time.sleep(0.1)
     if args.command == "fetch":
-        print(json.dumps(fetch(args.role, args.api)))
+        print(json.dumps(fetch(args.role, args.api, args.ready)))
         return 0
     topology = load_topology(args.state)
     if args.command == "status":

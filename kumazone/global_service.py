@@ -103,11 +103,18 @@ class GlobalService(ControlPlane):
         )
         if self._sync_metrics is None:
             self._sync_metrics = SyncMetrics(self.metrics.registry)
+        def persist(delta: TableDelta | None, zones: list[str], deleted: list[str]) -> None:
+            # This federation's only: an old hub's late callbacks (after this replica
+            # stood by and led again) must not write through a newer one.
+            if federation is not self.federation:
+                raise StoreError("this replica stood by since: not stored")
+            self._persist(delta, zones, deleted)
+
         hub = self.hub = GlobalHub(
             federation.merged,
             federation.table_id,
             (str(settings.dns.cidr), str(settings.dns.cidr6)),
-            self._persist,
+            persist,
             self.reactor,
             self._sync_metrics,
             require_certificates=settings.tls is not None,
@@ -170,6 +177,13 @@ class GlobalService(ControlPlane):
         if self._kds_factory is not None:
             self._kds_factory.close_all()
             self._kds_factory = None
+        if self.hub is not None:
+            self.hub.may_push = lambda: False  # the old hub sends nothing more
+            stepping = getattr(self.hub, "_stepping", None)
+            if stepping is not None and stepping.active():
+                stepping.cancel()
+        if self.replica is not None:
+            self.replica.on_drained = lambda: None
         self.hub = None
         self.federation = None
         self._api.current = _StandingBy()
@@ -233,7 +247,12 @@ class GlobalService(ControlPlane):
         # Close every zone's connection cleanly (TLS close_notify) and give the
         # closes a moment to go out before the listeners and the store go.
         if self.replica is not None:
-            self.replica.stop()  # its lock goes with its session: another leads
+            # Its lock goes with its session (another leads); the threads end first.
+            stopping = self.replica.stop()
+            return stopping.addBoth(lambda _: self._stop_rest())
+        return self._stop_rest()
+
+    def _stop_rest(self) -> Any:
         if self.hub is not None:
             for session in list(self.hub.sessions.values()):
                 session.proto.close()
@@ -284,21 +303,17 @@ class _StandingBy(web_resource.Resource):
 
 class _ZoneSyncFactory(SyncFactory):
     """Zone sync's factory, which can close every connection it made (a replica that
-    stops leading); once closed, a connection still in the listen backlog is dropped."""
+    stops leading: its port stops listening first, so no new one comes after)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.protocols: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.closed = False
 
     def buildProtocol(self, addr: Any) -> Any:
-        if self.closed:
-            return None  # the connection is closed at once
         made = super().buildProtocol(addr)
         self.protocols.add(made)
         return made
 
     def close_all(self) -> None:
-        self.closed = True
         for made in list(self.protocols):
             made.close()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -78,6 +79,10 @@ class GlobalReplica:
         self.store_up_gauge = Gauge(
             "kumazone_store_up", "1 while the store answers, else 0", registry=registry
         )
+        # Elected but not leading (a load or a start that failed, an epoch that moved
+        # during a load): the election says a change once, so look again each second.
+        self._retaking = LoopingCall(self._retake)
+        self._retaking.clock = reactor
 
     # -- the Store the federation writes through ----------------------------------
 
@@ -133,8 +138,6 @@ class GlobalReplica:
         if failure.check(Fenced):
             self._fenced_epoch = self.epoch
         self._stand_by(f"a write failed: {failure.getErrorMessage()}")
-        # Still elected (the database failed, not the lead)? Take it up again anew.
-        self.reactor.callLater(1.0, self._retake)
 
     # -- leading ------------------------------------------------------------------
 
@@ -147,7 +150,7 @@ class GlobalReplica:
 
     def _retake(self) -> None:
         found = self.election.leadership
-        if found.leading and not self.leading:
+        if found.leading and not self.leading and not self._stopping:
             self._take_lead(found.epoch)
 
     def _take_lead(self, epoch: int) -> None:
@@ -160,7 +163,7 @@ class GlobalReplica:
             self._loading = False
             found = self.election.leadership
             if self._stopping or not found.leading or found.epoch != epoch:
-                return
+                return  # a newer epoch is taken up by the next look (_retaking)
             self._generation += 1
             self._written = self._durable = 0
             self.epoch = epoch
@@ -181,10 +184,11 @@ class GlobalReplica:
 
         def failed(failure: Failure) -> None:
             self._loading = False
-            failure.trap(StoreError)
-            self.store_up_gauge.set(0)
-            self.log.warn("global: {error}; trying again", error=failure.getErrorMessage())
-            self.reactor.callLater(1.0, self._retake)
+            if failure.check(StoreError):
+                self.store_up_gauge.set(0)
+                self.log.warn("global: {error}; trying again", error=failure.getErrorMessage())
+            else:
+                self.log.failure("global: loading the table failed; trying again", failure)
 
         loaded.addCallbacks(lead, failed)
 
@@ -207,10 +211,15 @@ class GlobalReplica:
         self._pool.start()
         self.leader_gauge.set(0)
         self.store_up_gauge.set(1)
+        # The global's followers load the whole table when they lead: no change log.
+        self.store.log_changes = False
         self.election.startService()
+        self._retaking.start(1.0, now=False)
 
     def stop(self) -> Any:
         self._stopping = True
+        if self._retaking.running:
+            self._retaking.stop()
         self._stand_by("stopping")
         stopped = self.election.stopService()
 

@@ -147,6 +147,8 @@ class PostgresStore:
         self._db: psycopg.Connection[Any] | None = None
         #: Whether the current transaction's first statement went through.
         self._alive = False
+        #: Whether writes go to the change log (for replicas that follow it).
+        self.log_changes = True
         self._connect()
 
     # -- connection -----------------------------------------------------------
@@ -274,7 +276,7 @@ class PostgresStore:
                     _write_delta(cursor, changes.delta)
                 _write_zones(cursor, changes)
                 _write_meta(cursor, changes)
-                return _append(cursor, changes)
+                return _append(cursor, changes) if self.log_changes else 0
         except (OverflowError, ValueError, TypeError) as e:
             raise StoreError(f"cannot write to store {self.where}: {e}") from None
 

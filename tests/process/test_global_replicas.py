@@ -182,8 +182,9 @@ def test_a_paused_global_leader_is_replaced_and_stands_by_when_it_resumes(
     assert zone.api("PUT", "/meshes/default/dataplanes/cache-1", document)[0] in (200, 201)
     table = served_alike([zone], ["web", "cache"])
     assert table["web"] == before["web"]
-    # SIGTERM ends both replicas, leader and follower, at once and cleanly.
+    # SIGTERM ends both replicas, leader and follower, at once (twistd exits by the
+    # signal it was stopped by: -15) and before the 15 s after which stop() kills.
     for process in globals_:
         started = time.monotonic()
-        assert process.stop() == 0
+        assert process.stop() in (0, -signal.SIGTERM)
         assert time.monotonic() - started < 10

@@ -58,9 +58,9 @@ lint: $(STAMP)
 
 # One table with every figure of issue 10 and its target (about 15 min; e.g.
 # BENCH_ARGS="--million 100000" for a shorter run), then issue 13's data-plane
-# table (about 5 min; DP_BENCH_ARGS="--quick" for a smoke run), then issue 14's zone
-# replicas on PostgreSQL (about 2 min; REPLICA_BENCH_ARGS="--quick").  bench/dns_bench.py
-# and bench/federation.py also run on their own: see bench/README.md.
+# table (about 5 min; DP_BENCH_ARGS="--quick" for a smoke run), then issue 14's
+# zone and global replicas on PostgreSQL (about 3 min; REPLICA_BENCH_ARGS="--quick").
+# bench/dns_bench.py and bench/federation.py also run on their own: see bench/README.md.
 bench: $(STAMP) tools
 	@missing=""; \
 	command -v dnsperf >/dev/null || missing="$$missing dnsperf"; \

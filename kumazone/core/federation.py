@@ -10,6 +10,7 @@ provisional VIPs for local services the global has not allocated yet.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 from collections.abc import Callable, Iterable
@@ -44,10 +45,12 @@ _BULK_SHARE = 32
 
 
 class _Change(NamedTuple):
-    """One entry of the change log: the services a version changed."""
+    """One entry of the change log: the services a version changed, and their rows
+    then (None for a row gone), so that any version in the log can be rebuilt."""
 
     version: int
-    keys: frozenset[ServiceKey]
+    keys: tuple[ServiceKey, ...]
+    rows: tuple[Row | None, ...]
 
 
 @dataclass(slots=True)
@@ -425,8 +428,8 @@ class MergedTable:
         changed |= {k for k, z in zones_of.items() if self._zones_of.get(k) != z}
         changed |= self._zones_of.keys() - zones_of.keys()
         self._zones_of = zones_of
-        self._log_change(changed, delta, now)
         self._rebuild_views()
+        self._log_change(changed, delta, now)
         return delta
 
     def expire(self, now: float) -> TableDelta:
@@ -445,16 +448,19 @@ class MergedTable:
         changed = set(touched)
         changed.update(a.key for a in delta.added)
         changed.update(a.key for a in delta.removed)
-        self._log_change(changed, delta, now)
         self._show(changed)
+        self._log_change(changed, delta, now)
         return delta
 
     def _log_change(self, changed: set[ServiceKey], delta: TableDelta, now: float) -> None:
+        """Log C{changed} with their rows as L{listing} now shows them."""
         if not changed:
             return
         if not delta.changed:
             self.allocator.version += 1  # only the zones of some services changed
-        self._log.append(_Change(self.version, frozenset(changed)))
+        keys = tuple(changed)
+        get = self.listing.get
+        self._log.append(_Change(self.version, keys, tuple(get(key) for key in keys)))
         del self._log[:-CHANGE_LOG_VERSIONS]
         for record in self.zones.values():
             if record.behind_since is None:
@@ -517,17 +523,46 @@ class MergedTable:
 
     def changes_since(self, base: int) -> tuple[list[Row], list[tuple[str, str]]] | None:
         """Rows to upsert and keys to remove to go from C{base} to now; None if too old."""
+        step = self.changes_from(base)
+        return None if step is None else (step[1], step[2])
+
+    def changes_from(
+        self, base: int, limit: int | None = None
+    ) -> tuple[int, list[Row], list[tuple[str, str]]] | None:
+        """A version after C{base} and the changes from C{base} to it; None if too old.
+
+        The version is the newest whose changes from C{base} name at most
+        C{limit} services (all of them if None), or C{base + 1}'s, however
+        many it names: each step is the table exactly as it was at that
+        version, so a zone far behind catches up in bounded steps.  O(what the
+        step names).
+        """
         if base == self.version:
-            return [], []
-        if base > self.version or not self._log or self._log[0].version > base + 1:
+            return base, [], []
+        log = self._log
+        if base > self.version or not log or log[0].version > base + 1:
             return None
-        keys: set[ServiceKey] = set()
-        for version, changed in self._log:
-            if version > base:
-                keys |= changed
-        upsert = [self.row(k) for k in sorted(keys) if k in self.allocator.allocations]
-        remove = [(k.mesh, k.service) for k in sorted(keys) if k not in self.allocator.allocations]
-        return upsert, remove
+        first = bisect.bisect_right(log, base, key=lambda change: change.version)
+        rows: dict[ServiceKey, Row | None] = {}
+        version = self.version  # unless cut short (a version that changes no row is not logged)
+        for position in range(first, len(log)):
+            change = log[position]
+            if limit is not None and rows and len(rows) + len(change.keys) > limit:
+                # Its keys may repeat some already named: count them exactly.
+                more = sum(1 for key in change.keys if key not in rows)
+                if len(rows) + more > limit:
+                    version = log[position - 1].version
+                    break
+            rows.update(zip(change.keys, change.rows, strict=True))
+        upsert: list[Row] = []
+        remove: list[tuple[str, str]] = []
+        for key in sorted(rows):
+            row = rows[key]
+            if row is None:
+                remove.append((key.mesh, key.service))
+            else:
+                upsert.append(row)
+        return version, upsert, remove
 
 
 class Federation:

@@ -39,6 +39,11 @@ def check_part(part: int, previous: int | None) -> None:
         raise ProtocolError(f"part {part} where part {expected} was due")
 
 
+#: Keys one change places, a later key's VIP taken at a time, before it places
+#: every provisional VIP again instead.
+_STEAL_STEPS = 4096
+
+
 class _Collision(Exception):
     """A change moves other provisional VIPs: they are placed again from scratch."""
 
@@ -297,10 +302,44 @@ class FederatedView:
         )
         if self.exhausted or self._used() + len(keys) + 1 >= self.range.size:
             raise _Collision  # a full range: who gets room depends on every key
-        for key in keys:
-            offset = self._place(key, check=True)
-            assert offset is not None  # room was checked
+        # Smallest first, as a placement from scratch goes.  A key whose probe meets
+        # a later key's provisional VIP takes it (from scratch it comes first), and
+        # that key is placed again in turn: keys only grow along such a chain, so it
+        # ends, and no offset is left free that a probe passed (L{_steal}).
+        heapq.heapify(keys)
+        for _step in range(_STEAL_STEPS):
+            if not keys:
+                return
+            key = heapq.heappop(keys)
+            offset, later = self._steal(key)
+            if later is not None:
+                del self.provisional[later]  # its offset is the key's now
+                self._touched.add(later)
+                self._moves += 1
+                heapq.heappush(keys, later)
             self._put_provisional(key, offset)
+        raise _Collision  # a long chain: placed again from scratch
+
+    def _steal(self, key: ServiceKey) -> tuple[int, ServiceKey | None]:
+        """Where a placement from scratch puts C{key} now, and the later key there, if any.
+
+        As L{_place}, but a provisional VIP of a later key (not held) is taken
+        rather than passed.  There is room (the caller checked).
+        """
+        own = self._holds_of.get(key)
+        if own:
+            free = [o for o in own if o not in self._global_at and o not in self._provisional_at]
+            if free:
+                return min(free), None
+        offset = self.range.candidate(key)
+        while True:
+            if offset not in self._global_at and offset not in self.holds:
+                other = self._provisional_at.get(offset)
+                if other is None:
+                    return offset, None
+                if other > key:
+                    return offset, other
+            offset = self.range.next_offset(offset)
 
     def _finish(self, delta: TableDelta, moves: int) -> TableDelta:
         delta.exhausted = sorted(self.exhausted)
@@ -446,6 +485,8 @@ class FederatedView:
                 del self.global_rows[allocation.key]
             self._touched.add(allocation.key)
         collision = False
+        #: Keys whose provisional VIP the global gave another key: placed again.
+        displaced: list[ServiceKey] = []
         for allocation in delta.added:
             key, offset = allocation.key, allocation.offset
             self.global_rows[key] = allocation
@@ -457,7 +498,12 @@ class FederatedView:
                     collision = True
             other = self._provisional_at.get(offset)
             if other is not None and other != key:
-                collision = True  # the global gave another key's provisional VIP
+                # The global gave another key's provisional VIP.  A placement from
+                # scratch gives every other key what it has (no key before it
+                # reached that offset, and for every key after it the offset is
+                # still taken): only that key is placed again, unless its probe
+                # meets a later key (L{_place}), which places everything again.
+                displaced.append(other)
         for allocation in delta.removed:
             if allocation.offset not in self._global_at:
                 # The global holds it too: kept from provisional VIPs.
@@ -470,7 +516,10 @@ class FederatedView:
             for allocation in delta.added:
                 if allocation.key in self.provisional:
                     self._drop_provisional(allocation.key, now, delta)
-            self._settle(gone, now, delta)
+            for key in displaced:
+                if key in self.provisional:
+                    self._drop_provisional(key, now, delta)
+            self._settle([*gone, *displaced], now, delta)
         except _Collision:
             self._place_all(now, delta)
         self._finish(delta, moves)

@@ -26,16 +26,26 @@ from kumazone.core.ratelimit import RateLimiter, TokenBucket, limited
 from kumazone.core.storage import StoreError
 from kumazone.core.vips import TableDelta
 from kumazone.sync.metrics import SyncMetrics
-from kumazone.sync.protocol import SyncProtocol
+from kumazone.sync.protocol import CollectorPause, SyncProtocol
 from kumazone.sync.tls import certificate_names
 
-__all__ = ["PARTS_PER_TURN", "STEP_KEYS", "GlobalHub", "GlobalSession", "ZoneConnected"]
+__all__ = [
+    "PARTS_PER_TURN",
+    "PUSH_ROWS",
+    "STEP_KEYS",
+    "GlobalHub",
+    "GlobalSession",
+    "ZoneConnected",
+]
 
 #: Keys of a zone's accepted inventory applied per reactor turn (one version each):
 #: a zone's first inventory of 500,000 services never holds the reactor for long.
 STEP_KEYS = 2000
 #: Table parts one zone is sent per reactor turn (a whole table goes over many turns).
 PARTS_PER_TURN = 4
+#: Rows one change pushed to a zone covers at most, unless one version has more: a
+#: zone far behind is sent the versions between (see L{MergedTable.changes_from}).
+PUSH_ROWS = 4000
 
 
 class ZoneConnected(Exception):
@@ -79,10 +89,14 @@ class GlobalHub:
         self.sessions: dict[str, GlobalSession] = {}
         #: Keys of an accepted inventory applied per turn (L{STEP_KEYS}).
         self.step_keys = STEP_KEYS
+        #: Rows one push covers at most (L{PUSH_ROWS}).
+        self.push_rows = PUSH_ROWS
         #: The next slice of the zones' accepted inventories (L{step}), when due.
         self._stepping: IDelayedCall | None = None
         #: The zone whose inventory was stepped last (zones take turns).
         self._stepped: str = ""
+        #: The collector is off while inventories are applied in slices (L{CollectorPause}).
+        self._collector = CollectorPause()
         self._refusal_log = limited(
             RateLimiter(burst=20, interval=60.0), clock, lambda line: self.log.warn(line)
         )
@@ -135,8 +149,13 @@ class GlobalHub:
         self._schedule_step()
 
     def _schedule_step(self) -> None:
-        if self._stepping is None and self.merged.stepping():
+        if self._stepping is not None:
+            return
+        if self.merged.stepping():
+            self._collector.pause()
             self._stepping = self.clock.callLater(0, self.step)
+        else:
+            self._collector.resume()
 
     def step(self) -> None:
         """Apply one slice of a zone's accepted inventory, share it, and come back.
@@ -448,7 +467,10 @@ class GlobalSession:
         """Send what changed since the version this zone was last sent.
 
         The parts go L{PARTS_PER_TURN} per reactor turn; changes made meanwhile
-        follow once the last part is out, coalesced.
+        follow once the last part is out, coalesced up to L{PUSH_ROWS} rows: a
+        zone far behind is sent the versions between, each at most that many
+        rows (or one version), so that no push, and no apply of it in the
+        zone, costs more than that.
         """
         table = self.hub.merged
         if self.zone is None:
@@ -459,13 +481,18 @@ class GlobalSession:
             return  # a zone not reading gets the changes, coalesced, once it reads
         if self.sent_version == table.version:
             return
-        changes = table.changes_since(self.sent_version) if self.sent_version >= 0 else None
-        if changes is None:
-            messages = table_messages(table.version, 0, True, table.listing)
+        step = (
+            table.changes_from(self.sent_version, self.hub.push_rows)
+            if self.sent_version >= 0
+            else None
+        )
+        if step is None:
+            version = table.version
+            messages = table_messages(version, 0, True, table.listing)
         else:
-            upsert, remove = changes
-            messages = table_messages(table.version, self.sent_version, False, upsert, remove)
-        self.sent_version = table.version
+            version, upsert, remove = step
+            messages = table_messages(version, self.sent_version, False, upsert, remove)
+        self.sent_version = version
         self._parts = iter(messages)
         self._send_parts()
 

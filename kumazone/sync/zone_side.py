@@ -24,7 +24,7 @@ from kumazone.core.view import FederatedView
 from kumazone.core.vips import ServiceKey
 from kumazone.core.zone import Zone, ZoneChange
 from kumazone.sync.metrics import SyncMetrics
-from kumazone.sync.protocol import SyncProtocol
+from kumazone.sync.protocol import CollectorPause, SyncProtocol
 
 __all__ = ["FOLLOW_KEYS", "PARTS_PER_TURN", "REFUSED_LONGEST", "REFUSED_WAIT", "ZoneSync"]
 
@@ -84,6 +84,8 @@ class ZoneSync:
         self._sending: IDelayedCall | None = None
         #: The next slice of a table update followed in slices, when due.
         self._following: IDelayedCall | None = None
+        #: The collector is off while a big table update is followed (L{CollectorPause}).
+        self._collector = CollectorPause()
         #: The last version acknowledged on this connection, whether a table came
         #: whole on it, and the table (id, version) its hello claimed.
         self._acked = -1
@@ -217,6 +219,8 @@ class ZoneSync:
         self.force_full = False
         self._table_here = True
         table = self.zone.table
+        if isinstance(table, FederatedView) and table.held_back:
+            self._collector.pause()
         if self._following is None:
             if isinstance(table, FederatedView) and table.held_back:
                 self._following = self.clock.callLater(0, self._follow)
@@ -229,6 +233,7 @@ class ZoneSync:
         if self.zone.follow_global(FOLLOW_KEYS):
             self._following = self.clock.callLater(0, self._follow)
             return
+        self._collector.resume()
         version = self.zone.table.version
         self.last_table_at = self.clock.seconds()
         self.metrics.table_version.labels(self.zone.name).set(version)

@@ -23,7 +23,7 @@ from kumazone.core.limits import ZoneLimits
 from kumazone.core.messages import Inventory, Row, TableUpdate, inventory_messages, table_messages
 from kumazone.core.names import assign_names, service_names
 from kumazone.core.storage import StoreError
-from kumazone.core.vips import Allocation, ServiceKey, VipRange
+from kumazone.core.vips import Allocation, ServiceKey, TableDelta, VipRange
 from kumazone.store.sqlite import SQLiteStore
 
 HOLD_DOWN = 3600.0
@@ -741,6 +741,18 @@ def test_the_incremental_table_equals_one_computed_from_scratch(ops, vip_range) 
             changes = table.changes_since(base)
             if changes is not None:
                 assert apply_changes(rows.values(), changes) == by_key(table.listing)
+            # ... and so do capped steps, each the table exactly as it was then.
+            for limit in (1, 2):
+                at, current = base, rows
+                while at != table.version:
+                    step = table.changes_from(at, limit)
+                    if step is None:
+                        break
+                    at, upsert, remove = step
+                    current = apply_changes(current.values(), (upsert, remove))
+                    assert current == rows_at.get(at, current)
+                else:
+                    assert current == by_key(table.listing)
 
 
 def test_a_change_of_one_service_costs_one_service() -> None:
@@ -879,3 +891,125 @@ def test_a_returning_service_gets_its_vip_back_but_not_the_name_that_passed_on()
     table.receive_inventory("zone-1", full(redis), 3.0)  # back within the hold-down
     assert offsets(table)[redis] == held
     assert names(table) == {"redis": (), "Redis": ("redis.mesh",)}
+
+
+# -- a zone far behind: capped steps ---------------------------------------------------
+
+
+def test_changes_from_steps_through_the_versions_a_limit_at_a_time() -> None:
+    table = MergedTable(BIG, HOLD_DOWN)
+    history: dict[int, dict[Pair, Row]] = {0: {}}
+    for i in range(10):  # ten versions of three services each (one moved away, two new)
+        add = [key(f"s-{i}-{j}") for j in range(3)]
+        remove = [key(f"s-{i - 1}-0")] if i else []
+        table.receive_inventory("zone-1", change(add, remove), float(i))
+        history[table.version] = by_key(table.rows())
+    assert table.version == 10
+    base, rows, sizes = 0, history[0], []
+    while base != table.version:
+        step = table.changes_from(base, 7)
+        assert step is not None
+        version, upsert, remove = step
+        assert version > base
+        sizes.append(len(upsert) + len(remove))
+        rows = apply_changes(rows.values(), (upsert, remove))
+        assert rows == history[version]  # exactly the table at that version
+        base = version
+    assert rows == by_key(table.rows())
+    assert len(sizes) > 1 and max(sizes) <= 7
+    # Uncapped: one step to now, the same as changes_since.
+    whole = table.changes_from(0)
+    assert whole is not None and whole[0] == table.version
+    assert (whole[1], whole[2]) == table.changes_since(0)
+
+
+def test_changes_from_sends_a_version_bigger_than_the_limit_whole() -> None:
+    table = MergedTable(BIG, HOLD_DOWN)
+    table.receive_inventory("zone-1", full(*[key(f"s{i}") for i in range(20)]), 0.0)
+    table.receive_inventory("zone-1", change([key("one")]), 1.0)
+    step = table.changes_from(0, 5)
+    assert step is not None
+    version, upsert, remove = step
+    assert version == 1 and len(upsert) == 20 and remove == []
+    assert table.changes_from(1, 5) == (2, [table.row(key("one"))], [])
+    assert table.changes_from(2, 5) == (2, [], [])
+    assert table.changes_from(3, 5) is None
+
+
+def test_a_zone_far_behind_converges_through_capped_pushes() -> None:
+    """A zone that applies each capped push holds the global's table, step by step."""
+    glob = MergedTable(BIG, HOLD_DOWN)
+    for i in range(40):
+        glob.receive_inventory(
+            f"zone-{i % 3}",
+            change([key(f"x{i}-{j}") for j in range(5)], [key(f"x{i - 3}-1")] if i >= 3 else []),
+            float(i),
+        )
+    zone = FederatedView(BIG)
+    zone.reconcile({key("x1-1"), key("mine")}, 0.0)
+    pushes = 0
+    while zone.version != glob.version:
+        step = glob.changes_from(zone.version, 12)
+        assert step is not None
+        version, upsert, remove = step
+        for message in table_messages(version, zone.version, False, upsert, remove, size=4):
+            zone.apply(message, 50.0)
+        assert zone.version == version
+        pushes += 1
+    assert pushes > 1
+    assert zone.global_rows == as_allocations(glob.rows())
+    # x1-1 went from the global's rows (its zone dropped it): the zone's own again.
+    assert set(zone.provisional) == {key("mine"), key("x1-1")}
+
+
+def test_a_global_row_on_a_provisional_vip_moves_only_that_service() -> None:
+    """The global gives a remote service the VIP a local service held provisionally:
+    that service alone is placed again, as a placement from scratch places it."""
+    [mine, theirs] = keys_with_candidate(SMALL, 3, 2)
+    others = [k for k in (key(f"o{i}") for i in range(40)) if candidate(SMALL, k) not in (3, 4)]
+    local = {mine, *others[:4]}
+    zone = FederatedView(SMALL)
+    zone.reconcile(local, 0.0)
+    assert zone.provisional[mine] == 3
+    before = dict(zone.provisional)
+    zone.take_touched()
+    row = Row(theirs.mesh, theirs.service, 3, ("z2",), 1)
+    zone.apply(TableUpdate(1, 0, False, 0, True, (row,)))
+    assert zone.global_rows[theirs].offset == 3
+    assert zone.provisional[mine] != 3
+    assert {k: o for k, o in zone.provisional.items() if k != mine} == {
+        k: o for k, o in before.items() if k != mine
+    }
+    assert zone.take_touched() == {theirs, mine}
+    fresh = FederatedView(SMALL, zone.global_rows.values(), zone.version)
+    fresh.reconcile(local, 0.0)
+    assert fresh.provisional == zone.provisional
+
+
+class CountingView(FederatedView):
+    """A view that counts its placements of every provisional VIP from scratch."""
+
+    placed_all = 0
+
+    def _place_all(self, now: float, delta: TableDelta) -> None:
+        self.placed_all += 1
+        super()._place_all(now, delta)
+
+
+def test_a_displaced_service_takes_a_later_ones_vip_and_that_one_moves_on() -> None:
+    """Its probe meets a later service's provisional VIP: it takes it (as from
+    scratch, where it comes first), and the later one is placed again, with no
+    placement of everything."""
+    theirs, first, second = keys_with_candidate(SMALL, 3, 3)
+    first, second = sorted((first, second))
+    zone = CountingView(SMALL)
+    zone.reconcile({first, second}, 0.0)
+    assert (zone.provisional[first], zone.provisional[second]) == (3, 4)
+    placed = zone.placed_all
+    row = Row(theirs.mesh, theirs.service, 3, ("z2",), 1)
+    zone.apply(TableUpdate(1, 0, False, 0, True, (row,)))
+    assert (zone.provisional[first], zone.provisional[second]) == (4, 5)
+    assert zone.placed_all == placed
+    fresh = FederatedView(SMALL, zone.global_rows.values(), zone.version)
+    fresh.reconcile({first, second}, 0.0)
+    assert fresh.provisional == zone.provisional

@@ -7,6 +7,7 @@ directly over a L{StringTransport}.  Time is a L{Clock}.
 
 from __future__ import annotations
 
+import gc
 import struct
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 
 from kumazone.core.config import DnsServerConfig, load_config
-from kumazone.core.federation import MergedTable
+from kumazone.core.federation import FederatedView, MergedTable
 from kumazone.core.messages import (
     CHUNK_ITEMS,
     MAX_FRAME,
@@ -44,7 +45,7 @@ from kumazone.store.sqlite import SQLiteStore
 from kumazone.sync.certs import make_certs
 from kumazone.sync.global_side import GlobalHub, ZoneConnected
 from kumazone.sync.metrics import SyncMetrics
-from kumazone.sync.protocol import HEARTBEAT, SILENCE, SyncFactory, SyncProtocol
+from kumazone.sync.protocol import HEARTBEAT, SILENCE, CollectorPause, SyncFactory, SyncProtocol
 from kumazone.sync.tls import TLSFiles, client_options, server_options
 from kumazone.sync.zone_side import ZoneSync
 from tests.builders import dataplane_resource
@@ -441,6 +442,47 @@ def test_a_reconnecting_zone_gets_only_the_changes() -> None:
     assert one.zone.table.version == glob.table.version
     assert served(one.zone)["web"][2] is False
     assert glob.table.zones["zone-1"].connected
+
+
+def test_a_zone_far_behind_is_sent_bounded_steps_and_converges() -> None:
+    """Versions it missed come as several changes of at most push_rows rows each
+    (one version each, the table as it was then), not one change of them all."""
+    clock = Clock()
+    glob = Global(clock)
+    glob.hub.push_rows = 3
+    one = ZoneEnd(clock, make_zone("zone-1", "redis"))
+    client, _server, pump = connect(glob, one)
+    held = one.zone.table.version
+    disconnect(client, pump)
+    # Meanwhile another zone's services come, a version per slice of two.
+    glob.hub.step_keys = 2
+    two = ZoneEnd(clock, make_zone("zone-2", *[f"web-{i}" for i in range(9)]))
+    _client2, _server2, pump2 = connect(glob, two)
+    for _ in range(10):
+        clock.advance(0)
+        pump2.flush()
+    assert glob.table.version >= held + 5
+    one.recording.clear()
+    client, _server, pump = connect(glob, one)
+    for _ in range(10):
+        clock.advance(0)
+        pump.flush()
+    tables = one.recording.of(TableUpdate)
+    versions = [t.version for t in tables if t.last]
+    assert len(versions) > 1 and versions == sorted(versions)
+    assert all(not t.full and len(t.upsert) + len(t.remove) <= 3 for t in tables)
+    assert tables[0].base == held
+    assert one.zone.table.version == glob.table.version
+    table = one.zone.table
+    assert isinstance(table, FederatedView)
+    assert {k: a.offset for k, a in table.global_rows.items()} == {
+        ServiceKey(r.mesh, r.service): r.offset for r in glob.table.rows()
+    }
+    assert {e.key.service for e in one.zone.snapshot.entries} == {
+        "redis",
+        *[f"web-{i}" for i in range(9)],
+    }
+    assert glob.table.zones["zone-1"].acked == glob.table.version
 
 
 def test_a_reconnecting_zone_that_is_up_to_date_gets_no_table() -> None:
@@ -1106,3 +1148,77 @@ def test_an_error_that_is_not_a_refusal_costs_no_wait() -> None:
     ):
         sync.error_received(cast(Any, None), Error(message))
         assert sync.retry_delay(0.5) == 0.5 and sync.refusals == 0
+
+
+# -- the collector while a big table or inventory is applied in slices -------------------
+
+
+class RecordedPause(CollectorPause):
+    """A CollectorPause that records, at each call, whether the collector was on after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, bool]] = []
+
+    def pause(self) -> None:
+        super().pause()
+        self.calls.append(("pause", gc.isenabled()))
+
+    def resume(self) -> None:
+        super().resume()
+        self.calls.append(("resume", gc.isenabled()))
+
+
+def test_the_collector_is_off_while_a_big_table_is_followed_and_frozen_after() -> None:
+    """A full collection walks every object made so far: none while the zone
+    follows a big update (more than FOLLOW_KEYS rows), and what it made is
+    frozen once it serves it whole."""
+    clock = Clock()
+    glob = Global(clock)
+    connect(glob, ZoneEnd(clock, make_zone("zone-2", *[f"web-{i}" for i in range(600)])))
+    one = ZoneEnd(clock, make_zone("zone-1", "redis"))
+    recorded = one.sync._collector = RecordedPause()
+    frozen = gc.get_freeze_count()
+    try:
+        connect(glob, one)
+        for _ in range(5):
+            clock.advance(0)
+        assert one.zone.table.version == glob.table.version
+        assert glob.table.zones["zone-1"].acked == glob.table.version
+        assert recorded.calls[0] == ("pause", False)
+        assert recorded.calls[-1] == ("resume", True)
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_the_collector_is_off_while_the_global_steps_an_inventory() -> None:
+    clock = Clock()
+    glob = Global(clock)
+    glob.hub.step_keys = 2
+    recorded = glob.hub._collector = RecordedPause()
+    try:
+        connect(glob, ZoneEnd(clock, make_zone("zone-2", *[f"web-{i}" for i in range(5)])))
+        for _ in range(5):
+            clock.advance(0)
+        assert glob.table.stepping() == []
+        assert len(glob.table.zones["zone-2"].services) == 5
+        assert recorded.calls[0] == ("pause", False)
+        assert recorded.calls[-1] == ("resume", True)
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def test_a_collector_already_off_is_left_off() -> None:
+    pause = CollectorPause()
+    gc.disable()
+    try:
+        pause.pause()
+        assert not pause.paused
+        pause.resume()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -103,6 +103,7 @@ class GlobalService(ControlPlane):
         )
         if self._sync_metrics is None:
             self._sync_metrics = SyncMetrics(self.metrics.registry)
+
         def persist(delta: TableDelta | None, zones: list[str], deleted: list[str]) -> None:
             # This federation's only: an old hub's late callbacks (after this replica
             # stood by and led again) must not write through a newer one.
@@ -123,7 +124,7 @@ class GlobalService(ControlPlane):
         if self.replica is not None:
             replica = self.replica
             hub.may_push = replica.pushable
-            replica.on_drained = hub.push_all
+            replica.on_drained = hub.stored
         hub.changed(
             federation.merged.reconcile(self.reactor.seconds()), federation.cleaned_zones, []
         )

@@ -165,6 +165,8 @@ class GlobalHub:
         the zone, if connected, is refused: it sends it all again.
         """
         self._stepping = None
+        if not self.may_push():
+            return  # a replica: the next slice once the last is stored (L{stored})
         zones = self.merged.stepping()
         if not zones:
             return
@@ -184,6 +186,12 @@ class GlobalHub:
             raise
         finally:
             self._schedule_step()
+
+    def stored(self) -> None:
+        """Every write so far is stored (a replica on a shared store): push what waited,
+        and apply the next slice of an inventory, one write in flight at a time."""
+        self.push_all()
+        self._schedule_step()
 
     def push_all(self) -> None:
         """Push the table to every zone; one that fails is dropped, the others go on."""

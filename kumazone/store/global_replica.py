@@ -33,6 +33,7 @@ from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.store.election import Election
 from kumazone.store.leader import Contender, Leadership
 from kumazone.store.postgres import Fenced, PostgresStore
+from kumazone.store.replica import FencedWrites
 
 __all__ = ["GlobalReplica"]
 
@@ -40,7 +41,7 @@ __all__ = ["GlobalReplica"]
 NAME = "global"
 
 
-class GlobalReplica:
+class GlobalReplica(FencedWrites):
     """The global's store while it leads, and its election; C{on_lead(state)} builds
     the federation from the stored state, C{on_stand_by(why)} takes it down."""
 
@@ -68,7 +69,6 @@ class GlobalReplica:
         self._written = 0
         self._durable = 0
         self._generation = 0
-        self._failed_generation = -1
         self._fenced_epoch = -1
         self._loading = False
         self._stopping = False
@@ -112,15 +112,6 @@ class GlobalReplica:
     def pushable(self) -> bool:
         """Whether every write made so far is stored: only then may zones be sent the table."""
         return self.leading and self._durable >= self._written
-
-    def _write(self, changes: StoreChanges, fence: tuple[str, int], generation: int) -> int:
-        if generation <= self._failed_generation:
-            raise StoreError("an earlier write failed; not written")
-        try:
-            return self.store.commit_fenced(changes, fence)
-        except BaseException:
-            self._failed_generation = generation
-            raise
 
     def _stored(self, number: int, generation: int) -> None:
         if generation != self._generation:

@@ -82,7 +82,29 @@ def open_store(
             delay = min(delay * 2, 10.0)
 
 
-class ZoneReplica:
+class FencedWrites:
+    """A leader's writes on the store's one thread, each fenced by its epoch.
+
+    Writes of one generation are made on top of each other in memory: once one of
+    them fails, the later ones of that generation are not made (they are refused on
+    the thread itself, before the failure has reached the reactor).
+    """
+
+    store: PostgresStore
+    _failed_generation = -1
+
+    def _write(self, changes: StoreChanges, fence: tuple[str, int], generation: int) -> int:
+        # On the store's thread.
+        if generation <= self._failed_generation:
+            raise StoreError("an earlier write failed; not written")
+        try:
+            return self.store.commit_fenced(changes, fence)
+        except BaseException:
+            self._failed_generation = generation
+            raise
+
+
+class ZoneReplica(FencedWrites):
     """The zone's store, writer and listener gate when replicas share PostgreSQL."""
 
     log = Logger()
@@ -114,7 +136,6 @@ class ZoneReplica:
         self._written = 0  # writes handed to the thread
         self._durable = 0  # of them, stored
         self._generation = 0  # writes of an older generation are not made
-        self._failed_generation = -1
         self._held: list[tuple[int, ZoneChange]] = []
         self._durable_waiters: list[tuple[int, Deferred[None]]] = []
         self._applied_waiters: list[tuple[int, Deferred[None]]] = []
@@ -164,17 +185,6 @@ class ZoneReplica:
     def close(self) -> None:
         self.store.close()
         self.reader.close()
-
-    def _write(self, changes: StoreChanges, fence: tuple[str, int], generation: int) -> int:
-        # On the store's thread: once a write of this generation failed, the later
-        # ones (made on top of it in memory) must not be stored.
-        if generation <= self._failed_generation:
-            raise StoreError("an earlier write failed; not written")
-        try:
-            return self.store.commit_fenced(changes, fence)
-        except BaseException:
-            self._failed_generation = generation
-            raise
 
     def _stored(self, number: int, generation: int, seq: int) -> None:
         if generation != self._generation:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import select
 import socket
 import struct
 import sys
@@ -28,14 +27,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import udp
-from twisted.python import log
 
 from kumazone.dns.hotpath import Client, hot_key
 
 if TYPE_CHECKING:
     from kumazone.dns.server import KumaDNSDatagramProtocol
 
-__all__ = ["BATCH", "BatchedDNSPort", "available", "dispatch_directly", "listen"]
+__all__ = ["BATCH", "BatchedDNSPort", "available", "listen"]
 
 #: Datagrams read (and answers sent) per system call.
 BATCH = 64
@@ -310,70 +308,6 @@ class BatchedDNSPort(udp.Port):
         raise OSError(number, f"recvmmsg: {errno.errorcode.get(number, number)}")
 
 
-def dispatch_directly(reactor: Any) -> bool:
-    """Have C{reactor} call each L{BatchedDNSPort}'s C{doRead} without a log context.
-
-    Twisted's epoll reactor runs every ready descriptor's C{doRead} inside
-    C{log.callWithLogger}, which pushes a logging context for it: 2.7 us per
-    event measured here (a dict built, a thread-local looked up, two calls),
-    where a whole hot answer costs about 1.7 us of Python.  At a steady
-    50,000 queries a second a DNS port is woken for one or two datagrams at a
-    time, so that context was a sixth of the CPU per answer.  The port needs
-    none: it catches and logs its own errors (bounded, with its own words).  A
-    readable port's C{doRead} is called straight away (a read that raises is
-    logged and the port closed, as Twisted does); any other event goes through
-    the reactor's C{_doReadOrWrite}.  Every other descriptor is dispatched as
-    Twisted does.
-
-    Only Twisted's own epoll reactor is changed (its C{doIteration} on this
-    instance); any other reactor is left as it is.  True if it was changed now
-    or before.
-    """
-    from twisted.internet.epollreactor import EPollReactor
-
-    if not isinstance(reactor, EPollReactor):
-        return False
-    if getattr(reactor, "_kumazone_direct", False):
-        return True
-    poller, selectables = reactor._poller, reactor._selectables
-    handle = reactor._doReadOrWrite
-    disconnect = reactor._disconnectSelectable
-    with_logger = log.callWithLogger
-    direct = BatchedDNSPort
-    readable = select.EPOLLIN
-
-    def doPoll(timeout: float | None) -> None:
-        # Twisted's EPollReactor.doPoll, but for the direct dispatch.
-        try:
-            events = poller.poll(-1 if timeout is None else timeout, len(selectables))
-        except OSError as e:
-            if e.errno == errno.EINTR:
-                return
-            raise
-        for fd, event in events:
-            selectable = selectables.get(fd)
-            if selectable is None:
-                continue
-            if type(selectable) is direct:
-                if event != readable:
-                    handle(selectable, fd, event)  # an error or a hang-up: as Twisted does
-                    continue
-                # Readable only: what _doReadOrWrite would do, less its checks of
-                # other events (the port's doRead returns nothing but raises).
-                try:
-                    selectable.doRead()
-                except BaseException as e:
-                    log.err()
-                    disconnect(selectable, e, True)
-            else:
-                with_logger(selectable, handle, selectable, fd, event)
-
-    changed: Any = reactor
-    changed.doIteration = changed.doPoll = doPoll
-    changed._kumazone_direct = True
-    return True
-
-
 def listen(
     reactor: Any,
     port: int,
@@ -392,7 +326,6 @@ def listen(
         except OSError as e:
             warn(f"DNS over UDP: one datagram per system call ({e})")
         else:
-            dispatch_directly(reactor)
             return listening
         protocol = type(protocol)(protocol.controller)
     return reactor.listenUDP(port, protocol, interface=interface)

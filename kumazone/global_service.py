@@ -23,6 +23,7 @@ from kumazone.core.ratelimit import RateLimiter, limited
 from kumazone.core.storage import Store, StoreError
 from kumazone.core.vips import TableDelta
 from kumazone.metrics import Metrics
+from kumazone.store import require_postgresql
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.sync.global_side import GlobalHub
 from kumazone.sync.metrics import SyncMetrics
@@ -141,6 +142,7 @@ class GlobalService(ControlPlane):
 
     def _start_replica(self, url: str) -> None:
         """Stand by on the shared store; lead when elected (L{GlobalReplica})."""
+        require_postgresql()
         from kumazone.store.global_replica import GlobalReplica
         from kumazone.store.replica import open_store
 

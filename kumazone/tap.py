@@ -424,7 +424,7 @@ class Options(usage.Options):
             raise _fail(f"--tls-cert: {e}") from None
 
     def _postgres_url(self, url: str, role: str) -> str:
-        from kumazone.store.postgres import check_url
+        from kumazone.store.urls import check_url
 
         try:
             check_url(url)

@@ -21,6 +21,7 @@ from kumazone.dns.authority import MeshAuthority
 from kumazone.dns.server import KumaDNSDatagramProtocol, KumaDNSServerFactory
 from kumazone.metrics import Metrics
 from kumazone.resource_dir import ResourceDirectory
+from kumazone.store import require_postgresql
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.sync.dataplane_side import DataplaneHub, DataplaneLimits, DataplaneMetrics
 from kumazone.sync.failover import FailoverEndpoint
@@ -143,6 +144,7 @@ class ZoneService(ControlPlane):
             # Replicas on PostgreSQL: the store waits for the database (a line each
             # try), then every call of it runs on its own thread, never here.
             # (psycopg is imported only for them: SQLite alone needs none of it.)
+            require_postgresql()
             from kumazone.store.replica import ZoneReplica, open_store
 
             postgres = open_store(settings.store_url, self.log)

@@ -26,7 +26,6 @@ import json
 from collections.abc import Callable, Iterable
 from importlib import resources as package_files
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import psycopg
 
@@ -34,6 +33,7 @@ from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.core.vips import TableDelta
 from kumazone.store import changelog
 from kumazone.store.rows import load_state
+from kumazone.store.urls import check_url, describe_url
 
 T = TypeVar("T")
 
@@ -98,40 +98,6 @@ def connect(url: str, **options: Any) -> psycopg.Connection[Any]:
         tcp_user_timeout=4000,
         **options,
     )
-
-
-def check_url(url: str) -> str:
-    """C{url} if it is a store URL kumazone takes, else ValueError saying why.
-
-    C{postgresql://USER@HOST[:PORT]/DB} (C{postgres://} too); no password in it.
-    """
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgresql", "postgres"):
-        raise ValueError(f"not a postgresql:// URL: {describe_url(url)}")
-    if parts.password is not None:
-        raise ValueError(
-            "the store URL must not hold a password (it would show in ps and logs): "
-            "give it in PGPASSWORD or ~/.pgpass"
-        )
-    if not parts.hostname or not parts.path.strip("/"):
-        raise ValueError(f"a store URL names a host and a database: {describe_url(url)}")
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a port out of range
-    except ValueError:
-        raise ValueError(f"bad port in store URL {describe_url(url)}") from None
-    return url
-
-
-def describe_url(url: str) -> str:
-    """C{url} fit for a log line: C{postgresql://USER@HOST:PORT/DB}, a password never."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        user = f"{parts.username}@" if parts.username else ""
-    except ValueError:
-        return "postgresql://(unreadable URL)"
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
 def _schema_file(name: str) -> str:

@@ -20,7 +20,7 @@ import pytest
 
 from tests.builders import dataplane
 from tests.fedprocess import wait_until
-from tests.kzprocess import ZoneProcess
+from tests.kzprocess import REPO, ZoneProcess
 
 #: The issue's bound: another replica leads within 5 s.
 FAILOVER = 5.0
@@ -234,3 +234,22 @@ def test_replicas_serve_through_a_database_outage_and_a_restart(make: Any, postg
     for replica in group:
         wait_until(lambda r=replica: answer(r, "cache") == table["cache"], 10, 0.05)
     leader_of(group, 10)
+
+
+def test_without_psycopg_a_postgresql_store_is_one_line_saying_what_to_install(
+    tmp_path: Path,
+) -> None:
+    shadow = tmp_path / "no-psycopg"
+    shadow.mkdir()
+    (shadow / "psycopg.py").write_text('raise ImportError("No module named psycopg")\n')
+    replica = ZoneProcess(
+        tmp_path,
+        None,
+        args=["--store=postgresql://kumazone@127.0.0.1:1/kumazone"],
+        env={"PYTHONPATH": f"{shadow}:{REPO}"},
+    )
+    with pytest.raises(RuntimeError) as failed:
+        replica.start(timeout=20)
+    output = str(failed.value)
+    assert "pip install 'kumazone[postgresql]'" in output
+    assert "Traceback" not in output

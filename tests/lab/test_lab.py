@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -186,8 +187,13 @@ class Lab:
                 self.pids.add(int(text))
 
 
-@pytest.fixture
-def lab(tmp_path: Path) -> Iterator[Lab]:
+L = TypeVar("L", bound=Lab)
+
+
+@contextmanager
+def lab_running(tmp_path: Path, kind: Callable[[Path, str], L], prefix: str) -> Iterator[L]:
+    """A lab of C{kind} under its own state and namespace C{prefix} (the pid is added),
+    down again afterwards whatever happened, its logs kept in C{tmp_path}."""
     why = namespaces_unavailable()
     if os.environ.get("KUMAZONE_LAB") == "skip":
         pytest.skip(f"KUMAZONE_LAB=skip{': ' + why if why else ''}")
@@ -197,12 +203,12 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             "Set KUMAZONE_LAB=skip to skip it explicitly.",
             pytrace=False,
         )
-    # The dataplanes run as their own user, who must reach their data under the
-    # state: not in pytest's temporary directory, which only root may enter.  (The
-    # logs are copied there at the end.)
+    # The dataplanes (and the lab's PostgreSQL) run as their own users, who must reach
+    # their data under the state: not in pytest's temporary directory, which only root
+    # may enter.  (The logs are copied there at the end.)
     root = Path(tempfile.mkdtemp(prefix="kzlab-test-"))
     root.chmod(0o755)
-    started = Lab(root / "state", f"kzt{os.getpid() % 100000}-")
+    started = kind(root / "state", f"{prefix}{os.getpid() % 100000}-")
     try:
         yield started
     finally:
@@ -214,6 +220,12 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
             if (started.state / "logs").is_dir():
                 shutil.copytree(started.state / "logs", tmp_path / "logs", dirs_exist_ok=True)
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    with lab_running(tmp_path, Lab, "kzt") as started:
+        yield started
 
 
 def test_lab_walkthrough(lab: Lab) -> None:

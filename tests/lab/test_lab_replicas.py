@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ from tests.lab.test_lab import (
     OUTSIDE,
     Lab,
     alive,
-    namespaces_unavailable,
+    lab_running,
     user_exists,
     wait_for,
 )
@@ -99,29 +97,8 @@ class ReplicaLab(Lab):
 
 @pytest.fixture
 def replica_lab(tmp_path: Path) -> Iterator[ReplicaLab]:
-    why = namespaces_unavailable()
-    if os.environ.get("KUMAZONE_LAB") == "skip":
-        pytest.skip(f"KUMAZONE_LAB=skip{': ' + why if why else ''}")
-    if why is not None:
-        pytest.fail(
-            f"the namespace lab cannot run here: {why}. "
-            "Set KUMAZONE_LAB=skip to skip it explicitly.",
-            pytrace=False,
-        )
-    # The dataplanes' user and PostgreSQL's (nobody) must reach their files under the
-    # state: not in pytest's temporary directory, which only root may enter.
-    root = Path(tempfile.mkdtemp(prefix="kzlab-test-"))
-    root.chmod(0o755)
-    started = ReplicaLab(root / "state", f"kzr{os.getpid() % 100000}-")
-    try:
+    with lab_running(tmp_path, ReplicaLab, "kzr") as started:
         yield started
-    finally:
-        try:
-            started.make("lab-down")
-        finally:
-            if (started.state / "logs").is_dir():
-                shutil.copytree(started.state / "logs", tmp_path / "logs", dirs_exist_ok=True)
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def test_lab_global_replicas_walkthrough(replica_lab: ReplicaLab) -> None:

@@ -247,7 +247,10 @@ def test_a_failing_commit_changes_nothing_and_the_store_goes_on(
     assert opener().load().table_version == 11
 
 
-def test_zone_records_and_their_services_are_rows(store: Store) -> None:
+def test_zone_records_and_their_services_are_rows(backend: tuple[str, Opener]) -> None:
+    name, opener = backend
+    store = opener()
+
     def zones(state: StoredState) -> dict[str, tuple[set[ServiceKey], float, int]]:
         return {z.name: (set(z.services), z.last_contact, z.acked) for z in state.zones}
 
@@ -273,6 +276,8 @@ def test_zone_records_and_their_services_are_rows(store: Store) -> None:
     }
     store.commit(StoreChanges(zones_deleted=["zone-1"]))
     assert zones(store.load()) == {"zone-2": ({key("redis")}, 0.0, 0)}
+    # A deleted zone's services go with it, row by row.
+    assert _zone_service_rows(name, store) == [("zone-2", "default", "redis")]
 
 
 def test_a_stored_document_that_no_longer_validates_is_reported(
@@ -306,6 +311,23 @@ def _insert_raw(name: str, store: Any, rows: list[tuple[str, str, str, str]]) ->
 
     with psycopg.connect(store.url, autocommit=True) as db:
         db.cursor().executemany("INSERT INTO resources VALUES (%s, %s, %s, %s)", rows)
+
+
+def _zone_service_rows(name: str, store: Any) -> list[tuple[str, ...]]:
+    """The zone_services table as the database holds it."""
+    query = "SELECT zone, mesh, service FROM zone_services ORDER BY zone, mesh, service"
+    if name == "sqlite":
+        import sqlite3
+
+        db = sqlite3.connect(store.path)
+        try:
+            return [tuple(row) for row in db.execute(query)]
+        finally:
+            db.close()
+    import psycopg
+
+    with psycopg.connect(store.url) as pg:
+        return [tuple(row) for row in pg.execute(query)]
 
 
 def test_shared_keys_between_the_table_and_the_zones(store: Store) -> None:

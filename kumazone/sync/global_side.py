@@ -9,6 +9,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kumazone.core.bulk import CollectorPause
 from kumazone.core.federation import MergedTable
 from kumazone.core.limits import Cooldowns, ZoneLimits, ZoneRefused
 from kumazone.core.messages import (
@@ -26,7 +27,7 @@ from kumazone.core.ratelimit import RateLimiter, TokenBucket, limited
 from kumazone.core.storage import StoreError
 from kumazone.core.vips import TableDelta
 from kumazone.sync.metrics import SyncMetrics
-from kumazone.sync.protocol import CollectorPause, SyncProtocol
+from kumazone.sync.protocol import SyncProtocol
 from kumazone.sync.tls import certificate_names
 
 __all__ = [

@@ -12,7 +12,6 @@ clock.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -31,7 +30,6 @@ __all__ = [
     "CLOSE_GRACE",
     "HEARTBEAT",
     "SILENCE",
-    "CollectorPause",
     "Handler",
     "SyncCounters",
     "SyncFactory",
@@ -48,35 +46,6 @@ DATAPLANE_SILENCE = 45.0
 CLOSE_GRACE = 5.0
 #: Octets that may be queued for a peer that does not read, by default.
 MAX_PENDING_OCTETS = 32 << 20
-
-
-class CollectorPause:
-    """The cyclic collector off while one side makes a great many long-lived objects
-    over many reactor turns (a big table followed in slices, an inventory applied
-    in slices), and what they made frozen once done (as L{kumazone.core.bulk}).
-
-    Left on, the collector's full collections walk every object made so far, on
-    the reactor: at a million services one held a zone for 11 to 13 s, its
-    heartbeats with it.  None of these objects is in a cycle: they go by
-    reference counting.
-    """
-
-    def __init__(self) -> None:
-        #: Whether this pause turned the collector off (one already off is left so).
-        self.paused = False
-
-    def pause(self) -> None:
-        """Turn the collector off, unless it is off already."""
-        if not self.paused and gc.isenabled():
-            gc.disable()
-            self.paused = True
-
-    def resume(self) -> None:
-        """Freeze what was made meanwhile and turn the collector back on, if paused here."""
-        if self.paused:
-            self.paused = False
-            gc.freeze()
-            gc.enable()
 
 
 class SyncCounters(Protocol):

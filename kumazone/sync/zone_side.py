@@ -9,6 +9,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from kumazone.core.bulk import CollectorPause
 from kumazone.core.messages import (
     Ack,
     Error,
@@ -24,7 +25,7 @@ from kumazone.core.view import FederatedView
 from kumazone.core.vips import ServiceKey
 from kumazone.core.zone import Zone, ZoneChange
 from kumazone.sync.metrics import SyncMetrics
-from kumazone.sync.protocol import CollectorPause, SyncProtocol
+from kumazone.sync.protocol import SyncProtocol
 
 __all__ = ["FOLLOW_KEYS", "PARTS_PER_TURN", "REFUSED_LONGEST", "REFUSED_WAIT", "ZoneSync"]
 

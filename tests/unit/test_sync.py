@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test.iosim import IOPump, connectedServerAndClient
 
+from kumazone.core.bulk import CollectorPause
 from kumazone.core.config import DnsServerConfig, load_config
 from kumazone.core.federation import FederatedView, MergedTable
 from kumazone.core.messages import (
@@ -45,7 +46,7 @@ from kumazone.store.sqlite import SQLiteStore
 from kumazone.sync.certs import make_certs
 from kumazone.sync.global_side import GlobalHub, ZoneConnected
 from kumazone.sync.metrics import SyncMetrics
-from kumazone.sync.protocol import HEARTBEAT, SILENCE, CollectorPause, SyncFactory, SyncProtocol
+from kumazone.sync.protocol import HEARTBEAT, SILENCE, SyncFactory, SyncProtocol
 from kumazone.sync.tls import TLSFiles, client_options, server_options
 from kumazone.sync.zone_side import ZoneSync
 from tests.builders import dataplane_resource

@@ -430,11 +430,6 @@ class Options(usage.Options):
             check_url(url)
         except ValueError as e:
             raise _fail(f"--store: {e}") from None
-        if role == "zone" and self["global"] is not None:
-            raise _fail(
-                "--store: postgresql:// is for the replicas of the global or of a "
-                "standalone zone in this version (not yet a zone synced with a global)"
-            )
         if role == "global" and self["kds-port"] in ("0", 0):
             raise _fail("--kds-port: replicas of the global need a fixed zone sync port")
         return url

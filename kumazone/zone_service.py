@@ -100,6 +100,8 @@ class ZoneService(ControlPlane):
         self._sync_metrics: SyncMetrics | None = None
         self._globals: FailoverEndpoint
         self.replica: ZoneReplica | None = None
+        #: Replicas: the connection to the global, made while this one leads.
+        self._global_client: ClientService | None = None
 
     def _start(self) -> None:
         settings = self.settings
@@ -220,7 +222,13 @@ class ZoneService(ControlPlane):
     def _connect_global(self, zone: Zone, addresses: Sequence[tuple[str, int]]) -> None:
         sync_metrics = self._shared_sync_metrics()
         sync_metrics.connected.labels(zone.name).set(0)
-        self.sync = ZoneSync(zone, self.reactor, sync_metrics)
+        replica = self.replica
+        self.sync = ZoneSync(
+            zone,
+            self.reactor,
+            sync_metrics,
+            durable=None if replica is None else replica.when_durable,
+        )
         sync = self.sync
         factory = SyncFactory(lambda: sync, self.reactor, sync_metrics)
         endpoints: list[Any] = []
@@ -231,18 +239,42 @@ class ZoneService(ControlPlane):
             endpoints.append(endpoint)
         self._globals = FailoverEndpoint(endpoints, [_host_port(a) for a in addresses])
         backoff = backoffPolicy(0.5, 10.0)
-        # A zone the global refused waits longer (ZoneSync.retry_delay).
-        retry = ClientService(
-            self._globals,
-            factory,
-            retryPolicy=lambda attempt: sync.retry_delay(backoff(attempt)),
-        )
-        self.addService(retry)
+
+        def connecting() -> ClientService:
+            # A zone the global refused waits longer (ZoneSync.retry_delay).
+            return ClientService(
+                self._globals,
+                factory,
+                retryPolicy=lambda attempt: sync.retry_delay(backoff(attempt)),
+            )
+
+        how = "TLS" if self.settings.tls else "insecure, no TLS"
+        where = ", ".join(self._globals.names)
+        if replica is None:
+            self.addService(connecting())
+            self.log.info("syncing with the global at {where} ({how})", where=where, how=how)
+            return
+        # Replicas: only the leader syncs (its table comes to the others through
+        # the store), from when it leads until it no longer does.
         self.log.info(
-            "syncing with the global at {where} ({how})",
-            where=", ".join(self._globals.names),
-            how="TLS" if self.settings.tls else "insecure, no TLS",
+            "the leader of these replicas syncs with the global at {where} ({how})",
+            where=where,
+            how=how,
         )
+
+        def role(leading: bool) -> None:
+            if leading and self._global_client is None:
+                self.log.info("leading: syncing with the global at {where}", where=where)
+                self._global_client = connecting()
+                self._global_client.startService()
+            elif not leading and self._global_client is not None:
+                self.log.info("no longer leading: closing zone sync")
+                client, self._global_client = self._global_client, None
+                if sync.proto is not None:
+                    sync.proto.close()
+                client.stopService()
+
+        replica.role_listeners.append(role)
 
     def _serve_dataplanes(self, zone: Zone) -> None:
         """The dataplane port: mutual TLS, or plain TCP when told --insecure; else off."""
@@ -311,6 +343,9 @@ class ZoneService(ControlPlane):
             "connectedSince": self.sync.connected_since,
             "lastTable": self.sync.last_table_at,
         }
+        if self.replica is not None:
+            # Only the leader syncs; a follower's table comes through the store.
+            status["syncing"] = self.replica.leading
         if len(self._globals.names) > 1:
             status["globals"] = list(self._globals.names)
         return status

@@ -96,6 +96,10 @@ class FederatedView:
         self._pending_upsert: dict[ServiceKey, Allocation] | None = None
         self._pending_remove: set[ServiceKey] | None = None
         self._pending_part: int | None = None
+        #: A zone replica that follows its leader (L{follow}): its hold-downs are
+        #: the leader's, as stored; it places provisional VIPs for what its own
+        #: inventory wants the same way, but never holds or expires one itself.
+        self.following = False
 
     # -- reading -----------------------------------------------------------------
 
@@ -186,6 +190,8 @@ class FederatedView:
 
     def _hold(self, key: ServiceKey, offset: int, now: float, delta: TableDelta) -> None:
         """Hold C{offset} back for C{key}, unless it is taken or held already."""
+        if self.following:
+            return  # the leader's hold-down comes with its change (L{follow})
         if offset in self._global_at or offset in self._provisional_at or offset in self.holds:
             return
         hold = Hold(key, offset, now + self.hold_down)
@@ -208,6 +214,8 @@ class FederatedView:
 
     def _expire(self, now: float, delta: TableDelta) -> bool:
         """Drop the hold-downs run out; whether that may move provisional VIPs."""
+        if self.following:
+            return False  # the leader's, told in its change (L{follow})
         moves = False
         while self._next_expiry() <= now:
             _until, offset = heapq.heappop(self._expiry)
@@ -386,6 +394,37 @@ class FederatedView:
         except _Collision:
             self._place_all(now, delta)
         return self._finish(delta, moves)
+
+    def follow(self, delta: TableDelta, version: int, now: float) -> None:
+        """Apply a change the zone's leader stored (a replica that follows): O(delta).
+
+        The global's rows and the hold-downs are the leader's as it stored them;
+        the provisional VIPs (never stored) follow here as they did on the
+        leader, from the same rows and hold-downs.
+        """
+        assert self.following, "only a replica that follows applies its leader's change"
+        moves = self._moves
+        scratch = TableDelta()
+        # A hold-down gone may let a probe stop earlier, and one that came may sit
+        # under a provisional VIP this replica placed before the leader's change
+        # came (its inventory changed first): then every one is placed again.
+        again = False
+        for hold in delta.holds_dropped:
+            if hold.offset in self.holds:
+                self._drop_hold(hold.offset, scratch)
+                again = again or bool(self.provisional)
+        for hold in delta.holds_added:
+            if hold.offset in self.holds:
+                self._drop_hold(hold.offset, scratch)
+            self._add_hold(hold)
+            if self._provisional_at.get(hold.offset, hold.key) != hold.key:
+                again = True
+        self.version = version
+        if delta.added or delta.removed:
+            self._apply_rows(TableDelta(added=delta.added, removed=delta.removed), now)
+        if again:
+            self._place_all(now, scratch)
+        self._finish(scratch, moves)
 
     def forget_partial(self) -> None:
         """A new connection: whatever arrived of an unfinished message is void."""

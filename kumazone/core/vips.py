@@ -346,7 +346,7 @@ class VipAllocator:
             offset = (offset + 1) % size
         return offset
 
-    def follow(self, delta: TableDelta, version: int) -> None:
+    def follow(self, delta: TableDelta, version: int, now: float = 0.0) -> None:
         """Apply what another table's change did (a replica's leader): O(delta).
 
         A replica that follows never places a key itself; it takes the leader's

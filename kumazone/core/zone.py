@@ -185,9 +185,21 @@ class Zone:
     #: more) builds the entries anew in one pass (tests set it low).
     rebuild_at = _REBUILD_AT
 
-    #: A replica that follows its leader (L{follow}): it never allocates, expires
-    #: hold-downs or writes; its table is the leader's, change by change.
-    following = False
+    _following = False
+
+    @property
+    def following(self) -> bool:
+        """A replica that follows its leader (L{follow}): it never allocates, expires
+        hold-downs or writes; its table is the leader's, change by change (and, synced
+        with a global, its provisional VIPs placed from the leader's rows)."""
+        return self._following
+
+    @following.setter
+    def following(self, following: bool) -> None:
+        self._following = following
+        table = getattr(self, "table", None)
+        if isinstance(table, FederatedView):
+            table.following = following
 
     def __init__(
         self,
@@ -280,6 +292,7 @@ class Zone:
                 config.hold_down,
                 holds,
             )
+            self.table.following = self._following
         else:
             if state.table_id != "":
                 warn("this zone's table came from a global; allocating standalone from now")
@@ -547,9 +560,9 @@ class Zone:
         inventory = self._refresh(keys)
         if self.following:
             # The leader places what the inventory wants; this replica serves it when
-            # the leader's change comes (L{follow}).
+            # the leader's change comes (L{follow}), but for provisional VIPs.
             if inventory.changed:
-                self._followed(TableDelta(), inventory)
+                self._followed(self._provisional(inventory, now), inventory)
             return
         if not inventory.changed and not puts and not deletes and not self._stale:
             return
@@ -575,6 +588,8 @@ class Zone:
         """
         if self.following:
             delta = TableDelta()
+            if isinstance(self.table, FederatedView):
+                delta = self.table.reconcile(self.wanted(), now)  # provisional VIPs only
             self._followed(delta, _NOTHING)
             return delta
         try:
@@ -672,15 +687,27 @@ class Zone:
         for key in changes.deletes:
             if self.api.pop(key, None) is not None:
                 keys.append(key)
-        inventory = self._refresh(keys)
         delta = changes.delta or TableDelta()
         if changes.table_id is not None:
             self.table_id = changes.table_id
         if delta.anything or changes.table_version is not None:
             version = self.table.version if changes.table_version is None else changes.table_version
-            if isinstance(self.table, VipAllocator):
-                self.table.follow(delta, version)
+            self.table.follow(delta, version, now)
+        inventory = self._refresh(keys)
+        if isinstance(self.table, FederatedView):
+            delta = self._provisional(inventory, now)
         self._followed(delta, inventory)
+
+    def _provisional(self, inventory: _Inventory, now: float) -> TableDelta:
+        """What a follower's table says after its inventory changed: synced with a
+        global, its provisional VIPs follow the inventory (the leader's hold-downs
+        come with the leader's change); standalone, nothing but the exhausted."""
+        table = self.table
+        if not isinstance(table, FederatedView):
+            return TableDelta(exhausted=sorted(table.exhausted))
+        if not (inventory.services_added or inventory.services_removed):
+            return TableDelta(exhausted=sorted(table.exhausted))
+        return table.change(inventory.services_added, inventory.services_removed, now)
 
     def reload(self, state: StoredState, following: bool) -> None:
         """Everything from C{state} (a replica catching up whole, or stepping down
@@ -689,6 +716,8 @@ class Zone:
         self._load_table(state, lambda message: None)
         self._start_inventory(state.resources)
         self._stale = not following
+        if following and isinstance(self.table, FederatedView):
+            self.table.reconcile(self.wanted(), 0.0)  # provisional VIPs (no hold-downs)
         self._build_entries()
         self._publish(ZoneChange(self._make_snapshot(), full=True))
 

@@ -127,6 +127,9 @@ class ZoneReplica(FencedWrites):
         #: What the zone's changes are told to once stored (DNS, the hot path, gauges).
         self.listeners: list[Callable[[ZoneChange], None]] = []
         self.leading = False
+        #: Told True when this replica takes the lead, False when it loses it
+        #: (a zone synced with a global connects to it only while leading).
+        self.role_listeners: list[Callable[[bool], None]] = []
         self.epoch = 0
         #: Writes, in the order they were made, on one thread and connection; reads
         #: of the log and whole loads on another, so that they never wait for each other.
@@ -208,9 +211,19 @@ class ZoneReplica(FencedWrites):
             self.log.warn("{name}: {error}: stepping down", name=self.name, error=failure.value)
         else:
             self.log.error("{name}: a write failed: {error}", name=self.name, error=failure.value)
-        self.leading = False
-        self.leader_gauge.set(0)
+        self._set_leading(False)
         self._resync()
+
+    def _set_leading(self, leading: bool) -> None:
+        self.leader_gauge.set(1 if leading else 0)
+        if leading == self.leading:
+            return
+        self.leading = leading
+        for listener in list(self.role_listeners):
+            try:
+                listener(leading)
+            except Exception:
+                self.log.failure("{name}: a role listener failed", name=self.name)
 
     # -- what listeners see ----------------------------------------------------
 
@@ -235,7 +248,7 @@ class ZoneReplica(FencedWrites):
             raise ConflictError(f"{resource.key} is defined in {owner}; change it there")
         if self.leading and not self._resyncing:
             created = zone.put(resource, now)
-            return self._when_durable().addCallback(lambda _: created)
+            return self.when_durable().addCallback(lambda _: created)
         before = zone.api.get(resource.key)
         if before == resource:
             return False
@@ -249,7 +262,7 @@ class ZoneReplica(FencedWrites):
             raise ConflictError(f"{key} is defined in {owner}; remove it there")
         if self.leading and not self._resyncing:
             deleted = zone.delete(key, now)
-            return self._when_durable().addCallback(lambda _: deleted)
+            return self.when_durable().addCallback(lambda _: deleted)
         if key not in zone.api:
             return False
         return self._write_through(StoreChanges(deletes=(key,)), True)
@@ -265,7 +278,8 @@ class ZoneReplica(FencedWrites):
 
         return written.addCallback(applied).addCallback(lambda _: result)
 
-    def _when_durable(self) -> Deferred[None]:
+    def when_durable(self) -> Deferred[None]:
+        """Fires once every write made so far is stored (fails if one is not)."""
         if self._durable >= self._written:
             return succeed(None)
         waiter: Deferred[None] = Deferred()
@@ -379,8 +393,7 @@ class ZoneReplica(FencedWrites):
             self._promote(found.epoch)
         elif not found.leading and self.leading:
             self.log.warn("{name}: stepping down: {why}", name=self.name, why=found.why)
-            self.leading = False
-            self.leader_gauge.set(0)
+            self._set_leading(False)
             zone = self._zone()
             zone.following = True
             if self._held or self._durable < self._written:
@@ -421,8 +434,8 @@ class ZoneReplica(FencedWrites):
             if self._resyncing:
                 return
             self.epoch = epoch
-            self.leading = True
-            self.leader_gauge.set(1)
+            # (Told first: a connection to the global, say, is made in a later turn.)
+            self._set_leading(True)
             self._zone().lead(self.reactor.seconds())
 
         caught.addCallbacks(lead, again)
@@ -450,8 +463,7 @@ class ZoneReplica(FencedWrites):
         self._held = []
         self._written = self._durable = 0
         self._fail_waiters(f"{self.name}: the change was not stored")
-        self.leading = False
-        self.leader_gauge.set(0)
+        self._set_leading(False)
         zone = self._zone()
         zone.following = True
         loaded = deferToThreadPool(self.reactor, self._reads, self._load_when_up)
@@ -529,7 +541,7 @@ class ZoneReplica(FencedWrites):
     def stop(self) -> Deferred[None]:
         """Stop leading and following; the threads end."""
         self._stopping = True
-        self.leading = False
+        self._set_leading(False)
         if self.zone is not None:
             self.zone.following = True  # nothing more is written
         for loop in self._loops:

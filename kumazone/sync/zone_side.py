@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,6 +22,7 @@ from kumazone.core.messages import (
     inventory_messages,
 )
 from kumazone.core.ratelimit import RateLimiter, limited
+from kumazone.core.storage import StoreError
 from kumazone.core.view import FederatedView
 from kumazone.core.vips import ServiceKey
 from kumazone.core.zone import Zone, ZoneChange
@@ -65,8 +67,17 @@ class ZoneSync:
     #: Any kind may come first (a refusal comes as an error, without a welcome).
     awaiting: str | None = None
 
-    def __init__(self, zone: Zone, clock: IReactorTime, metrics: SyncMetrics) -> None:
+    def __init__(
+        self,
+        zone: Zone,
+        clock: IReactorTime,
+        metrics: SyncMetrics,
+        durable: Callable[[], Deferred[None]] | None = None,
+    ) -> None:
         self.zone = zone
+        #: A replica's writes go to the database on a thread: a version is
+        #: acknowledged once this fires (None: the store wrote it already).
+        self._durable = durable
         self.clock = clock
         self.metrics = metrics
         self.proto: SyncProtocol | None = None
@@ -245,6 +256,18 @@ class ZoneSync:
         # global took), and never one below what it acknowledged.
         claimed = self._claimed == (self.global_table_id, version)
         if version > self._acked and (self._table_here or claimed):
+            if self._durable is None:
+                self._acked = version
+                proto.send(Ack(version))
+                return
+            self._durable().addCallbacks(
+                lambda _: self._ack_stored(proto, version),
+                lambda failure: failure.trap(StoreError),  # the replica reloads
+            )
+
+    def _ack_stored(self, proto: SyncProtocol, version: int) -> None:
+        """Acknowledge C{version}, stored meanwhile, if still on the same connection."""
+        if proto is self.proto and not proto.closed and version > self._acked:
             self._acked = version
             proto.send(Ack(version))
 

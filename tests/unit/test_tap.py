@@ -441,15 +441,21 @@ def test_a_postgresql_store_makes_replicas_of_a_standalone_zone() -> None:
     assert service.settings.store_url == url
 
 
+def test_a_postgresql_store_makes_replicas_of_a_zone_synced_with_a_global() -> None:
+    url = "postgresql://kumazone@db.example:5432/kumazone"
+    options = parse(ZONE, f"--store={url}", "--global=g1.example,g2.example", "--insecure")
+    service = makeService(options)
+    assert isinstance(service, ZoneService)
+    assert service.settings.store_url == url
+    assert service.settings.global_address == ("g1.example", 5685)
+    assert service.settings.global_fallbacks == (("g2.example", 5685),)
+
+
 @pytest.mark.parametrize(
     ("argv", "words"),
     [
         (["--store=postgresql://kz:s3cret@db.example/kz"], ["PGPASSWORD"]),
         (["--store=postgres://db.example"], ["names a host and a database"]),
-        (
-            ["--store=postgresql://kz@db.example/kz", "--global=g.example", "--insecure"],
-            ["not yet"],
-        ),
         (
             [
                 "--role=global",

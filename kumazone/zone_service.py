@@ -345,7 +345,7 @@ class ZoneService(ControlPlane):
         }
         if self.replica is not None:
             # Only the leader syncs; a follower's table comes through the store.
-            status["syncing"] = self.replica.leading
+            status["syncing"] = self._global_client is not None
         if len(self._globals.names) > 1:
             status["globals"] = list(self._globals.names)
         return status

@@ -412,7 +412,13 @@ class FederatedView:
         for hold in delta.holds_dropped:
             if hold.offset in self.holds:
                 self._drop_hold(hold.offset, scratch)
-                again = again or bool(self.provisional)
+                # As the leader's expiry has it (L{_expire}): a provisional VIP at
+                # the hold-down's offset, or one whose probe may have passed it.
+                offset = hold.offset
+                again = again or (
+                    offset in self._provisional_at
+                    or (bool(self.provisional) and self._occupied(self.range.next_offset(offset)))
+                )
         for hold in delta.holds_added:
             if hold.offset in self.holds:
                 self._drop_hold(hold.offset, scratch)

@@ -672,11 +672,14 @@ class Zone:
 
     # -- replicas --------------------------------------------------------------
 
-    def follow(self, changes: StoreChanges, now: float) -> None:
+    def follow(self, changes: StoreChanges, now: float, limit: int | None = None) -> None:
         """Apply a change another replica stored (L{following}): O(change).
 
         Its resources are the API's (put or deleted), its table rows and version
         the leader's.  A change that resets the table is applied by L{reload}.
+        Synced with a global, the entries (and DNS) follow more than C{limit}
+        services of it through L{follow_global}, C{limit} at a time, as the
+        leader does (L{apply_global}).
         """
         assert self.following, "only a replica that follows applies another's changes"
         keys: list[ResourceKey] = []
@@ -696,6 +699,8 @@ class Zone:
         inventory = self._refresh(keys)
         if isinstance(self.table, FederatedView):
             delta = self._provisional(inventory, now)
+            if limit is not None:
+                self.table.defer_touched(limit)
         self._followed(delta, inventory)
 
     def _provisional(self, inventory: _Inventory, now: float) -> TableDelta:

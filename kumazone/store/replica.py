@@ -49,12 +49,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from kumazone.core.bulk import CollectorPause
 from kumazone.core.resources import Resource, ResourceKey
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.core.zone import ConflictError, Zone, ZoneChange, publish
 from kumazone.store.election import Election
 from kumazone.store.leader import Contender, Leadership
 from kumazone.store.postgres import CHANNEL, Fenced, PostgresStore, connect
+from kumazone.sync.zone_side import FOLLOW_KEYS
 
 __all__ = ["SAFETY_NET", "ZoneReplica", "open_store"]
 
@@ -162,6 +164,9 @@ class ZoneReplica(FencedWrites):
         for loop in self._loops:
             loop.clock = reactor
         self._listener: threading.Thread | None = None
+        #: The next slice of a big change followed (L{_release}), when due.
+        self._releasing: Any = None
+        self._collector = CollectorPause()
 
     # -- the Store the zone writes through ------------------------------------
 
@@ -347,7 +352,7 @@ class ZoneReplica(FencedWrites):
                     self._resync()
                     return
                 else:
-                    zone.follow(changes, now)
+                    zone.follow(changes, now, FOLLOW_KEYS)
             except StoreError:
                 return  # the write failure resyncs
             except Exception:
@@ -357,9 +362,26 @@ class ZoneReplica(FencedWrites):
                 self._resync()
                 return
         self._fire(self._applied_waiters, self.applied)
+        self._release()
         if len(rows) >= 1000 or self._read_again:
             self._read_again = False
             self.poke()
+
+    def _release(self) -> None:
+        """The entries (and DNS) follow a big change of the global's table
+        L{FOLLOW_KEYS} services per reactor turn, as the leader does."""
+        zone = self.zone
+        if self._releasing is not None or zone is None:
+            return  # (leading by now, it goes on: the slices are the table's, not the role's)
+        if zone.follow_global(FOLLOW_KEYS):
+            self._collector.pause()
+            self._releasing = self.reactor.callLater(0, self._released)
+        else:
+            self._collector.resume()
+
+    def _released(self) -> None:
+        self._releasing = None
+        self._release()
 
     def _take_up(self, zone: Zone, changes: StoreChanges, now: float) -> None:
         """A follower's API write, as the leader: placed and written (its rows)."""

@@ -219,12 +219,21 @@ class ZoneSync:
         if self.global_table_id is None:
             proto.fail("table before welcome")
             return
+        if self.zone.following:
+            # A replica that no longer leads: its table comes from its leader now.
+            proto.close()
+            return
         now = self.clock.seconds()
         try:
             done = self.zone.apply_global(update, self.global_table_id, now, FOLLOW_KEYS)
         except ValueError as e:
             self.force_full = True
             proto.fail(f"cannot apply table change: {e}; reconnecting for a full table")
+            return
+        except StoreError as e:
+            # Not stored (the zone went back to its store): the next connection claims
+            # what is stored, and the global sends on from there.
+            proto.fail(f"cannot store the table: {e}")
             return
         if not done:
             return
@@ -297,6 +306,8 @@ class ZoneSync:
 
     def disconnected(self, proto: SyncProtocol, reason: Failure) -> None:
         """Lost the global (or never reached it): keep serving the table held."""
+        if self.proto is not None and proto is not self.proto:
+            return  # an older connection's close, come late: the current one goes on
         if self.proto is proto:
             self.proto = None
             self._parts = None

@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from tests.builders import dataplane
-from tests.fedprocess import GlobalProcess, ProcessGroup, make_certs, start_zone, wait_until
+from tests.fedprocess import (
+    GlobalProcess,
+    ProcessGroup,
+    make_certs,
+    parse_metrics,
+    start_zone,
+    wait_until,
+)
 from tests.kzprocess import ZoneProcess
 from tests.process.test_global_replicas import free_port, role, vip
 
@@ -76,7 +83,15 @@ def leader_of(replicas: list[ZoneProcess]) -> ZoneProcess:
 
 
 def syncing(replica: ZoneProcess) -> bool:
-    return bool(replica.api("GET", "/")[1]["sync"]["syncing"])
+    """Whether the replica has a connection to the global, and the global welcomed it."""
+    sync = replica.api("GET", "/")[1]["sync"]
+    return bool(sync["syncing"] and sync["connected"])
+
+
+def sync_connected(replica: ZoneProcess) -> float | None:
+    """The replica's own gauge of its connection to the global."""
+    text = replica.http("diagnostics", "GET", "/metrics")[1].decode()
+    return parse_metrics(text).get("kumazone_sync_connected", zone="zone-1")
 
 
 def test_only_the_leader_syncs_and_the_follower_serves_the_globals_table(
@@ -90,8 +105,12 @@ def test_only_the_leader_syncs_and_the_follower_serves_the_globals_table(
     leader = leader_of(replicas)
     (follower,) = [r for r in replicas if r is not leader]
     wait_until(lambda: global_.zones()["zone-1"]["state"] == "online", 15, 0.1, "zone-1 online")
-    assert syncing(leader) and not syncing(follower)
+    wait_until(lambda: syncing(leader), 15, 0.1, "the leader syncs")
+    assert not syncing(follower)
     assert role(follower) == "follower"
+    assert sync_connected(leader) == 1
+    assert sync_connected(follower) == 0  # the follower never connected
+    assert "connected to the global" not in follower.log_path.read_text()
 
     # A write on the follower goes through the store; the leader sends it to the global.
     assert put(follower, "web", "10.6.0.1") == 201
@@ -107,7 +126,8 @@ def test_only_the_leader_syncs_and_the_follower_serves_the_globals_table(
     wait_until(lambda: role(follower) == "leader", FAILOVER + 5, 0.05, "the follower leads")
     taken = time.monotonic() - killed
     assert taken < FAILOVER, f"took {taken:.1f} s"
-    wait_until(lambda: syncing(follower) and follower.api("GET", "/")[1]["sync"]["connected"], 15)
+    wait_until(lambda: syncing(follower), 15, 0.1, "the new leader syncs")
+    assert sync_connected(follower) == 1
     assert put(follower, "cache", "10.6.0.3") == 201
     after = served([follower, other], ["web", "db", "cache"])
     assert {s: after[s] for s in table} == table, "a VIP moved"

@@ -1223,3 +1223,90 @@ def test_a_collector_already_off_is_left_off() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+# -- a zone's replicas: acknowledged once stored, and the leader's connections -------
+
+
+class Durable:
+    """A replica's C{when_durable}: each call waits until the test says it is stored."""
+
+    def __init__(self) -> None:
+        self.waiting: list[Any] = []
+
+    def __call__(self) -> Any:
+        from twisted.internet.defer import Deferred
+
+        waiter: Deferred[None] = Deferred()
+        self.waiting.append(waiter)
+        return waiter
+
+    def store(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def fail(self) -> None:
+        from kumazone.core.storage import StoreError
+
+        waiting, self.waiting = self.waiting, []
+        for waiter in waiting:
+            waiter.errback(Failure(StoreError("the change was not stored")))
+
+
+def replica_end(clock: Clock, zone: Zone, durable: Durable) -> ZoneEnd:
+    end = ZoneEnd(clock, zone)
+    end.sync = ZoneSync(zone, clock, end.metrics, durable=durable)
+    end.recording = Recording(end.sync)
+    return end
+
+
+def test_a_replica_acknowledges_a_version_only_once_it_is_stored() -> None:
+    clock = Clock()
+    glob = Global(clock)
+    durable = Durable()
+    zone = replica_end(clock, make_zone("zone-1", "web"), durable)
+    _client, _server, pump = connect(glob, zone)
+    acks = lambda: [m for m in glob.sessions[0].messages if isinstance(m, Ack)]  # noqa: E731
+    assert durable.waiting and not acks()  # applied, not yet stored: not acknowledged
+    assert glob.table.zones["zone-1"].acked != glob.table.version
+    durable.store()
+    pump.flush()
+    assert [m.version for m in acks()][-1] == zone.zone.table.version
+    # A change the replica could not store is never acknowledged.
+    glob.table.receive_inventory("zone-2", Inventory(True, 0, True, (("default", "db"),)), 0.0)
+    glob.hub.changed(glob.table.reconcile(0.0), ["zone-2"], [])
+    pump.flush()
+    before = len(acks())
+    assert durable.waiting
+    durable.fail()
+    pump.flush()
+    assert len(acks()) == before
+
+
+def test_a_late_close_of_an_old_connection_leaves_the_new_one_alone() -> None:
+    clock = Clock()
+    glob = Global(clock)
+    zone = ZoneEnd(clock, make_zone("zone-1", "web"))
+    old, _server, _pump = connect(glob, zone)
+    new, _server2, _pump2 = connect(glob, zone)  # e.g. the replica led again at once
+    assert zone.sync.proto is new and zone.sync.global_table_id is not None
+    zone.sync.disconnected(old, Failure(ConnectionDone()))  # the old one's close comes late
+    assert zone.sync.proto is new
+    assert zone.sync.global_table_id is not None
+    assert zone.sync.connected_since is not None
+    assert zone.registry.get_sample_value("kumazone_sync_connected", {"zone": "zone-1"}) == 1
+
+
+def test_a_zone_that_follows_its_leader_applies_no_table_from_the_global() -> None:
+    clock = Clock()
+    glob = Global(clock)
+    zone = ZoneEnd(clock, make_zone("zone-1", "web"))
+    client, _server, pump = connect(glob, zone)
+    version = zone.zone.table.version
+    zone.zone.following = True  # stepped down; this connection's close is on its way
+    glob.table.receive_inventory("zone-2", Inventory(True, 0, True, (("default", "db"),)), 0.0)
+    glob.hub.changed(glob.table.reconcile(0.0), ["zone-2"], [])
+    pump.flush()
+    assert zone.zone.table.version == version
+    assert client.closed

@@ -12,7 +12,7 @@ One case is left out for a zone synced with a global: a leader's write that
 fails.  The leader goes back to the store and places its provisional VIPs from
 scratch, without the hold-downs the lost write had; a follower, which never saw
 that write, keeps its own.  Those may then differ until the global confirms one
-(its rows are the same on every replica), as DESIGN.md says.
+(its rows are the same on every replica), as README.md says.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kumazone.core.storage import StoreChanges, StoredState
+from kumazone.core.vips import ServiceKey
 from kumazone.core.zone import Zone
 from kumazone.store.sqlite import SQLiteStore
 from tests.builders import dataplane_resource
@@ -90,6 +91,7 @@ class Pair(Run):
         self.follower.following = True
         self.follower.update(0.0)
         self.steps = 0
+        self.sliced = 0
 
     def do(self, op: tuple[Any, ...]) -> None:
         self.steps += 1
@@ -108,7 +110,10 @@ class Pair(Run):
                 # A new table (the global's first, a new VIP range): loaded whole.
                 self.follower.reload(self.store.load(), following=True)
             else:
-                self.follower.follow(changes, self.now)
+                # In slices of two services, as a replica follows a big change.
+                self.follower.follow(changes, self.now, 2)
+                while self.follower.follow_global(2):
+                    self.sliced += 1
 
     def check(self) -> None:
         super().check()
@@ -180,5 +185,27 @@ def test_a_follower_reloaded_whole_places_the_provisional_vips_again(tmp_path: P
         before = list(pair.follower.snapshot.entries)
         pair.follower.reload(SQLiteStore(pair.path).load(), following=True)
         assert list(pair.follower.snapshot.entries) == before
+    finally:
+        pair.store.close()
+
+
+def test_a_follower_follows_a_big_change_of_the_globals_table_in_slices(tmp_path: Path) -> None:
+    pair = Pair(tmp_path, True)
+    try:
+        pair.do(("g-full",))
+        for index, service in enumerate(["a", "b", "c", "d", "e"]):
+            pair.rows[ServiceKey("default", service)] = (index, 1)
+        pair.global_version += 1
+        pair.send(dict(pair.sent_rows))
+        log, pair.store.log = pair.store.log, []
+        (changes,) = log
+        pair.follower.follow(changes, pair.now, 2)
+        assert len(pair.follower.snapshot.entries) == 0  # held back: two per slice
+        assert pair.follower.follow_global(2) == 3
+        assert len(pair.follower.snapshot.entries) == 2
+        while pair.follower.follow_global(2):
+            pass
+        assert list(pair.follower.snapshot.entries) == list(pair.zone.snapshot.entries)
+        assert len(pair.follower.snapshot.entries) == 5
     finally:
         pair.store.close()

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.task import deferLater
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource as web_resource
+from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import Request
 
 from kumazone.control_plane import TICK_INTERVAL, ControlPlane
@@ -25,6 +27,7 @@ from kumazone.core.vips import TableDelta
 from kumazone.metrics import Metrics
 from kumazone.store import require_postgresql
 from kumazone.store.sqlite import SQLiteStore
+from kumazone.sync.forward import ZoneSyncPort
 from kumazone.sync.global_side import GlobalHub
 from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncFactory
@@ -54,6 +57,9 @@ class GlobalSettings:
     limits: ZoneLimits = field(default_factory=ZoneLimits)
     #: A PostgreSQL store shared with the global's other replicas (instead of SQLite).
     store_url: str | None = None
+    #: The host the other replicas reach this one at (None: the kds interface, or
+    #: this host's name when that is a wildcard).
+    advertise_address: str | None = None
 
 
 class GlobalService(ControlPlane):
@@ -67,9 +73,12 @@ class GlobalService(ControlPlane):
         self.replica: GlobalReplica | None = None
         self._kds: Any = None
         self._kds_factory: _ZoneSyncFactory | None = None
+        #: Replicas: the zone sync port, open while the process runs (L{ZoneSyncPort}).
+        self._kds_port: ZoneSyncPort | None = None
+        self._contact = ""
         self._sync_metrics: SyncMetrics | None = None
         #: The API: the federation's while there is one, else a replica standing by.
-        self._api = _Switch(_StandingBy())
+        self._api = _Switch(_StandingBy(reactor, lambda: None))
         # A failing store fails every zone message: one line per such message would flood.
         self._store_log = limited(
             RateLimiter(burst=10, interval=60.0), reactor, lambda line: self.log.error(line)
@@ -135,7 +144,14 @@ class GlobalService(ControlPlane):
             self._sync_metrics,
             max_pending=settings.limits.max_pending_octets,
         )
-        self._listen_kds(factory)
+        if self._kds_port is not None:
+            # A replica's port is open already: it serves zone sync from now.
+            served: Any = factory
+            if settings.tls is not None:
+                served = TLSMemoryBIOFactory(server_options(settings.tls), False, factory)
+            self._kds_port.serve(served)
+        else:
+            self._listen_kds(factory)
         self._api.current = GlobalApiResource(hub, settings.dns.domain, self.metrics, self.reactor)
 
     # -- replicas on PostgreSQL -------------------------------------------------------
@@ -148,6 +164,15 @@ class GlobalService(ControlPlane):
 
         settings = self.settings
         store = open_store(url, self.log)
+        # Zone sync's port is open from the start: forwarded to the leader until
+        # this replica leads (kumazone.sync.forward), and so is the API.
+        self._kds_port = ZoneSyncPort(self.reactor, lambda: self._leader_at("kds"))
+        self.ports["kds"] = self._listen_tcp(
+            settings.kds_port, self._kds_port, settings.kds_interface
+        )
+        self._api.current = _StandingBy(self.reactor, lambda: self._leader_at("api"))
+        self._listen_api()
+        self._contact = self._contact_of()
         self.replica = GlobalReplica(
             store,
             self.reactor,
@@ -155,28 +180,59 @@ class GlobalService(ControlPlane):
             holder=f"global@{socket.gethostname()}:{os.getpid()}",
             on_lead=lambda state: self._run(self.replica),  # type: ignore[arg-type]
             on_stand_by=self._stand_by,
+            contact=self._contact,
         )
         self._store = None  # the replica closes its own
-        self.ports["kds"] = settings.kds_port  # opened while leading
         self.addService(TimerService(TICK_INTERVAL, self._guarded, self._tick))
-        self._listen_api()
         self.replica.start()
         self.log.info(
-            "global replica on {where}: standing by until elected; API on {api}, "
+            "global replica on {where}: forwarding to the leader until elected "
+            "(reached at {contact} while leading); zone sync on {kds}, API on {api}, "
             "diagnostics on {diagnostics}",
             where=store.where,
+            contact=self._contact,
             **self.ports,
         )
+
+    def _contact_of(self) -> str:
+        """How the other replicas reach this one's zone sync and API (JSON)."""
+        settings = self.settings
+        wildcards = ("", "0.0.0.0", "::", "[::]")
+        host = settings.advertise_address
+        if host is None:
+            host = settings.kds_interface
+            if host in wildcards:
+                host = socket.gethostname()
+        api_host = host if settings.api_interface in wildcards else settings.api_interface
+
+        def at(where: str, port: int) -> str:
+            return f"[{where}]:{port}" if ":" in where else f"{where}:{port}"
+
+        return json.dumps(
+            {"kds": at(host, self.ports["kds"]), "api": at(api_host, self.ports["api"])},
+            sort_keys=True,
+        )
+
+    def _leader_at(self, what: str) -> tuple[str, int] | None:
+        """Where the leader's C{what} (kds, api) listens, as it wrote it; None if no
+        other replica leads (this one's own address is never forwarded to)."""
+        if self.replica is None:
+            return None
+        contact = self.replica.election.leadership.contact
+        if not contact or contact == self._contact:
+            return None
+        try:
+            found = json.loads(contact)
+        except ValueError:
+            return None
+        return ZoneSyncPort.parse(found.get(what)) if isinstance(found, dict) else None
 
     def _stand_by(self, why: str) -> None:
         """Lost the lead: zone sync closes (and every connection of it, past its hello
         or not: a zone must not wait on a replica that will send it nothing), the
-        table goes, the API says so."""
-        if self._kds is not None:
-            self._kds.stopListening()
-            if self._kds in self._listening:
-                self._listening.remove(self._kds)
-            self._kds = None
+        table goes; zone sync and the API are forwarded to the leader from now."""
+        if self._kds_port is not None:
+            self._kds_port.serve(None)
         if self._kds_factory is not None:
             self._kds_factory.close_all()
             self._kds_factory = None
@@ -189,7 +245,7 @@ class GlobalService(ControlPlane):
             self.replica.on_drained = lambda: None
         self.hub = None
         self.federation = None
-        self._api.current = _StandingBy()
+        self._api.current = _StandingBy(self.reactor, lambda: self._leader_at("api"))
 
     def _role(self) -> str | None:
         if self.replica is None:
@@ -288,17 +344,27 @@ class _Switch(web_resource.Resource):
 
 
 class _StandingBy(web_resource.Resource):
-    """A replica of the global standing by: 503, and why (the leader serves the API)."""
+    """A replica of the global standing by: each request goes to the leader's API
+    (a reverse proxy); 503, and why, while no leader is known."""
 
     isLeaf = True
 
-    def render(self, request: Request) -> bytes:
+    def __init__(self, reactor: Any, leader: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.leader = leader
+
+    def render(self, request: Request) -> Any:
+        found = self.leader()
+        if found is not None:
+            host, port = found
+            return ReverseProxyResource(host, port, request.path, self.reactor).render(request)
         request.setResponseCode(503)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(
             {
                 "title": "Standing by",
-                "details": "this replica of the global follows; the leader serves the API",
+                "details": "this replica of the global follows, and no leader is known yet",
                 "causes": [],
             }
         ).encode()

@@ -36,6 +36,7 @@ _CONTROL_PLANE_ONLY = frozenset(
     {"config", "store", "nameserver-addresses", "api-port", "api-interface"}
 )
 _DATAPLANE_ONLY = frozenset({"cp-address", "mesh", "name", "resolv-conf"})
+_GLOBAL_ONLY = frozenset({"advertise-address"})
 #: A dataplane's name: as a resource's name (it is a Dataplane's, in Kuma).
 _DATAPLANE_NAME = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9._-]{0,251}[A-Za-z0-9])?\Z")
 #: The dataplane role's defaults that differ from the control planes'.
@@ -53,6 +54,8 @@ def _roles_of(flag: str) -> tuple[str, ...] | None:
         return ("zone", "global")
     if flag in _DATAPLANE_ONLY:
         return ("dataplane",)
+    if flag in _GLOBAL_ONLY:
+        return ("global",)
     return None
 
 
@@ -135,6 +138,14 @@ class Options(usage.Options):
             None,
             "Address zone sync listens on (role global; default 0.0.0.0, "
             "127.0.0.1 with --insecure).",
+        ],
+        [
+            "advertise-address",
+            None,
+            None,
+            "Host the global's other replicas reach this one at: while it leads, they "
+            "forward zone sync and the API to it (role global, --store=postgresql:// only; "
+            "default --kds-interface, or this host's name when that is a wildcard).",
         ],
         ["kds-zone-max-services", None, "10000", "Services one zone may have (role global)."],
         ["kds-zone-max-parts", None, "64", "Parts of one zone's inventory (role global)."],
@@ -244,6 +255,10 @@ class Options(usage.Options):
             self.store_path = ""
         else:
             self.store_path = self._store_path(self["store"], data_dir)
+        if self["advertise-address"] is not None and self.store_url is None:
+            raise _fail(
+                "--advertise-address: only replicas of the global take it (--store=postgresql://...)"
+            )
         if role == "zone":
             self._zone_dataplane_port()
 
@@ -547,6 +562,7 @@ def makeService(options: Options) -> Any:
             kds_interface=options["kds-interface"],
             limits=options.limits,
             store_url=options.store_url,
+            advertise_address=options["advertise-address"],
             **common,
         )
         return GlobalService(settings, reactor)

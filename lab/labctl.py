@@ -5,7 +5,7 @@ from inside their namespaces.
     labctl.py wait URL [--timeout S]          until URL answers 200
     labctl.py fetch dataplane URL             a dataplane's /ready and /metrics, as JSON
     labctl.py fetch global URL [--ready URL]  a global's API (with --ready, its /ready first:
-                                              a standby replica's API answers 503)
+                                              a standby replica's API is the leader's)
     labctl.py --state DIR status [--json]     the global(s), zone-1, zone-2 side by side,
                                               then each client's dataplane
     labctl.py --state DIR wait-synced [--timeout S]
@@ -20,8 +20,9 @@ only.
 
 With the global's replicas (``make lab LAB_GLOBAL_REPLICAS=2``: ``global`` and
 ``global-2``) each global's ``/ready`` says whether it leads (``ok: leader``) or stands
-by (``ok: follower``, its API answering 503); status shows each one's role and reads
-the table from the one that leads, wait-synced waits for the zones to hold its table.
+by (``ok: follower``, its API and zone sync forwarded to the leader); status shows each
+one's role and reads the table from the one that leads, wait-synced waits for the
+zones to hold its table.
 """
 
 from __future__ import annotations
@@ -81,13 +82,13 @@ def replica_role(ready: str) -> str | None:
 
 def fetch(role: str, api: str, ready: str | None = None) -> dict[str, Any]:
     """What status needs from one control plane's API, or {"error": ...}; with C{ready}
-    (a global's C{/ready}), its replica's part as C{"role"}, and a standby's API (503)
-    not read."""
+    (a global's C{/ready}), its replica's part as C{"role"}, and a standby's API (the
+    leader's, forwarded) not read."""
     if role == "dataplane":
         return fetch_dataplane(api)
     part = replica_role(ready) if ready else None
     if part == "follower":
-        return {"error": "standby (API 503)", "role": part}
+        return {"error": "standby (forwards)", "role": part}
     document = fetch_api(role, api)
     if part is not None:
         document["role"] = part
@@ -174,8 +175,8 @@ def global_names(documents: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def leader(documents: dict[str, dict[str, Any]]) -> str:
-    """The global that leads: the one whose API answers (a standby's is 503); the first
-    global when none does."""
+    """The global that leads: the one whose /ready says so (a standby's API is not
+    read); the first global when none does."""
     names = global_names(documents)
     for name in names:
         if "error" not in documents[name]:

@@ -7,14 +7,15 @@ database on one thread, fenced by its epoch; and nothing is pushed to a zone
 until everything written before is stored (L{GlobalReplica.pushable}: the hub
 asks before each push, and is told when the writes have drained).
 
-The others stand by: they hold no table and take no zone sync (their zone sync
-port is closed, so a zone's connection goes on to the next address of its
-C{--global} list); their API answers 503 and says so, /ready says
-C{follower}.  When one takes the lead it loads the whole table from the store
-(on a thread), builds the federation (O(table), once) and opens its zone sync
-port; zones find it at their next attempt, and take its table whole (a new
-table id), with every VIP as the last leader stored it.  A leader whose write
-fails, or that loses the lead, closes its zone sync and stands by again.
+The others stand by: they hold no table; they forward each zone sync
+connection, byte for byte (TLS stays between the zone and the leader), and each
+API request to the leader, at the address the leader wrote in the leader table
+(L{kumazone.sync.forward}); /ready says C{follower}.  When one takes the lead
+it loads the whole table from the store (on a thread), builds the federation
+(O(table), once) and serves zone sync on its port from then on, closing what it
+forwarded; zones connect again and take its table whole (a new table id), with
+every VIP as the last leader stored it.  A leader whose write fails, or that
+loses the lead, closes its zone sync and forwards again.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class GlobalReplica(FencedWrites):
         holder: str,
         on_lead: Callable[[StoredState], None],
         on_stand_by: Callable[[str], None],
+        contact: str = "",
     ) -> None:
         self.store = store
         self.reactor = reactor
@@ -72,7 +74,9 @@ class GlobalReplica(FencedWrites):
         self._fenced_epoch = -1
         self._loading = False
         self._stopping = False
-        self.election = Election(Contender(store.url, NAME, holder), reactor, self._elected)
+        self.election = Election(
+            Contender(store.url, NAME, holder, contact=contact), reactor, self._elected
+        )
         self.leader_gauge = Gauge(
             "kumazone_leader", "1 while this replica leads, else 0", registry=registry
         )

@@ -60,6 +60,8 @@ class Leadership:
     why: str = ""
     #: The database could be reached during this step.
     store_up: bool = True
+    #: How to reach the replica that leads, as it wrote it (while another leads).
+    contact: str = ""
 
 
 def _lock_key(name: str) -> int:
@@ -78,8 +80,11 @@ class Contender:
         holder: str,
         lease: float = LEASE,
         clock: Callable[[], float] = time.monotonic,
+        contact: str = "",
     ) -> None:
         self.url = url
+        #: How the other replicas reach this one, written when it takes the lead.
+        self.contact = contact
         self.where = describe_url(url)
         self.name = name
         self.holder = holder
@@ -152,7 +157,7 @@ class Contender:
         if not self._take_lock(db):
             holder = self._expired_holder(db)
             if holder is None:
-                return Leadership(False, why="another replica leads")
+                return Leadership(False, why="another replica leads", contact=self._contact(db))
             # The lease ran out: end the holder's session (a paused or cut-off
             # leader), which frees the lock.
             db.execute("SELECT pg_terminate_backend(%s)", (holder,))
@@ -167,17 +172,27 @@ class Contender:
             # idle_in_transaction_session_timeout: see postgres.SESSION_LIMITS.)
             db.execute("SELECT 1 FROM leader WHERE name = %s FOR UPDATE", (self.name,))
             row = db.execute(
-                "INSERT INTO leader (name, epoch, holder, pid, renewed_at) "
-                "VALUES (%s, 1, %s, pg_backend_pid(), now()) "
+                "INSERT INTO leader (name, epoch, holder, pid, renewed_at, contact) "
+                "VALUES (%s, 1, %s, pg_backend_pid(), now(), %s) "
                 "ON CONFLICT (name) DO UPDATE SET epoch = leader.epoch + 1, "
-                "holder = excluded.holder, pid = excluded.pid, renewed_at = now() "
+                "holder = excluded.holder, pid = excluded.pid, renewed_at = now(), "
+                "contact = excluded.contact "
                 "RETURNING epoch",
-                (self.name, self.holder),
+                (self.name, self.holder, self.contact),
             ).fetchone()
         assert row is not None
         self.epoch = int(row[0])
         self._renewed = started
         return Leadership(True, self.epoch)
+
+    def _contact(self, db: psycopg.Connection[Any]) -> str:
+        """What the replica holding the lead wrote of how to reach it ('' if none)."""
+        row = db.execute(
+            "SELECT r.contact FROM leader r JOIN pg_stat_activity a ON a.pid = r.pid "
+            "WHERE r.name = %s",
+            (self.name,),
+        ).fetchone()
+        return str(row[0]) if row else ""
 
     def _take_lock(self, db: psycopg.Connection[Any]) -> bool:
         row = db.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, self._key)).fetchone()

@@ -48,11 +48,11 @@ __all__ = [
     "describe_url",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: The advisory lock (one bigint) held while the schema is created or migrated.
 MIGRATION_LOCK = 0x6B756D617A6F6E65  # "kumazone"
 #: Scripts taking the schema from each older version to the next one.
-_MIGRATIONS = {1: "migrate-v1-v2.sql", 2: "migrate-v2-v3.sql"}
+_MIGRATIONS = {1: "migrate-v1-v2.sql", 2: "migrate-v2-v3.sql", 3: "migrate-v3-v4.sql"}
 #: The channel every transaction notifies (with its log sequence number) at commit.
 CHANNEL = "kumazone_changes"
 #: Seconds a connection attempt may take.

@@ -1,11 +1,12 @@
 """Replicas of the global on a real PostgreSQL: the leader killed, zones carry on with the other.
 
 Two `twistd kumazone --role=global --store=postgresql://...` processes on the
-session's PostgreSQL server, and two zones given both (`--global=A,B`), over
-mutual TLS.  The leader takes zone sync; the other stands by (its zone sync port
-closed, its API 503).  Killed with SIGKILL, the leader is replaced within the
-bound, the zones reconnect to the new one, every VIP stays where it was, and a
-new service placed afterwards resolves in both zones.
+session's PostgreSQL server and two zones, over mutual TLS: zone-1 given both
+replicas (`--global=A,B`), zone-2 only the one standing by.  The leader takes
+zone sync; the other forwards its zone sync port and its API to the leader.
+Killed with SIGKILL, the leader is replaced within the bound, the zones
+reconnect to the new one, every VIP stays where it was, and a new service
+placed afterwards resolves in both zones.
 """
 
 from __future__ import annotations
@@ -85,14 +86,24 @@ def test_the_global_leader_killed_the_other_leads_and_no_vip_moves(
     globals_ = [
         group.add(
             GlobalProcess(
-                tmp_path, certs, [f"--store={url}"], kds_port=free_port(), name=f"global-{n}"
+                tmp_path,
+                certs,
+                [f"--store={url}", "--advertise-address=127.0.0.1"],
+                kds_port=free_port(),
+                name=f"global-{n}",
             )
         )
         for n in "ab"
     ]
     for process in globals_:
         process.start()
-    addresses = ",".join(g.address for g in globals_)
+    leader = wait_until(
+        lambda: next((g for g in globals_ if role(g) == "leader"), None), 15, 0.05, "a leader"
+    )
+    (standby,) = [g for g in globals_ if g is not leader]
+    assert role(standby) == "follower"
+    # zone-1 is given both replicas; zone-2 only the one standing by, which forwards
+    # its zone sync to the leader (TLS is between zone-2 and the leader).
     zones = [
         start_zone(
             tmp_path,
@@ -102,18 +113,17 @@ def test_the_global_leader_killed_the_other_leads_and_no_vip_moves(
             resources=write_service(tmp_path / f"resources-{name}", service, address),
             group=group,
         )
-        for name, service, address in (
-            ("zone-1", "web", "10.5.0.1"),
-            ("zone-2", "db", "10.5.0.2"),
+        for name, service, address, addresses in (
+            ("zone-1", "web", "10.5.0.1", ",".join(g.address for g in globals_)),
+            ("zone-2", "db", "10.5.0.2", standby.address),
         )
     ]
-    leader = wait_until(
-        lambda: next((g for g in globals_ if role(g) == "leader"), None), 15, 0.05, "a leader"
-    )
-    (standby,) = [g for g in globals_ if g is not leader]
-    assert role(standby) == "follower"
-    assert standby.http("api", "GET", "/")[0] == 503  # the leader serves the API
     before = served_alike(zones, ["web", "db"])
+    # The leader has both zones; the API on the one standing by is the leader's.
+    wait_until(lambda: all(z["state"] == "online" for z in leader.zones().values()), 15)
+    assert set(leader.zones()) == {"zone-1", "zone-2"}
+    assert standby.zones() == leader.zones()
+    assert standby.http("api", "GET", "/vips")[1] == leader.http("api", "GET", "/vips")[1]
     assert leader.process is not None
     killed = time.monotonic()
     leader.process.send_signal(signal.SIGKILL)
@@ -145,7 +155,11 @@ def test_a_paused_global_leader_is_replaced_and_stands_by_when_it_resumes(
     globals_ = [
         group.add(
             GlobalProcess(
-                tmp_path, certs, [f"--store={url}"], kds_port=free_port(), name=f"global-{n}"
+                tmp_path,
+                certs,
+                [f"--store={url}", "--advertise-address=127.0.0.1"],
+                kds_port=free_port(),
+                name=f"global-{n}",
             )
         )
         for n in "ab"

@@ -96,6 +96,7 @@ DEFAULTS: dict[str, Any] = {
     "api-interface": "127.0.0.1",
     "kds-port": 5685,
     "kds-interface": "0.0.0.0",
+    "advertise-address": None,
     "kds-zone-max-services": "10000",
     "kds-zone-max-parts": "64",
     "kds-zone-max-messages-per-second": "100",
@@ -153,6 +154,8 @@ GIVEN: dict[str, tuple[str, Any]] = {
 #: Flags whose given values have tests of their own (below) rather than a GIVEN entry.
 GIVEN_ELSEWHERE = {"role", "zone", "global", "config", "resources", "store", "insecure"}
 GIVEN_ELSEWHERE |= {"tls-cert", "tls-key", "tls-ca"}
+# Replicas of the global: test_advertise_address_is_for_replicas_of_the_global.
+GIVEN_ELSEWHERE |= {"advertise-address"}
 # The per-zone limits: tests/unit/test_limits.py.
 GIVEN_ELSEWHERE |= {f"kds-zone-max-{n}" for n in ("services", "parts", "pending-bytes")}
 GIVEN_ELSEWHERE |= {"kds-zone-max-messages-per-second", "kds-zone-refusal-cooldown"}
@@ -465,6 +468,8 @@ def test_a_postgresql_store_makes_replicas_of_a_zone_synced_with_a_global() -> N
             ],
             ["--kds-port", "fixed"],
         ),
+        (["--role=global", "--insecure", "--advertise-address=g1"], ["--advertise-address"]),
+        (["--advertise-address=g1", "--store=postgresql://kz@db.example/kz"], ["--role=global"]),
     ],
 )
 def test_postgresql_stores_refused_say_why(argv: list[str], words: list[str]) -> None:
@@ -903,7 +908,18 @@ def test_every_flag_is_sorted_by_role() -> None:
     dataplane_flags = {"cp-address", "mesh", "name", "resolv-conf"}
     every_role = {"role", "data-dir", "dns-port", "dns-interface", "diagnostics-port"}
     every_role |= {"diagnostics-interface", "tls-cert", "tls-key", "tls-ca"}
-    assert set(CONTROL_PLANE_FLAGS) | dataplane_flags | every_role == PARAMETERS
+    global_flags = {"advertise-address"}
+    assert set(CONTROL_PLANE_FLAGS) | dataplane_flags | every_role | global_flags == PARAMETERS
+
+
+@pytest.mark.parametrize("argv", [[ZONE], [*DATAPLANE, "--insecure"]])
+def test_advertise_address_is_for_replicas_of_the_global(argv: list[str]) -> None:
+    message = refused(*argv, "--advertise-address=g1.example")
+    assert_names(message, "--advertise-address", "is for --role=global")
+    url = "postgresql://kz@db.example/kz"
+    options = parse("--role=global", "--insecure", f"--store={url}", "--advertise-address=g1")
+    service = makeService(options)
+    assert service.settings.advertise_address == "g1"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("flag", sorted(CONTROL_PLANE_FLAGS))

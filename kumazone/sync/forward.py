@@ -1,0 +1,110 @@
+"""Zone sync on every replica of the global: served by the leader, forwarded by the others.
+
+A replica of the global keeps its zone sync port open for as long as it runs
+(L{ZoneSyncPort}).  While it leads, a connection is zone sync itself (over
+mutual TLS, or not with C{--insecure}).  While it stands by, each connection is
+forwarded to the leader's zone sync port as it is, byte for byte (L{Forward}):
+TLS stays between the zone and the leader, which checks the zone's certificate
+as ever, so a replica standing by neither holds a key a zone trusts more nor
+sees what zones send.  A zone (or a load balancer before the replicas) may
+therefore connect to any replica.  With no leader known, a connection is
+closed at once, and the zone tries its next address.
+
+The leader's address comes from the leader table (each replica writes how to
+reach it when it takes the lead; L{kumazone.store.leader.Contender}).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.interfaces import IAddress, IReactorTCP
+from twisted.logger import Logger
+from twisted.protocols.portforward import ProxyClientFactory, ProxyServer
+
+__all__ = ["CONNECT_TIMEOUT", "Forward", "ZoneSyncPort"]
+
+#: Seconds a forwarded connection may take to reach the leader.
+CONNECT_TIMEOUT = 5.0
+
+
+class Forward(ProxyServer):
+    """One zone's connection, forwarded to the leader's zone sync port."""
+
+    noisy = False
+    factory: ZoneSyncPort  # type: ignore[assignment]
+
+    def connectionMade(self) -> None:
+        host, port = self.factory.forwarding_to
+        # Nothing is read from the zone before the leader's side is connected.
+        self.transport.pauseProducing()
+        client = ProxyClientFactory()
+        client.noisy = False
+        client.setServer(self)
+        self.factory.reactor.connectTCP(host, port, client, timeout=CONNECT_TIMEOUT)
+
+
+class ZoneSyncPort(protocol.Factory):
+    """The factory of a replica's zone sync port: zone sync while it leads, else forwarding.
+
+    C{leader()} says where the leader's zone sync listens, (host, port), or None.
+    """
+
+    log = Logger()
+    noisy = False
+
+    def __init__(self, reactor: IReactorTCP, leader: Callable[[], tuple[str, int] | None]) -> None:
+        self.reactor = reactor
+        self.leader = leader
+        #: Zone sync's factory (TLS wrapped, or not) while this replica leads.
+        self.serving: protocol.Factory | None = None
+        self.forwarding_to: tuple[str, int] = ("", 0)
+        self._forwarded: weakref.WeakSet[Forward] = weakref.WeakSet()
+        #: Connections forwarded so far, and closed for want of a leader.
+        self.forwarded = 0
+        self.refused = 0
+
+    def serve(self, factory: protocol.Factory | None) -> None:
+        """Serve zone sync with C{factory} from now (this replica leads), or forward
+        (None).  Connections forwarded so far are closed: they went to a leader
+        that is no longer one, and their zones connect again."""
+        if factory is not None:
+            factory.doStart()
+        if self.serving is not None:
+            self.serving.doStop()
+        self.serving = factory
+        for forwarded in list(self._forwarded):
+            forwarded.transport.loseConnection()
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        if self.serving is not None:
+            return self.serving.buildProtocol(addr)
+        found = self.leader()
+        if found is None:
+            self.refused += 1
+            return None  # closed at once: the zone tries its next address
+        self.forwarding_to = found
+        made = Forward()
+        made.factory = self
+        self._forwarded.add(made)
+        self.forwarded += 1
+        return made
+
+    def stopFactory(self) -> None:
+        if self.serving is not None:
+            self.serving.doStop()
+            self.serving = None
+
+    @staticmethod
+    def parse(address: Any) -> tuple[str, int] | None:
+        """C{"host:port"} or C{"[v6]:port"} as (host, port), or None if it is not one."""
+        if not isinstance(address, str) or ":" not in address:
+            return None
+        host, _, port = address.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return None
+        return host, int(port)

@@ -57,15 +57,30 @@ class Election(Service):
 
     def _step(self) -> None:
         if self._busy:
-            return  # the last step has not come back yet (a slow database)
+            # The last step has not come back (a database that answers nothing, or
+            # a network that went dark): the lead ends by this replica's own clock
+            # all the same, once the lease it last renewed has run out.
+            if self.leadership.leading and self.contender.lease_over():
+                before, self.leadership = self.leadership, self._lease_over(store_up=False)
+                self._tell(self.leadership, before)
+            return
         self._busy = True
         done: Deferred[Leadership] = deferToThreadPool(
             self.reactor, self._pool, self.contender.step
         )
         done.addCallbacks(self._stepped, self._failed)
 
+    def _lease_over(self, store_up: bool) -> Leadership:
+        return Leadership(
+            False, why="the lease ran out before the store answered", store_up=store_up
+        )
+
     def _stepped(self, found: Leadership) -> None:
         self._busy = False
+        if found.leading and self.contender.lease_over():
+            # A step that took longer than the lease: not to be trusted as a renewal
+            # (the next step finds the lease over and tries to lead anew).
+            found = self._lease_over(found.store_up)
         before, self.leadership = self.leadership, found
         if (found.leading, found.epoch, found.store_up) != (
             before.leading,

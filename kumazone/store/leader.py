@@ -120,6 +120,11 @@ class Contender:
             self.epoch = None
             return Leadership(False, why=f"store {self.where}: {reason}", store_up=False)
 
+    def lease_over(self) -> bool:
+        """Whether the lease this replica last renewed has run out by its own clock
+        (read from another thread: one float, written once per renewal)."""
+        return self._clock() - self._renewed >= self.lease
+
     def resign(self) -> None:
         """Stop leading (at shutdown): the lock goes with the session, at once."""
         self.epoch = None

@@ -21,6 +21,7 @@ import pytest
 from tests.builders import dataplane
 from tests.fedprocess import wait_until
 from tests.kzprocess import REPO, ZoneProcess
+from tests.netfault import Relay
 
 #: The issue's bound: another replica leads within 5 s.
 FAILOVER = 5.0
@@ -253,3 +254,94 @@ def test_without_psycopg_a_postgresql_store_is_one_line_saying_what_to_install(
     output = str(failed.value)
     assert "pip install 'kumazone[postgresql]'" in output
     assert "Traceback" not in output
+
+
+def test_a_replica_started_before_its_database_waits_for_it(tmp_path: Path) -> None:
+    """The database down at start: a clear line each try (never a traceback), then it
+    leads once the database comes."""
+    from tests.pgserver import PostgresServer, find_binaries
+
+    binaries = find_binaries()
+    assert binaries is not None
+    server = PostgresServer(binaries)  # its port chosen, the server not started yet
+    home = tmp_path / "replica"
+    home.mkdir()
+    replica = ZoneProcess(home, None, zone="zone-1", args=[f"--store={server.dsn}"])
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            replica.start(timeout=90)
+        except BaseException as e:  # reported below, on the test's thread
+            failures.append(e)
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    try:
+        wait_until(
+            lambda: (
+                replica.log_path.exists()
+                and replica.log_path.read_text().count("trying again in") >= 2
+            ),
+            30,
+            0.2,
+            "two tries logged",
+        )
+        lines = [
+            line for line in replica.log_path.read_text().splitlines() if "trying again" in line
+        ]
+        assert f"127.0.0.1:{server.port}" in lines[0], lines[0]
+        assert "Traceback" not in replica.log_path.read_text()
+        server.start()
+        starting.join(90)
+        assert not failures, failures
+        leader_of([replica])
+        assert put(replica, "web", 1) == 201
+        wait_until(lambda: answer(replica, "web") is not None, 10, 0.05, "web served")
+    finally:
+        starting.join(90)
+        replica.stop()
+        server.remove()
+
+
+def test_a_leader_cut_off_from_the_database_is_replaced_and_steps_down(
+    postgres: Any, tmp_path: Path
+) -> None:
+    """A partition: the leader's every connection to the database goes dark (nothing
+    closed, nothing answered).  The other replica ends its lease and leads; the cut-off
+    one steps down by its own clock and serves its last table; mended, it follows."""
+    url = postgres.fresh_database("replicas_cut_off")
+    relay = Relay(postgres.port).start()
+    replicas: list[ZoneProcess] = []
+    try:
+        for name, store in (("cut", url.replace(f":{postgres.port}/", f":{relay.port}/")),):
+            home = tmp_path / name
+            home.mkdir()
+            replicas.append(ZoneProcess(home, None, zone="zone-1", args=[f"--store={store}"]))
+        cut = replicas[0].start()
+        leader_of([cut])  # the one to be cut off leads
+        home = tmp_path / "other"
+        home.mkdir()
+        replicas.append(ZoneProcess(home, None, zone="zone-1", args=[f"--store={url}"]))
+        other = replicas[1].start()
+        assert put(cut, "web", 1) == 201
+        before = same_everywhere(replicas, ["web"])
+        assert role(other) == "follower"
+        relay.cut()
+        started = time.monotonic()
+        wait_until(lambda: role(other) == "leader", FAILOVER + 5, 0.05, "the other leads")
+        taken = time.monotonic() - started
+        assert taken < FAILOVER, f"took {taken:.1f} s"
+        wait_until(lambda: role(cut) == "follower", 10, 0.1, "the cut-off one steps down")
+        assert answer(cut, "web") == before["web"]  # it serves its last table
+        assert put(other, "db", 2) == 201
+        relay.mend()
+        table = same_everywhere(replicas, ["web", "db"])
+        assert table["web"] == before["web"]
+        wait_until(lambda: answer(cut, "db") == table["db"], 20, 0.1, "db on the mended one")
+        assert role(cut) == "follower" and role(other) == "leader"
+    finally:
+        relay.mend()
+        for replica in replicas:
+            replica.stop()
+        relay.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
@@ -14,7 +15,6 @@ from twisted.application.internet import TimerService
 from twisted.internet.task import deferLater
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource as web_resource
-from twisted.web.proxy import ReverseProxyResource
 from twisted.web.server import Request
 
 from kumazone.control_plane import TICK_INTERVAL, ControlPlane
@@ -33,6 +33,7 @@ from kumazone.sync.metrics import SyncMetrics
 from kumazone.sync.protocol import SyncFactory
 from kumazone.sync.tls import TLSFiles, server_options
 from kumazone.web.api import GlobalApiResource
+from kumazone.web.forward import ToTheLeader
 
 if TYPE_CHECKING:
     from kumazone.store.global_replica import GlobalReplica
@@ -78,10 +79,13 @@ class GlobalService(ControlPlane):
         self._contact = ""
         self._sync_metrics: SyncMetrics | None = None
         #: The API: the federation's while there is one, else a replica standing by.
-        self._api = _Switch(_StandingBy(reactor, lambda: None))
+        self._api = _Switch(ToTheLeader(reactor, lambda: None, "global"))
         # A failing store fails every zone message: one line per such message would flood.
         self._store_log = limited(
             RateLimiter(burst=10, interval=60.0), reactor, lambda line: self.log.error(line)
+        )
+        self._self_log = limited(
+            RateLimiter(burst=2, interval=60.0), reactor, lambda line: self.log.warn(line)
         )
 
     def _start(self) -> None:
@@ -170,9 +174,9 @@ class GlobalService(ControlPlane):
         self.ports["kds"] = self._listen_tcp(
             settings.kds_port, self._kds_port, settings.kds_interface
         )
-        self._api.current = _StandingBy(self.reactor, lambda: self._leader_at("api"))
         self._listen_api()
         self._contact = self._contact_of()
+        self._api.current = self._forwarding_api()
         self.replica = GlobalReplica(
             store,
             self.reactor,
@@ -184,6 +188,8 @@ class GlobalService(ControlPlane):
         )
         self._store = None  # the replica closes its own
         self.addService(TimerService(TICK_INTERVAL, self._guarded, self._tick))
+        # What is forwarded to a replica that no longer leads is closed within a second.
+        self.addService(TimerService(1.0, self._guarded, self._kds_port.check))
         self.replica.start()
         self.log.info(
             "global replica on {where}: forwarding to the leader until elected "
@@ -194,28 +200,45 @@ class GlobalService(ControlPlane):
             **self.ports,
         )
 
+    def _forwarding_api(self) -> web_resource.Resource:
+        """The API while standing by: the leader's, forwarded (L{ToTheLeader})."""
+        holder = self.replica.election.contender.holder if self.replica else "global"
+        return ToTheLeader(self.reactor, lambda: self._leader_at("api"), holder)
+
     def _contact_of(self) -> str:
-        """How the other replicas reach this one's zone sync and API (JSON)."""
+        """How the other replicas reach this one's zone sync and API (JSON).
+
+        The host is C{--advertise-address}, else C{--kds-interface} unless a
+        wildcard, else this host's name.  The API is published at that host when
+        it listens on a wildcard, at its own interface when that is another, and
+        not at all when it listens on loopback only while the host is not
+        loopback (the others could not reach it: they answer 503 and say so).
+        """
         settings = self.settings
-        wildcards = ("", "0.0.0.0", "::", "[::]")
         host = settings.advertise_address
         if host is None:
             host = settings.kds_interface
-            if host in wildcards:
+            if _wildcard(host):
                 host = socket.gethostname()
-        api_host = host if settings.api_interface in wildcards else settings.api_interface
-
-        def at(where: str, port: int) -> str:
-            return f"[{where}]:{port}" if ":" in where else f"{where}:{port}"
-
+        api = settings.api_interface
+        if _wildcard(api):
+            api = host
+        elif _loopback(api) and not _loopback(host):
+            api = ""
         return json.dumps(
-            {"kds": at(host, self.ports["kds"]), "api": at(api_host, self.ports["api"])},
+            {
+                "kds": _host_port(host, self.ports["kds"]),
+                "api": _host_port(api, self.ports["api"]) if api else "",
+            },
             sort_keys=True,
         )
 
     def _leader_at(self, what: str) -> tuple[str, int] | None:
         """Where the leader's C{what} (kds, api) listens, as it wrote it; None if no
-        other replica leads (this one's own address is never forwarded to)."""
+        other replica leads.  This replica's own ports are never forwarded to (a
+        leader that wrote a loopback address, seen from another host, would be):
+        each replica listens on the same ports, so a loopback address at one of
+        this replica's ports, or this replica's own host, is taken for itself."""
         if self.replica is None:
             return None
         contact = self.replica.election.leadership.contact
@@ -223,9 +246,23 @@ class GlobalService(ControlPlane):
             return None
         try:
             found = json.loads(contact)
+            mine = json.loads(self._contact)
         except ValueError:
             return None
-        return ZoneSyncPort.parse(found.get(what)) if isinstance(found, dict) else None
+        if not isinstance(found, dict):
+            return None
+        target = ZoneSyncPort.parse(found.get(what))
+        if target is None:
+            return None
+        host, port = target
+        own = ZoneSyncPort.parse(mine.get(what)) or ("", 0)
+        if port == self.ports.get(what) and (_loopback(host) or host == own[0]):
+            self._self_log(
+                f"global: the leader's {what} address {host}:{port} is this replica's own: "
+                "not forwarded (give each replica --advertise-address)"
+            )
+            return None
+        return target
 
     def _stand_by(self, why: str) -> None:
         """Lost the lead: zone sync closes (and every connection of it, past its hello
@@ -245,7 +282,7 @@ class GlobalService(ControlPlane):
             self.replica.on_drained = lambda: None
         self.hub = None
         self.federation = None
-        self._api.current = _StandingBy(self.reactor, lambda: self._leader_at("api"))
+        self._api.current = self._forwarding_api()
 
     def _role(self) -> str | None:
         if self.replica is None:
@@ -343,31 +380,21 @@ class _Switch(web_resource.Resource):
         return self.current.render(request)
 
 
-class _StandingBy(web_resource.Resource):
-    """A replica of the global standing by: each request goes to the leader's API
-    (a reverse proxy); 503, and why, while no leader is known."""
+def _wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::", "[::]")
 
-    isLeaf = True
 
-    def __init__(self, reactor: Any, leader: Any) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.leader = leader
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
-    def render(self, request: Request) -> Any:
-        found = self.leader()
-        if found is not None:
-            host, port = found
-            return ReverseProxyResource(host, port, request.path, self.reactor).render(request)
-        request.setResponseCode(503)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(
-            {
-                "title": "Standing by",
-                "details": "this replica of the global follows, and no leader is known yet",
-                "causes": [],
-            }
-        ).encode()
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _ZoneSyncFactory(SyncFactory):

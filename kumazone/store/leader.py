@@ -98,6 +98,8 @@ class Contender:
         self._renewed = 0.0
         #: A lock holder seen renewing no lease: (its pid, since when).
         self._unrenewed: tuple[int, float] | None = None
+        #: What the lock's holder wrote of how to reach it, at the last look.
+        self._seen_contact = ""
 
     # -- the one entry point ------------------------------------------------
 
@@ -162,7 +164,7 @@ class Contender:
         if not self._take_lock(db):
             holder = self._expired_holder(db)
             if holder is None:
-                return Leadership(False, why="another replica leads", contact=self._contact(db))
+                return Leadership(False, why="another replica leads", contact=self._seen_contact)
             # The lease ran out: end the holder's session (a paused or cut-off
             # leader), which frees the lock.
             db.execute("SELECT pg_terminate_backend(%s)", (holder,))
@@ -190,15 +192,6 @@ class Contender:
         self._renewed = started
         return Leadership(True, self.epoch)
 
-    def _contact(self, db: psycopg.Connection[Any]) -> str:
-        """What the replica holding the lead wrote of how to reach it ('' if none)."""
-        row = db.execute(
-            "SELECT r.contact FROM leader r JOIN pg_stat_activity a ON a.pid = r.pid "
-            "WHERE r.name = %s",
-            (self.name,),
-        ).fetchone()
-        return str(row[0]) if row else ""
-
     def _take_lock(self, db: psycopg.Connection[Any]) -> bool:
         row = db.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, self._key)).fetchone()
         return bool(row and row[0])
@@ -220,9 +213,11 @@ class Contender:
         row yet, or it stopped right there) counts as expired once this replica
         has seen it so for a whole lease.
         """
+        self._seen_contact = ""
         row = db.execute(
             "SELECT l.pid, r.pid IS NOT NULL, "
-            "coalesce(r.renewed_at + make_interval(secs => %s) < now(), false) "
+            "coalesce(r.renewed_at + make_interval(secs => %s) < now(), false), "
+            "coalesce(r.contact, '') "
             "FROM pg_locks l LEFT JOIN leader r ON r.name = %s AND r.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted "
             "AND l.classid = (%s::int)::oid AND l.objid = (%s::int)::oid AND l.objsubid = 2 "
@@ -235,6 +230,9 @@ class Contender:
         pid, renews, expired = int(row[0]), bool(row[1]), bool(row[2])
         if renews:
             self._unrenewed = None
+            if not expired:
+                # The lock's holder renews its lease: how to reach it is what it wrote.
+                self._seen_contact = str(row[3])
             return pid if expired else None
         now = self._clock()
         if self._unrenewed is None or self._unrenewed[0] != pid:

@@ -16,35 +16,52 @@ reach it when it takes the lead; L{kumazone.store.leader.Contender}).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IAddress, IReactorTCP
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.portforward import ProxyClientFactory, ProxyServer
+from twisted.python.failure import Failure
 
-__all__ = ["CONNECT_TIMEOUT", "Forward", "ZoneSyncPort"]
+__all__ = ["CONNECT_TIMEOUT", "MAX_FORWARDED", "Forward", "ZoneSyncPort"]
 
 #: Seconds a forwarded connection may take to reach the leader.
 CONNECT_TIMEOUT = 5.0
+#: Connections forwarded at once; more are closed at once (and counted).
+MAX_FORWARDED = 1024
 
 
 class Forward(ProxyServer):
-    """One zone's connection, forwarded to the leader's zone sync port."""
+    """One zone's connection, forwarded to the leader's zone sync port at C{target}."""
 
     noisy = False
     factory: ZoneSyncPort  # type: ignore[assignment]
 
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+
     def connectionMade(self) -> None:
-        host, port = self.factory.forwarding_to
+        host, port = self.target
         # Nothing is read from the zone before the leader's side is connected.
         self.transport.pauseProducing()
         client = ProxyClientFactory()
         client.noisy = False
         client.setServer(self)
         self.factory.reactor.connectTCP(host, port, client, timeout=CONNECT_TIMEOUT)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.forgotten(self)
+        super().connectionLost(reason)
+
+    def abort(self) -> None:
+        """Close both sides now, whatever is unsent (a zone or leader not reading)."""
+        peer = self.peer
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+        if peer is not None and peer.transport is not None:
+            peer.transport.abortConnection()  # type: ignore[attr-defined]
 
 
 class ZoneSyncPort(protocol.Factory):
@@ -61,9 +78,8 @@ class ZoneSyncPort(protocol.Factory):
         self.leader = leader
         #: Zone sync's factory (TLS wrapped, or not) while this replica leads.
         self.serving: protocol.Factory | None = None
-        self.forwarding_to: tuple[str, int] = ("", 0)
-        self._forwarded: weakref.WeakSet[Forward] = weakref.WeakSet()
-        #: Connections forwarded so far, and closed for want of a leader.
+        self._forwarded: set[Forward] = set()
+        #: Connections forwarded so far, and closed for want of a leader (or of room).
         self.forwarded = 0
         self.refused = 0
 
@@ -77,17 +93,27 @@ class ZoneSyncPort(protocol.Factory):
             self.serving.doStop()
         self.serving = factory
         for forwarded in list(self._forwarded):
-            forwarded.transport.loseConnection()
+            forwarded.abort()
+
+    def check(self) -> None:
+        """Close what is forwarded to a replica that no longer leads (another does, or
+        none is known): its zones connect again, and reach the leader."""
+        found = None if self.serving is not None else self.leader()
+        for forwarded in list(self._forwarded):
+            if forwarded.target != found:
+                forwarded.abort()
+
+    def forgotten(self, forwarded: Forward) -> None:
+        self._forwarded.discard(forwarded)
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         if self.serving is not None:
             return self.serving.buildProtocol(addr)
         found = self.leader()
-        if found is None:
+        if found is None or len(self._forwarded) >= MAX_FORWARDED:
             self.refused += 1
             return None  # closed at once: the zone tries its next address
-        self.forwarding_to = found
-        made = Forward()
+        made = Forward(found)
         made.factory = self
         self._forwarded.add(made)
         self.forwarded += 1

@@ -131,6 +131,10 @@ def test_a_v1_database_is_migrated_at_open_and_keeps_its_rows(postgres) -> None:
         version = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         assert version == (str(SCHEMA_VERSION),)
         assert db.execute("SELECT count(*) FROM leader").fetchone() == (0,)
+        columns = db.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'leader'"
+        ).fetchall()
+        assert ("contact",) in columns  # v4: where the leader is reached
 
 
 def test_a_fenced_write_of_an_epoch_that_no_longer_leads_writes_nothing(postgres) -> None:

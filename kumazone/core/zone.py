@@ -173,6 +173,15 @@ class _Inventory(NamedTuple):
 _NOTHING = _Inventory(False, frozenset(), frozenset(), frozenset(), False)
 
 
+class ReloadPlan(NamedTuple):
+    """What a follower's reload changes (L{Zone.difference}): the API's resources
+    that differ (None: gone), the rows and hold-downs, the stored version."""
+
+    resources: dict[ResourceKey, Resource | None]
+    delta: TableDelta
+    table_version: int
+
+
 class Zone:
     """A zone's resources and VIP table; C{now} is always passed in.
 
@@ -196,10 +205,40 @@ class Zone:
 
     @following.setter
     def following(self, following: bool) -> None:
-        self._following = following
+        was, self._following = self._following, following
         table = getattr(self, "table", None)
         if isinstance(table, FederatedView):
             table.following = following
+        if following and not was:
+            self._mismatch = None
+            if isinstance(table, VipAllocator):
+                # A leader's table holds what it wants, but the exhausted; else (a
+                # table not yet reconciled: a start, a failed write) compared whole.
+                self._mismatch = self._all_mismatched() if self._stale else set(table.exhausted)
+
+    #: While following (standalone): the services whose row the inventory
+    #: disagrees with (wanted without a row, a row not wanted, or exhausted), kept
+    #: change by change, so that taking the lead places just those (L{lead}).
+    _mismatch: set[ServiceKey] | None = None
+
+    def _all_mismatched(self) -> set[ServiceKey]:
+        """L{_mismatch} from scratch: O(table)."""
+        table = self.table
+        assert isinstance(table, VipAllocator)
+        allocated = table.allocations.keys()
+        return set(self._wanted.keys() ^ allocated) | table.exhausted
+
+    def _recheck(self, keys: Iterable[ServiceKey]) -> None:
+        """Keep L{_mismatch} for C{keys} (whose rows or inventory changed)."""
+        mismatch, table = self._mismatch, self.table
+        if mismatch is None or not isinstance(table, VipAllocator):
+            return
+        wanted, allocated, exhausted = self._wanted, table.allocations, table.exhausted
+        for key in keys:
+            if (key in wanted) != (key in allocated) or key in exhausted:
+                mismatch.add(key)
+            else:
+                mismatch.discard(key)
 
     def __init__(
         self,
@@ -562,6 +601,7 @@ class Zone:
             # The leader places what the inventory wants; this replica serves it when
             # the leader's change comes (L{follow}), but for provisional VIPs.
             if inventory.changed:
+                self._recheck(inventory.services_added | inventory.services_removed)
                 self._followed(self._provisional(inventory, now), inventory)
             return
         if not inventory.changed and not puts and not deletes and not self._stale:
@@ -693,15 +733,27 @@ class Zone:
         delta = changes.delta or TableDelta()
         if changes.table_id is not None:
             self.table_id = changes.table_id
+        exhausted_before = set(getattr(self.table, "exhausted", ()))
         if delta.anything or changes.table_version is not None:
             version = self.table.version if changes.table_version is None else changes.table_version
             self.table.follow(delta, version, now)
         inventory = self._refresh(keys)
+        self._recheck_change(delta, inventory, exhausted_before)
         if isinstance(self.table, FederatedView):
             delta = self._provisional(inventory, now)
             if limit is not None:
                 self.table.defer_touched(limit)
         self._followed(delta, inventory)
+
+    def _recheck_change(
+        self, delta: TableDelta, inventory: _Inventory, exhausted_before: set[ServiceKey]
+    ) -> None:
+        if self._mismatch is None or not isinstance(self.table, VipAllocator):
+            return
+        self._recheck([a.key for a in delta.added])
+        self._recheck([a.key for a in delta.removed])
+        self._recheck(inventory.services_added | inventory.services_removed)
+        self._recheck(exhausted_before ^ self.table.exhausted)
 
     def _provisional(self, inventory: _Inventory, now: float) -> TableDelta:
         """What a follower's table says after its inventory changed: synced with a
@@ -714,24 +766,119 @@ class Zone:
             return TableDelta(exhausted=sorted(table.exhausted))
         return table.change(inventory.services_added, inventory.services_removed, now)
 
-    def reload(self, state: StoredState, following: bool) -> None:
+    def reload(self, state: StoredState, following: bool, plan: ReloadPlan | None = None) -> None:
         """Everything from C{state} (a replica catching up whole, or stepping down
-        with changes it could not store): O(table); listeners rebuild."""
+        with changes it could not store).
+
+        A replica that follows from now, over the same VIP range and table, takes
+        only what differs from what it holds: a comparison of the rows and the
+        API's resources (O(table), but a lookup each), then the change of what
+        differs, as a change from its leader is followed (O(difference): the
+        entries, DNS and the listeners see an ordinary change).  Else the whole
+        state is built anew (O(table)) and the listeners rebuild.  C{plan}: the
+        comparison made already (L{difference}, on another thread).
+        """
+        if following:
+            difference = plan if plan is not None else self.difference(state)
+            if difference is not None:
+                self._reload_difference(difference)
+                return
         self.following = following
         self._load_table(state, lambda message: None)
         self._start_inventory(state.resources)
         self._stale = not following
         if following and isinstance(self.table, FederatedView):
             self.table.reconcile(self.wanted(), 0.0)  # provisional VIPs (no hold-downs)
+        if following and isinstance(self.table, VipAllocator):
+            self._mismatch = self._all_mismatched()
         self._build_entries()
         self._publish(ZoneChange(self._make_snapshot(), full=True))
 
+    def _same_table(self, state: StoredState) -> bool:
+        """Whether C{state}'s rows are of the table this zone holds (range, kind, id)."""
+        if state.vip_range and state.vip_range != self._range_id:
+            return False
+        if self._reset_table or state.table_id != self.table_id:
+            return False
+        return isinstance(self.table, FederatedView) == self._federated
+
+    def difference(self, state: StoredState) -> ReloadPlan | None:
+        """What differs between C{state} and what this zone holds, or None if its
+        rows are of another table (another VIP range, or the global's new table).
+
+        O(table) lookups and no change: another thread may make it (a replica's,
+        on its store's thread) while nothing changes the zone's rows, hold-downs
+        and API resources meanwhile, as while a replica reloads: it follows, and
+        applies nothing from its log.
+        """
+        if not self._same_table(state):
+            return None
+        stored_api = {r.key: r for r in state.resources}
+        api = dict(self.api)
+        keys = [key for key, resource in stored_api.items() if api.get(key) != resource]
+        keys += [key for key in api if key not in stored_api]
+        table = self.table
+        current = table.global_rows if isinstance(table, FederatedView) else table.allocations
+        stored_rows = {a.key: a for a in state.allocations}
+        delta = TableDelta(
+            added=[a for a in state.allocations if current.get(a.key) != a],
+            removed=[a for key, a in current.items() if stored_rows.get(key) != a],
+            holds_added=[h for h in state.holds if table.holds.get(h.offset) != h],
+        )
+        stored_holds = {h.offset: h for h in state.holds}
+        delta.holds_dropped = [h for o, h in table.holds.items() if stored_holds.get(o) != h]
+        return ReloadPlan({key: stored_api.get(key) for key in keys}, delta, state.table_version)
+
+    def _reload_difference(self, plan: ReloadPlan) -> None:
+        """L{reload} of a follower by the difference (see there): O(difference)."""
+        self.following = True
+        self._stale = False
+        for key, resource in plan.resources.items():
+            if resource is None:
+                self.api.pop(key, None)
+            else:
+                self.api[key] = resource
+        table, delta = self.table, plan.delta
+        exhausted_before = set(getattr(table, "exhausted", ()))
+        inventory = self._refresh(plan.resources)
+        if isinstance(table, FederatedView):
+            table.follow(delta, plan.table_version, 0.0)
+            # The provisional VIPs as from scratch, over the stored rows and hold-downs
+            # (those this replica placed as a leader may have leant on some not stored).
+            delta = table.reconcile(self.wanted(), 0.0)
+        else:
+            delta.exhausted = sorted(table.exhausted)
+            table.follow(delta, plan.table_version)
+            self._recheck_change(delta, inventory, exhausted_before)
+        self._followed(delta, inventory)
+
     def lead(self, now: float) -> None:
         """This replica leads from now: it places what the inventory wants that the
-        last leader left unplaced, expires hold-downs, and writes (O(table), once)."""
+        last leader left unplaced, expires hold-downs, and writes.
+
+        Standalone, that is the services L{_mismatch} kept while following
+        (O(those)); else the whole table is reconciled (O(table), once).
+        """
+        mismatch, self._mismatch = self._mismatch, None
         self.following = False
-        self._stale = True
-        self.update(now)
+        if mismatch is None or not isinstance(self.table, VipAllocator):
+            self._stale = True
+            self.update(now)
+            return
+        # (Kept since following began, from scratch if the table was not reconciled
+        # then: nothing else is stale.)
+        self._stale = False
+        wanted = self._wanted
+        try:
+            delta = self.table.change(
+                [k for k in mismatch if k in wanted], [k for k in mismatch if k not in wanted], now
+            )
+            if delta.anything or self._reset_table:
+                self._commit(delta=delta)
+        except StoreError:
+            self._recover()
+            raise
+        self._followed(delta, _NOTHING)
 
     def _commit(
         self,

@@ -52,7 +52,7 @@ from twisted.python.threadpool import ThreadPool
 from kumazone.core.bulk import CollectorPause
 from kumazone.core.resources import Resource, ResourceKey
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
-from kumazone.core.zone import ConflictError, Zone, ZoneChange, publish
+from kumazone.core.zone import ConflictError, ReloadPlan, Zone, ZoneChange, publish
 from kumazone.store.election import Election
 from kumazone.store.leader import Contender, Leadership
 from kumazone.store.postgres import CHANNEL, Fenced, PostgresStore, connect
@@ -328,6 +328,8 @@ class ZoneReplica(FencedWrites):
     def _read(self, rows: list[tuple[int, StoreChanges]] | None) -> None:
         self._reading = False
         self.store_up_gauge.set(1)
+        if self._resyncing:
+            return  # read before the reload began: the reload has all of it
         if rows is None:
             self.log.warn("{name}: behind the trimmed change log: loading whole", name=self.name)
             self._resync()
@@ -491,11 +493,15 @@ class ZoneReplica(FencedWrites):
         loaded = deferToThreadPool(self.reactor, self._reads, self._load_when_up)
         loaded.addCallbacks(self._reloaded, lambda f: self.log.failure("reload failed", f))
 
-    def _load_when_up(self) -> StoredState | None:
+    def _load_when_up(self) -> tuple[StoredState, ReloadPlan | None] | None:
+        """On the reads thread: the stored state, and what differs from the zone's
+        (compared here, off the reactor: nothing changes the zone's rows while it
+        reloads, see L{Zone.difference})."""
         delay = 0.5
         while not self._stopping:
             try:
-                return self.reader.load()
+                state = self.reader.load()
+                return state, self._zone().difference(state)
             except StoreError as e:
                 self.reactor.callFromThread(self._store_down, str(e))
                 until = time.monotonic() + delay
@@ -508,9 +514,10 @@ class ZoneReplica(FencedWrites):
         self.store_up_gauge.set(0)
         self.log.warn("{name}: {error}; trying again", name=self.name, error=error)
 
-    def _reloaded(self, state: StoredState | None) -> None:
-        if state is None:
+    def _reloaded(self, loaded: tuple[StoredState, ReloadPlan | None] | None) -> None:
+        if loaded is None:
             return
+        state, plan = loaded
         self._resyncing = False
         self.store_up_gauge.set(1)
         self._written = self._durable = 0
@@ -523,7 +530,7 @@ class ZoneReplica(FencedWrites):
             seq=state.log_seq,
             version=state.table_version,
         )
-        self._zone().reload(state, following=True)
+        self._zone().reload(state, following=True, plan=plan)
         if self.election.leading:
             self._promote(self.election.leadership.epoch)
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kumazone.core.storage import StoreChanges, StoredState
-from kumazone.core.vips import ServiceKey
+from kumazone.core.vips import ServiceKey, TableDelta
 from kumazone.core.zone import Zone
 from kumazone.store.sqlite import SQLiteStore
 from tests.builders import dataplane_resource
@@ -36,6 +36,7 @@ from tests.unit.test_zone_incremental import (
     SMALL,
     FlakyStore,
     Run,
+    copy_of,
     global_ops,
     local_ops,
     resources,
@@ -105,6 +106,11 @@ class Pair(Run):
 
     def catch_up(self) -> None:
         log, self.store.log = self.store.log, []
+        if log and self.steps % 4 == 0:
+            # Now and then the whole stored state instead, as a replica that fell
+            # behind the log (or failed a write) reloads: by the difference.
+            self.follower.reload(self.store.load(), following=True)
+            return
         for changes in log:
             if changes.reset_table:
                 # A new table (the global's first, a new VIP range): loaded whole.
@@ -125,6 +131,40 @@ class Pair(Run):
         assert follower.exhausted == leader.exhausted
         assert dict(follower.mesh_of_address) == dict(leader.mesh_of_address)
         assert set(self.follower.wanted()) == set(self.zone.wanted())
+        mismatch = self.follower._mismatch
+        if mismatch is not None:  # what it would place when it leads, kept change by change
+            assert mismatch == self.follower._all_mismatched()
+
+    def promote(self) -> None:
+        """The follower leads (its writes to a copy of the store), with services of
+        its own files the last leader never placed: it places what a zone started
+        afresh over the same store and files places."""
+        if self.zone._stale:
+            return
+        follower, now = self.follower, self.now + 1
+        only_here = [
+            dataplane_resource("dp-x", "x1", "x2", address="192.0.2.9"),
+            dataplane_resource("dp-y", "y1", mesh="m2", address="192.0.2.10"),
+        ]
+        follower.set_file("/r/only-here.yaml", only_here, now)
+        files = {**self.files, "/r/only-here.yaml": only_here}
+        follower.store = LoggedStore(copy_of(self.path, str(self.tmp / "promoted.sqlite")))
+        fresh = Zone(
+            "zone-1",
+            SMALL,
+            SQLiteStore(copy_of(self.path, str(self.tmp / "fresh.sqlite"))),
+            federated=self.federated,
+        )
+        try:
+            follower.lead(now)
+            fresh.set_files(files, now)
+            fresh.update(now)
+            assert list(follower.snapshot.entries) == list(fresh.snapshot.entries)
+            assert follower.table.version == fresh.table.version
+            assert follower.snapshot.exhausted == fresh.snapshot.exhausted
+        finally:
+            follower.store.close()
+            fresh.store.close()
 
 
 def replay(tmp: Path, federated: bool, ops: list[tuple[Any, ...]]) -> None:
@@ -133,6 +173,7 @@ def replay(tmp: Path, federated: bool, ops: list[tuple[Any, ...]]) -> None:
         for op in ops:
             pair.do(op)
             pair.check()
+        pair.promote()
     finally:
         pair.store.close()
 
@@ -207,5 +248,31 @@ def test_a_follower_follows_a_big_change_of_the_globals_table_in_slices(tmp_path
             pass
         assert list(pair.follower.snapshot.entries) == list(pair.zone.snapshot.entries)
         assert len(pair.follower.snapshot.entries) == 5
+    finally:
+        pair.store.close()
+
+
+def test_a_follower_reloaded_over_the_same_table_changes_only_what_differs(
+    tmp_path: Path,
+) -> None:
+    pair = Pair(tmp_path, False)
+    try:
+        for index, service in enumerate(["web", "db", "cache"]):
+            pair.do(("put", dataplane_resource(f"dp-{index}", service, address="192.0.2.7")))
+        pair.check()
+        follower = pair.follower
+        told: list[Any] = []
+        follower.listeners.append(told.append)
+        # The follower lost a change (a write of its own that was never stored, say):
+        # db's row is gone from its memory.
+        db = next(a for a in follower.table.allocations.values() if a.key.service == "db")
+        follower.follow(StoreChanges(delta=TableDelta(removed=[db])), pair.now)
+        assert "db" not in {e.key.service for e in follower.snapshot.entries}
+        told.clear()
+        follower.reload(pair.store.load(), following=True)
+        assert list(follower.snapshot.entries) == list(pair.zone.snapshot.entries)
+        (change,) = told
+        assert not change.full  # an ordinary change: the listeners rebuild nothing
+        assert [e.key.service for e in change.added] == ["db"]
     finally:
         pair.store.close()

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import socket
+import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from kumazone.core.config import DnsServerConfig
 from kumazone.core.federation import Federation
 from kumazone.core.limits import ZoneLimits
 from kumazone.core.ratelimit import RateLimiter, limited
-from kumazone.core.storage import Store, StoreError
+from kumazone.core.storage import Store, StoreChanges, StoredState, StoreError
 from kumazone.core.vips import TableDelta
 from kumazone.metrics import Metrics
 from kumazone.store import require_postgresql
@@ -109,12 +110,26 @@ class GlobalService(ControlPlane):
             settings.diagnostics_interface,
         )
 
-    def _run(self, store: Store) -> None:
-        """The federation over C{store}: its table, zone sync, the API's data."""
+    def _run(self, store: Store, prepared: _Prepared | None = None) -> None:
+        """The federation over C{store}: its table, zone sync, the API's data.
+
+        C{prepared}: the federation built already, off the reactor (a replica
+        taking the lead: L{_prepare}); its start-up write and warnings go now.
+        """
         settings = self.settings
-        federation = self.federation = Federation(
-            settings.dns, store, uuid.uuid4().hex, warn=lambda m: self.log.warn(m)
-        )
+        if prepared is None:
+            federation = Federation(
+                settings.dns, store, uuid.uuid4().hex, warn=lambda m: self.log.warn(m)
+            )
+            reconciled = federation.merged.reconcile(self.reactor.seconds())
+        else:
+            federation, reconciled = prepared.federation, prepared.reconciled
+            federation.store = store
+            for line in prepared.warnings:
+                self.log.warn("{line}", line=line)
+            for changes in prepared.commits:
+                store.commit(changes)
+        self.federation = federation
         if self._sync_metrics is None:
             self._sync_metrics = SyncMetrics(self.metrics.registry)
 
@@ -139,9 +154,7 @@ class GlobalService(ControlPlane):
             replica = self.replica
             hub.may_push = replica.pushable
             replica.on_drained = hub.stored
-        hub.changed(
-            federation.merged.reconcile(self.reactor.seconds()), federation.cleaned_zones, []
-        )
+        hub.changed(reconciled, federation.cleaned_zones, [])
         factory = self._kds_factory = _ZoneSyncFactory(
             hub.session,
             self.reactor,
@@ -182,7 +195,8 @@ class GlobalService(ControlPlane):
             self.reactor,
             self.metrics.registry,
             holder=f"global@{socket.gethostname()}:{os.getpid()}",
-            on_lead=lambda state: self._run(self.replica),  # type: ignore[arg-type]
+            on_lead=lambda prepared: self._run(self.replica, prepared),  # type: ignore[arg-type]
+            prepare=self._prepare,
             on_stand_by=self._stand_by,
             contact=self._contact,
         )
@@ -199,6 +213,16 @@ class GlobalService(ControlPlane):
             contact=self._contact,
             **self.ports,
         )
+
+    def _prepare(self, state: StoredState) -> _Prepared:
+        """On the replica's store thread, taking the lead: the federation built from
+        C{state} and reconciled (O(table), off the reactor; 100,000 services take
+        seconds).  Nothing else sees it yet; its write and warnings wait for L{_run}."""
+        loaded = _Loaded(state)
+        warnings: list[str] = []
+        federation = Federation(self.settings.dns, loaded, uuid.uuid4().hex, warn=warnings.append)
+        reconciled = federation.merged.reconcile(time.time())
+        return _Prepared(federation, reconciled, loaded.commits, warnings)
 
     def _forwarding_api(self) -> web_resource.Resource:
         """The API while standing by: the leader's, forwarded (L{ToTheLeader})."""
@@ -378,6 +402,37 @@ class _Switch(web_resource.Resource):
 
     def render(self, request: Request) -> Any:
         return self.current.render(request)
+
+
+class _Loaded:
+    """A store for a federation built off the reactor: the state loaded, once; its
+    writes kept for the real store (L{GlobalService._run})."""
+
+    def __init__(self, state: StoredState) -> None:
+        self.state: StoredState | None = state
+        self.commits: list[StoreChanges] = []
+
+    def load(self) -> StoredState:
+        state, self.state = self.state, None
+        if state is None:
+            raise StoreError("global: the state is loaded once")
+        return state
+
+    def commit(self, changes: StoreChanges) -> None:
+        self.commits.append(changes)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Prepared:
+    """A federation built off the reactor, and what is left to do on it."""
+
+    federation: Federation
+    reconciled: TableDelta
+    commits: list[StoreChanges]
+    warnings: list[str]
 
 
 def _wildcard(host: str) -> bool:

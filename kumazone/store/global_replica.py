@@ -57,10 +57,14 @@ class GlobalReplica(FencedWrites):
         on_lead: Callable[[StoredState], None],
         on_stand_by: Callable[[str], None],
         contact: str = "",
+        prepare: Callable[[StoredState], Any] | None = None,
     ) -> None:
         self.store = store
         self.reactor = reactor
         self.on_lead = on_lead
+        #: Run on the store's thread with the loaded state (the table built there,
+        #: off the reactor); C{on_lead} is given what it returns.  None: the state.
+        self.prepare = prepare
         self.on_stand_by = on_stand_by
         #: Told when every write made so far is stored (the hub pushes then).
         self.on_drained: Callable[[], None] = lambda: None
@@ -152,9 +156,10 @@ class GlobalReplica(FencedWrites):
         if self._loading or self._stopping or epoch == self._fenced_epoch:
             return
         self._loading = True
-        loaded = deferToThreadPool(self.reactor, self._pool, self.store.load)
+        loaded = deferToThreadPool(self.reactor, self._pool, self._load_prepared)
 
-        def lead(state: StoredState) -> None:
+        def lead(result: tuple[StoredState, Any]) -> None:
+            state, prepared = result
             self._loading = False
             found = self.election.leadership
             if self._stopping or not found.leading or found.epoch != epoch:
@@ -164,7 +169,8 @@ class GlobalReplica(FencedWrites):
             self.epoch = epoch
             self.leading = True
             self.leader_gauge.set(1)
-            self._state = state
+            if self.prepare is None:
+                self._state = state
             self.log.info(
                 "global: leading (epoch {epoch}): {count} service(s), table version {version}",
                 epoch=epoch,
@@ -172,7 +178,7 @@ class GlobalReplica(FencedWrites):
                 version=state.table_version,
             )
             try:
-                self.on_lead(state)
+                self.on_lead(prepared)
             except Exception:
                 self.log.failure("global: taking the lead failed")
                 self._stand_by("taking the lead failed")
@@ -186,6 +192,11 @@ class GlobalReplica(FencedWrites):
                 self.log.failure("global: loading the table failed; trying again", failure)
 
         loaded.addCallbacks(lead, failed)
+
+    def _load_prepared(self) -> tuple[StoredState, Any]:
+        """On the store's thread: the stored state, and what C{prepare} makes of it."""
+        state = self.store.load()
+        return state, state if self.prepare is None else self.prepare(state)
 
     def _stand_by(self, why: str) -> None:
         if not self.leading:

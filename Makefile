@@ -37,13 +37,16 @@ run: $(STAMP)
 
 # Tests by tier: tests/unit (no sockets, no processes), tests/process (real
 # processes and sockets), tests/lab (network namespaces, root).  `make test` runs
-# the checks and every tier; `make test-unit` is the fast one.
+# the checks and every tier; `make test-unit` is the fast one.  The unit tier runs
+# on every core (pytest-xdist); the others one test at a time, as their timing
+# bounds (a failover within 5 s, say) are meant for a machine that is not busy.
 test: $(STAMP) tools lab-tools lint
 	$(BIN)/twistd kumazone --help >/dev/null
-	$(BIN)/pytest -q tests/unit tests/process tests/lab
+	$(BIN)/pytest -q -n auto tests/unit
+	$(BIN)/pytest -q tests/process tests/lab
 
 test-unit: $(STAMP)
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -n auto tests/unit
 
 test-process: $(STAMP) tools
 	$(BIN)/pytest -q tests/process

@@ -6,7 +6,6 @@ import ipaddress
 import json
 import os
 import socket
-import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
@@ -221,7 +220,7 @@ class GlobalService(ControlPlane):
         loaded = _Loaded(state)
         warnings: list[str] = []
         federation = Federation(self.settings.dns, loaded, uuid.uuid4().hex, warn=warnings.append)
-        reconciled = federation.merged.reconcile(time.time())
+        reconciled = federation.merged.reconcile(self.reactor.seconds())
         return _Prepared(federation, reconciled, loaded.commits, warnings)
 
     def _forwarding_api(self) -> web_resource.Resource:

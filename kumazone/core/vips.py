@@ -308,7 +308,7 @@ class VipAllocator:
                 delta.holds_dropped.append(previous)
             self._add_hold(hold)
             delta.holds_added.append(hold)
-        waiting = (self.exhausted - gone) | {
+        waiting = {k for k in self.exhausted - gone if k not in self.allocations} | {
             k for k in added if k not in gone and k not in self.allocations
         }
         self.exhausted = set()

@@ -632,8 +632,13 @@ class Zone:
                 delta = self.table.reconcile(self.wanted(), now)  # provisional VIPs only
             self._followed(delta, _NOTHING)
             return delta
+        return self._placed(lambda: self.table.reconcile(self.wanted(), now))
+
+    def _placed(self, place: Callable[[], TableDelta]) -> TableDelta:
+        """C{place} changes the table: store what it changed, then tell the listeners
+        (after a failed write, back to the stored state)."""
         try:
-            delta = self.table.reconcile(self.wanted(), now)
+            delta = place()
             self._stale = False
             if delta.anything or self._reset_table:
                 self._commit(delta=delta)
@@ -800,6 +805,8 @@ class Zone:
             return False
         if self._reset_table or state.table_id != self.table_id:
             return False
+        if self._federated and not state.table_id:
+            return False  # rows allocated standalone, not the global's (see _load_table)
         return isinstance(self.table, FederatedView) == self._federated
 
     def difference(self, state: StoredState) -> ReloadPlan | None:
@@ -849,6 +856,10 @@ class Zone:
         else:
             delta.exhausted = sorted(table.exhausted)
             table.follow(delta, plan.table_version)
+            # A service placed meanwhile (a change this replica missed) is no longer
+            # waiting for room; the leader's next change says what is.
+            table.exhausted -= table.allocations.keys()
+            delta.exhausted = sorted(table.exhausted)
             self._recheck_change(delta, inventory, exhausted_before)
         self._followed(delta, inventory)
 
@@ -867,18 +878,12 @@ class Zone:
             return
         # (Kept since following began, from scratch if the table was not reconciled
         # then: nothing else is stale.)
-        self._stale = False
-        wanted = self._wanted
-        try:
-            delta = self.table.change(
+        table, wanted = self.table, self._wanted
+        self._placed(
+            lambda: table.change(
                 [k for k in mismatch if k in wanted], [k for k in mismatch if k not in wanted], now
             )
-            if delta.anything or self._reset_table:
-                self._commit(delta=delta)
-        except StoreError:
-            self._recover()
-            raise
-        self._followed(delta, _NOTHING)
+        )
 
     def _commit(
         self,

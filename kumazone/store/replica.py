@@ -491,7 +491,13 @@ class ZoneReplica(FencedWrites):
         zone = self._zone()
         zone.following = True
         loaded = deferToThreadPool(self.reactor, self._reads, self._load_when_up)
-        loaded.addCallbacks(self._reloaded, lambda f: self.log.failure("reload failed", f))
+        loaded.addCallbacks(self._reloaded, self._reload_failed)
+
+    def _reload_failed(self, failure: Failure) -> None:
+        """A reload that failed (a bug): logged, and tried again in a second."""
+        self.log.failure("{name}: reloading failed; trying again", failure, name=self.name)
+        self._resyncing = False
+        self.reactor.callLater(1.0, self._resync)
 
     def _load_when_up(self) -> tuple[StoredState, ReloadPlan | None] | None:
         """On the reads thread: the stored state, and what differs from the zone's
@@ -501,13 +507,25 @@ class ZoneReplica(FencedWrites):
         while not self._stopping:
             try:
                 state = self.reader.load()
-                return state, self._zone().difference(state)
             except StoreError as e:
                 self.reactor.callFromThread(self._store_down, str(e))
                 until = time.monotonic() + delay
                 while time.monotonic() < until and not self._stopping:
                     time.sleep(0.1)
                 delay = min(delay * 2, 5.0)
+                continue
+            try:
+                return state, self._zone().difference(state)
+            except Exception:
+                # A bug, or a change made meanwhile after all: compared again on the
+                # reactor (L{Zone.reload} does it without a plan).
+                self.reactor.callFromThread(
+                    self.log.failure,
+                    "{name}: comparing the stored state failed",
+                    Failure(),
+                    name=self.name,
+                )
+                return state, None
         return None
 
     def _store_down(self, error: str) -> None:

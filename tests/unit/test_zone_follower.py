@@ -23,6 +23,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kumazone.core.resources import DATAPLANE, ResourceKey
 from kumazone.core.storage import StoreChanges, StoredState
 from kumazone.core.vips import ServiceKey, TableDelta
 from kumazone.core.zone import Zone
@@ -274,5 +275,36 @@ def test_a_follower_reloaded_over_the_same_table_changes_only_what_differs(
         (change,) = told
         assert not change.full  # an ordinary change: the listeners rebuild nothing
         assert [e.key.service for e in change.added] == ["db"]
+    finally:
+        pair.store.close()
+
+
+def test_a_follower_reloaded_after_missing_a_placement_leads_without_moving_it(
+    tmp_path: Path,
+) -> None:
+    """The range full: y waits.  The follower misses the change that places y; its
+    reload takes y's row, and y is no longer waiting, nor placed again when it leads."""
+    pair = Pair(tmp_path, False)
+    try:
+        services = [f"s{i}" for i in range(14)]  # the 14 VIPs of the range
+        for index, service in enumerate(services):
+            pair.do(("put", dataplane_resource(f"dp-{index}", service, address="192.0.2.7")))
+        pair.do(("put", dataplane_resource("dp-y", "y", address="192.0.2.8")))
+        y = ServiceKey("default", "y")
+        assert y in pair.follower.table.exhausted
+        pair.zone.delete(ResourceKey(DATAPLANE, "default", "dp-0"), pair.now)
+        pair.now += HOLD_DOWN + 1
+        pair.zone.tick(pair.now)  # the hold-down runs out: y is placed
+        assert y in pair.zone.table.allocations
+        pair.store.log = []  # ... and the follower misses both changes
+        pair.follower.set_file("/r/none.yaml", [], pair.now)
+        pair.follower.reload(pair.store.load(), following=True)
+        assert y not in pair.follower.table.exhausted
+        assert list(pair.follower.snapshot.entries) == list(pair.zone.snapshot.entries)
+        pair.follower.store = LoggedStore(copy_of(pair.path, str(tmp_path / "promoted.sqlite")))
+        pair.follower.lead(pair.now)
+        assert pair.follower.table.allocations[y] == pair.zone.table.allocations[y]
+        assert list(pair.follower.snapshot.entries) == list(pair.zone.snapshot.entries)
+        pair.follower.store.close()
     finally:
         pair.store.close()

@@ -180,6 +180,7 @@ class ReloadPlan(NamedTuple):
     resources: dict[ResourceKey, Resource | None]
     delta: TableDelta
     table_version: int
+    table_id: str
 
 
 class Zone:
@@ -771,7 +772,13 @@ class Zone:
             return TableDelta(exhausted=sorted(table.exhausted))
         return table.change(inventory.services_added, inventory.services_removed, now)
 
-    def reload(self, state: StoredState, following: bool, plan: ReloadPlan | None = None) -> None:
+    def reload(
+        self,
+        state: StoredState,
+        following: bool,
+        plan: ReloadPlan | None = None,
+        limit: int | None = None,
+    ) -> None:
         """Everything from C{state} (a replica catching up whole, or stepping down
         with changes it could not store).
 
@@ -781,12 +788,13 @@ class Zone:
         differs, as a change from its leader is followed (O(difference): the
         entries, DNS and the listeners see an ordinary change).  Else the whole
         state is built anew (O(table)) and the listeners rebuild.  C{plan}: the
-        comparison made already (L{difference}, on another thread).
+        comparison made already (L{difference}, on another thread); C{limit}: as
+        for L{follow}.
         """
         if following:
             difference = plan if plan is not None else self.difference(state)
             if difference is not None:
-                self._reload_difference(difference)
+                self._reload_difference(difference, limit)
                 return
         self.following = following
         self._load_table(state, lambda message: None)
@@ -800,14 +808,17 @@ class Zone:
         self._publish(ZoneChange(self._make_snapshot(), full=True))
 
     def _same_table(self, state: StoredState) -> bool:
-        """Whether C{state}'s rows are of the table this zone holds (range, kind, id)."""
+        """Whether C{state}'s rows can be compared with this zone's: the same VIP
+        range, and standalone the same (local) table; synced with a global, rows of
+        the global (a new table of the global's too: its rows are mostly the
+        same, as after the global's failover)."""
         if state.vip_range and state.vip_range != self._range_id:
             return False
-        if self._reset_table or state.table_id != self.table_id:
+        if self._reset_table or isinstance(self.table, FederatedView) != self._federated:
             return False
-        if self._federated and not state.table_id:
-            return False  # rows allocated standalone, not the global's (see _load_table)
-        return isinstance(self.table, FederatedView) == self._federated
+        if self._federated:
+            return bool(state.table_id)  # else rows allocated standalone (see _load_table)
+        return state.table_id == self.table_id
 
     def difference(self, state: StoredState) -> ReloadPlan | None:
         """What differs between C{state} and what this zone holds, or None if its
@@ -834,12 +845,18 @@ class Zone:
         )
         stored_holds = {h.offset: h for h in state.holds}
         delta.holds_dropped = [h for o, h in table.holds.items() if stored_holds.get(o) != h]
-        return ReloadPlan({key: stored_api.get(key) for key in keys}, delta, state.table_version)
+        return ReloadPlan(
+            {key: stored_api.get(key) for key in keys},
+            delta,
+            state.table_version,
+            state.table_id,
+        )
 
-    def _reload_difference(self, plan: ReloadPlan) -> None:
+    def _reload_difference(self, plan: ReloadPlan, limit: int | None) -> None:
         """L{reload} of a follower by the difference (see there): O(difference)."""
         self.following = True
         self._stale = False
+        self.table_id = plan.table_id
         for key, resource in plan.resources.items():
             if resource is None:
                 self.api.pop(key, None)
@@ -853,6 +870,8 @@ class Zone:
             # The provisional VIPs as from scratch, over the stored rows and hold-downs
             # (those this replica placed as a leader may have leant on some not stored).
             delta = table.reconcile(self.wanted(), 0.0)
+            if limit is not None:
+                table.defer_touched(limit)  # a big difference: followed in slices
         else:
             delta.exhausted = sorted(table.exhausted)
             table.follow(delta, plan.table_version)

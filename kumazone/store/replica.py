@@ -548,7 +548,8 @@ class ZoneReplica(FencedWrites):
             seq=state.log_seq,
             version=state.table_version,
         )
-        self._zone().reload(state, following=True, plan=plan)
+        self._zone().reload(state, following=True, plan=plan, limit=FOLLOW_KEYS)
+        self._release()
         if self.election.leading:
             self._promote(self.election.leadership.epoch)
 

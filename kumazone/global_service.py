@@ -84,7 +84,7 @@ class GlobalService(ControlPlane):
         self._store_log = limited(
             RateLimiter(burst=10, interval=60.0), reactor, lambda line: self.log.error(line)
         )
-        self._self_log = limited(
+        self._forward_log = limited(
             RateLimiter(burst=2, interval=60.0), reactor, lambda line: self.log.warn(line)
         )
 
@@ -182,7 +182,12 @@ class GlobalService(ControlPlane):
         store = open_store(url, self.log)
         # Zone sync's port is open from the start: forwarded to the leader until
         # this replica leads (kumazone.sync.forward), and so is the API.
-        self._kds_port = ZoneSyncPort(self.reactor, lambda: self._leader_at("kds"))
+        self._kds_port = ZoneSyncPort(
+            self.reactor,
+            lambda: self._leader_at("kds"),
+            self.metrics.registry,
+            self._forward_log,
+        )
         self.ports["kds"] = self._listen_tcp(
             settings.kds_port, self._kds_port, settings.kds_interface
         )
@@ -194,8 +199,8 @@ class GlobalService(ControlPlane):
             self.reactor,
             self.metrics.registry,
             holder=f"global@{socket.gethostname()}:{os.getpid()}",
-            on_lead=lambda prepared: self._run(self.replica, prepared),  # type: ignore[arg-type]
             prepare=self._prepare,
+            on_lead=lambda prepared: self._run(self.replica, prepared),  # type: ignore[arg-type]
             on_stand_by=self._stand_by,
             contact=self._contact,
         )
@@ -280,7 +285,7 @@ class GlobalService(ControlPlane):
         host, port = target
         own = ZoneSyncPort.parse(mine.get(what)) or ("", 0)
         if port == self.ports.get(what) and (_loopback(host) or host == own[0]):
-            self._self_log(
+            self._forward_log(
                 f"global: the leader's {what} address {host}:{port} is this replica's own: "
                 "not forwarded (give each replica --advertise-address)"
             )

@@ -5,12 +5,14 @@ L{tests.kzprocess.ZoneProcess}, which runs the zones); it restarts on the same d
 directory and the same kds port, so that zones, which reconnect to a fixed
 address, find it again.  L{make_certs} runs ``kumazone certs``; L{start_zone}
 starts a zone synced to a global; L{ProcessGroup} stops whatever was started, and
-L{wait_until} polls with a deadline.
+L{wait_until} polls with a deadline.  L{free_port}, L{write_service} and
+L{answer} are the small helpers the federation and replica tests share.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -24,14 +26,44 @@ __all__ = [
     "GlobalProcess",
     "Metrics",
     "ProcessGroup",
+    "answer",
+    "free_port",
     "make_certs",
     "parse_metrics",
     "start_zone",
     "tls_args",
     "wait_until",
+    "write_service",
 ]
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process that needs a fixed one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def write_service(directory: Path, service: str, address: str) -> Path:
+    """C{directory} (made if missing) with one Dataplane, C{service}-1, of C{service}."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{service}.yaml").write_text(
+        f"type: Dataplane\nmesh: default\nname: {service}-1\nnetworking:\n"
+        f"  address: {address}\n  inbound:\n  - port: 80\n"
+        f"    tags:\n      kuma.io/service: {service}\n"
+    )
+    return directory
+
+
+def answer(zone: ZoneProcess, service: str) -> str | None:
+    """The first record the zone's DNS answers for C{service}.mesh, or None."""
+    message = zone.query(f"{service}.mesh", timeout=2.0)
+    for rrset in message.answer:
+        for record in rrset:
+            return str(record)
+    return None
 
 
 def wait_until(

@@ -796,14 +796,16 @@ class Zone:
             if difference is not None:
                 self._reload_difference(difference, limit)
                 return
-        self.following = following
+        # (Not the property: the table made next takes the flag, and the services
+        # to place when leading are counted once it is built, below.)
+        self._following = following
         self._load_table(state, lambda message: None)
         self._start_inventory(state.resources)
         self._stale = not following
         if following and isinstance(self.table, FederatedView):
             self.table.reconcile(self.wanted(), 0.0)  # provisional VIPs (no hold-downs)
-        if following and isinstance(self.table, VipAllocator):
-            self._mismatch = self._all_mismatched()
+        following_here = following and isinstance(self.table, VipAllocator)
+        self._mismatch = self._all_mismatched() if following_here else None
         self._build_entries()
         self._publish(ZoneChange(self._make_snapshot(), full=True))
 
@@ -814,7 +816,7 @@ class Zone:
         same, as after the global's failover)."""
         if state.vip_range and state.vip_range != self._range_id:
             return False
-        if self._reset_table or isinstance(self.table, FederatedView) != self._federated:
+        if self._reset_table:
             return False
         if self._federated:
             return bool(state.table_id)  # else rows allocated standalone (see _load_table)

@@ -23,14 +23,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from kumazone.core.storage import StoreChanges, StoredState, StoreError
+from kumazone.core.storage import StoredState, StoreError
 from kumazone.store.election import Election
 from kumazone.store.leader import Contender, Leadership
 from kumazone.store.postgres import Fenced, PostgresStore
@@ -43,8 +43,12 @@ NAME = "global"
 
 
 class GlobalReplica(FencedWrites):
-    """The global's store while it leads, and its election; C{on_lead(state)} builds
-    the federation from the stored state, C{on_stand_by(why)} takes it down."""
+    """The global's store while it leads, and its election.
+
+    C{prepare(state)} builds the federation from the stored state, on the
+    store's thread; C{on_lead} is given what it made, on the reactor;
+    C{on_stand_by(why)} takes it down.
+    """
 
     log = Logger()
 
@@ -54,39 +58,28 @@ class GlobalReplica(FencedWrites):
         reactor: Any,
         registry: CollectorRegistry,
         holder: str,
-        on_lead: Callable[[StoredState], None],
+        prepare: Callable[[StoredState], Any],
+        on_lead: Callable[[Any], None],
         on_stand_by: Callable[[str], None],
         contact: str = "",
-        prepare: Callable[[StoredState], Any] | None = None,
     ) -> None:
         self.store = store
         self.reactor = reactor
-        self.on_lead = on_lead
-        #: Run on the store's thread with the loaded state (the table built there,
-        #: off the reactor); C{on_lead} is given what it returns.  None: the state.
         self.prepare = prepare
+        self.on_lead = on_lead
         self.on_stand_by = on_stand_by
         #: Told when every write made so far is stored (the hub pushes then).
         self.on_drained: Callable[[], None] = lambda: None
         self.leading = False
         self.epoch = 0
-        self._state: StoredState | None = None
         self._pool = ThreadPool(1, 1, name="kumazone-store-writes")
-        self._written = 0
-        self._durable = 0
-        self._generation = 0
         self._fenced_epoch = -1
         self._loading = False
         self._stopping = False
         self.election = Election(
             Contender(store.url, NAME, holder, contact=contact), reactor, self._elected
         )
-        self.leader_gauge = Gauge(
-            "kumazone_leader", "1 while this replica leads, else 0", registry=registry
-        )
-        self.store_up_gauge = Gauge(
-            "kumazone_store_up", "1 while the store answers, else 0", registry=registry
-        )
+        self._gauges(registry)
         # Elected but not leading (a load or a start that failed, an epoch that moved
         # during a load): the election says a change once, so look again each second.
         self._retaking = LoopingCall(self._retake)
@@ -95,24 +88,15 @@ class GlobalReplica(FencedWrites):
     # -- the Store the federation writes through ----------------------------------
 
     def load(self) -> StoredState:
-        """The state loaded when this replica took the lead (once)."""
-        state, self._state = self._state, None
-        if state is None:
-            raise StoreError("global: the state is loaded once, when a replica takes the lead")
-        return state
+        """Never: the state is loaded when this replica takes the lead, for L{prepare}
+        (a federation that cannot write goes back to no stored state: it stands by)."""
+        raise StoreError("global: the state is loaded once, when a replica takes the lead")
 
-    def commit(self, changes: StoreChanges) -> None:
-        """Hand a change to the store's thread, fenced by this replica's epoch."""
-        if not self.leading or self._stopping:
-            raise StoreError("global: this replica does not lead; not written")
-        fence = (NAME, self.epoch)
-        self._written += 1
-        number, generation = self._written, self._generation
-        done = deferToThreadPool(self.reactor, self._pool, self._write, changes, fence, generation)
-        done.addCallbacks(
-            lambda _seq: self._stored(number, generation),
-            lambda failure: self._write_failed(generation, failure),
-        )
+    def _fence(self) -> str | None:
+        return NAME if self.leading and not self._stopping else None
+
+    def _name(self) -> str:
+        return NAME
 
     def close(self) -> None:
         self.store.close()
@@ -121,7 +105,7 @@ class GlobalReplica(FencedWrites):
         """Whether every write made so far is stored: only then may zones be sent the table."""
         return self.leading and self._durable >= self._written
 
-    def _stored(self, number: int, generation: int) -> None:
+    def _stored(self, number: int, generation: int, seq: int) -> None:
         if generation != self._generation:
             return
         self._durable = number
@@ -169,8 +153,6 @@ class GlobalReplica(FencedWrites):
             self.epoch = epoch
             self.leading = True
             self.leader_gauge.set(1)
-            if self.prepare is None:
-                self._state = state
             self.log.info(
                 "global: leading (epoch {epoch}): {count} service(s), table version {version}",
                 epoch=epoch,
@@ -196,7 +178,7 @@ class GlobalReplica(FencedWrites):
     def _load_prepared(self) -> tuple[StoredState, Any]:
         """On the store's thread: the stored state, and what C{prepare} makes of it."""
         state = self.store.load()
-        return state, state if self.prepare is None else self.prepare(state)
+        return state, self.prepare(state)
 
     def _stand_by(self, why: str) -> None:
         if not self.leading:

@@ -93,7 +93,54 @@ class FencedWrites:
     """
 
     store: PostgresStore
+    reactor: Any
+    _pool: ThreadPool
+    leading: bool
+    epoch: int
     _failed_generation = -1
+    #: Writes handed to the thread, the last of them stored, and their generation
+    #: (writes of an older one no longer count).
+    _written = 0
+    _durable = 0
+    _generation = 0
+
+    def _gauges(self, registry: CollectorRegistry) -> None:
+        self.leader_gauge = Gauge(
+            "kumazone_leader", "1 while this replica leads, else 0", registry=registry
+        )
+        self.store_up_gauge = Gauge(
+            "kumazone_store_up", "1 while the store answers, else 0", registry=registry
+        )
+
+    def _fence(self) -> str | None:
+        """The leader's name these writes are fenced under, or None if this replica
+        may not write now (then L{commit} refuses, with why)."""
+        raise NotImplementedError
+
+    def commit(self, changes: StoreChanges) -> None:
+        """Hand the leader's change to the store's thread, fenced by its epoch;
+        L{_stored} or L{_write_failed} is told how it went."""
+        name = self._fence()
+        if name is None:
+            raise StoreError(f"{self._name()}: this replica does not lead; not written")
+        self._written += 1
+        number, generation = self._written, self._generation
+        done = deferToThreadPool(
+            self.reactor, self._pool, self._write, changes, (name, self.epoch), generation
+        )
+        done.addCallbacks(
+            lambda seq: self._stored(number, generation, seq),
+            lambda failure: self._write_failed(generation, failure),
+        )
+
+    def _name(self) -> str:
+        raise NotImplementedError
+
+    def _stored(self, number: int, generation: int, seq: int) -> None:
+        raise NotImplementedError
+
+    def _write_failed(self, generation: int, failure: Failure) -> None:
+        raise NotImplementedError
 
     def _write(self, changes: StoreChanges, fence: tuple[str, int], generation: int) -> int:
         # On the store's thread.
@@ -138,9 +185,6 @@ class ZoneReplica(FencedWrites):
         self._pool = ThreadPool(1, 1, name="kumazone-store-writes")
         self._reads = ThreadPool(1, 1, name="kumazone-store-reads")
         self.reader = PostgresStore(store.url)
-        self._written = 0  # writes handed to the thread
-        self._durable = 0  # of them, stored
-        self._generation = 0  # writes of an older generation are not made
         self._held: list[tuple[int, ZoneChange]] = []
         self._durable_waiters: list[tuple[int, Deferred[None]]] = []
         self._applied_waiters: list[tuple[int, Deferred[None]]] = []
@@ -153,12 +197,7 @@ class ZoneReplica(FencedWrites):
         self.election = Election(
             Contender(store.url, self.name, self.holder), reactor, self._elected
         )
-        self.leader_gauge = Gauge(
-            "kumazone_leader", "1 while this replica leads, else 0", registry=registry
-        )
-        self.store_up_gauge = Gauge(
-            "kumazone_store_up", "1 while the store answers, else 0", registry=registry
-        )
+        self._gauges(registry)
         self.store_up_gauge.set(1)
         self._loops = [LoopingCall(self.poke), LoopingCall(self._trim)]
         for loop in self._loops:
@@ -177,18 +216,11 @@ class ZoneReplica(FencedWrites):
             raise StoreError("a replica's zone reloads through ZoneReplica.reload")
         return state
 
-    def commit(self, changes: StoreChanges) -> None:
-        """Hand the leader's change to the store's thread; told when it is stored."""
-        if not self.leading or self._resyncing or self._stopping:
-            raise StoreError(f"{self.name}: this replica does not lead; not written")
-        fence = (self.name, self.epoch)
-        self._written += 1
-        number, generation = self._written, self._generation
-        done = deferToThreadPool(self.reactor, self._pool, self._write, changes, fence, generation)
-        done.addCallbacks(
-            lambda seq: self._stored(number, generation, seq),
-            lambda failure: self._write_failed(generation, failure),
-        )
+    def _fence(self) -> str | None:
+        return None if not self.leading or self._resyncing or self._stopping else self.name
+
+    def _name(self) -> str:
+        return self.name
 
     def close(self) -> None:
         self.store.close()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
 from twisted.internet import protocol
 from twisted.internet.interfaces import IAddress, IReactorTCP
 from twisted.internet.protocol import connectionDone
@@ -73,15 +74,31 @@ class ZoneSyncPort(protocol.Factory):
     log = Logger()
     noisy = False
 
-    def __init__(self, reactor: IReactorTCP, leader: Callable[[], tuple[str, int] | None]) -> None:
+    def __init__(
+        self,
+        reactor: IReactorTCP,
+        leader: Callable[[], tuple[str, int] | None],
+        registry: CollectorRegistry,
+        warn: Callable[[str], None],
+    ) -> None:
         self.reactor = reactor
         self.leader = leader
         #: Zone sync's factory (TLS wrapped, or not) while this replica leads.
         self.serving: protocol.Factory | None = None
         self._forwarded: set[Forward] = set()
-        #: Connections forwarded so far, and closed for want of a leader (or of room).
-        self.forwarded = 0
-        self.refused = 0
+        #: A warning at a bounded rate (the zones set the rate of refusals).
+        self._warn = warn
+        self.forwarded = Counter(
+            "kumazone_kds_forwarded",
+            "Zone sync connections a replica standing by forwarded to the leader",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "kumazone_kds_forward_refused",
+            "Zone sync connections a replica standing by closed at once, by reason",
+            ["reason"],
+            registry=registry,
+        )
 
     def serve(self, factory: protocol.Factory | None) -> None:
         """Serve zone sync with C{factory} from now (this replica leads), or forward
@@ -111,12 +128,17 @@ class ZoneSyncPort(protocol.Factory):
             return self.serving.buildProtocol(addr)
         found = self.leader()
         if found is None or len(self._forwarded) >= MAX_FORWARDED:
-            self.refused += 1
-            return None  # closed at once: the zone tries its next address
+            # Closed at once: the zone tries its next address.
+            if found is None:
+                self.refused.labels("no leader").inc()
+            else:
+                self.refused.labels("full").inc()
+                self._warn(f"zone sync: {MAX_FORWARDED} connections forwarded already; refused")
+            return None
         made = Forward(found)
         made.factory = self
         self._forwarded.add(made)
-        self.forwarded += 1
+        self.forwarded.inc()
         return made
 
     def stopFactory(self) -> None:

@@ -119,6 +119,25 @@ class Lab:
         self.env = {**os.environ, "BIN": str(BIN), "LAB_STATE": str(state), "LAB_PREFIX": prefix}
         self.pids: set[int] = set()
 
+    def assert_nothing_left(self, user_was_there: bool) -> None:
+        """After lab-down: no namespace, process or dataplane user of this lab's."""
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        namespaces = set(self.namespaces())
+        assert not namespaces & {line.split()[0] for line in listed.splitlines() if line}
+        assert not [pid for pid in self.pids if alive(pid)]
+        assert not [p for p in namespaces if Path("/etc/netns", p).exists()]
+        assert user_exists(self.dp_user) == user_was_there
+        state = str(self.state)
+        leftovers = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and alive(int(proc.name)):
+                try:
+                    if state in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                        leftovers.append(proc.name)
+                except OSError:
+                    pass
+        assert not leftovers, leftovers
+
     def namespaces(self) -> list[str]:
         hosts = ["net", "global", "zone1", "zone2", "clusterdns", "client1", "client2"]
         return [self.prefix + host for host in hosts]
@@ -417,21 +436,7 @@ def test_lab_walkthrough(lab: Lab) -> None:
     lab.record_pids()
     lab.make("lab-down")
     lab.make("lab-down")
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not set(lab.namespaces()) & {line.split()[0] for line in listed.splitlines() if line}
-    assert not [pid for pid in lab.pids if alive(pid)]
-    assert not [p for p in lab.namespaces() if Path("/etc/netns", p).exists()]
-    assert user_exists(lab.dp_user) == user_was_there
-    state = str(lab.state)
-    leftovers = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and alive(int(proc.name)):
-            try:
-                if state in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    leftovers.append(proc.name)
-            except OSError:
-                pass
-    assert not leftovers, leftovers
+    lab.assert_nothing_left(user_was_there)
     assert time.monotonic() - began < 150
 
 

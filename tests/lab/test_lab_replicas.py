@@ -26,7 +26,6 @@ from tests.lab.test_lab import (
     DOTTED,
     OUTSIDE,
     Lab,
-    alive,
     lab_running,
     user_exists,
     wait_for,
@@ -224,21 +223,8 @@ def test_lab_global_replicas_walkthrough(replica_lab: ReplicaLab) -> None:
     #    namespace, no process (PostgreSQL's too), no database.
     lab.lab_sh("down")
     lab.make("lab-down")
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not set(lab.namespaces()) & {line.split()[0] for line in listed.splitlines() if line}
-    assert not [pid for pid in lab.pids if alive(pid)]
+    lab.assert_nothing_left(user_was_there)
     assert not (lab.state / "db").exists()
-    assert user_exists(lab.dp_user) == user_was_there
-    state = str(lab.state)
-    leftovers = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and alive(int(proc.name)):
-            try:
-                if state in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    leftovers.append(proc.name)
-            except OSError:
-                pass
-    assert not leftovers, leftovers
     print(
         f"took over {took_over:.1f}s after the kill, zones synced {reconnected:.1f}s after, "
         f"new service resolved in zone-2 {allocated:.1f}s after its PUT"

@@ -14,26 +14,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.builders import dataplane
 from tests.fedprocess import (
     GlobalProcess,
     ProcessGroup,
+    answer,
+    free_port,
     make_certs,
     parse_metrics,
     start_zone,
     wait_until,
 )
 from tests.kzprocess import ZoneProcess
-from tests.process.test_global_replicas import free_port, killed_and_replaced, role, vip
-
-
-@pytest.fixture
-def group(request: pytest.FixtureRequest) -> ProcessGroup:
-    made = ProcessGroup()
-    request.addfinalizer(made.stop_all)
-    return made
+from tests.process.test_global_replicas import killed_and_replaced, role
 
 
 def put(zone: ZoneProcess, service: str, address: str) -> int:
@@ -48,7 +41,7 @@ def served(zones: list[ZoneProcess], services: list[str], provisional: bool = Fa
     def agreed() -> dict[str, str] | None:
         found = []
         for zone in zones:
-            answers = {s: vip(zone, s) for s in services}
+            answers = {s: answer(zone, s) for s in services}
             listed = {i["service"]: i for i in zone.vips()["items"]}
             if any(v is None or listed.get(s, {}).get("vip") != v for s, v in answers.items()):
                 return None

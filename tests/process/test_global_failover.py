@@ -9,35 +9,17 @@ table.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
-import pytest
-
-from tests.fedprocess import GlobalProcess, ProcessGroup, make_certs, start_zone, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@pytest.fixture
-def group(request: pytest.FixtureRequest) -> ProcessGroup:
-    made = ProcessGroup()
-    request.addfinalizer(made.stop_all)
-    return made
-
-
-def write_service(directory: Path, name: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "web.yaml").write_text(
-        "type: Dataplane\nmesh: default\nname: web-1\nnetworking:\n"
-        "  address: 10.9.0.1\n  inbound:\n  - port: 80\n"
-        f"    tags:\n      kuma.io/service: {name}\n"
-    )
-    return directory
+from tests.fedprocess import (
+    GlobalProcess,
+    ProcessGroup,
+    free_port,
+    make_certs,
+    start_zone,
+    wait_until,
+    write_service,
+)
 
 
 def test_a_zone_fails_over_between_the_replicas_of_the_global(
@@ -52,7 +34,7 @@ def test_a_zone_fails_over_between_the_replicas_of_the_global(
         "zone-1",
         f"{a.address},{b.address}",
         certs,
-        resources=write_service(tmp_path / "resources", "web"),
+        resources=write_service(tmp_path / "resources", "web", "10.9.0.1"),
         group=group,
     )
 

@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.fedprocess import GlobalProcess, wait_until
-from tests.process.test_global_replicas import free_port
+from tests.fedprocess import GlobalProcess, free_port, wait_until
 
 
 class FakeLeader:
@@ -275,3 +274,6 @@ def test_a_leader_gone_or_at_the_standbys_own_address_is_not_forwarded_to(
         sock.sendall(b"ping\n")
         assert closed(sock)  # at once
     assert "is this replica's own" in standby.log_path.read_text()
+    metrics = standby.metrics()
+    assert metrics.get("kumazone_kds_forwarded_total") == 1  # the one to the live leader
+    assert (metrics.get("kumazone_kds_forward_refused_total", reason="no leader") or 0) >= 1

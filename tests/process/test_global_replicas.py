@@ -12,24 +12,24 @@ placed afterwards resolves in both zones.
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.builders import dataplane
-from tests.fedprocess import GlobalProcess, ProcessGroup, make_certs, start_zone, wait_until
+from tests.fedprocess import (
+    GlobalProcess,
+    ProcessGroup,
+    answer,
+    free_port,
+    make_certs,
+    start_zone,
+    wait_until,
+    write_service,
+)
 from tests.kzprocess import ZoneProcess
 
 FAILOVER = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def role(process: Any) -> str:
@@ -40,27 +40,9 @@ def role(process: Any) -> str:
     return body.decode().strip().removeprefix("ok: ") if status == 200 else "down"
 
 
-def write_service(directory: Path, service: str, address: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / f"{service}.yaml").write_text(
-        f"type: Dataplane\nmesh: default\nname: {service}-1\nnetworking:\n"
-        f"  address: {address}\n  inbound:\n  - port: 80\n"
-        f"    tags:\n      kuma.io/service: {service}\n"
-    )
-    return directory
-
-
-def vip(zone: ZoneProcess, service: str) -> str | None:
-    message = zone.query(f"{service}.mesh", timeout=2.0)
-    for rrset in message.answer:
-        for record in rrset:
-            return str(record)
-    return None
-
-
 def served_alike(zones: list[ZoneProcess], services: list[str]) -> dict[str, str]:
     def agreed() -> dict[str, str] | None:
-        found = [{s: vip(z, s) for s in services} for z in zones]
+        found = [{s: answer(z, s) for s in services} for z in zones]
         if any(v is None for f in found for v in f.values()):
             return None
         return found[0] if all(f == found[0] for f in found) else None
@@ -69,6 +51,27 @@ def served_alike(zones: list[ZoneProcess], services: list[str]) -> dict[str, str
     assert table is not None
     assert len(set(table.values())) == len(table), "a VIP on two services"
     return table
+
+
+def start_replicas(
+    tmp_path: Path, certs: Path, url: str, group: ProcessGroup
+) -> list[GlobalProcess]:
+    """Two replicas of the global on the store at C{url}, started (global-a, global-b)."""
+    made = [
+        group.add(
+            GlobalProcess(
+                tmp_path,
+                certs,
+                [f"--store={url}", "--advertise-address=127.0.0.1"],
+                kds_port=free_port(),
+                name=f"global-{n}",
+            )
+        )
+        for n in "ab"
+    ]
+    for process in made:
+        process.start()
+    return made
 
 
 def killed_and_replaced(leader: Any, other: Any) -> float:
@@ -83,32 +86,12 @@ def killed_and_replaced(leader: Any, other: Any) -> float:
     return taken
 
 
-@pytest.fixture
-def group(request: pytest.FixtureRequest) -> ProcessGroup:
-    made = ProcessGroup()
-    request.addfinalizer(made.stop_all)
-    return made
-
-
 def test_the_global_leader_killed_the_other_leads_and_no_vip_moves(
     tmp_path: Path, group: ProcessGroup, postgres: Any
 ) -> None:
     url = postgres.fresh_database("global_replicas")
     certs = make_certs(tmp_path / "certs", ["localhost", "127.0.0.1"], ["zone-1", "zone-2"])
-    globals_ = [
-        group.add(
-            GlobalProcess(
-                tmp_path,
-                certs,
-                [f"--store={url}", "--advertise-address=127.0.0.1"],
-                kds_port=free_port(),
-                name=f"global-{n}",
-            )
-        )
-        for n in "ab"
-    ]
-    for process in globals_:
-        process.start()
+    globals_ = start_replicas(tmp_path, certs, url, group)
     leader = wait_until(
         lambda: next((g for g in globals_ if role(g) == "leader"), None), 15, 0.05, "a leader"
     )
@@ -158,20 +141,7 @@ def test_a_paused_global_leader_is_replaced_and_stands_by_when_it_resumes(
 ) -> None:
     url = postgres.fresh_database("global_replicas_paused")
     certs = make_certs(tmp_path / "certs", ["localhost", "127.0.0.1"], ["zone-1"])
-    globals_ = [
-        group.add(
-            GlobalProcess(
-                tmp_path,
-                certs,
-                [f"--store={url}", "--advertise-address=127.0.0.1"],
-                kds_port=free_port(),
-                name=f"global-{n}",
-            )
-        )
-        for n in "ab"
-    ]
-    for process in globals_:
-        process.start()
+    globals_ = start_replicas(tmp_path, certs, url, group)
     zone = start_zone(
         tmp_path,
         "zone-1",
@@ -191,7 +161,7 @@ def test_a_paused_global_leader_is_replaced_and_stands_by_when_it_resumes(
     try:
         wait_until(lambda: role(other) == "leader", FAILOVER + 5, 0.05, "the other leads")
         taken = time.monotonic() - paused
-        assert vip(zone, "web") == before["web"]  # the zone serves its stored table meanwhile
+        assert answer(zone, "web") == before["web"]  # the zone serves its stored table meanwhile
     finally:
         leader.process.send_signal(signal.SIGCONT)
     assert taken < FAILOVER, f"took {taken:.1f} s"

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.builders import dataplane
-from tests.fedprocess import wait_until
+from tests.fedprocess import answer, wait_until
 from tests.kzprocess import REPO, ZoneProcess
 from tests.netfault import Relay
 
@@ -56,14 +56,6 @@ def put(replica: ZoneProcess, service: str, index: int) -> int:
 def vips(replica: ZoneProcess) -> dict[str, str]:
     """service -> IPv4 VIP, as the replica's /vips lists them."""
     return {item["service"]: item["vip"] for item in replica.vips()["items"]}
-
-
-def answer(replica: ZoneProcess, service: str) -> str | None:
-    message = replica.query(f"{service}.mesh", timeout=2.0)
-    for rrset in message.answer:
-        for record in rrset:
-            return str(record)
-    return None
 
 
 @pytest.fixture

@@ -120,9 +120,14 @@ class SortedIndex(Sequence[V], Generic[K, V]):
 
     def set(self, key: K, value: V) -> None:
         """Add C{key} or replace its value."""
-        if key not in self._values:
-            bisect.insort(self._keys, key)
-        self._values[key] = value
+        values = self._values
+        if key not in values:
+            keys = self._keys
+            if keys and key < keys[-1]:
+                bisect.insort(keys, key)
+            else:
+                keys.append(key)  # (a table's rows come in key order: no search)
+        values[key] = value
 
     def pop(self, key: K) -> V | None:
         """Remove C{key}; its value, or None if it was not there."""

@@ -16,7 +16,8 @@ then the provisional VIPs are placed again from scratch (O(provisional VIPs)).
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, KeysView, Mapping
 
 from kumazone.core.messages import ProtocolError, TableUpdate
 from kumazone.core.vips import (
@@ -85,10 +86,13 @@ class FederatedView:
         self._local: set[ServiceKey] = set()
         #: Whether the last reconcile or change changed the provisional VIPs.
         self.changed = False
-        #: Keys whose served row may have changed since L{take_touched}.
-        self._touched: set[ServiceKey] = set()
-        #: Touched keys held back from L{take_touched}, handed out by L{release}.
-        self._backlog: set[ServiceKey] = set()
+        #: Keys whose served row may have changed since L{take_touched}, in the
+        #: order they were touched (a table's rows come in key order: the entries
+        #: and listings that follow then insert at their end, not in their middle).
+        self._touched: dict[ServiceKey, None] = {}
+        #: Touched keys held back from L{take_touched}, handed out by L{release}
+        #: in the order they were touched.
+        self._backlog: deque[ServiceKey] = deque()
         #: Provisional VIPs given, moved or dropped so far (for L{changed}).
         self._moves = 0
         #: A full table being gathered (by key), or a change's upserts and removals.
@@ -128,10 +132,11 @@ class FederatedView:
             assert row is not None
             yield row
 
-    def take_touched(self) -> set[ServiceKey]:
-        """The keys whose served row may have changed since the last call."""
-        touched, self._touched = self._touched, set()
-        return touched
+    def take_touched(self) -> KeysView[ServiceKey]:
+        """The keys whose served row may have changed since the last call, in the
+        order they were touched."""
+        touched, self._touched = self._touched, {}
+        return touched.keys()
 
     def defer_touched(self, limit: int) -> bool:
         """Hold the touched keys back if more than C{limit}; whether they were.
@@ -141,8 +146,8 @@ class FederatedView:
         """
         if len(self._touched) <= limit:
             return False
-        self._backlog |= self._touched
-        self._touched = set()
+        self._backlog.extend(self._touched)
+        self._touched = {}
         return True
 
     def release(self, limit: int) -> int:
@@ -151,12 +156,14 @@ class FederatedView:
         A key touched again meanwhile is in both: it is followed twice, which
         changes nothing the second time.
         """
-        backlog = self._backlog
+        backlog, touched = self._backlog, self._touched
         if len(backlog) <= limit:
-            self._touched |= backlog
-            self._backlog = set()
+            touched.update(dict.fromkeys(backlog))
+            backlog.clear()
             return 0
-        self._touched.update(backlog.pop() for _ in range(limit))
+        pop = backlog.popleft
+        for _ in range(limit):
+            touched[pop()] = None
         return len(backlog)
 
     @property
@@ -259,14 +266,14 @@ class FederatedView:
     def _put_provisional(self, key: ServiceKey, offset: int) -> None:
         self.provisional[key] = offset
         self._provisional_at[offset] = key
-        self._touched.add(key)
+        self._touched[key] = None
         self._moves += 1
 
     def _drop_provisional(self, key: ServiceKey, now: float, delta: TableDelta) -> None:
         """C{key} has no provisional VIP any longer; its VIP is held if the key is gone."""
         offset = self.provisional.pop(key)
         del self._provisional_at[offset]
-        self._touched.add(key)
+        self._touched[key] = None
         self._moves += 1
         if key not in self._local or key in self.global_rows:
             self._hold(key, offset, now, delta)
@@ -287,14 +294,14 @@ class FederatedView:
             held = len(delta.holds_added)
             for key, offset in before.items():
                 if self.provisional.get(key) != offset:
-                    self._touched.add(key)
+                    self._touched[key] = None
                     self._moves += 1
                     if key not in self.provisional and (
                         key not in self._local or key in self.global_rows
                     ):
                         self._hold(key, offset, now, delta)
             came = [k for k in self.provisional if k not in before]
-            self._touched.update(came)
+            self._touched.update(dict.fromkeys(came))
             self._moves += len(came)
             if len(delta.holds_added) == held or not self.exhausted:
                 # New hold-downs only count against a full range: placing again
@@ -322,7 +329,7 @@ class FederatedView:
             offset, later = self._steal(key)
             if later is not None:
                 del self.provisional[later]  # its offset is the key's now
-                self._touched.add(later)
+                self._touched[later] = None
                 self._moves += 1
                 heapq.heappush(keys, later)
             self._put_provisional(key, offset)
@@ -528,7 +535,7 @@ class FederatedView:
                 del self._global_at[allocation.offset]
             if allocation.key in gone:
                 del self.global_rows[allocation.key]
-            self._touched.add(allocation.key)
+            self._touched[allocation.key] = None
         collision = False
         #: Keys whose provisional VIP the global gave another key: placed again.
         displaced: list[ServiceKey] = []
@@ -536,7 +543,7 @@ class FederatedView:
             key, offset = allocation.key, allocation.offset
             self.global_rows[key] = allocation
             self._global_at[offset] = key
-            self._touched.add(key)
+            self._touched[key] = None
             if offset in self.holds:
                 hold = self._drop_hold(offset, delta)
                 if hold.key in self.provisional and hold.key != key:

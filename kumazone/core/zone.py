@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -63,6 +63,9 @@ class VipEntry:
     problems: tuple[str, ...] = ()
     provisional: bool = False
     zones: tuple[str, ...] = ()
+    #: The VIPs' offset in the zone's range (-1: not told; readers work it out
+    #: from C{vip}).
+    offset: int = -1
 
 
 _set_entry_fields = tuple(VipEntry.__dict__[f.name].__set__ for f in dataclasses.fields(VipEntry))
@@ -76,16 +79,25 @@ def _new_entry(
     problems: tuple[str, ...],
     provisional: bool,
     zones: tuple[str, ...],
+    offset: int,
 ) -> VipEntry:
-    """C{VipEntry(key, vip, vip6, names, problems, provisional, zones)} at half the cost.
+    """C{VipEntry(key, vip, vip6, names, problems, provisional, zones, offset)} at half
+    the cost.
 
     A frozen dataclass's constructor sets each field through C{object.__setattr__};
     this sets the slots directly (a start-up makes an entry per service).
     """
     entry = _new_object(VipEntry)
-    set_key, set_vip, set_vip6, set_names, set_problems, set_provisional, set_zones = (
-        _set_entry_fields
-    )
+    (
+        set_key,
+        set_vip,
+        set_vip6,
+        set_names,
+        set_problems,
+        set_provisional,
+        set_zones,
+        set_offset,
+    ) = _set_entry_fields
     set_key(entry, key)
     set_vip(entry, vip)
     set_vip6(entry, vip6)
@@ -93,6 +105,7 @@ def _new_entry(
     set_problems(entry, problems)
     set_provisional(entry, provisional)
     set_zones(entry, zones)
+    set_offset(entry, offset)
     return entry
 
 
@@ -936,7 +949,7 @@ class Zone:
 
     # -- entries and listeners -------------------------------------------------
 
-    def _touched(self, delta: TableDelta) -> set[ServiceKey]:
+    def _touched(self, delta: TableDelta) -> Collection[ServiceKey]:
         """The services whose row the last change of the table may have changed."""
         if isinstance(self.table, FederatedView):
             return self.table.take_touched()
@@ -1057,7 +1070,7 @@ class Zone:
                 self._warn_problems(entry)
 
     def _update_entries(
-        self, keys: set[ServiceKey], removed: list[VipEntry], added: list[VipEntry]
+        self, keys: Collection[ServiceKey], removed: list[VipEntry], added: list[VipEntry]
     ) -> None:
         """The entries of C{keys} (and of services their names moved to) built again."""
         if (
@@ -1131,6 +1144,7 @@ class Zone:
             problems,
             row.provisional,
             zones,
+            row.offset,
         )
 
     def _warn_once(self, message: str) -> None:

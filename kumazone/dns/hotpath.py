@@ -21,7 +21,7 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 if TYPE_CHECKING:
     from kumazone.core.zone import ZoneChange
@@ -186,6 +186,19 @@ def wire_name(name: bytes) -> bytes:
     return b"".join(bytes((len(label),)) + label for label in labels) + b"\x00"
 
 
+_K = TypeVar("_K")
+
+
+def _templates_only(index: dict[_K, list[_Item]]) -> dict[_K, list[_Item]]:
+    """C{index} without the exact-octets entries (the templates' are kept)."""
+    kept: dict[_K, list[_Item]] = {}
+    for key, items in index.items():
+        templates = [item for item in items if item[0] is None]
+        if templates:
+            kept[key] = templates
+    return kept
+
+
 def _dotted(wire: bytes) -> bytes:
     """The presentation form (no trailing dot) of an uncompressed wire-form name."""
     labels = []
@@ -252,6 +265,9 @@ class HotCache:
         #: Lower-cased name, presentation form (as the authority tells changed
         #: names) -> where its answers lie.
         self._by_name: dict[bytes, list[_Item]] = {}
+        #: A VIP's offset -> where the answers to its two full reverse names lie
+        #: (as the authority tells changed PTRs: L{MeshAuthority.changed_offsets}).
+        self._by_offset: dict[int, list[_Item]] = {}
         #: The entries that carry the SOA (and so its serial).
         self._serial: list[_Item] = []
         #: Exact-octets forms kept per key (at most L{MAX_FORMS}), and in all.
@@ -283,6 +299,7 @@ class HotCache:
         self.exact.clear()
         self.clients.clear()
         self._by_name.clear()
+        self._by_offset.clear()
         self._serial.clear()
         self._forms.clear()
         self._exact_entries = 0
@@ -306,10 +323,13 @@ class HotCache:
         ):
             self.clear()
             return
-        by_name = self._by_name
+        by_name, by_offset = self._by_name, self._by_offset
         if by_name:
             for name in authority.changed:
                 self._drop(by_name.pop(name.lower(), None))
+        if by_offset:
+            for offset in authority.changed_offsets:
+                self._drop(by_offset.pop(offset, None))
         if authority.version != self._version:
             self._version = authority.version
             self.tails.clear()
@@ -343,12 +363,8 @@ class HotCache:
             known.clear()
         self._forms.clear()
         self._exact_entries = 0
-        by_name: dict[bytes, list[_Item]] = {}
-        for name, items in self._by_name.items():
-            kept = [item for item in items if item[0] is None]
-            if kept:
-                by_name[name] = kept
-        self._by_name = by_name
+        self._by_name = _templates_only(self._by_name)
+        self._by_offset = _templates_only(self._by_offset)
         self._serial = [item for item in self._serial if item[0] is None]
 
     def _list(self, name: bytes, item: _Item, type_class: bytes) -> None:
@@ -360,15 +376,26 @@ class HotCache:
             for known in self.exact.values():
                 known.clear()
             self._by_name.clear()
+            self._by_offset.clear()
             self._serial.clear()
             self._forms.clear()
             self._exact_entries = 0
         # Listed by the name's presentation form, as the authority tells changed names:
         # a change of many rows then drops what it touched without encoding each name.
+        # A VIP's reverse name is listed by the VIP's offset, as the authority tells
+        # changed PTRs.
         dotted = _dotted(name).lower()
-        items = self._by_name.get(dotted)
-        if items is None:
-            items = self._by_name[dotted] = []
+        offset = None
+        if dotted.endswith(b".arpa") and self.authority is not None:
+            offset = self.authority.ptr_offset(dotted)
+        if offset is None:
+            items = self._by_name.get(dotted)
+            if items is None:
+                items = self._by_name[dotted] = []
+        else:
+            items = self._by_offset.get(offset)
+            if items is None:
+                items = self._by_offset[offset] = []
         items.append(item)
         if name in self._apexes and type_class[:2] in _SERIAL_TYPES:
             self._serial.append(item)

@@ -310,8 +310,11 @@ class DataplaneHub:
     # -- the table ----------------------------------------------------------------
 
     def _row(self, entry: VipEntry, vip_range: VipRange) -> DpRow:
-        offset = vip_range.offset_of_ipv4_text(entry.vip)
-        assert offset is not None  # the zone's entries hold VIPs of its range
+        offset = entry.offset
+        if offset < 0:  # (an entry not made by a zone: its offset worked out)
+            found = vip_range.offset_of_ipv4_text(entry.vip)
+            assert found is not None  # the zone's entries hold VIPs of its range
+            offset = found
         service = entry.key.service
         return DpRow(
             service,

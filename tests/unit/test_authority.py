@@ -565,7 +565,7 @@ def test_a_contested_name_passes_to_the_next_claimant_with_its_ptr() -> None:
     assert address_of(authority, b"a.b.mesh", dns.A, "default") == UNDERSCORED.vip
     # The PTR now names the DNS-compliant form, which it owns at last.
     assert values(authority.resolve(reverse(UNDERSCORED.vip), dns.PTR, dns.IN)[0]) == ["a.b.mesh"]
-    assert reverse(UNDERSCORED.vip) in (authority.changed or ())
+    assert authority.ptr_offset(reverse(UNDERSCORED.vip)) in authority.changed_offsets
     authority.apply(diff((UNDERSCORED,), (DOTTED, UNDERSCORED), VERSION + 2))
     assert address_of(authority, b"a.b.mesh", dns.A, "default") == DOTTED.vip
     assert values(authority.resolve(reverse(UNDERSCORED.vip), dns.PTR, dns.IN)[0]) == ["a_b.mesh"]
@@ -577,12 +577,12 @@ def test_a_contested_name_passes_to_the_next_claimant_with_its_ptr() -> None:
 def test_changed_names_are_those_of_the_entries_changed() -> None:
     authority = make_authority()
     authority.apply(diff(ENTRIES, (*ENTRIES, PAYMENTS_EXTRA), VERSION + 1))
-    assert authority.changed == {
-        b"x_y_z.mesh",
-        b"x.y.z.mesh",
-        reverse(PAYMENTS_EXTRA.vip),
-        reverse(PAYMENTS_EXTRA.vip6),
-    }
+    assert authority.changed == {b"x_y_z.mesh", b"x.y.z.mesh"}
+    # Its PTRs, by the VIP's offset: the one both its reverse names stand for.
+    [offset] = authority.changed_offsets
+    assert authority.ptr_offset(reverse(PAYMENTS_EXTRA.vip)) == offset
+    assert authority.ptr_offset(reverse(PAYMENTS_EXTRA.vip6)) == offset
+    assert authority.ptr_offset(b"0.240.in-addr.arpa") is None  # not a VIP's own name
 
 
 def test_a_full_change_rebuilds_from_the_snapshot() -> None:

@@ -281,6 +281,19 @@ class NameIndex:
         elif services.get(service) == claim:
             return set()
         new = service not in services
+        if new:
+            # The usual new claimant: none of its names is anyone's yet, so it
+            # holds them all and no one else's assignment changes.
+            in_mesh = self._claims[mesh]
+            names = self._names_of(service).names
+            for name in names:
+                if name in in_mesh:
+                    break
+            else:
+                services[service] = claim
+                for name in names:
+                    in_mesh[name] = service
+                return {(mesh, service)}
         touched = self._drop(mesh, service)
         touched.add((mesh, service))
         services[service] = claim

@@ -476,14 +476,19 @@ class FederatedView:
                 upsert.pop(key, None)
                 remove.add(key)
             target = upsert
-        for row in message.upsert:
-            if row.offset >= size:
-                raise ProtocolError(f"offset {row.offset} is outside the VIP range")
-            key = ServiceKey(row.mesh, row.service)
-            target[key] = Allocation(key, row.offset, row.zones, row.claim)
-            if full is None:
-                assert self._pending_remove is not None
-                self._pending_remove.discard(key)
+        # (Tuples made without the named tuples' argument handling: a fresh zone
+        # takes 100,000 rows.)
+        new = tuple.__new__
+        for mesh, service, offset, zones, claim in message.upsert:
+            if offset >= size:
+                raise ProtocolError(f"offset {offset} is outside the VIP range")
+            key = new(ServiceKey, (mesh, service))
+            target[key] = new(Allocation, (key, offset, zones, claim))
+        if full is None:
+            assert self._pending_remove is not None
+            self._pending_remove.difference_update(
+                new(ServiceKey, (row[0], row[1])) for row in message.upsert
+            )
         if not message.last:
             return None
         pending_upsert, pending_remove = self._pending_upsert, self._pending_remove

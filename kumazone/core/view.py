@@ -91,8 +91,9 @@ class FederatedView:
         #: and listings that follow then insert at their end, not in their middle).
         self._touched: dict[ServiceKey, None] = {}
         #: Touched keys held back from L{take_touched}, handed out by L{release}
-        #: in the order they were touched.
+        #: in the order they were touched; each once (C{_held} says which).
         self._backlog: deque[ServiceKey] = deque()
+        self._held: set[ServiceKey] = set()
         #: Provisional VIPs given, moved or dropped so far (for L{changed}).
         self._moves = 0
         #: A full table being gathered (by key), or a change's upserts and removals.
@@ -146,7 +147,11 @@ class FederatedView:
         """
         if len(self._touched) <= limit:
             return False
-        self._backlog.extend(self._touched)
+        # A key still held back from an update before keeps its place.
+        held = self._held
+        fresh = [key for key in self._touched if key not in held]
+        self._backlog.extend(fresh)
+        held.update(fresh)
         self._touched = {}
         return True
 
@@ -160,10 +165,13 @@ class FederatedView:
         if len(backlog) <= limit:
             touched.update(dict.fromkeys(backlog))
             backlog.clear()
+            self._held.clear()
             return 0
-        pop = backlog.popleft
+        pop, held = backlog.popleft, self._held
         for _ in range(limit):
-            touched[pop()] = None
+            key = pop()
+            held.discard(key)
+            touched[key] = None
         return len(backlog)
 
     @property

@@ -505,6 +505,7 @@ class DataplaneTable:
             vip_range.ipv6_text(row.offset),
             names,
             provisional=row.provisional,
+            offset=row.offset,
         )
 
     def _set_config(self, config: DnsServerConfig) -> None:

@@ -201,7 +201,8 @@ class MeshAuthority(ResolverBase):
         """Serve the table after C{change}: its C{removed} entries go, its C{added} come.
 
         Costs what changed, whatever the table's size; with C{full}, L{update}.
-        L{changed} then holds the names whose answers may differ.
+        L{changed} then holds the forward names whose answers may differ, and
+        L{changed_offsets} the VIPs whose PTRs may.
         """
         if change.full:
             self.update(change.snapshot)
@@ -226,7 +227,7 @@ class MeshAuthority(ResolverBase):
         """C{entry} as the authority serves it."""
         names = tuple([text.encode("ascii") for text in entry.names])
         offset = entry.offset
-        if offset < 0:  # (an entry not made by a zone: its offset worked out)
+        if not 0 <= offset < self._range.size:  # not told (or not of this range)
             found = self._range.offset_of_ipv4_text(entry.vip)
             offset = -1 if found is None else found
         return _Served(entry, offset, names)
@@ -334,7 +335,10 @@ class MeshAuthority(ResolverBase):
         changed.update(served.names)
 
     def _set_ptr(self, served: _Served, changed: set[bytes] | None) -> None:
-        """Point C{served}'s PTR at the last of its names it owns: one that resolves back to it."""
+        """Point C{served}'s PTR at the last of its names it owns: one that resolves back to it.
+
+        With C{changed} (an L{apply}), a PTR that moved counts in L{changed_offsets}.
+        """
         in_mesh = self._forward.get(served.entry.key.mesh, {})
         ptr = None
         for name in reversed(served.names):

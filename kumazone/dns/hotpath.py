@@ -231,7 +231,8 @@ class HotCache:
     exactly that form without parsing it; only the ID and RD need patching.
 
     Only answers with records are kept by name; each is listed under its name
-    (lower case, wire form), so a change drops the answers of the names it
+    (lower case, presentation form), or, for a VIP's full reverse name, under
+    the VIP's offset, so a change drops the answers of the names and PTRs it
     touched, at a cost of their entries (L{apply}).  The answers at an apex that
     carry the SOA are listed too, and dropped when the serial moves.
 
@@ -310,7 +311,8 @@ class HotCache:
     def apply(self, change: ZoneChange) -> None:
         """Drop the answers C{change} may have changed (the authority has applied it already).
 
-        The names whose records changed (L{MeshAuthority.changed}), the answers
+        The names whose records changed (L{MeshAuthority.changed}), the PTRs of
+        the VIPs whose PTR changed (L{MeshAuthority.changed_offsets}), the answers
         carrying the SOA when its serial moved, and the mesh of the addresses
         whose mesh may have changed; a full change empties the cache.
         """

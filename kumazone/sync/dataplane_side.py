@@ -311,7 +311,7 @@ class DataplaneHub:
 
     def _row(self, entry: VipEntry, vip_range: VipRange) -> DpRow:
         offset = entry.offset
-        if offset < 0:  # (an entry not made by a zone: its offset worked out)
+        if not 0 <= offset < vip_range.size:  # not told (or not of this range)
             found = vip_range.offset_of_ipv4_text(entry.vip)
             assert found is not None  # the zone's entries hold VIPs of its range
             offset = found

@@ -1013,3 +1013,23 @@ def test_a_displaced_service_takes_a_later_ones_vip_and_that_one_moves_on() -> N
     fresh = FederatedView(SMALL, zone.global_rows.values(), zone.version)
     fresh.reconcile({first, second}, 0.0)
     assert fresh.provisional == zone.provisional
+
+
+def test_held_back_keys_are_handed_out_once_each_in_the_order_they_came() -> None:
+    """Two big updates over the same keys wait as one backlog: each key followed
+    once, in the order the rows came (a table's rows come in key order)."""
+    zone = FederatedView(BIG)
+    first = [Row("default", f"s{i:02d}", i, ("z2",), 1) for i in range(6)]
+    zone.apply(TableUpdate(1, 0, True, 0, True, tuple(first)))
+    assert zone.defer_touched(2)
+    # The next version moves four of them (and one that was not there): still held back.
+    moved = [Row("default", f"s{i:02d}", 10 + i, ("z2",), 1) for i in (1, 3, 5, 7)]
+    zone.apply(TableUpdate(2, 1, False, 0, True, tuple(moved)))
+    assert zone.defer_touched(2)
+    assert zone.held_back == 7
+    handed: list[ServiceKey] = []
+    while zone.release(3):
+        handed.extend(zone.take_touched())
+    handed.extend(zone.take_touched())
+    assert handed == [key(f"s{i:02d}") for i in (0, 1, 2, 3, 4, 5, 7)]
+    assert zone.held_back == 0

@@ -12,7 +12,9 @@ TLS), every process on every CPU:
 3. a fresh zone-3 starts: the time from its connection to the global (the welcome,
    `sync.connectedSince` in its `GET /`) until it has applied the whole table
    (`sync.lastTable`, with `tableVersion` at the global's), from its start until then,
-   and until its last name answers;
+   and until its last name answers; meanwhile a DNS query every 5 ms, each waited
+   for, asks zone-3 for a name it does not have (NXDOMAIN): the worst wait is the
+   longest zone-3 kept a client waiting while it took the table;
 4. every process's resident memory at FED_SERVICES;
 5. everything stopped; a new global and two zones with MILLION services, half in each
    zone's resources directory: the time until each zone answers the other's last
@@ -45,6 +47,7 @@ from benchlib import (
     address,
     all_cpus,
     dataplane,
+    dns_query,
     http_request,
     in_background,
     load,
@@ -254,6 +257,18 @@ def measure_table(args: argparse.Namespace, work: Path, report: dict[str, Any]) 
         report["propagation"] = propagation(fed, zone2, args.fed_changes)
         expected = fed.status("global", 300).get("tableVersion", 0)
         zone3 = fed.zone("zone-3", work / "table" / "zone-3-resources", 120)
+        stop_probe = threading.Event()
+
+        def probe() -> list[float]:
+            waits = []
+            while not stop_probe.is_set():
+                sent = time.monotonic()
+                rcode, _ = dns_query(zone3.port, "not-a-service.mesh", "A", 30)
+                waits.append((time.monotonic() - sent) * 1000 if rcode == 3 else float("inf"))
+                time.sleep(0.005)
+            return waits
+
+        join_probe = in_background(probe)
         state: dict[str, Any] = {}
 
         def applied() -> bool:
@@ -261,8 +276,13 @@ def measure_table(args: argparse.Namespace, work: Path, report: dict[str, Any]) 
             sync = state.get("sync") or {}
             return state.get("tableVersion", -1) >= expected and bool(sync.get("lastTable"))
 
-        wait_for(zone3, applied, time.monotonic() + 300, "the whole table", 0.02)
+        try:
+            wait_for(zone3, applied, time.monotonic() + 300, "the whole table", 0.02)
+        finally:
+            stop_probe.set()
+            waits = join_probe()
         report["fresh_applied_s"] = time.monotonic() - zone3.started
+        report["fresh_probes"] = waits
         sync = state["sync"]
         if sync.get("connectedSince"):
             report["fresh_table_s"] = sync["lastTable"] - sync["connectedSince"]
@@ -425,6 +445,16 @@ def rows(report: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 None,
             )
         )
+        waits = report.get("fresh_probes") or []
+        if waits:
+            out.append(
+                (
+                    "fed: fresh zone: worst DNS wait meanwhile (a query every 5 ms)",
+                    f"{fmt_ms(max(waits))} ({len(waits)} queries)",
+                    "(none set)",
+                    None,
+                )
+            )
     if "table_rss" in report:
         out.append(
             (

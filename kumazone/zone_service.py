@@ -9,12 +9,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.internet import ClientService, TimerService, backoffPolicy
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 
 from kumazone.control_plane import TICK_INTERVAL, ControlPlane
 from kumazone.core.config import DnsServerConfig, default_nameserver_addresses
+from kumazone.core.storage import StoreError
 from kumazone.core.zone import DEFAULT_MESH, Zone, ZoneSnapshot
 from kumazone.dns import udpbatch
 from kumazone.dns.authority import MeshAuthority
@@ -22,6 +25,7 @@ from kumazone.dns.server import KumaDNSDatagramProtocol, KumaDNSServerFactory
 from kumazone.metrics import Metrics
 from kumazone.resource_dir import ResourceDirectory
 from kumazone.store import require_postgresql
+from kumazone.store.background import BackgroundWrites
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.sync.dataplane_side import DataplaneHub, DataplaneLimits, DataplaneMetrics
 from kumazone.sync.failover import FailoverEndpoint
@@ -102,6 +106,8 @@ class ZoneService(ControlPlane):
         self.replica: ZoneReplica | None = None
         #: Replicas: the connection to the global, made while this one leads.
         self._global_client: ClientService | None = None
+        #: A zone's big table updates, written on another thread (SQLite stores).
+        self._background: BackgroundWrites | None = None
 
     def _start(self) -> None:
         settings = self.settings
@@ -166,6 +172,14 @@ class ZoneService(ControlPlane):
             warn=lambda m: self.log.warn(m),
             federated=settings.global_address is not None,
         )
+        if isinstance(store, SQLiteStore):
+            pool = self.reactor.getThreadPool()
+            self._background = BackgroundWrites(
+                store,
+                lambda write: deferToThreadPool(self.reactor, pool, write),
+                self._background_failed,
+            )
+            zone.write_in_background = self._background.write
         zone.listeners.append(lambda change: self._update_gauges(change.snapshot))
         if self.replica is not None:
             zone.following = True  # until the election says otherwise
@@ -227,7 +241,7 @@ class ZoneService(ControlPlane):
             zone,
             self.reactor,
             sync_metrics,
-            durable=None if replica is None else replica.when_durable,
+            durable=replica.when_durable if replica is not None else self._when_stored,
         )
         sync = self.sync
         factory = SyncFactory(lambda: sync, self.reactor, sync_metrics)
@@ -311,6 +325,23 @@ class ZoneService(ControlPlane):
             port=self.ports["dp"],
             how="mutual TLS" if settings.dp_tls is not None else "insecure, no TLS",
         )
+
+    def _when_stored(self) -> Deferred[None]:
+        return succeed(None) if self._background is None else self._background.when_stored()
+
+    def _background_failed(self, reason: str) -> None:
+        """A big table update could not be stored: back to what is, and reconnect."""
+        self.log.warn(
+            "cannot store the table from the global: {error}; back to what is stored", error=reason
+        )
+        if self.zone is not None:
+            try:
+                self.zone.recover()
+            except StoreError as e:
+                self.log.warn("cannot read the store again: {error}", error=e)
+        if self.sync is not None and self.sync.proto is not None:
+            # The next connection claims what is stored; the global sends on from there.
+            self.sync.proto.fail(f"cannot store the table: {reason}")
 
     def stopService(self) -> Any:
         # The connection to the global is closed by its protocol first: that takes

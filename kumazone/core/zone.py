@@ -43,6 +43,9 @@ DEFAULT_MESH = "default"
 _WARNED_KEPT = 10_000
 #: Services whose candidate DNS names are kept worked out.
 _NAMES_CACHED = 4096
+#: Rows of a table update from the global from which its write runs on another
+#: thread, where the service gives one (L{Zone.write_in_background}).
+BACKGROUND_ROWS = 1000
 #: A change of more services than this, and of a quarter of the table or more (a
 #: first load), builds every entry anew in one pass instead of one at a time.
 _REBUILD_AT = 1024
@@ -280,6 +283,12 @@ class Zone:
         self._reset_table = False
         #: After a failed write: the table may lag the inventory, reconcile it whole.
         self._stale = False
+        #: Writes a table update of L{BACKGROUND_ROWS} rows or more on another thread,
+        #: where the service has one (a SQLite store: L{SQLiteStore.begin_background}).
+        #: Raises L{StoreError} if the store refuses at once; a failure later is the
+        #: service's to handle (it calls L{recover}), and it acknowledges the update
+        #: to the global only once written.
+        self.write_in_background: Callable[[StoreChanges], None] | None = None
         #: Resources given through the API, and what each file defines.
         self.api: dict[ResourceKey, Resource] = {}
         self.files: dict[str, dict[ResourceKey, Resource]] = {}
@@ -355,6 +364,11 @@ class Zone:
             self.table = VipAllocator(
                 vip_range, config.hold_down, allocations, holds, state.table_version
             )
+
+    def recover(self) -> None:
+        """A write on another thread failed (L{write_in_background}): memory goes
+        back to what the store holds."""
+        self._recover()
 
     def _recover(self) -> None:
         """After a failed write: memory goes back to what the store holds.
@@ -705,8 +719,9 @@ class Zone:
                 delta.holds_dropped += held.holds_dropped
                 delta.exhausted = held.exhausted
                 self._stale = False
-            # A new table replaces every stored row, once it has come whole.
-            self._commit(delta=delta, table_id=table_id, reset=new_table)
+            # A new table replaces every stored row, once it has come whole.  A big
+            # one is written on another thread (DNS is answered meanwhile).
+            self._commit(delta=delta, table_id=table_id, reset=new_table, background=True)
         except StoreError:
             self._recover()
             raise
@@ -926,6 +941,7 @@ class Zone:
         delta: TableDelta | None = None,
         table_id: str | None = None,
         reset: bool = False,
+        background: bool = False,
     ) -> None:
         reset = reset or self._reset_table
         if reset and isinstance(self.table, FederatedView):
@@ -934,17 +950,20 @@ class Zone:
                 added=list(self.table.global_rows.values()),
                 holds_added=list(self.table.holds.values()),
             )
-        self.store.commit(
-            StoreChanges(
-                puts=tuple(puts),
-                deletes=tuple(deletes),
-                delta=delta,
-                table_version=self.table.version,
-                vip_range=self._range_id,
-                reset_table=reset,
-                table_id=table_id if table_id is not None else self.table_id,
-            )
+        changes = StoreChanges(
+            puts=tuple(puts),
+            deletes=tuple(deletes),
+            delta=delta,
+            table_version=self.table.version,
+            vip_range=self._range_id,
+            reset_table=reset,
+            table_id=table_id if table_id is not None else self.table_id,
         )
+        rows = 0 if delta is None else len(delta.added) + len(delta.removed)
+        if background and self.write_in_background is not None and rows >= BACKGROUND_ROWS:
+            self.write_in_background(changes)
+        else:
+            self.store.commit(changes)
         self._reset_table = False
 
     # -- entries and listeners -------------------------------------------------

@@ -19,6 +19,13 @@ the global pushes to zones only what it has stored (after a failed write it
 goes back to what the store holds).  After a crash SQLite rolls back the
 unfinished transaction at the next open; the store holds every acknowledged
 change, and nothing else.
+
+A write of many rows (a zone's whole table from the global: 100,000 rows take
+half a second) may run on another thread (L{begin_background}), so that DNS is
+answered meanwhile: it is one transaction as any other, every other call waits
+for it (and so comes after it), and once one fails every write is refused until
+L{load} (the caller goes back to what is stored, as after any failed write).
+What it writes is acknowledged (to the global) only once it has ended.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
+from collections.abc import Callable
 from importlib import resources as package_files
 
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
@@ -64,6 +73,10 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._create()
+            #: Held by each call, and by a write on another thread until it ends.
+            self._lock = threading.Lock()
+            #: Why a write on another thread failed: every write is refused until L{load}.
+            self._failed: str | None = None
         except sqlite3.Error as e:
             raise StoreError(f"cannot open store {path}: {e}") from None
 
@@ -106,11 +119,18 @@ class SQLiteStore:
         return _Transaction(self._db)
 
     def load(self) -> StoredState:
-        """Read everything back; raises L{StoreError} if the store cannot be read."""
-        try:
-            return self._load()
-        except (sqlite3.Error, ValueError, KeyError) as e:
-            raise StoreError(f"cannot read store {self.path}: {e}") from None
+        """Read everything back; raises L{StoreError} if the store cannot be read.
+
+        A write refused since one failed (L{begin_background}) is taken again
+        from here on: the caller holds what is stored.
+        """
+        with self._lock:
+            try:
+                state = self._load()
+            except (sqlite3.Error, ValueError, KeyError) as e:
+                raise StoreError(f"cannot read store {self.path}: {e}") from None
+            self._failed = None
+            return state
 
     def _load(self) -> StoredState:
         return load_state(self._db.execute)
@@ -118,8 +138,45 @@ class SQLiteStore:
     def commit(self, changes: StoreChanges) -> None:
         """Apply C{changes} in one transaction.
 
-        Raises L{StoreError} (and changes nothing) if the write fails.
+        Raises L{StoreError} (and changes nothing) if the write fails.  Waits for
+        a write on another thread (L{begin_background}) to end first.
         """
+        with self._lock:
+            self._refuse_after_failure()
+            self._commit(changes)
+
+    def begin_background(self, changes: StoreChanges) -> Callable[[], None]:
+        """Take the store for C{changes}; the returned function writes them, on any thread.
+
+        From now until that function returns, every other call waits (so comes
+        after these changes); call it exactly once.  It raises L{StoreError} if
+        the write fails (nothing of it is stored), and every write is refused
+        from then on until L{load}.  Raises L{StoreError} at once if writes are
+        refused already.
+        """
+        self._lock.acquire()
+        try:
+            self._refuse_after_failure()
+        except StoreError:
+            self._lock.release()
+            raise
+
+        def write() -> None:
+            try:
+                self._commit(changes)
+            except Exception as e:  # (StoreError, or a bug of ours: refused alike)
+                self._failed = str(e)
+                raise
+            finally:
+                self._lock.release()
+
+        return write
+
+    def _refuse_after_failure(self) -> None:
+        if self._failed is not None:
+            raise StoreError(f"an earlier write failed ({self._failed}); read the store again")
+
+    def _commit(self, changes: StoreChanges) -> None:
         try:
             with self._transaction():
                 if changes.reset_table:
@@ -212,8 +269,9 @@ class SQLiteStore:
                 self._db.execute("UPDATE meta SET value=? WHERE key=?", (value, key))
 
     def close(self) -> None:
-        """Close the database."""
-        self._db.close()
+        """Close the database (once a write on another thread has ended)."""
+        with self._lock:
+            self._db.close()
 
 
 class _Transaction:

@@ -850,3 +850,47 @@ def test_a_synced_zone_stops_at_once_on_sigterm(
     started = time.monotonic()
     assert zone.stop() in (0, -15)  # twistd ends by the signal it was sent
     assert time.monotonic() - started < 5, f"{time.monotonic() - started:.1f}s"
+
+
+# -- 6. a big table, stored on another thread -----------------------------------
+
+
+def test_a_fresh_zone_stores_a_big_table_aside_and_serves_it_after_a_restart(
+    extra: ProcessGroup, tmp_path: Path
+) -> None:
+    """A table of BACKGROUND_ROWS rows or more is written off the reactor: the fresh
+    zone acknowledges it once stored, and a restart with the global gone serves it
+    from the store, every VIP the same."""
+    from kumazone.core.zone import BACKGROUND_ROWS
+
+    global_ = extra.add(GlobalProcess(tmp_path, None, args=["--insecure"]))
+    global_.start()
+    count = BACKGROUND_ROWS + 200
+    bulk = [builders.dataplane(f"bulk-{i}", f"bulk-{i}") for i in range(count)]
+    resources = tmp_path / "resources-1"
+    resources.mkdir()
+    (resources / "bulk.json").write_text(json.dumps(bulk))
+    address = f"127.0.0.1:{global_.kds_port}"
+    start_zone(tmp_path, "zone-1", address, None, resources, args=["--insecure"], group=extra)
+    wait_until(
+        lambda: len(global_.vips()["items"]) == count, SYNC_TIMEOUT, 0.25, "the global's table"
+    )
+    table = rows(global_.vips())
+    version = global_.vips()["version"]
+    fresh = start_zone(tmp_path, "zone-2", address, None, None, args=["--insecure"], group=extra)
+    wait_until(
+        lambda: global_.zones()["zone-2"]["ackedVersion"] == version,
+        SYNC_TIMEOUT,
+        0.25,
+        "zone-2 acknowledges the whole table",
+    )
+    assert rows(fresh.vips()) == table
+    global_.stop()
+    fresh.stop()
+    fresh.start()
+    assert rows(fresh.vips()) == table  # from its store
+    assert resolve(fresh, f"bulk-{count - 1}.mesh")[1:] == (
+        [table[("default", f"bulk-{count - 1}")][0]],
+        [table[("default", f"bulk-{count - 1}")][1]],
+    )
+    assert "cannot store" not in fresh.log()

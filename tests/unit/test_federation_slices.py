@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 
 from kumazone.core.federation import MergedTable
 from kumazone.core.limits import ZoneLimits, ZoneRefused
-from kumazone.core.messages import Inventory, TableUpdate, table_messages
+from kumazone.core.messages import Inventory, Row, TableUpdate, table_messages
 from kumazone.core.vips import ServiceKey, VipRange
 from tests.unit.test_sync import (
     CONFIG,
@@ -194,3 +194,27 @@ def test_a_transport_resumed_before_hello_sends_no_table() -> None:
     server.pauseProducing()
     server.resumeProducing()  # TLS may do this around its handshake
     assert transport.value() == b""
+
+
+def test_a_big_table_update_is_written_where_the_zone_is_told_and_a_small_one_at_once() -> None:
+    """A table update of BACKGROUND_ROWS rows or more goes to write_in_background (a
+    service writes it on another thread); a smaller one is committed at once."""
+    from kumazone.core.storage import StoreChanges
+    from kumazone.core.zone import BACKGROUND_ROWS
+
+    zone = make_zone("zone-1")
+    handed: list[StoreChanges] = []
+    zone.write_in_background = handed.append
+    rows = [Row("default", f"svc-{i:05d}", i, ("zone-2",), 1) for i in range(BACKGROUND_ROWS)]
+    for message in table_messages(1, 0, True, rows, size=300):
+        zone.apply_global(message, "t-1", 0.0)
+    [changes] = handed
+    assert changes.reset_table and changes.table_id == "t-1" and changes.table_version == 1
+    assert changes.delta is not None and len(changes.delta.added) == BACKGROUND_ROWS
+    assert zone.store.load().allocations == []  # not written here: the hook writes it
+    zone.store.commit(changes)
+    small = [Row("default", "one-more", BACKGROUND_ROWS, ("zone-2",), 2)]
+    for message in table_messages(2, 1, False, small, ()):
+        zone.apply_global(message, "t-1", 0.0)
+    assert len(handed) == 1
+    assert len(zone.store.load().allocations) == BACKGROUND_ROWS + 1

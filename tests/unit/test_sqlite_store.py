@@ -368,3 +368,55 @@ def test_a_v1_store_with_zones_is_migrated_to_v3(path: str) -> None:
     db.commit()
     db.close()
     assert _zones(SQLiteStore(path).load()) == {"zone-1": ({key("redis")}, 2.0, 1)}
+
+
+# -- a write on another thread -------------------------------------------------------
+
+
+def _rows(count: int, first: int = 0) -> TableDelta:
+    return TableDelta(added=[Allocation(key(f"svc-{i}"), i) for i in range(first, first + count)])
+
+
+def test_a_write_on_another_thread_comes_before_every_call_after_it(store: SQLiteStore) -> None:
+    """Begun on one thread, written on another: a commit made meanwhile waits for it,
+    so the order of writes is the order they were begun in."""
+    import threading
+
+    write = store.begin_background(StoreChanges(delta=_rows(3000), table_version=1))
+    done: list[str] = []
+
+    def later() -> None:
+        store.commit(StoreChanges(delta=_rows(1, first=5000), table_version=2))
+        done.append("later")
+
+    after = threading.Thread(target=later)
+    after.start()
+    after.join(0.2)
+    assert done == [], "a commit went ahead of the write begun before it"
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join(10)
+    after.join(10)
+    assert done == ["later"]
+    state = store.load()
+    assert len(state.allocations) == 3001 and state.table_version == 2
+
+
+def test_a_failed_write_on_another_thread_refuses_every_write_until_the_store_is_read(
+    store: SQLiteStore,
+) -> None:
+    store.commit(StoreChanges(delta=_rows(2), table_version=1))
+    # Offset 0 is svc-0's: the UNIQUE constraint refuses the whole transaction.
+    clash = TableDelta(added=[Allocation(key("other"), 0), Allocation(key("more"), 9)])
+    write = store.begin_background(StoreChanges(delta=clash, table_version=2))
+    with pytest.raises(StoreError):
+        write()
+    with pytest.raises(StoreError, match="an earlier write failed"):
+        store.commit(StoreChanges(delta=_rows(1, first=50), table_version=3))
+    with pytest.raises(StoreError, match="an earlier write failed"):
+        store.begin_background(StoreChanges(delta=_rows(1, first=60), table_version=3))
+    state = store.load()  # what is stored: the failed write left nothing
+    assert sorted(a.key.service for a in state.allocations) == ["svc-0", "svc-1"]
+    assert state.table_version == 1
+    store.commit(StoreChanges(delta=_rows(1, first=50), table_version=3))
+    assert store.load().table_version == 3

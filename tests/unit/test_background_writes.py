@@ -1,0 +1,84 @@
+"""A zone's big table writes on another thread: in order, and acknowledged once stored."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+from kumazone.core.storage import StoreChanges, StoreError
+from kumazone.core.vips import Allocation, ServiceKey, TableDelta
+from kumazone.store.background import BackgroundWrites
+from kumazone.store.sqlite import SQLiteStore
+
+
+class Thread:
+    """Stands for the thread pool: each write runs when the test says (as a thread would)."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Callable[[], None], Deferred[Any]]] = []
+
+    def __call__(self, work: Callable[[], None]) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.queued.append((work, done))
+        return done
+
+    def run(self) -> None:
+        work, done = self.queued.pop(0)
+        try:
+            work()
+        except Exception:
+            done.errback(Failure())
+        else:
+            done.callback(None)
+
+
+def rows(*pairs: tuple[str, int]) -> StoreChanges:
+    added = [Allocation(ServiceKey("default", name), offset) for name, offset in pairs]
+    return StoreChanges(delta=TableDelta(added=added), table_version=len(pairs))
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    store = SQLiteStore(str(tmp_path / "zone.sqlite"))
+    yield store
+    store.close()
+
+
+def test_what_waits_for_the_write_fires_once_it_is_stored(store: SQLiteStore) -> None:
+    thread, failures = Thread(), []
+    writes = BackgroundWrites(store, thread, failures.append)
+    assert writes.when_stored().called  # nothing on its way
+    writes.write(rows(("a", 1), ("b", 2)))
+    stored = writes.when_stored()
+    assert not stored.called
+    thread.run()
+    assert stored.called and failures == []
+    assert sorted(a.key.service for a in store.load().allocations) == ["a", "b"]
+    assert writes.when_stored().called
+
+
+def test_a_failed_write_is_told_and_fails_who_waits_for_it(store: SQLiteStore) -> None:
+    store.commit(rows(("a", 1)))
+    thread, failures = Thread(), []
+    writes = BackgroundWrites(store, thread, failures.append)
+    writes.write(rows(("b", 1)))  # offset 1 is a's: the store refuses it
+    stored = writes.when_stored()
+    thread.run()
+    assert len(failures) == 1 and "UNIQUE" in failures[0]
+    errors: list[Failure] = []
+    stored.addErrback(errors.append)
+    assert errors and errors[0].check(StoreError)
+    # Until the store is read again, every write is refused at once.
+    with pytest.raises(StoreError):
+        writes.write(rows(("c", 3)))
+    with pytest.raises(StoreError):
+        store.commit(rows(("c", 3)))
+    assert [a.key.service for a in store.load().allocations] == ["a"]
+    writes.write(rows(("c", 3)))
+    thread.run()
+    assert sorted(a.key.service for a in store.load().allocations) == ["a", "c"]

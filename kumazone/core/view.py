@@ -16,6 +16,7 @@ then the provisional VIPs are placed again from scratch (O(provisional VIPs)).
 from __future__ import annotations
 
 import heapq
+import operator
 from collections import deque
 from collections.abc import Iterable, Iterator, KeysView, Mapping
 
@@ -31,6 +32,10 @@ from kumazone.core.vips import (
 )
 
 __all__ = ["FederatedView", "check_part"]
+
+#: An allocation's key and offset (its first two fields), for passes made in C.
+_key_of = operator.itemgetter(0)
+_offset_of = operator.itemgetter(1)
 
 
 def check_part(part: int, previous: int | None) -> None:
@@ -504,21 +509,23 @@ class FederatedView:
         if full is not None:
             removed_keys: set[ServiceKey] = self.global_rows.keys() - full.keys()
             changes = full
-            if len({a.offset for a in full.values()}) != len(full):
+            if len(set(map(_offset_of, full.values()))) != len(full):
                 raise ProtocolError("the table gives one VIP to two services")
         else:
             assert pending_upsert is not None and pending_remove is not None
             removed_keys = {k for k in pending_remove if k in self.global_rows}
             changes = pending_upsert
             self._check_offsets(changes, removed_keys)
-        delta = TableDelta(
-            added=[a for k, a in changes.items() if self.global_rows.get(k) != a],
-            removed=[self.global_rows[k] for k in removed_keys],
-        )
-        # A row replaced is removed then added (as the store writes it).
-        delta.removed += [
-            old for a in delta.added if (old := self.global_rows.get(a.key)) is not None
-        ]
+        rows = self.global_rows
+        if rows:
+            delta = TableDelta(
+                added=[a for k, a in changes.items() if rows.get(k) != a],
+                removed=[rows[k] for k in removed_keys],
+            )
+            # A row replaced is removed then added (as the store writes it).
+            delta.removed += [old for a in delta.added if (old := rows.get(a.key)) is not None]
+        else:
+            delta = TableDelta(added=list(changes.values()))  # (a fresh zone's first table)
         self.version = message.version
         self._apply_rows(delta, now)
         return delta
@@ -542,7 +549,9 @@ class FederatedView:
     def _apply_rows(self, delta: TableDelta, now: float) -> None:
         """Take the global's rows changed in C{delta}; the provisional VIPs follow."""
         moves = self._moves
-        gone = {a.key for a in delta.removed} - {a.key for a in delta.added}
+        gone = set(map(_key_of, delta.removed))
+        if gone:
+            gone -= set(map(_key_of, delta.added))
         for allocation in delta.removed:
             if self._global_at.get(allocation.offset) == allocation.key:
                 del self._global_at[allocation.offset]
@@ -552,23 +561,29 @@ class FederatedView:
         collision = False
         #: Keys whose provisional VIP the global gave another key: placed again.
         displaced: list[ServiceKey] = []
-        for allocation in delta.added:
-            key, offset = allocation.key, allocation.offset
-            self.global_rows[key] = allocation
-            self._global_at[offset] = key
-            self._touched[key] = None
-            if offset in self.holds:
-                hold = self._drop_hold(offset, delta)
-                if hold.key in self.provisional and hold.key != key:
-                    collision = True
-            other = self._provisional_at.get(offset)
-            if other is not None and other != key:
-                # The global gave another key's provisional VIP.  A placement from
-                # scratch gives every other key what it has (no key before it
-                # reached that offset, and for every key after it the offset is
-                # still taken): only that key is placed again, unless its probe
-                # meets a later key (L{_place}), which places everything again.
-                displaced.append(other)
+        # One pass per map (a fresh zone's first table is 100,000 rows at once).
+        added = delta.added
+        keys = list(map(_key_of, added))
+        self.global_rows.update(zip(keys, added, strict=True))
+        self._global_at.update(zip(map(_offset_of, added), keys, strict=True))
+        self._touched.update(dict.fromkeys(keys))
+        if self.holds:
+            for key, offset, _zones, _claim in added:
+                if offset in self.holds:
+                    hold = self._drop_hold(offset, delta)
+                    if hold.key in self.provisional and hold.key != key:
+                        collision = True
+        if self._provisional_at:
+            for key, offset, _zones, _claim in added:
+                other = self._provisional_at.get(offset)
+                if other is not None and other != key:
+                    # The global gave another key's provisional VIP.  A placement
+                    # from scratch gives every other key what it has (no key before
+                    # it reached that offset, and for every key after it the offset
+                    # is still taken): only that key is placed again, unless its
+                    # probe meets a later key (L{_place}), which places everything
+                    # again.
+                    displaced.append(other)
         for allocation in delta.removed:
             if allocation.offset not in self._global_at:
                 # The global holds it too: kept from provisional VIPs.
@@ -578,9 +593,10 @@ class FederatedView:
             expired = self._expire(now, delta)
             if collision or expired:
                 raise _Collision
-            for allocation in delta.added:
-                if allocation.key in self.provisional:
-                    self._drop_provisional(allocation.key, now, delta)
+            if self.provisional:
+                for key in keys:
+                    if key in self.provisional:
+                        self._drop_provisional(key, now, delta)
             for key in displaced:
                 if key in self.provisional:
                     self._drop_provisional(key, now, delta)

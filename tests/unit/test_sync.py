@@ -35,10 +35,12 @@ from kumazone.core.messages import (
     Inventory,
     Message,
     Ping,
+    Row,
     TableUpdate,
     Welcome,
     encode,
     inventory_messages,
+    table_messages,
 )
 from kumazone.core.vips import ServiceKey, TableDelta, VipRange
 from kumazone.core.zone import Zone
@@ -1165,8 +1167,8 @@ class RecordedPause(CollectorPause):
         super().pause()
         self.calls.append(("pause", gc.isenabled()))
 
-    def resume(self) -> None:
-        super().resume()
+    def resume(self, freeze: bool = True) -> None:
+        super().resume(freeze)
         self.calls.append(("resume", gc.isenabled()))
 
 
@@ -1192,6 +1194,28 @@ def test_the_collector_is_off_while_a_big_table_is_followed_and_frozen_after() -
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_the_collector_waits_while_a_whole_table_comes_in_parts_until_the_connection_goes() -> None:
+    """Between the parts of a whole table the collector is off (their rows are
+    long-lived); a connection lost before the last part turns it back on."""
+    clock = Clock()
+    glob = Global(clock)
+    one = ZoneEnd(clock, make_zone("zone-1", "redis"))
+    recorded = one.sync._collector = RecordedPause()
+    try:
+        client, _server, pump = connect(glob, one)
+        clock.advance(0)
+        assert gc.isenabled()
+        rows = [Row("default", f"svc-{i:02d}", 100 + i, ("zone-2",), 1) for i in range(30)]
+        first, *_rest = table_messages(glob.table.version + 1, 0, True, rows, size=10)
+        one.sync.table_received(client, first)
+        assert not gc.isenabled()
+        disconnect(client, pump)
+        assert gc.isenabled()
+        assert recorded.calls[-2:] == [("pause", False), ("resume", True)]
+    finally:
+        gc.enable()
 
 
 def test_the_collector_is_off_while_the_global_steps_an_inventory() -> None:

@@ -14,6 +14,7 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import CannotListenError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from kumazone.control_plane import TICK_INTERVAL, ControlPlane
 from kumazone.core.config import DnsServerConfig, default_nameserver_addresses
@@ -173,7 +174,10 @@ class ZoneService(ControlPlane):
             federated=settings.global_address is not None,
         )
         if isinstance(store, SQLiteStore):
-            pool = self.reactor.getThreadPool()
+            # One thread: the writes handed to it run in the order they came.
+            pool = ThreadPool(minthreads=1, maxthreads=1, name="zone-store")
+            pool.start()
+            self.reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
             self._background = BackgroundWrites(
                 store,
                 lambda write: deferToThreadPool(self.reactor, pool, write),

@@ -283,12 +283,13 @@ class Zone:
         self._reset_table = False
         #: After a failed write: the table may lag the inventory, reconcile it whole.
         self._stale = False
-        #: Writes a table update of L{BACKGROUND_ROWS} rows or more on another thread,
-        #: where the service has one (a SQLite store: L{SQLiteStore.begin_background}).
-        #: Raises L{StoreError} if the store refuses at once; a failure later is the
+        #: Writes a table update from the global, told whether it has
+        #: L{BACKGROUND_ROWS} rows or more: those on another thread, where the
+        #: service has one (a SQLite store: L{BackgroundWrites.write}).  Raises
+        #: L{StoreError} if the store refuses at once; a failure later is the
         #: service's to handle (it calls L{recover}), and it acknowledges the update
         #: to the global only once written.
-        self.write_in_background: Callable[[StoreChanges], None] | None = None
+        self.write_in_background: Callable[[StoreChanges, bool], None] | None = None
         #: Resources given through the API, and what each file defines.
         self.api: dict[ResourceKey, Resource] = {}
         self.files: dict[str, dict[ResourceKey, Resource]] = {}
@@ -960,8 +961,8 @@ class Zone:
             table_id=table_id if table_id is not None else self.table_id,
         )
         rows = 0 if delta is None else len(delta.added) + len(delta.removed)
-        if background and self.write_in_background is not None and rows >= BACKGROUND_ROWS:
-            self.write_in_background(changes)
+        if background and self.write_in_background is not None:
+            self.write_in_background(changes, rows >= BACKGROUND_ROWS)
         else:
             self.store.commit(changes)
         self._reset_table = False

@@ -2,9 +2,12 @@
 
 A zone that takes a whole table from the global (100,000 rows: half a second of
 SQLite) would leave DNS unanswered that long on the reactor.  L{BackgroundWrites}
-hands such a write to a thread (L{SQLiteStore.begin_background}: every other call
-of the store waits for it, so writes keep their order) and says when what the zone
-holds is stored (L{when_stored}, the zone's C{durable} for its acknowledgements).
+hands such a write to one thread (L{SQLiteStore.begin_background}: a call of the
+store on the reactor waits for the writes begun before it, so writes keep their
+order), and the table updates that come while one is on its way follow it there
+(a zone with services of its own gets the next version right behind its first
+table); it says when what the zone holds is stored (L{when_stored}, the zone's
+C{durable} for its acknowledgements).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ __all__ = ["BackgroundWrites"]
 
 
 class BackgroundWrites:
-    """Writes of C{store} run by C{in_thread} (C{deferToThreadPool}, bound).
+    """Writes of C{store} run by C{in_thread} (C{deferToThreadPool} on a pool of one
+    thread, bound: the writes run in the order they were begun).
 
     @param failed: told (on the reactor) why a write failed, once its memory
         must go back to what is stored (the zone's C{recover}, and a reconnection).
@@ -41,31 +45,41 @@ class BackgroundWrites:
         self._writing: Deferred[Any] | None = None
         self._waiters: list[Deferred[None]] = []
 
-    def write(self, changes: StoreChanges) -> None:
-        """Write C{changes} on another thread (L{Zone.write_in_background}).
+    def write(self, changes: StoreChanges, big: bool) -> None:
+        """Write a table update (L{Zone.write_in_background}): on the other thread if
+        C{big} or if a write is on its way there, else at once.
 
         Raises L{StoreError} at once if the store refuses writes (one failed
-        before); waits, on the reactor, for a write still on its way to end.
+        before), or if a write made at once fails.
         """
+        if not big and not self.store.writing_in_background:
+            self.store.commit(changes)
+            return
         begun = self.store.begin_background(changes)
-        writing = self._writing = self._in_thread(begun)
+        try:
+            writing = self._in_thread(begun)
+        except Exception:
+            begun()  # (no thread to take it: written here, as any write)
+            return
+        self._writing = writing
         writing.addBoth(self._written, writing)
 
     def _written(self, result: object, writing: Deferred[Any]) -> None:
         reason = None
-        if isinstance(result, Failure):
-            error = result.value
-            reason = str(error) if isinstance(error, StoreError) else repr(error)
-            self._failed(reason)
-        if writing is not self._writing:
-            return
-        self._writing = None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if reason is None:
-                waiter.callback(None)
-            else:
-                waiter.errback(StoreError(reason))
+        try:
+            if isinstance(result, Failure):
+                error = result.value
+                reason = str(error) if isinstance(error, StoreError) else repr(error)
+                self._failed(reason)
+        finally:
+            if writing is self._writing:
+                self._writing = None
+                waiters, self._waiters = self._waiters, []
+                for waiter in waiters:
+                    if reason is None:
+                        waiter.callback(None)
+                    else:
+                        waiter.errback(StoreError(reason))
 
     def when_stored(self) -> Deferred[None]:
         """Fires once every write begun so far is stored; fails with L{StoreError}

@@ -53,7 +53,7 @@ def test_what_waits_for_the_write_fires_once_it_is_stored(store: SQLiteStore) ->
     thread, failures = Thread(), []
     writes = BackgroundWrites(store, thread, failures.append)
     assert writes.when_stored().called  # nothing on its way
-    writes.write(rows(("a", 1), ("b", 2)))
+    writes.write(rows(("a", 1), ("b", 2)), True)
     stored = writes.when_stored()
     assert not stored.called
     thread.run()
@@ -66,7 +66,7 @@ def test_a_failed_write_is_told_and_fails_who_waits_for_it(store: SQLiteStore) -
     store.commit(rows(("a", 1)))
     thread, failures = Thread(), []
     writes = BackgroundWrites(store, thread, failures.append)
-    writes.write(rows(("b", 1)))  # offset 1 is a's: the store refuses it
+    writes.write(rows(("b", 1)), True)  # offset 1 is a's: the store refuses it
     stored = writes.when_stored()
     thread.run()
     assert len(failures) == 1 and "UNIQUE" in failures[0]
@@ -75,10 +75,47 @@ def test_a_failed_write_is_told_and_fails_who_waits_for_it(store: SQLiteStore) -
     assert errors and errors[0].check(StoreError)
     # Until the store is read again, every write is refused at once.
     with pytest.raises(StoreError):
-        writes.write(rows(("c", 3)))
+        writes.write(rows(("c", 3)), True)
     with pytest.raises(StoreError):
         store.commit(rows(("c", 3)))
     assert [a.key.service for a in store.load().allocations] == ["a"]
-    writes.write(rows(("c", 3)))
+    writes.write(rows(("c", 3)), True)
     thread.run()
     assert sorted(a.key.service for a in store.load().allocations) == ["a", "c"]
+
+
+def test_a_small_update_is_written_at_once_unless_a_big_one_is_on_its_way(
+    store: SQLiteStore,
+) -> None:
+    """A small update waits for nothing; one that comes while a big one is being
+    written follows it to the thread (so the reactor does not wait for the big one),
+    in order, and who waits is told once both are stored."""
+    thread, failures = Thread(), []
+    writes = BackgroundWrites(store, thread, failures.append)
+    writes.write(rows(("a", 1)), False)
+    assert not thread.queued and len(store.load().allocations) == 1
+    big = StoreChanges(
+        delta=TableDelta(
+            added=[Allocation(ServiceKey("default", f"s{i}"), 100 + i) for i in range(20)]
+        ),
+        table_version=2,
+    )
+    writes.write(big, True)
+    # The next version, at once: its row replaces s0's (a delete, then an insert).
+    moved = StoreChanges(
+        delta=TableDelta(
+            removed=[Allocation(ServiceKey("default", "s0"), 100)],
+            added=[Allocation(ServiceKey("default", "s0"), 500)],
+        ),
+        table_version=3,
+    )
+    writes.write(moved, False)
+    assert len(thread.queued) == 2  # behind the big one, not written on this thread
+    stored = writes.when_stored()
+    thread.run()
+    assert not stored.called
+    thread.run()
+    assert stored.called and failures == []
+    state = store.load()
+    assert state.table_version == 3 and len(state.allocations) == 21
+    assert {a.key.service: a.offset for a in state.allocations}["s0"] == 500

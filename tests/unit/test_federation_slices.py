@@ -196,15 +196,22 @@ def test_a_transport_resumed_before_hello_sends_no_table() -> None:
     assert transport.value() == b""
 
 
-def test_a_big_table_update_is_written_where_the_zone_is_told_and_a_small_one_at_once() -> None:
-    """A table update of BACKGROUND_ROWS rows or more goes to write_in_background (a
-    service writes it on another thread); a smaller one is committed at once."""
+def test_a_table_update_is_written_where_the_zone_is_told_and_told_whether_it_is_big() -> None:
+    """Table updates go to write_in_background (a service writes the big ones, of
+    BACKGROUND_ROWS rows or more, on another thread), told which are big."""
     from kumazone.core.storage import StoreChanges
     from kumazone.core.zone import BACKGROUND_ROWS
 
     zone = make_zone("zone-1")
     handed: list[StoreChanges] = []
-    zone.write_in_background = handed.append
+
+    def write(changes: StoreChanges, big: bool) -> None:
+        if big:
+            handed.append(changes)
+        else:
+            zone.store.commit(changes)
+
+    zone.write_in_background = write
     rows = [Row("default", f"svc-{i:05d}", i, ("zone-2",), 1) for i in range(BACKGROUND_ROWS)]
     for message in table_messages(1, 0, True, rows, size=300):
         zone.apply_global(message, "t-1", 0.0)

@@ -175,8 +175,10 @@ class ZoneService(ControlPlane):
         )
         if isinstance(store, SQLiteStore):
             # One thread: the writes handed to it run in the order they came.
+            # Its thread starts with the reactor (a start-up that fails exits then,
+            # with no thread left to wait for); writes handed to it before wait.
             pool = ThreadPool(minthreads=1, maxthreads=1, name="zone-store")
-            pool.start()
+            self.reactor.callWhenRunning(pool.start)
             self.reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
             self._background = BackgroundWrites(
                 store,

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from kumazone.core.storage import StoreChanges, StoreError
-from kumazone.store.sqlite import SQLiteStore
+from kumazone.store.sqlite import RefusedAfterFailure, SQLiteStore
 
 __all__ = ["BackgroundWrites"]
 
@@ -55,12 +55,7 @@ class BackgroundWrites:
         if not big and not self.store.writing_in_background:
             self.store.commit(changes)
             return
-        begun = self.store.begin_background(changes)
-        try:
-            writing = self._in_thread(begun)
-        except Exception:
-            begun()  # (no thread to take it: written here, as any write)
-            return
+        writing = self._in_thread(self.store.begin_background(changes))
         self._writing = writing
         writing.addBoth(self._written, writing)
 
@@ -70,7 +65,8 @@ class BackgroundWrites:
             if isinstance(result, Failure):
                 error = result.value
                 reason = str(error) if isinstance(error, StoreError) else repr(error)
-                self._failed(reason)
+                if not isinstance(error, RefusedAfterFailure):
+                    self._failed(reason)  # (once: the writes refused after it are its)
         finally:
             if writing is self._writing:
                 self._writing = None

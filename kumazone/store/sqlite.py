@@ -45,7 +45,7 @@ from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.core.vips import TableDelta
 from kumazone.store.rows import load_state
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore"]
+__all__ = ["SCHEMA_VERSION", "RefusedAfterFailure", "SQLiteStore"]
 
 SCHEMA_VERSION = 3
 
@@ -64,6 +64,11 @@ _MIGRATIONS = {1: "migrate-v1-v2.sql", 2: "migrate-v2-v3.sql"}
 _JSON_CHUNK = 5000
 #: Whether this SQLite has C{->>} (3.38): else such a write takes C{executemany} too.
 _JSON_ROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
+_INSERT_VIP = "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (?, ?, ?, ?, ?)"
+
+
+class RefusedAfterFailure(StoreError):
+    """A write refused because one on another thread failed before it (until L{load})."""
 
 
 class SQLiteStore:
@@ -190,7 +195,7 @@ class SQLiteStore:
                     try:
                         self._commit(changes, free_gil=True)
                     except Exception as e:  # (StoreError, or a bug of ours: refused alike)
-                        self._failed = self._failed or str(e)
+                        self._failed = str(e)
                         raise
             finally:
                 with self._idle:
@@ -201,7 +206,9 @@ class SQLiteStore:
 
     def _refuse_after_failure(self) -> None:
         if self._failed is not None:
-            raise StoreError(f"an earlier write failed ({self._failed}); read the store again")
+            raise RefusedAfterFailure(
+                f"an earlier write failed ({self._failed}); read the store again"
+            )
 
     def _commit(self, changes: StoreChanges, free_gil: bool = False) -> None:
         try:
@@ -236,11 +243,15 @@ class SQLiteStore:
         db = self._db
         if free_gil:
             for start in range(0, len(delta.removed), _JSON_CHUNK):
-                chunk = delta.removed[start : start + _JSON_CHUNK]
+                keys = [a.key for a in delta.removed[start : start + _JSON_CHUNK]]
+                text = json.dumps(keys, ensure_ascii=False)
+                if "\\u0000" in text:  # (as below)
+                    db.executemany("DELETE FROM vips WHERE mesh=? AND service=?", keys)
+                    continue
                 db.execute(
                     "DELETE FROM vips WHERE (mesh, service) IN "
                     "(SELECT value->>0, value->>1 FROM json_each(?))",
-                    (json.dumps([a.key for a in chunk]),),
+                    (text,),
                 )
         else:
             db.executemany(
@@ -268,14 +279,19 @@ class SQLiteStore:
                     )
                     for key, offset, zones, claim in delta.added[start : start + _JSON_CHUNK]
                 ]
+                # Not ASCII-escaped: a lone surrogate fails to bind, as in executemany.
+                text = json.dumps(rows, ensure_ascii=False)
+                if "\\u0000" in text:  # (SQLite's JSON ends a text at a NUL)
+                    db.executemany(_INSERT_VIP, rows)
+                    continue
                 db.execute(
                     "INSERT INTO vips (mesh, service, vip_offset, zones, claim) SELECT "
                     "value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?)",
-                    (json.dumps(rows),),
+                    (text,),
                 )
             return
         db.executemany(
-            "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (?, ?, ?, ?, ?)",
+            _INSERT_VIP,
             [
                 (
                     key[0],

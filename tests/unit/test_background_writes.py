@@ -119,3 +119,21 @@ def test_a_small_update_is_written_at_once_unless_a_big_one_is_on_its_way(
     state = store.load()
     assert state.table_version == 3 and len(state.allocations) == 21
     assert {a.key.service: a.offset for a in state.allocations}["s0"] == 500
+
+
+def test_the_writes_refused_after_a_failure_are_not_told_again(store: SQLiteStore) -> None:
+    """One failure, one recovery: the writes queued behind it are refused silently
+    (the failure's recovery covers them), and who waits is told it failed."""
+    store.commit(rows(("a", 1)))
+    thread, failures = Thread(), []
+    writes = BackgroundWrites(store, thread, failures.append)
+    writes.write(rows(("b", 1)), True)  # offset 1 is a's: refused
+    writes.write(rows(("c", 3)), False)  # behind it
+    stored = writes.when_stored()
+    thread.run()
+    thread.run()
+    assert len(failures) == 1
+    errors: list[Failure] = []
+    stored.addErrback(errors.append)
+    assert errors and errors[0].check(StoreError)
+    assert [a.key.service for a in store.load().allocations] == ["a"]

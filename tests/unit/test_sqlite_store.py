@@ -420,3 +420,21 @@ def test_a_failed_write_on_another_thread_refuses_every_write_until_the_store_is
     assert state.table_version == 1
     store.commit(StoreChanges(delta=_rows(1, first=50), table_version=3))
     assert store.load().table_version == 3
+
+
+def test_a_write_on_another_thread_stores_any_name_as_one_on_this_thread(
+    store: SQLiteStore,
+) -> None:
+    """Rows go in as JSON there: names with a NUL, or outside the BMP, come back as
+    they went in; a lone surrogate is refused, as on this thread."""
+    odd = ["a\x00b", "a", "\U0001f600-emoji", 'quote"back\\slash']
+    added = [Allocation(key(name), i) for i, name in enumerate(odd)]
+    store.begin_background(StoreChanges(delta=TableDelta(added=added), table_version=1))()
+    assert sorted(a.key.service for a in store.load().allocations) == sorted(odd)
+    bad = TableDelta(added=[Allocation(key("\ud800"), 50)])
+    with pytest.raises(StoreError):
+        store.begin_background(StoreChanges(delta=bad, table_version=2))()
+    store.load()
+    gone = TableDelta(removed=[Allocation(key("a\x00b"), 0)])
+    store.begin_background(StoreChanges(delta=gone, table_version=3))()
+    assert sorted(a.key.service for a in store.load().allocations) == sorted(odd[1:])

@@ -491,17 +491,14 @@ class FederatedView:
             target = upsert
         # (Tuples made without the named tuples' argument handling: a fresh zone
         # takes 100,000 rows.)
-        new = tuple.__new__
+        new, removed = tuple.__new__, self._pending_remove
         for mesh, service, offset, zones, claim in message.upsert:
             if offset >= size:
                 raise ProtocolError(f"offset {offset} is outside the VIP range")
             key = new(ServiceKey, (mesh, service))
             target[key] = new(Allocation, (key, offset, zones, claim))
-        if full is None:
-            assert self._pending_remove is not None
-            self._pending_remove.difference_update(
-                new(ServiceKey, (row[0], row[1])) for row in message.upsert
-            )
+            if removed is not None:  # (a change: a row given again is not removed)
+                removed.discard(key)
         if not message.last:
             return None
         pending_upsert, pending_remove = self._pending_upsert, self._pending_remove

@@ -66,9 +66,15 @@ class VipEntry:
     problems: tuple[str, ...] = ()
     provisional: bool = False
     zones: tuple[str, ...] = ()
-    #: The VIPs' offset in the zone's range (-1: not told; readers work it out
-    #: from C{vip}).
+    #: The VIPs' offset in the zone's range (-1: not told; see L{offset_in}).
     offset: int = -1
+
+    def offset_in(self, vip_range: VipRange) -> int | None:
+        """The VIPs' offset in C{vip_range}: the one the entry carries, else (an
+        entry made without it) worked out from C{vip}; None if not of that range."""
+        if 0 <= self.offset < vip_range.size:
+            return self.offset
+        return vip_range.offset_of_ipv4_text(self.vip)
 
 
 _set_entry_fields = tuple(VipEntry.__dict__[f.name].__set__ for f in dataclasses.fields(VipEntry))
@@ -367,12 +373,8 @@ class Zone:
             )
 
     def recover(self) -> None:
-        """A write on another thread failed (L{write_in_background}): memory goes
-        back to what the store holds."""
-        self._recover()
-
-    def _recover(self) -> None:
-        """After a failed write: memory goes back to what the store holds.
+        """After a failed write (here, or on another thread: L{write_in_background}):
+        memory goes back to what the store holds.
 
         The files stay as read; the table is reconciled with them whole at the
         next change or tick.  Listeners are told to rebuild.
@@ -645,7 +647,7 @@ class Zone:
                 self._commit(puts=puts, deletes=deletes, delta=delta)
         except StoreError:
             # Nothing is served that is not stored: back to the stored state.
-            self._recover()
+            self.recover()
             raise
         self._followed(delta, inventory)
 
@@ -672,7 +674,7 @@ class Zone:
             if delta.anything or self._reset_table:
                 self._commit(delta=delta)
         except StoreError:
-            self._recover()
+            self.recover()
             raise
         self._followed(delta, _NOTHING)
         return delta
@@ -691,7 +693,7 @@ class Zone:
             if delta.anything:
                 self._commit(delta=delta)
         except StoreError:
-            self._recover()
+            self.recover()
             raise
         self._followed(delta, _NOTHING)
 
@@ -724,7 +726,7 @@ class Zone:
             # one is written on another thread (DNS is answered meanwhile).
             self._commit(delta=delta, table_id=table_id, reset=new_table, background=True)
         except StoreError:
-            self._recover()
+            self.recover()
             raise
         self.table_id = table_id
         # A new table too is followed by the services it changed (the view

@@ -174,7 +174,6 @@ class MeshAuthority(ResolverBase):
         #: have changed: offsets, not reverse names, so that a change of many
         #: rows does not spell out two reverse names per row.
         self.changed_offsets: set[int] = set()
-        self._changed_offsets: set[int] = set()
         self.update(ZoneSnapshot(version=0, entries=(), mesh_of_address={}))
 
     def update(self, snapshot: ZoneSnapshot) -> None:
@@ -208,8 +207,7 @@ class MeshAuthority(ResolverBase):
             self.update(change.snapshot)
             return
         changed: set[bytes] = set()
-        offsets: set[int] = set()
-        self._changed_offsets = offsets
+        self.changed_offsets = set()
         for entry in change.removed:
             served = self._served.get(entry.key)
             if served is not None:
@@ -221,16 +219,12 @@ class MeshAuthority(ResolverBase):
             self._add(self._serve(entry), changed)
         self.version = change.snapshot.version
         self.changed = changed
-        self.changed_offsets = offsets
 
     def _serve(self, entry: VipEntry) -> _Served:
         """C{entry} as the authority serves it."""
         names = tuple([text.encode("ascii") for text in entry.names])
-        offset = entry.offset
-        if not 0 <= offset < self._range.size:  # not told (or not of this range)
-            found = self._range.offset_of_ipv4_text(entry.vip)
-            offset = -1 if found is None else found
-        return _Served(entry, offset, names)
+        offset = entry.offset_in(self._range)
+        return _Served(entry, -1 if offset is None else offset, names)
 
     def ptr_offset(self, name: bytes) -> int | None:
         """The VIP offset whose PTR answers C{name} (a full reverse name, lower
@@ -294,7 +288,7 @@ class MeshAuthority(ResolverBase):
         if changed is not None:
             changed.update(served.names)
             if served.offset >= 0:
-                self._changed_offsets.add(served.offset)
+                self.changed_offsets.add(served.offset)
 
     def _remove(self, served: _Served, changed: set[bytes]) -> None:
         """Stop serving C{served}; its names (and those of entries taking over) into C{changed}."""
@@ -331,7 +325,7 @@ class MeshAuthority(ResolverBase):
                 self._by_offset[served.offset] = offset_claims[0]
                 if len(offset_claims) == 1:
                     del self._offset_contested[served.offset]
-            self._changed_offsets.add(served.offset)
+            self.changed_offsets.add(served.offset)
         changed.update(served.names)
 
     def _set_ptr(self, served: _Served, changed: set[bytes] | None) -> None:
@@ -348,7 +342,7 @@ class MeshAuthority(ResolverBase):
         if ptr != served.ptr:
             served.ptr = ptr
             if changed is not None and served.offset >= 0:
-                self._changed_offsets.add(served.offset)
+                self.changed_offsets.add(served.offset)
 
     # -- records ----------------------------------------------------------------
 

@@ -41,7 +41,7 @@ class BackgroundWrites:
         self.store = store
         self._in_thread = in_thread
         self._failed = failed
-        #: The write on its way (at most one: the next waits for it to begin).
+        #: The last write handed to the thread (those before it end first).
         self._writing: Deferred[Any] | None = None
         self._waiters: list[Deferred[None]] = []
 

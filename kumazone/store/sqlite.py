@@ -40,6 +40,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from importlib import resources as package_files
+from typing import Any
 
 from kumazone.core.storage import StoreChanges, StoredState, StoreError
 from kumazone.core.vips import TableDelta
@@ -64,7 +65,6 @@ _MIGRATIONS = {1: "migrate-v1-v2.sql", 2: "migrate-v2-v3.sql"}
 _JSON_CHUNK = 5000
 #: Whether this SQLite has C{->>} (3.38): else such a write takes C{executemany} too.
 _JSON_ROWS = sqlite3.sqlite_version_info >= (3, 38, 0)
-_INSERT_VIP = "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (?, ?, ?, ?, ?)"
 
 
 class RefusedAfterFailure(StoreError):
@@ -239,25 +239,15 @@ class SQLiteStore:
             )
 
     def _write_delta(self, delta: TableDelta, free_gil: bool = False) -> None:
-        # executemany: one statement prepared for all rows (a first load writes 100,000).
+        zones_text: dict[tuple[str, ...], str] = {(): "[]"}
+        self._write_rows(
+            "DELETE FROM vips WHERE mesh=? AND service=?",
+            "DELETE FROM vips WHERE (mesh, service) IN "
+            "(SELECT value->>0, value->>1 FROM json_each(?))",
+            [(a.key.mesh, a.key.service) for a in delta.removed],
+            free_gil,
+        )
         db = self._db
-        if free_gil:
-            for start in range(0, len(delta.removed), _JSON_CHUNK):
-                keys = [a.key for a in delta.removed[start : start + _JSON_CHUNK]]
-                text = json.dumps(keys, ensure_ascii=False)
-                if "\\u0000" in text:  # (as below)
-                    db.executemany("DELETE FROM vips WHERE mesh=? AND service=?", keys)
-                    continue
-                db.execute(
-                    "DELETE FROM vips WHERE (mesh, service) IN "
-                    "(SELECT value->>0, value->>1 FROM json_each(?))",
-                    (text,),
-                )
-        else:
-            db.executemany(
-                "DELETE FROM vips WHERE mesh=? AND service=?",
-                [(a.key.mesh, a.key.service) for a in delta.removed],
-            )
         db.executemany(
             "DELETE FROM holds WHERE vip_offset=?", [(h.offset,) for h in delta.holds_dropped]
         )
@@ -265,33 +255,10 @@ class SQLiteStore:
             "INSERT OR REPLACE INTO holds (vip_offset, mesh, service, until) VALUES (?, ?, ?, ?)",
             [(h.offset, h.key.mesh, h.key.service, h.until) for h in delta.holds_added],
         )
-        zones_text: dict[tuple[str, ...], str] = {(): "[]"}
-        if free_gil:
-            for start in range(0, len(delta.added), _JSON_CHUNK):
-                rows = [
-                    (
-                        key[0],
-                        key[1],
-                        offset,
-                        zones_text.get(zones)
-                        or zones_text.setdefault(zones, json.dumps(list(zones))),
-                        claim,
-                    )
-                    for key, offset, zones, claim in delta.added[start : start + _JSON_CHUNK]
-                ]
-                # Not ASCII-escaped: a lone surrogate fails to bind, as in executemany.
-                text = json.dumps(rows, ensure_ascii=False)
-                if "\\u0000" in text:  # (SQLite's JSON ends a text at a NUL)
-                    db.executemany(_INSERT_VIP, rows)
-                    continue
-                db.execute(
-                    "INSERT INTO vips (mesh, service, vip_offset, zones, claim) SELECT "
-                    "value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?)",
-                    (text,),
-                )
-            return
-        db.executemany(
-            _INSERT_VIP,
+        self._write_rows(
+            "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO vips (mesh, service, vip_offset, zones, claim) SELECT "
+            "value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?)",
             [
                 (
                     key[0],
@@ -302,7 +269,26 @@ class SQLiteStore:
                 )
                 for key, offset, zones, claim in delta.added
             ],
+            free_gil,
         )
+
+    def _write_rows(
+        self, each: str, as_json: str, rows: list[tuple[Any, ...]], free_gil: bool
+    ) -> None:
+        """C{rows} by C{each} (executemany: one statement prepared for all, a first load
+        writes 100,000), or, with C{free_gil}, by C{as_json} 5,000 at a time (one
+        statement each over a JSON array: the GIL stays free while it runs)."""
+        if not free_gil:
+            self._db.executemany(each, rows)
+            return
+        for start in range(0, len(rows), _JSON_CHUNK):
+            chunk = rows[start : start + _JSON_CHUNK]
+            # Not ASCII-escaped: a lone surrogate fails to bind, as in executemany.
+            text = json.dumps(chunk, ensure_ascii=False)
+            if "\\u0000" in text:  # (SQLite's JSON ends a text at a NUL)
+                self._db.executemany(each, chunk)
+            else:
+                self._db.execute(as_json, (text,))
 
     def _write_zones(self, changes: StoreChanges) -> None:
         db = self._db

@@ -310,11 +310,8 @@ class DataplaneHub:
     # -- the table ----------------------------------------------------------------
 
     def _row(self, entry: VipEntry, vip_range: VipRange) -> DpRow:
-        offset = entry.offset
-        if not 0 <= offset < vip_range.size:  # not told (or not of this range)
-            found = vip_range.offset_of_ipv4_text(entry.vip)
-            assert found is not None  # the zone's entries hold VIPs of its range
-            offset = found
+        offset = entry.offset_in(vip_range)
+        assert offset is not None  # the zone's entries hold VIPs of its range
         service = entry.key.service
         return DpRow(
             service,

@@ -75,6 +75,14 @@ class VipRange:
         self._start4 = self._base4 + self._first
         self._start6 = self._base6 + self._first
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, VipRange):
+            return NotImplemented
+        return self.cidr == other.cidr and self.cidr6 == other.cidr6
+
+    def __hash__(self) -> int:
+        return hash((self.cidr, self.cidr6))
+
     def candidate(self, key: ServiceKey) -> int:
         """The offset this key asks for first."""
         digest = _sha256(f"{key[0]}/{key[1]}".encode()).digest()

@@ -55,19 +55,96 @@ class ConflictError(Exception):
     """A resource is defined by another source and cannot be changed here."""
 
 
-@dataclass(frozen=True, slots=True)
 class VipEntry:
-    """One service with its VIPs and DNS names."""
+    """One service with its VIPs and DNS names. Immutable.
+
+    C{VipEntry(key, vip, vip6, names, problems, provisional, zones, offset)} holds
+    the VIPs as given.  A zone's own entries (L{VipEntry.at}) hold only the VIPs'
+    offset and the zone's range, and spell the addresses out when asked (the API,
+    the authority path): a zone holds an entry per service, and the two texts
+    were a third of it.
+    """
+
+    __slots__ = ("_range", "_texts", "key", "names", "offset", "problems", "provisional", "zones")
 
     key: ServiceKey
-    vip: str
-    vip6: str
     names: tuple[str, ...]
-    problems: tuple[str, ...] = ()
-    provisional: bool = False
-    zones: tuple[str, ...] = ()
+    problems: tuple[str, ...]
+    provisional: bool
+    zones: tuple[str, ...]
     #: The VIPs' offset in the zone's range (-1: not told; see L{offset_in}).
-    offset: int = -1
+    offset: int
+    _range: VipRange | None
+    _texts: tuple[str, str] | None
+
+    def __init__(
+        self,
+        key: ServiceKey,
+        vip: str,
+        vip6: str,
+        names: tuple[str, ...],
+        problems: tuple[str, ...] = (),
+        provisional: bool = False,
+        zones: tuple[str, ...] = (),
+        offset: int = -1,
+    ) -> None:
+        for slot, value in zip(
+            _ENTRY_SLOTS,
+            (key, names, problems, provisional, zones, offset, None, (vip, vip6)),
+            strict=True,
+        ):
+            slot(self, value)
+
+    @classmethod
+    def at(
+        cls,
+        key: ServiceKey,
+        vip_range: VipRange,
+        offset: int,
+        names: tuple[str, ...],
+        problems: tuple[str, ...],
+        provisional: bool,
+        zones: tuple[str, ...],
+    ) -> VipEntry:
+        """The entry of the VIPs at C{offset} of C{vip_range} (which must hold it)."""
+        entry = _new_object(cls)
+        (
+            set_key,
+            set_names,
+            set_problems,
+            set_provisional,
+            set_zones,
+            set_offset,
+            set_range,
+            set_texts,
+        ) = _ENTRY_SLOTS
+        set_key(entry, key)
+        set_names(entry, names)
+        set_problems(entry, problems)
+        set_provisional(entry, provisional)
+        set_zones(entry, zones)
+        set_offset(entry, offset)
+        set_range(entry, vip_range)
+        set_texts(entry, None)
+        return entry
+
+    @property
+    def vip(self) -> str:
+        """The IPv4 VIP, as text."""
+        texts = self._texts
+        if texts is not None:
+            return texts[0]
+        assert self._range is not None
+        return self._range.ipv4_text(self.offset)
+
+    @property
+    def vip6(self) -> str:
+        """The IPv6 VIP, as text (RFC 5952)."""
+        texts = self._texts
+        if texts is not None:
+            return texts[1]
+        assert self._range is not None
+        return self._range.ipv6_text(self.offset)
 
     def offset_in(self, vip_range: VipRange) -> int | None:
         """The VIPs' offset in C{vip_range}: the one the entry carries, else (an
@@ -76,49 +153,81 @@ class VipEntry:
             return self.offset
         return vip_range.offset_of_ipv4_text(self.vip)
 
+    def replace(self, **changes: object) -> VipEntry:
+        """This entry with C{changes} (by field name, C{vip} and C{vip6} too); new
+        VIP texts and no C{offset} leave the offset untold (-1)."""
+        fields = dict(zip(_ENTRY_FIELDS, self._fields(), strict=True))
+        if ("vip" in changes or "vip6" in changes) and "offset" not in changes:
+            fields["offset"] = -1
+        unknown = changes.keys() - fields.keys()
+        if unknown:
+            raise TypeError(f"VipEntry has no field {', '.join(sorted(unknown))}")
+        fields.update(changes)
+        return VipEntry(**fields)  # type: ignore[arg-type]
 
-_set_entry_fields = tuple(VipEntry.__dict__[f.name].__set__ for f in dataclasses.fields(VipEntry))
+    def _fields(self) -> tuple[object, ...]:
+        return (
+            self.key,
+            self.vip,
+            self.vip6,
+            self.names,
+            self.problems,
+            self.provisional,
+            self.zones,
+            self.offset,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not VipEntry:
+            return NotImplemented
+        assert isinstance(other, VipEntry)
+        vip_range = self._range
+        if vip_range is not None and (vip_range is other._range or vip_range == other._range):
+            # One range: the same offset is the same VIPs (no texts spelled out).
+            return (
+                self.key == other.key
+                and self.offset == other.offset
+                and self.names == other.names
+                and self.problems == other.problems
+                and self.provisional == other.provisional
+                and self.zones == other.zones
+            )
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        # Without the VIP texts (equal entries have the same offset).
+        fields = (self.key, self.names, self.problems, self.provisional, self.zones, self.offset)
+        return hash(fields)
+
+    def __repr__(self) -> str:
+        key, vip, vip6, names, problems, provisional, zones, offset = self._fields()
+        return (
+            f"VipEntry(key={key!r}, vip={vip!r}, vip6={vip6!r}, names={names!r}, "
+            f"problems={problems!r}, provisional={provisional!r}, zones={zones!r}, "
+            f"offset={offset!r})"
+        )
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise dataclasses.FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (VipEntry, self._fields())
 
 
-def _new_entry(
-    key: ServiceKey,
-    vip: str,
-    vip6: str,
-    names: tuple[str, ...],
-    problems: tuple[str, ...],
-    provisional: bool,
-    zones: tuple[str, ...],
-    offset: int,
-) -> VipEntry:
-    """C{VipEntry(key, vip, vip6, names, problems, provisional, zones, offset)} at half
-    the cost.
-
-    A frozen dataclass's constructor sets each field through C{object.__setattr__};
-    this sets the slots directly (a start-up makes an entry per service).
-    """
-    entry = _new_object(VipEntry)
-    (
-        set_key,
-        set_vip,
-        set_vip6,
-        set_names,
-        set_problems,
-        set_provisional,
-        set_zones,
-        set_offset,
-    ) = _set_entry_fields
-    set_key(entry, key)
-    set_vip(entry, vip)
-    set_vip6(entry, vip6)
-    set_names(entry, names)
-    set_problems(entry, problems)
-    set_provisional(entry, provisional)
-    set_zones(entry, zones)
-    set_offset(entry, offset)
-    return entry
+#: The fields, as the constructor and L{VipEntry._fields} give them.
+_ENTRY_FIELDS = ("key", "vip", "vip6", "names", "problems", "provisional", "zones", "offset")
+#: The slots' own setters (past the frozen C{__setattr__}), in the order L{VipEntry.at} sets them.
+_ENTRY_SLOTS = tuple(
+    VipEntry.__dict__[name].__set__
+    for name in ("key", "names", "problems", "provisional", "zones", "offset", "_range", "_texts")
+)
 
 
 _new_object = object.__new__
+_new_entry = VipEntry.at
 #: C{_new_tuple(ServiceKey, (mesh, service))}: C{ServiceKey(mesh, service)} without
 #: the named tuple's argument handling.
 _new_tuple = tuple.__new__
@@ -1149,25 +1258,16 @@ class Zone:
         owned, problems = assignment
         zones = row.zones or self._zones
         vip_range = self.table.range
-        vip = vip_range.ipv4_text(row.offset)
         if old is not None and (
-            old.vip,
+            old._range,
+            old.offset,
             old.names,
             old.problems,
             old.provisional,
             old.zones,
-        ) == (vip, owned, problems, row.provisional, zones):
+        ) == (vip_range, row.offset, owned, problems, row.provisional, zones):
             return old
-        return _new_entry(
-            row.key,
-            vip,
-            vip_range.ipv6_text(row.offset),
-            owned,
-            problems,
-            row.provisional,
-            zones,
-            row.offset,
-        )
+        return _new_entry(row.key, vip_range, row.offset, owned, problems, row.provisional, zones)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:

@@ -499,14 +499,8 @@ class DataplaneTable:
         if names and any(name_problem(name) is not None for name in names):
             # The zone never names a service so; a name that is no DNS name is not served.
             names = tuple(name for name in names if name_problem(name) is None)
-        return VipEntry(
-            ServiceKey(self.mesh, row.service),
-            vip_range.ipv4_text(row.offset),
-            vip_range.ipv6_text(row.offset),
-            names,
-            provisional=row.provisional,
-            offset=row.offset,
-        )
+        key = ServiceKey(self.mesh, row.service)
+        return VipEntry.at(key, vip_range, row.offset, names, (), row.provisional, ())
 
     def _set_config(self, config: DnsServerConfig) -> None:
         self.config = config

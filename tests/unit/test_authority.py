@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import socket
-from dataclasses import replace
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 import pytest
@@ -537,8 +536,8 @@ def test_apply_adds_and_removes_services_as_a_full_build_would() -> None:
         (*ENTRIES, PAYMENTS_EXTRA, NAMELESS),  # added: new empty non-terminals in payments
         (REDIS, ECHO, PAYMENTS_EXTRA),  # removed: api.v1.mesh's v1.mesh goes
         # Replaced: a new VIP, and one name form dropped.
-        (replace(REDIS, vip="240.0.0.99", vip6="fd00:fd00::63"), ECHO, PAYMENTS_EXTRA),
-        (replace(ECHO, names=ECHO.names[:1]), PAYMENTS_EXTRA),
+        (REDIS.replace(vip="240.0.0.99", vip6="fd00:fd00::63"), ECHO, PAYMENTS_EXTRA),
+        (ECHO.replace(names=ECHO.names[:1]), PAYMENTS_EXTRA),
         (),
     ]
     authority = make_authority(steps[0])
@@ -616,12 +615,12 @@ def test_negative_agrees_with_the_answers() -> None:
 # A pool of entries, in several forms each, for the property test: collisions
 # (a.b.mesh), empty non-terminals (v1.mesh, y.z.mesh), two meshes, no names.
 POOL = [
-    [REDIS, replace(REDIS, vip="240.0.1.10", vip6="fd00:fd00::10a")],
-    [ECHO, replace(ECHO, names=ECHO.names[:1]), replace(ECHO, provisional=True)],
-    [DOTTED, replace(DOTTED, names=("a.b.mesh", "ab.mesh"))],
-    [UNDERSCORED, replace(UNDERSCORED, names=("a_b.mesh",))],
-    [PAYMENTS_API, replace(PAYMENTS_API, names=("api_v1.mesh",))],
-    [PAYMENTS_EXTRA, replace(PAYMENTS_EXTRA, names=("x.y.z.mesh",))],
+    [REDIS, REDIS.replace(vip="240.0.1.10", vip6="fd00:fd00::10a")],
+    [ECHO, ECHO.replace(names=ECHO.names[:1]), ECHO.replace(provisional=True)],
+    [DOTTED, DOTTED.replace(names=("a.b.mesh", "ab.mesh"))],
+    [UNDERSCORED, UNDERSCORED.replace(names=("a_b.mesh",))],
+    [PAYMENTS_API, PAYMENTS_API.replace(names=("api_v1.mesh",))],
+    [PAYMENTS_EXTRA, PAYMENTS_EXTRA.replace(names=("x.y.z.mesh",))],
     [PAYMENTS_REDIS],
     [NAMELESS],
     [VipEntry(ServiceKey("payments", "a.b"), "240.0.0.90", "fd00:fd00::5a", ("a.b.mesh",))],

@@ -27,7 +27,7 @@ from kumazone.core.names import NameIndex, ServiceNames, assign_names, service_n
 from kumazone.core.resources import Resource, ResourceError, parse_resource
 from kumazone.core.sortedindex import SortedIndex, sorted_keys
 from kumazone.core.vips import ServiceKey, VipRange
-from kumazone.core.zone import VipEntry, Zone, ZoneChange, _new_entry
+from kumazone.core.zone import VipEntry, Zone, ZoneChange
 from kumazone.store.sqlite import SQLiteStore
 from tests.builders import dataplane, dataplane_resource
 
@@ -350,19 +350,46 @@ def test_vip_texts_are_the_addresses_as_text() -> None:
             assert vip_range.ipv6_text(offset) == str(vip_range.ipv6(offset))
 
 
-def test_the_fast_entry_is_an_entry() -> None:
-    fields = (
-        ServiceKey("default", "web"),
-        "240.0.0.1",
-        "fd00::1",
-        ("web.mesh",),
-        (),
-        False,
-        ("z",),
-        1,
-    )
-    made, expected = _new_entry(*fields), VipEntry(*fields)
-    assert made == expected and hash(made) == hash(expected) and repr(made) == repr(expected)
+def test_an_entry_at_an_offset_is_the_entry_of_its_texts() -> None:
+    # A zone's entries hold an offset and the range; the API and the authority path
+    # read the texts from them, and an entry given the texts equals one given the offset.
+    vip_range = VipRange(IPv4Network("240.0.0.0/4"), IPv6Network("fd00:fd00::/64"))
+    key, names = ServiceKey("default", "web"), ("web.mesh",)
+    for offset in (0, 1, 255, 65_535, vip_range.size - 1):
+        made = VipEntry.at(key, vip_range, offset, names, (), False, ("z",))
+        vip, vip6 = str(vip_range.ipv4(offset)), str(vip_range.ipv6(offset))
+        expected = VipEntry(key, vip, vip6, names, (), False, ("z",), offset)
+        assert (made.vip, made.vip6) == (vip, vip6)
+        assert made == expected and expected == made
+        assert hash(made) == hash(expected) and repr(made) == repr(expected)
+        assert made.offset_in(vip_range) == offset == expected.offset_in(vip_range)
+        # Another range object of the same CIDRs is the same range.
+        again = VipRange(IPv4Network("240.0.0.0/4"), IPv6Network("fd00:fd00::/64"))
+        assert made == VipEntry.at(key, again, offset, names, (), False, ("z",))
+    made = VipEntry.at(key, vip_range, 7, names, (), False, ("z",))
+    for other in [
+        VipEntry.at(key, vip_range, 8, names, (), False, ("z",)),
+        VipEntry.at(key, vip_range, 7, ("other.mesh",), (), False, ("z",)),
+        VipEntry.at(key, vip_range, 7, names, (), True, ("z",)),
+        VipEntry.at(key, vip_range, 7, names, (), False, ("y",)),
+        VipEntry.at(key, vip_range, 7, names, ("bad",), False, ("z",)),
+        VipEntry.at(ServiceKey("other", "web"), vip_range, 7, names, (), False, ("z",)),
+        VipEntry(key, "240.0.0.9", made.vip6, names, (), False, ("z",), 7),
+        VipEntry(key, made.vip, "fd00:fd00::9", names, (), False, ("z",), 7),
+        # The same offset of another range is other VIPs.
+        VipEntry.at(
+            key,
+            VipRange(IPv4Network("10.0.0.0/8"), IPv6Network("fd00:fd00::/64")),
+            7,
+            names,
+            (),
+            False,
+            ("z",),
+        ),
+    ]:
+        assert made != other and other != made
+    with pytest.raises(AttributeError):
+        made.offset = 9  # type: ignore[misc]
 
 
 # -- the zone: a big change builds its entries in one pass ----------------------------

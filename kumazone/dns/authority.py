@@ -1,7 +1,8 @@
 """The DNS authority: a twisted.names L{IResolver} over a Kuma zone's VIP table.
 
 Authoritative for the configured domain and for the reverse domains of both CIDRs.
-Keys are lower-cased bytes; answers repeat the name as it was asked.  A name that
+Names are looked up lower-cased (the maps hold the entries' own text names);
+answers repeat the name as it was asked.  A name that
 is not ours raises L{dns.DomainError} (REFUSED); a name that is ours and does not
 exist raises L{NameNotFound}, which carries the SOA for the authority section.
 """
@@ -86,15 +87,17 @@ class _Served:
     """A table entry as the authority serves it.
 
     Records are made per query on the authority path (the hot path keeps the
-    encoded answers), so that a 100,000-service table holds no record objects.
+    encoded answers), so that a 100,000-service table holds no record objects;
+    the names are the entry's own (text: the maps are keyed by the entry's
+    strings, not by a copy of each name in octets).
     """
 
     entry: VipEntry
     offset: int
-    names: tuple[bytes, ...]
+    names: tuple[str, ...]
     #: The name the PTR gives: the last of C{names} this service owns (the
     #: DNS-compliant form, unless another service holds it), or None.
-    ptr: bytes | None = None
+    ptr: str | None = None
 
 
 def _address_label(label: bytes, suffix: bytes) -> bool:
@@ -140,6 +143,9 @@ class MeshAuthority(ResolverBase):
         self.ttl = config.ttl
         self.apex = config.domain.encode("ascii")
         self._suffix = b"." + self.apex
+        #: The same, as text: the names the maps hold.
+        self._apex_text = config.domain
+        self._suffix_text = "." + config.domain
         self.nameserver = nameserver_name(config.domain).encode("ascii")
         self.hostmaster = b"hostmaster." + self.apex
         self._nameserver_addresses = [ipaddress.ip_address(a) for a in nameserver_addresses]
@@ -157,19 +163,19 @@ class MeshAuthority(ResolverBase):
         self.version = 0
         self._range = VipRange(config.cidr, config.cidr6)
         #: mesh -> name -> the entry that owns it (a few meshes, so no dict per name).
-        self._forward: dict[str, dict[bytes, _Served]] = {}
+        self._forward: dict[str, dict[str, _Served]] = {}
         #: (mesh, name) -> every entry claiming it, least key first; only names
         #: claimed by more than one entry (the zone gives each name one owner).
-        self._contested: dict[tuple[str, bytes], list[_Served]] = {}
+        self._contested: dict[tuple[str, str], list[_Served]] = {}
         #: Empty non-terminals: name -> mesh -> how many names of that mesh lie below.
-        self._empty: dict[bytes, dict[str, int]] = {}
+        self._empty: dict[str, dict[str, int]] = {}
         #: VIP offset -> entry, for PTR (one key per service serves both families).
         self._by_offset: dict[int, _Served] = {}
         self._offset_contested: dict[int, list[_Served]] = {}
         self._served: dict[ServiceKey, _Served] = {}
-        #: The names (lower case, forward) whose answers the last L{apply} may
-        #: have changed; None after a full build (anything may have).
-        self.changed: set[bytes] | None = None
+        #: The names (lower case, forward, as text) whose answers the last
+        #: L{apply} may have changed; None after a full build (anything may have).
+        self.changed: set[str] | None = None
         #: The VIP offsets whose PTR answers (both families) the last L{apply} may
         #: have changed: offsets, not reverse names, so that a change of many
         #: rows does not spell out two reverse names per row.
@@ -184,7 +190,7 @@ class MeshAuthority(ResolverBase):
         old = self._served
         self._forward, self._contested, self._by_offset = {}, {}, {}
         self._offset_contested, self._served = {}, {}
-        self._empty = {self.nameserver.split(b".", 1)[1]: {"*": 1}}
+        self._empty = {self.nameserver.split(b".", 1)[1].decode("ascii"): {"*": 1}}
         serve, add = self._serve, self._add
         with bulk_load():  # a first build makes a few objects per service
             for entry in snapshot.entries:
@@ -206,7 +212,7 @@ class MeshAuthority(ResolverBase):
         if change.full:
             self.update(change.snapshot)
             return
-        changed: set[bytes] = set()
+        changed: set[str] = set()
         self.changed_offsets = set()
         for entry in change.removed:
             served = self._served.get(entry.key)
@@ -222,9 +228,8 @@ class MeshAuthority(ResolverBase):
 
     def _serve(self, entry: VipEntry) -> _Served:
         """C{entry} as the authority serves it."""
-        names = tuple([text.encode("ascii") for text in entry.names])
         offset = entry.offset_in(self._range)
-        return _Served(entry, -1 if offset is None else offset, names)
+        return _Served(entry, -1 if offset is None else offset, entry.names)
 
     def ptr_offset(self, name: bytes) -> int | None:
         """The VIP offset whose PTR answers C{name} (a full reverse name, lower
@@ -236,16 +241,16 @@ class MeshAuthority(ResolverBase):
             return self._range.offset_of(ipaddress.IPv4Address(address))
         return self._range.offset_of(ipaddress.IPv6Address(address))
 
-    def _parents(self, name: bytes) -> Iterable[bytes]:
+    def _parents(self, name: str) -> Iterable[str]:
         """The names between C{name} and the apex: the non-terminals it makes."""
         parent = name
-        while b"." in parent:
-            parent = parent.split(b".", 1)[1]
-            if parent == self.apex or not parent.endswith(self._suffix):
+        while "." in parent:
+            parent = parent.split(".", 1)[1]
+            if parent == self._apex_text or not parent.endswith(self._suffix_text):
                 break
             yield parent
 
-    def _add(self, served: _Served, changed: set[bytes] | None) -> None:
+    def _add(self, served: _Served, changed: set[str] | None) -> None:
         """Serve C{served}; its names (and those of entries it displaces) into C{changed}."""
         key = served.entry.key
         mesh = key.mesh
@@ -266,7 +271,8 @@ class MeshAuthority(ResolverBase):
                 if claims[0] is served:
                     in_mesh[name] = served
                     self._set_ptr(owner, changed)
-            if b"." not in name[: -len(self._suffix)] or not name.endswith(self._suffix):
+            suffix = self._suffix_text
+            if "." not in name[: -len(suffix)] or not name.endswith(suffix):
                 continue  # one label under the apex (the usual case): no parent to count
             for parent in self._parents(name):
                 counts = self._empty.get(parent)
@@ -290,7 +296,7 @@ class MeshAuthority(ResolverBase):
             if served.offset >= 0:
                 self.changed_offsets.add(served.offset)
 
-    def _remove(self, served: _Served, changed: set[bytes]) -> None:
+    def _remove(self, served: _Served, changed: set[str]) -> None:
         """Stop serving C{served}; its names (and those of entries taking over) into C{changed}."""
         key = served.entry.key
         mesh = key.mesh
@@ -328,7 +334,7 @@ class MeshAuthority(ResolverBase):
             self.changed_offsets.add(served.offset)
         changed.update(served.names)
 
-    def _set_ptr(self, served: _Served, changed: set[bytes] | None) -> None:
+    def _set_ptr(self, served: _Served, changed: set[str] | None) -> None:
         """Point C{served}'s PTR at the last of its names it owns: one that resolves back to it.
 
         With C{changed} (an L{apply}), a PTR that moved counts in L{changed_offsets}.
@@ -433,11 +439,13 @@ class MeshAuthority(ResolverBase):
             return _APEX, None
         if name == self.nameserver:
             return _NAMESERVER, None
+        # The maps hold text; a name of other octets than ASCII is no one's.
+        text = name.decode("latin-1")
         in_mesh = self._forward.get(mesh)
-        served = in_mesh.get(name) if in_mesh is not None else None
+        served = in_mesh.get(text) if in_mesh is not None else None
         if served is not None:
             return _SERVED, served
-        meshes = self._empty.get(name)
+        meshes = self._empty.get(text)
         if meshes is not None and (mesh in meshes or "*" in meshes):
             return _EMPTY, None
         return _NONE, None
@@ -526,7 +534,8 @@ class MeshAuthority(ResolverBase):
             if qtype not in _PTR_TYPES:
                 return [], [self._soa(apex)], []
             ttl = self._ttl_of(served.entry)
-            return [self._rr(asked, dns.Record_PTR(served.ptr, ttl), dns.PTR, ttl)], [], []
+            record = dns.Record_PTR(served.ptr.encode("ascii"), ttl)
+            return [self._rr(asked, record, dns.PTR, ttl)], [], []
         if kind == _EMPTY:
             return [], [self._soa(apex)], []
         raise NameNotFound(asked, [self._soa(apex)])

@@ -328,7 +328,7 @@ class HotCache:
         by_name, by_offset = self._by_name, self._by_offset
         if by_name:
             for name in authority.changed:
-                self._drop(by_name.pop(name.lower(), None))
+                self._drop(by_name.pop(name.encode("ascii").lower(), None))
         if by_offset:
             for offset in authority.changed_offsets:
                 self._drop(by_offset.pop(offset, None))

@@ -576,7 +576,7 @@ def test_a_contested_name_passes_to_the_next_claimant_with_its_ptr() -> None:
 def test_changed_names_are_those_of_the_entries_changed() -> None:
     authority = make_authority()
     authority.apply(diff(ENTRIES, (*ENTRIES, PAYMENTS_EXTRA), VERSION + 1))
-    assert authority.changed == {b"x_y_z.mesh", b"x.y.z.mesh"}
+    assert authority.changed == {"x_y_z.mesh", "x.y.z.mesh"}
     # Its PTRs, by the VIP's offset: the one both its reverse names stand for.
     [offset] = authority.changed_offsets
     assert authority.ptr_offset(reverse(PAYMENTS_EXTRA.vip)) == offset

@@ -1,8 +1,9 @@
 """The zone's side of dataplane sync: each mesh's names pushed to its dataplanes.
 
 L{DataplaneHub} follows the zone's table (it is one of the zone's listeners) and
-keeps each mesh's rows as dataplanes get them (L{DpRow}: a service, its VIP's
-offset, its name forms).  A dataplane connects to the dataplane port, says
+sends each mesh's rows as dataplanes get them (L{DpRow}: a service, its VIP's
+offset, its name forms), made from the zone's entries when they are sent: it
+keeps no row of its own per service.  A dataplane connects to the dataplane port, says
 L{DpHello} and gets L{DpWelcome} and its mesh's table: whole, or only what
 changed since the version it holds (L{DataplaneSession}).  From then on each
 change of the table reaches it as one L{DpTable}: the rows of its mesh that
@@ -47,7 +48,7 @@ from kumazone.core.messages import (
 from kumazone.core.names import name_forms
 from kumazone.core.ratelimit import RateLimiter, TokenBucket, limited
 from kumazone.core.sortedindex import SortedIndex
-from kumazone.core.vips import VipRange
+from kumazone.core.vips import ServiceKey, VipRange
 from kumazone.core.zone import VipEntry, Zone, ZoneChange, ZoneSnapshot
 from kumazone.sync.certs import dataplane_identity_problem
 from kumazone.sync.metrics import SyncMetrics
@@ -226,6 +227,14 @@ class _Refusal(NamedTuple):
     why: str
 
 
+def _index_of(snapshot: ZoneSnapshot) -> SortedIndex[ServiceKey, VipEntry]:
+    """The zone's index of entries in C{snapshot} (a zone's snapshot holds one)."""
+    entries = snapshot.entries
+    if isinstance(entries, SortedIndex):
+        return entries
+    return SortedIndex((entry.key, entry) for entry in entries)
+
+
 class DataplaneHub:
     """The zone's dataplane sync: its table as each mesh's dataplanes get it, and
     the sessions."""
@@ -267,8 +276,8 @@ class DataplaneHub:
         self.sessions: dict[tuple[str, str], DataplaneSession] = {}
         self.listing: SortedIndex[tuple[str, str], DataplaneSession] = SortedIndex()
         self._per_mesh: dict[str, int] = {}
-        #: Each mesh's rows, by service.
-        self._rows: dict[str, dict[str, DpRow]] = {}
+        #: The zone's entries (its live index, as of the last change followed).
+        self._entries: SortedIndex[ServiceKey, VipEntry] = SortedIndex()
         self._logs: dict[str, _MeshLog] = {}
         self._queue: deque[_FanOut] = deque()
         self._call: IDelayedCall | None = None
@@ -321,15 +330,8 @@ class DataplaneHub:
         )
 
     def _rebuild(self, snapshot: ZoneSnapshot) -> None:
-        """Every mesh's rows from the snapshot, and a log that starts here: O(table)."""
-        vip_range = self.zone.table.range
-        rows: dict[str, dict[str, DpRow]] = {}
-        for entry in snapshot.entries:
-            mesh = rows.get(entry.key.mesh)
-            if mesh is None:
-                mesh = rows[entry.key.mesh] = {}
-            mesh[entry.key.service] = self._row(entry, vip_range)
-        self._rows = rows
+        """Start from the snapshot, with a log that starts here: O(1)."""
+        self._entries = _index_of(snapshot)
         self._logs = {}
         if snapshot.version <= self._highest:
             # A table whose versions were sent already under this id (a new table
@@ -352,30 +354,22 @@ class DataplaneHub:
             self._rebuild(snapshot)
             self._fan_out(after, {mesh: self._full_table(mesh) for mesh in self._per_mesh}, None)
             return
+        self._entries = _index_of(snapshot)
         vip_range = self.zone.table.range
-        touched: dict[tuple[str, str], VipEntry | None] = {}
-        for gone in change.removed:
-            touched[gone.key] = None
+        was = {gone.key: gone for gone in change.removed}
+        touched: dict[ServiceKey, VipEntry | None] = dict.fromkeys(was)
         for came in change.added:
             touched[came.key] = came
         changed: dict[str, tuple[list[DpRow], list[str]]] = {}
-        for (mesh, service), entry in touched.items():
-            rows = self._rows.get(mesh)
-            old = rows.get(service) if rows is not None else None
+        for key, entry in touched.items():
+            mesh, service = key
             if entry is None:
-                if rows is None or old is None:
-                    continue
-                del rows[service]
-                if not rows:
-                    del self._rows[mesh]
                 changed.setdefault(mesh, ([], []))[1].append(service)
                 continue
             new = self._row(entry, vip_range)
-            if new == old:
+            old = was.get(key)
+            if old is not None and self._row(old, vip_range) == new:
                 continue  # what changed (the zones it is in) is nothing a dataplane serves
-            if rows is None:
-                rows = self._rows[mesh] = {}
-            rows[service] = new
             changed.setdefault(mesh, ([], []))[0].append(new)
         if not changed and after == before:
             return
@@ -397,9 +391,17 @@ class DataplaneHub:
         """Mesh C{mesh}'s table whole, encoded once per state of the table."""
         found = self._full.get(mesh)
         if found is None:
-            rows = list(self._rows.get(mesh, {}).values())
+            vip_range, row = self.zone.table.range, self._row
+            rows = [row(entry, vip_range) for entry in self._mesh_entries(mesh)]
             found = self._full[mesh] = _encoded(dp_table_messages(self.version, 0, True, rows))
         return found
+
+    def _mesh_entries(self, mesh: str) -> list[VipEntry]:
+        """Mesh C{mesh}'s entries, in service order (one slice of the zone's index)."""
+        entries = self._entries
+        # Mesh names hold no NUL: every later mesh sorts at or after mesh + NUL.
+        start = entries.position(ServiceKey(mesh, ""))
+        return entries[start : entries.position(ServiceKey(mesh + "\0", ""))]
 
     def table_for(self, mesh: str, have: int, table_id: str) -> tuple[_Encoded, str]:
         """What a dataplane of C{mesh} holding version C{have} of table C{table_id}
@@ -412,12 +414,21 @@ class DataplaneHub:
         if found is not None:
             return found
         services = log.since(have) if log is not None else set()
-        rows = self._rows.get(mesh, {})
-        if len(services) > len(rows):
+        entries = self._entries
+        held = entries.position(ServiceKey(mesh + "\0", "")) - entries.position(
+            ServiceKey(mesh, "")
+        )
+        if len(services) > held:
             found = self._full_table(mesh), "full"  # the whole table is no larger
         else:
-            upsert = [rows[s] for s in sorted(services) if s in rows]
-            remove = [s for s in sorted(services) if s not in rows]
+            vip_range = self.zone.table.range
+            upsert, remove = [], []
+            for service in sorted(services):
+                entry = entries.get(ServiceKey(mesh, service))
+                if entry is None:
+                    remove.append(service)
+                else:
+                    upsert.append(self._row(entry, vip_range))
             found = (
                 _encoded(dp_table_messages(self.version, have, False, upsert, remove)),
                 "changes" if services or have != self.version else "current",
@@ -428,8 +439,11 @@ class DataplaneHub:
         return found
 
     def rows(self, mesh: str) -> dict[str, DpRow]:
-        """Mesh C{mesh}'s rows by service, as its dataplanes hold them (live: read only)."""
-        return self._rows.get(mesh, {})
+        """Mesh C{mesh}'s rows by service, as its dataplanes hold them: O(mesh)."""
+        vip_range = self.zone.table.range
+        return {
+            entry.key.service: self._row(entry, vip_range) for entry in self._mesh_entries(mesh)
+        }
 
     # -- fan-out ------------------------------------------------------------------
 

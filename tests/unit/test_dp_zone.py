@@ -316,6 +316,25 @@ def test_a_change_that_changes_no_row_sends_nothing() -> None:
     assert dataplane.read() == []
 
 
+def test_a_change_of_only_the_zones_a_service_is_in_sends_no_row() -> None:
+    # (In a federated zone: the global's row says another zone has the service too.
+    # The hub keeps no rows: it tells the two apart from the entries themselves.)
+    zoned = Zoned(("default", "redis"))
+    dataplane = zoned.connect()
+    dataplane.read()
+    (entry,) = zoned.zone.snapshot.entries
+    snapshot = zoned.zone.snapshot
+    zoned.hub.apply(
+        ZoneChange(snapshot, removed=(entry,), added=(entry.replace(zones=("zone-1", "zone-2")),))
+    )
+    assert dataplane.read() == []
+    zoned.hub.apply(
+        ZoneChange(snapshot, removed=(entry,), added=(entry.replace(provisional=True),))
+    )
+    (table,) = dataplane.tables()
+    assert [(r.service, r.provisional) for r in table.upsert] == [("redis", True)]
+
+
 # -- acks ----------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import operator
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from typing import Any, Generic, Protocol, Self, TypeVar, overload
 
 __all__ = ["SortedIndex", "sorted_keys"]
@@ -149,10 +150,17 @@ class SortedIndex(Sequence[V], Generic[K, V]):
                 else:
                     self.set(key, value)
             return
-        values = self._values
+        values, keys = self._values, self._keys
+        new = [key for key, value in changed if value is not None and key not in values]
+        appended = len(new) == len(changed) and (not keys or keys[-1] < new[0])
         for key, value in changed:
             if value is None:
                 values.pop(key, None)
             else:
                 values[key] = value
-        self._keys = sorted_keys(values)
+        if appended and all(map(operator.lt, new, islice(new, 1, None))):
+            # New keys only, in order, after every key held (a table's rows in key
+            # order): appended, not sorted again.
+            keys.extend(new)
+        else:
+            self._keys = sorted_keys(values)

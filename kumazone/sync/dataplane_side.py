@@ -360,28 +360,36 @@ class DataplaneHub:
         touched: dict[ServiceKey, VipEntry | None] = dict.fromkeys(was)
         for came in change.added:
             touched[came.key] = came
+        # Per mesh: the rows sent and the services removed; a mesh no dataplane of
+        # which is connected is sent nothing (its log says which services changed).
         changed: dict[str, tuple[list[DpRow], list[str]]] = {}
+        unsent: dict[str, list[str]] = {}
+        per_mesh, row = self._per_mesh, self._row
         for key, entry in touched.items():
             mesh, service = key
             if entry is None:
                 changed.setdefault(mesh, ([], []))[1].append(service)
                 continue
-            new = self._row(entry, vip_range)
+            if not per_mesh.get(mesh):
+                unsent.setdefault(mesh, []).append(service)
+                continue
+            new = row(entry, vip_range)
             old = was.get(key)
-            if old is not None and self._row(old, vip_range) == new:
+            if old is not None and row(old, vip_range) == new:
                 continue  # what changed (the zones it is in) is nothing a dataplane serves
             changed.setdefault(mesh, ([], []))[0].append(new)
-        if not changed and after == before:
+        if not changed and not unsent and after == before:
             return
         self.version = after
         by_mesh: dict[str, _Encoded] = {}
         bound = self.limits.log_touches
-        for mesh, (upsert, remove) in changed.items():
+        for mesh in changed.keys() | unsent.keys():
+            upsert, remove = changed.get(mesh, ([], []))
             log = self._logs.get(mesh)
             if log is None:
                 log = self._logs[mesh] = _MeshLog()
-            log.add(before, (*(row.service for row in upsert), *remove), bound)
-            if self._per_mesh.get(mesh):
+            log.add(before, (*(r.service for r in upsert), *unsent.get(mesh, ()), *remove), bound)
+            if per_mesh.get(mesh):
                 by_mesh[mesh] = _encoded(dp_table_messages(after, before, False, upsert, remove))
         # Every other mesh: only the version (the SOA serial) moved.
         default = _encoded([DpTable(after, before, False)]) if after != before else None

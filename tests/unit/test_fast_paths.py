@@ -322,6 +322,44 @@ def test_a_sorted_index_iterates_its_values_in_key_order() -> None:
     assert list(index) == [0, 1, 2]
 
 
+_batches = st.lists(
+    st.one_of(
+        # Keys after every key held, in order (a table's rows), or not.
+        st.tuples(st.just("after"), st.integers(0, 200), st.booleans()),
+        st.lists(
+            st.tuples(st.integers(0, 400), st.one_of(st.none(), st.integers(0, 9))),
+            max_size=200,
+        ),
+    ),
+    max_size=8,
+)
+
+
+@given(_batches)
+def test_a_sorted_index_updated_in_batches_is_the_sorted_mapping(batches: list[Any]) -> None:
+    index: SortedIndex[ServiceKey, int] = SortedIndex()
+    model: dict[ServiceKey, int] = {}
+    for batch in batches:
+        if isinstance(batch, tuple):
+            _after, count, in_order = batch
+            last = max((int(k.service) for k in model), default=1000)
+            changes: list[tuple[ServiceKey, int | None]] = [
+                (ServiceKey("m", str(last + 1 + i)), i) for i in range(count)
+            ]
+            if not in_order:
+                changes.reverse()
+        else:
+            changes = [(ServiceKey("m", str(1000 + n)), v) for n, v in batch]
+        index.update(changes)
+        for key, value in changes:
+            if value is None:
+                model.pop(key, None)
+            else:
+                model[key] = value
+        assert list(index.keys()) == sorted(model)
+        assert list(index) == [model[key] for key in sorted(model)]
+
+
 # -- VIPs as text ---------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 # every module again, even where PYTHONDONTWRITEBYTECODE is set.  Only what
 # changed is compiled again.
 bytecode: $(STAMP)
-	$(BIN)/python -m compileall -q kumazone twisted/plugins >/dev/null
+	$(BIN)/python -m compileall -q kumazone twisted/plugins
 
 # System tools the tests drive as real clients; installed only when missing.
 tools:

@@ -157,12 +157,17 @@ class VipEntry:
         """This entry with C{changes} (by field name, C{vip} and C{vip6} too); new
         VIP texts and no C{offset} leave the offset untold (-1)."""
         fields = dict(zip(_ENTRY_FIELDS, self._fields(), strict=True))
-        if ("vip" in changes or "vip6" in changes) and "offset" not in changes:
-            fields["offset"] = -1
         unknown = changes.keys() - fields.keys()
         if unknown:
             raise TypeError(f"VipEntry has no field {', '.join(sorted(unknown))}")
+        texts = "vip" in changes or "vip6" in changes
+        if texts and "offset" not in changes:
+            fields["offset"] = -1
         fields.update(changes)
+        if self._range is not None and not texts:
+            # An entry of a range stays one: its texts are those of its (new) offset.
+            key, _vip, _vip6, names, problems, provisional, zones, offset = fields.values()
+            return VipEntry.at(key, self._range, offset, names, problems, provisional, zones)  # type: ignore[arg-type]
         return VipEntry(**fields)  # type: ignore[arg-type]
 
     def _fields(self) -> tuple[object, ...]:
@@ -239,7 +244,10 @@ class ZoneSnapshot:
 
     C{entries} (in the zone: a L{SortedIndex} by service key) and
     C{mesh_of_address} are the zone's live structures, changed in place at the
-    next change: read them on the reactor, at once, never keep them.
+    next change: read them on the reactor, at once.  A listener may keep them
+    only to read them as of the last change it was told of: the zone changes
+    them, then tells every listener at once (L{publish}), before anything else
+    runs on the reactor.
     """
 
     version: int
@@ -398,12 +406,13 @@ class Zone:
         self._reset_table = False
         #: After a failed write: the table may lag the inventory, reconcile it whole.
         self._stale = False
-        #: Writes a table update from the global, told whether it has
-        #: L{BACKGROUND_ROWS} rows or more: those on another thread, where the
-        #: service has one (a SQLite store: L{BackgroundWrites.write}).  Raises
+        #: Writes each change, told whether it is big (a table update from the
+        #: global of L{BACKGROUND_ROWS} rows or more): those on another thread,
+        #: where the service has one (a SQLite store: L{BackgroundWrites.write}),
+        #: and every other change behind them while one is on its way.  Raises
         #: L{StoreError} if the store refuses at once; a failure later is the
-        #: service's to handle (it calls L{recover}), and it acknowledges the update
-        #: to the global only once written.
+        #: service's to handle (it calls L{recover}); it acknowledges an update to
+        #: the global, and answers an API write, only once written.
         self.write_in_background: Callable[[StoreChanges, bool], None] | None = None
         #: Resources given through the API, and what each file defines.
         self.api: dict[ResourceKey, Resource] = {}
@@ -1072,8 +1081,11 @@ class Zone:
             table_id=table_id if table_id is not None else self.table_id,
         )
         rows = 0 if delta is None else len(delta.added) + len(delta.removed)
-        if background and self.write_in_background is not None:
-            self.write_in_background(changes, rows >= BACKGROUND_ROWS)
+        if self.write_in_background is not None:
+            # A big table update from the global goes to the store's thread; any
+            # other write too while one is on its way there (else it is made now):
+            # the reactor never waits for a big write.
+            self.write_in_background(changes, background and rows >= BACKGROUND_ROWS)
         else:
             self.store.commit(changes)
         self._reset_table = False

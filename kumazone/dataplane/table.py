@@ -19,11 +19,13 @@ dataplane starts empty (it never stops for it).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 
 from kumazone.core.config import ConfigError, DnsServerConfig, load_config
 from kumazone.core.messages import FORM_DOTTED, FORM_UNDERSCORE, DpRow, DpTable, DpWelcome
@@ -59,6 +61,13 @@ INSERT INTO meta (key, value) VALUES ('schema_version', '1');
 """
 
 _ALL_FORMS = FORM_UNDERSCORE | FORM_DOTTED
+
+
+@functools.lru_cache(maxsize=4)
+def _range_of(cidr: IPv4Network, cidr6: IPv6Network) -> VipRange:
+    """The one range of these CIDRs: every entry made under them shares it (each
+    entry keeps its range, so a range made per change would be kept per change)."""
+    return VipRange(cidr, cidr6)
 
 
 class TableError(ValueError):
@@ -303,7 +312,7 @@ class DataplaneTable:
         self.config = stored.config
         if stored.config is None:
             return
-        vip_range = VipRange(stored.config.cidr, stored.config.cidr6)
+        vip_range = _range_of(stored.config.cidr, stored.config.cidr6)
         try:
             rows = {row.service: self._checked(row, vip_range) for row in stored.rows}
         except TableError as e:
@@ -398,7 +407,7 @@ class DataplaneTable:
     def _apply_full(self, session: _Session, version: int, parts: list[DpTable]) -> None:
         """The whole table: what it holds replaces what is held (the rows that differ)."""
         config = session.config
-        vip_range = VipRange(config.cidr, config.cidr6)
+        vip_range = _range_of(config.cidr, config.cidr6)
         rows: dict[str, DpRow] = {}
         for message in parts:
             for row in message.upsert:
@@ -433,7 +442,7 @@ class DataplaneTable:
             raise TableError("a change of a table held under other settings")
         if version < base:
             raise TableError(f"a change to version {version} from the later {base}")
-        vip_range = VipRange(config.cidr, config.cidr6)
+        vip_range = _range_of(config.cidr, config.cidr6)
         rows: dict[str, DpRow | None] = {}
         for message in parts:
             for service in message.remove:
@@ -537,7 +546,7 @@ class DataplaneTable:
 
     def _make_snapshot(self) -> ZoneSnapshot:
         config = self.config
-        size = VipRange(config.cidr, config.cidr6).size if config is not None else 0
+        size = _range_of(config.cidr, config.cidr6).size if config is not None else 0
         return ZoneSnapshot(
             version=self.version,
             entries=self.entries,

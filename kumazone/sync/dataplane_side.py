@@ -227,6 +227,15 @@ class _Refusal(NamedTuple):
     why: str
 
 
+def _same_row(old: VipEntry, new: VipEntry, vip_range: VipRange) -> bool:
+    """Whether the two entries make the same row (L{DataplaneHub._row}), without making it."""
+    return (
+        old.names == new.names
+        and old.provisional == new.provisional
+        and old.offset_in(vip_range) == new.offset_in(vip_range)
+    )
+
+
 def _index_of(snapshot: ZoneSnapshot) -> SortedIndex[ServiceKey, VipEntry]:
     """The zone's index of entries in C{snapshot} (a zone's snapshot holds one)."""
     entries = snapshot.entries
@@ -276,7 +285,8 @@ class DataplaneHub:
         self.sessions: dict[tuple[str, str], DataplaneSession] = {}
         self.listing: SortedIndex[tuple[str, str], DataplaneSession] = SortedIndex()
         self._per_mesh: dict[str, int] = {}
-        #: The zone's entries (its live index, as of the last change followed).
+        #: The zone's entries: its live index, which the zone changes in place and
+        #: then tells the hub of (L{apply}); read only on the reactor, at once.
         self._entries: SortedIndex[ServiceKey, VipEntry] = SortedIndex()
         self._logs: dict[str, _MeshLog] = {}
         self._queue: deque[_FanOut] = deque()
@@ -364,20 +374,19 @@ class DataplaneHub:
         # which is connected is sent nothing (its log says which services changed).
         changed: dict[str, tuple[list[DpRow], list[str]]] = {}
         unsent: dict[str, list[str]] = {}
-        per_mesh, row = self._per_mesh, self._row
+        per_mesh = self._per_mesh
         for key, entry in touched.items():
             mesh, service = key
             if entry is None:
                 changed.setdefault(mesh, ([], []))[1].append(service)
                 continue
-            if not per_mesh.get(mesh):
-                unsent.setdefault(mesh, []).append(service)
-                continue
-            new = row(entry, vip_range)
             old = was.get(key)
-            if old is not None and row(old, vip_range) == new:
+            if old is not None and _same_row(old, entry, vip_range):
                 continue  # what changed (the zones it is in) is nothing a dataplane serves
-            changed.setdefault(mesh, ([], []))[0].append(new)
+            if per_mesh.get(mesh):
+                changed.setdefault(mesh, ([], []))[0].append(self._row(entry, vip_range))
+            else:
+                unsent.setdefault(mesh, []).append(service)
         if not changed and not unsent and after == before:
             return
         self.version = after
@@ -445,13 +454,6 @@ class DataplaneHub:
             self._resumes.clear()
         self._resumes[(mesh, have)] = found
         return found
-
-    def rows(self, mesh: str) -> dict[str, DpRow]:
-        """Mesh C{mesh}'s rows by service, as its dataplanes hold them: O(mesh)."""
-        vip_range = self.zone.table.range
-        return {
-            entry.key.service: self._row(entry, vip_range) for entry in self._mesh_entries(mesh)
-        }
 
     # -- fan-out ------------------------------------------------------------------
 

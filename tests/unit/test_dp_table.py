@@ -445,6 +445,8 @@ def test_changes_follow_the_zones(zone: Zone) -> None:
         table.receive(change(zone.snapshot.version, base, upsert, remove))
         expected = [served(e) for e in zone.snapshot.entries if e.key.mesh == MESH]
         assert [served(e) for e in table.entries] == expected
+    # Entries made by different tables keep one range between them, not one each.
+    assert len({id(entry._range) for entry in table.entries}) == 1
 
 
 # -- the store ------------------------------------------------------------------------------

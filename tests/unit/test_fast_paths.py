@@ -428,6 +428,15 @@ def test_an_entry_at_an_offset_is_the_entry_of_its_texts() -> None:
         assert made != other and other != made
     with pytest.raises(AttributeError):
         made.offset = 9  # type: ignore[misc]
+    # Another offset of a range's entry is the VIPs of that offset; new texts, no offset.
+    moved = made.replace(offset=9)
+    assert (moved.vip, moved.vip6, moved.offset) == (
+        vip_range.ipv4_text(9),
+        vip_range.ipv6_text(9),
+        9,
+    )
+    texts = made.replace(vip="10.0.0.1")
+    assert (texts.vip, texts.vip6, texts.offset) == ("10.0.0.1", made.vip6, -1)
 
 
 # -- the zone: a big change builds its entries in one pass ----------------------------

@@ -26,7 +26,7 @@ from kumazone.dns.server import KumaDNSDatagramProtocol, KumaDNSServerFactory
 from kumazone.metrics import Metrics
 from kumazone.resource_dir import ResourceDirectory
 from kumazone.store import require_postgresql
-from kumazone.store.background import BackgroundWrites
+from kumazone.store.background import BackgroundWrites, StoredWrites
 from kumazone.store.sqlite import SQLiteStore
 from kumazone.sync.dataplane_side import DataplaneHub, DataplaneLimits, DataplaneMetrics
 from kumazone.sync.failover import FailoverEndpoint
@@ -129,7 +129,7 @@ class ZoneService(ControlPlane):
                 self.reactor,
                 self._sync_status,
                 self.dataplanes,
-                writes=self.replica,
+                writes=self.replica or self._stored_writes(zone),
             ),
             settings.api_port,
             settings.api_interface,
@@ -139,6 +139,10 @@ class ZoneService(ControlPlane):
         if self.replica is not None:
             self.replica.start(zone)
         self._log_started(zone)
+
+    def _stored_writes(self, zone: Zone) -> StoredWrites | None:
+        """The API's writes, answered once stored (SQLite: behind a big write)."""
+        return StoredWrites(zone, self._background) if self._background is not None else None
 
     def _role(self) -> str | None:
         if self.replica is None:
@@ -336,10 +340,9 @@ class ZoneService(ControlPlane):
         return succeed(None) if self._background is None else self._background.when_stored()
 
     def _background_failed(self, reason: str) -> None:
-        """A big table update could not be stored: back to what is, and reconnect."""
-        self.log.warn(
-            "cannot store the table from the global: {error}; back to what is stored", error=reason
-        )
+        """A write on the store's thread failed (a big table update, or a change
+        behind one): back to what is stored, and reconnect to the global."""
+        self.log.warn("cannot store a change: {error}; back to what is stored", error=reason)
         if self.zone is not None:
             try:
                 self.zone.recover()

@@ -6,8 +6,9 @@ hands such a write to one thread (L{SQLiteStore.begin_background}: a call of the
 store on the reactor waits for the writes begun before it, so writes keep their
 order), and the table updates that come while one is on its way follow it there
 (a zone with services of its own gets the next version right behind its first
-table); it says when what the zone holds is stored (L{when_stored}, the zone's
-C{durable} for its acknowledgements).
+table), and so do the zone's own changes (the API, files, hold-downs); it says
+when what the zone holds is stored (L{when_stored}: the zone's C{durable} for its
+acknowledgements, and L{StoredWrites} for the API's answers).
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
+from kumazone.core.resources import Resource, ResourceKey
 from kumazone.core.storage import StoreChanges, StoreError
+from kumazone.core.zone import Zone
 from kumazone.store.sqlite import RefusedAfterFailure, SQLiteStore
 
-__all__ = ["BackgroundWrites"]
+__all__ = ["BackgroundWrites", "StoredWrites"]
 
 
 class BackgroundWrites:
@@ -77,6 +80,11 @@ class BackgroundWrites:
                     else:
                         waiter.errback(StoreError(reason))
 
+    @property
+    def busy(self) -> bool:
+        """Whether a write is on its way on the thread."""
+        return self._writing is not None
+
     def when_stored(self) -> Deferred[None]:
         """Fires once every write begun so far is stored; fails with L{StoreError}
         if one failed."""
@@ -85,3 +93,28 @@ class BackgroundWrites:
         waiter: Deferred[None] = Deferred()
         self._waiters.append(waiter)
         return waiter
+
+
+class StoredWrites:
+    """The API's writes to a zone whose big writes go to another thread: a write
+    made while one is on its way follows it there, and is answered once stored.
+
+    The zone serves the change at once (as it does a big table update while it is
+    written); if the write fails, the zone goes back to what is stored and the
+    answer is the failure (L{StoreError}).
+    """
+
+    def __init__(self, zone: Zone, writes: BackgroundWrites) -> None:
+        self.zone = zone
+        self.writes = writes
+
+    def put(self, resource: Resource, now: float) -> bool | Deferred[bool]:
+        return self._stored(self.zone.put(resource, now))
+
+    def delete(self, key: ResourceKey, now: float) -> bool | Deferred[bool]:
+        return self._stored(self.zone.delete(key, now))
+
+    def _stored(self, result: bool) -> bool | Deferred[bool]:
+        if not self.writes.busy:
+            return result  # written already, on the reactor
+        return self.writes.when_stored().addCallback(lambda _: result)

@@ -10,10 +10,14 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from kumazone.core.config import DnsServerConfig
+from kumazone.core.messages import Row, table_messages
 from kumazone.core.storage import StoreChanges, StoreError
 from kumazone.core.vips import Allocation, ServiceKey, TableDelta
-from kumazone.store.background import BackgroundWrites
+from kumazone.core.zone import BACKGROUND_ROWS, Zone
+from kumazone.store.background import BackgroundWrites, StoredWrites
 from kumazone.store.sqlite import SQLiteStore
+from tests.builders import dataplane_resource
 
 
 class Thread:
@@ -137,3 +141,58 @@ def test_the_writes_refused_after_a_failure_are_not_told_again(store: SQLiteStor
     stored.addErrback(errors.append)
     assert errors and errors[0].check(StoreError)
     assert [a.key.service for a in store.load().allocations] == ["a"]
+
+
+def test_a_change_of_the_zone_behind_a_big_write_follows_it_and_is_answered_once_stored(
+    store: SQLiteStore,
+) -> None:
+    """While a table from the global is written, an API write does not wait for it on
+    the reactor: it is served at once, written after it, and answered once stored."""
+    thread, failures = Thread(), []
+    writes = BackgroundWrites(store, thread, failures.append)
+    zone = Zone("zone-1", DnsServerConfig(), store, federated=True)
+    zone.write_in_background = writes.write
+    api = StoredWrites(zone, writes)
+    assert api.put(dataplane_resource("db-1", "db"), 0.0) is True  # nothing on its way
+    assert not thread.queued
+    rows = [Row("default", f"svc-{i:05d}", i, ("zone-2",), 1) for i in range(BACKGROUND_ROWS)]
+    for message in table_messages(1, 0, True, rows, size=300):
+        zone.apply_global(message, "t-1", 0.0)
+    assert len(thread.queued) == 1  # the table, on its way
+    answers: list[object] = []
+    answer = api.put(dataplane_resource("web-1", "web"), 1.0)
+    assert isinstance(answer, Deferred)
+    answer.addBoth(answers.append)
+    assert len(thread.queued) == 2 and answers == []  # behind the table, not written here
+    assert zone.snapshot.entries.get(ServiceKey("default", "web")) is not None  # served
+    deleted = api.delete(dataplane_resource("db-1", "db").key, 2.0)
+    assert isinstance(deleted, Deferred)
+    deleted.addBoth(answers.append)
+    thread.run()
+    assert answers == []
+    thread.run()
+    thread.run()
+    assert answers == [True, True] and failures == []
+    state = store.load()
+    assert [r.name for r in state.resources] == ["web-1"]
+    assert len(state.allocations) == BACKGROUND_ROWS
+
+
+def test_a_change_of_the_zone_behind_a_write_that_fails_is_answered_with_the_failure(
+    store: SQLiteStore,
+) -> None:
+    store.commit(rows(("a", 1)))
+    thread, failures = Thread(), []
+    writes = BackgroundWrites(store, thread, failures.append)
+    zone = Zone("zone-1", DnsServerConfig(), store, federated=True)
+    zone.write_in_background = writes.write
+    writes.write(rows(("b", 1)), True)  # offset 1 is a's: refused
+    answers: list[Failure] = []
+    answer = StoredWrites(zone, writes).put(dataplane_resource("web-1", "web"), 1.0)
+    assert isinstance(answer, Deferred)
+    answer.addErrback(answers.append)
+    thread.run()
+    thread.run()
+    assert len(failures) == 1  # told once: its recovery covers the write behind it
+    assert len(answers) == 1 and answers[0].check(StoreError)
+    assert store.load().resources == []

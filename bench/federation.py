@@ -368,6 +368,7 @@ def measure_million(args: argparse.Namespace, work: Path, report: dict[str, Any]
             status, _ = fed.put("zone-1", f"mchange-{i}", i, 13)
             if status not in (200, 201):
                 raise zone1.failed(f"PUT mchange-{i} answered {status}")
+            answered = time.monotonic()
             wait_for(
                 zone2,
                 lambda i=i: resolves(zone2.port, f"mchange-{i}.mesh"),
@@ -376,6 +377,11 @@ def measure_million(args: argparse.Namespace, work: Path, report: dict[str, Any]
                 0.002,
             )
             changes.append((time.monotonic() - start) * 1000)
+            print(
+                f"federation: PUT mchange-{i} at {time.monotonic() - begin:.0f} s: answered "
+                f"in {(answered - start) * 1000:.0f} ms, in zone-2 after {changes[-1]:.0f} ms",
+                flush=True,
+            )
         report["million_changes"] = changes
     except BenchError as e:
         if not why:

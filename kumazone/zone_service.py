@@ -107,7 +107,8 @@ class ZoneService(ControlPlane):
         self.replica: ZoneReplica | None = None
         #: Replicas: the connection to the global, made while this one leads.
         self._global_client: ClientService | None = None
-        #: A zone's big table updates, written on another thread (SQLite stores).
+        #: A zone's big table updates, and the changes behind them, written on
+        #: another thread (SQLite stores).
         self._background: BackgroundWrites | None = None
 
     def _start(self) -> None:
@@ -129,7 +130,7 @@ class ZoneService(ControlPlane):
                 self.reactor,
                 self._sync_status,
                 self.dataplanes,
-                writes=self.replica or self._stored_writes(zone),
+                writes=self.replica if self.replica is not None else self._stored_writes(zone),
             ),
             settings.api_port,
             settings.api_interface,
@@ -350,7 +351,7 @@ class ZoneService(ControlPlane):
                 self.log.warn("cannot read the store again: {error}", error=e)
         if self.sync is not None and self.sync.proto is not None:
             # The next connection claims what is stored; the global sends on from there.
-            self.sync.proto.fail(f"cannot store the table: {reason}")
+            self.sync.proto.fail(f"cannot store a change: {reason}")
 
     def stopService(self) -> Any:
         # The connection to the global is closed by its protocol first: that takes

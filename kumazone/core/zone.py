@@ -131,20 +131,20 @@ class VipEntry:
     @property
     def vip(self) -> str:
         """The IPv4 VIP, as text."""
-        texts = self._texts
-        if texts is not None:
-            return texts[0]
-        assert self._range is not None
-        return self._range.ipv4_text(self.offset)
+        return self._text(0)
 
     @property
     def vip6(self) -> str:
         """The IPv6 VIP, as text (RFC 5952)."""
-        texts = self._texts
-        if texts is not None:
-            return texts[1]
+        return self._text(1)
+
+    def _text(self, family: int) -> str:
+        """The VIP given (0: IPv4, 1: IPv6), else spelled out from the offset."""
+        if self._texts is not None:
+            return self._texts[family]
         assert self._range is not None
-        return self._range.ipv6_text(self.offset)
+        spell = self._range.ipv6_text if family else self._range.ipv4_text
+        return spell(self.offset)
 
     def offset_in(self, vip_range: VipRange) -> int | None:
         """The VIPs' offset in C{vip_range}: the one the entry carries, else (an

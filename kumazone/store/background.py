@@ -80,11 +80,6 @@ class BackgroundWrites:
                     else:
                         waiter.errback(StoreError(reason))
 
-    @property
-    def busy(self) -> bool:
-        """Whether a write is on its way on the thread."""
-        return self._writing is not None
-
     def when_stored(self) -> Deferred[None]:
         """Fires once every write begun so far is stored; fails with L{StoreError}
         if one failed."""
@@ -115,6 +110,6 @@ class StoredWrites:
         return self._stored(self.zone.delete(key, now))
 
     def _stored(self, result: bool) -> bool | Deferred[bool]:
-        if not self.writes.busy:
+        if not self.writes.store.writing_in_background:
             return result  # written already, on the reactor
         return self.writes.when_stored().addCallback(lambda _: result)

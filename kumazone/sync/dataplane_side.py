@@ -415,10 +415,13 @@ class DataplaneHub:
 
     def _mesh_entries(self, mesh: str) -> list[VipEntry]:
         """Mesh C{mesh}'s entries, in service order (one slice of the zone's index)."""
+        return self._entries[slice(*self._mesh_bounds(mesh))]
+
+    def _mesh_bounds(self, mesh: str) -> tuple[int, int]:
+        """Where mesh C{mesh}'s entries start and end in the zone's index."""
         entries = self._entries
         # Mesh names hold no NUL: every later mesh sorts at or after mesh + NUL.
-        start = entries.position(ServiceKey(mesh, ""))
-        return entries[start : entries.position(ServiceKey(mesh + "\0", ""))]
+        return entries.position(ServiceKey(mesh, "")), entries.position(ServiceKey(mesh + "\0", ""))
 
     def table_for(self, mesh: str, have: int, table_id: str) -> tuple[_Encoded, str]:
         """What a dataplane of C{mesh} holding version C{have} of table C{table_id}
@@ -431,17 +434,14 @@ class DataplaneHub:
         if found is not None:
             return found
         services = log.since(have) if log is not None else set()
-        entries = self._entries
-        held = entries.position(ServiceKey(mesh + "\0", "")) - entries.position(
-            ServiceKey(mesh, "")
-        )
-        if len(services) > held:
+        start, end = self._mesh_bounds(mesh)
+        if len(services) > end - start:
             found = self._full_table(mesh), "full"  # the whole table is no larger
         else:
             vip_range = self.zone.table.range
             upsert, remove = [], []
             for service in sorted(services):
-                entry = entries.get(ServiceKey(mesh, service))
+                entry = self._entries.get(ServiceKey(mesh, service))
                 if entry is None:
                     remove.append(service)
                 else:

@@ -94,15 +94,23 @@ class FederatedView:
         #: Keys whose served row may have changed since L{take_touched}, in the
         #: order they were touched (a table's rows come in key order: the entries
         #: and listings that follow then insert at their end, not in their middle).
-        self._touched: dict[ServiceKey, None] = {}
+        #: (Only the keys count: a fresh table's are a copy of its rows.)
+        self._touched: dict[ServiceKey, object] = {}
         #: Touched keys held back from L{take_touched}, handed out by L{release}
-        #: in the order they were touched; each once (C{_held} says which).
+        #: in the order they were touched; each once (C{_held}'s keys say which:
+        #: a whole table's touched keys are taken as they are, values and all).
         self._backlog: deque[ServiceKey] = deque()
-        self._held: set[ServiceKey] = set()
+        self._held: dict[ServiceKey, object] = {}
         #: Provisional VIPs given, moved or dropped so far (for L{changed}).
         self._moves = 0
         #: A full table being gathered (by key), or a change's upserts and removals.
         self._pending_full: dict[ServiceKey, Allocation] | None = None
+        #: The full table's offsets (to its keys), its rows that differed from the
+        #: rows held when they came, and how many of its keys are held: worked out
+        #: part by part, so that the last part costs what it brings, not the table.
+        self._pending_at: dict[int, ServiceKey] = {}
+        self._pending_changed: list[Allocation] = []
+        self._pending_known = 0
         self._pending_upsert: dict[ServiceKey, Allocation] | None = None
         self._pending_remove: set[ServiceKey] | None = None
         self._pending_part: int | None = None
@@ -152,11 +160,16 @@ class FederatedView:
         """
         if len(self._touched) <= limit:
             return False
-        # A key still held back from an update before keeps its place.
         held = self._held
-        fresh = [key for key in self._touched if key not in held]
+        if held:
+            # A key still held back from an update before keeps its place.
+            fresh: dict[ServiceKey, object] = {
+                key: None for key in self._touched if key not in held
+            }
+            held.update(fresh)
+        else:
+            fresh = self._held = self._touched  # (no pass in Python over a whole table)
         self._backlog.extend(fresh)
-        held.update(fresh)
         self._touched = {}
         return True
 
@@ -172,10 +185,10 @@ class FederatedView:
             backlog.clear()
             self._held.clear()
             return 0
-        pop, held = backlog.popleft, self._held
+        pop, unhold = backlog.popleft, self._held.pop
         for _ in range(limit):
             key = pop()
-            held.discard(key)
+            unhold(key, None)
             touched[key] = None
         return len(backlog)
 
@@ -456,6 +469,7 @@ class FederatedView:
         """A new connection: whatever arrived of an unfinished message is void."""
         self._pending_full = self._pending_upsert = self._pending_remove = None
         self._pending_part = None
+        self._pending_at, self._pending_changed, self._pending_known = {}, [], 0
 
     def apply(self, message: TableUpdate, now: float = 0.0) -> TableDelta | None:
         """Apply one table part; returns the change to persist once complete, else None.
@@ -473,14 +487,12 @@ class FederatedView:
             # acknowledges whole versions only.
             if message.full:
                 self._pending_full, self._pending_upsert, self._pending_remove = {}, None, None
+                self._pending_at, self._pending_changed, self._pending_known = {}, [], 0
             else:
                 self._pending_full, self._pending_upsert, self._pending_remove = None, {}, set()
-        size = self.range.size
         full = self._pending_full
         if full is not None:
-            for mesh, service in message.remove:
-                full.pop(ServiceKey(mesh, service), None)
-            target = full
+            self._gather_full(full, message)
         else:
             upsert, remove = self._pending_upsert, self._pending_remove
             assert upsert is not None and remove is not None
@@ -488,44 +500,80 @@ class FederatedView:
                 key = ServiceKey(mesh, service)
                 upsert.pop(key, None)
                 remove.add(key)
-            target = upsert
+            # (Tuples made without the named tuples' argument handling.)
+            new, size = tuple.__new__, self.range.size
+            for mesh, service, offset, zones, claim in message.upsert:
+                if offset >= size:
+                    raise ProtocolError(f"offset {offset} is outside the VIP range")
+                key = new(ServiceKey, (mesh, service))
+                upsert[key] = new(Allocation, (key, offset, zones, claim))
+                remove.discard(key)  # a row given again is not removed
+        if not message.last:
+            return None
+        pending_upsert, pending_remove = self._pending_upsert, self._pending_remove
+        at, changed, known = self._pending_at, self._pending_changed, self._pending_known
+        self.forget_partial()
+        rows = self.global_rows
+        if full is not None and not rows:
+            # A fresh zone's first table: its gathered maps become the view's.
+            delta = TableDelta(added=list(full.values()))
+            self.version = message.version
+            self._apply_rows(delta, now, whole=(full, at))
+            return delta
+        if full is not None:
+            # Only the rows that differed when they came, and are still the table's.
+            added = [a for a in changed if full.get(a.key) is a]
+            removed_keys: set[ServiceKey] = (
+                set() if known == len(rows) else rows.keys() - full.keys()
+            )
+        else:
+            assert pending_upsert is not None and pending_remove is not None
+            removed_keys = {k for k in pending_remove if k in rows}
+            self._check_offsets(pending_upsert, removed_keys)
+            added = [a for k, a in pending_upsert.items() if rows.get(k) != a]
+        delta = TableDelta(added=added, removed=[rows[k] for k in removed_keys])
+        # A row replaced is removed then added (as the store writes it).
+        delta.removed += [old for a in delta.added if (old := rows.get(a.key)) is not None]
+        self.version = message.version
+        self._apply_rows(delta, now)
+        return delta
+
+    def _gather_full(self, full: dict[ServiceKey, Allocation], message: TableUpdate) -> None:
+        """Take one part of a full table into C{full}: O(rows in the part).
+
+        Each row's offset is checked against the rows gathered so far, and
+        compared with the row held for its key, as it comes.
+        """
+        at, changed, rows = self._pending_at, self._pending_changed, self.global_rows
+        for mesh, service in message.remove:
+            key = ServiceKey(mesh, service)
+            gone = full.pop(key, None)
+            if gone is not None:
+                del at[gone.offset]
+                if key in rows:
+                    self._pending_known -= 1
         # (Tuples made without the named tuples' argument handling: a fresh zone
         # takes 100,000 rows.)
-        new, removed = tuple.__new__, self._pending_remove
+        new, size, known = tuple.__new__, self.range.size, 0
+        get, claim_offset = full.get, at.setdefault
         for mesh, service, offset, zones, claim in message.upsert:
             if offset >= size:
                 raise ProtocolError(f"offset {offset} is outside the VIP range")
             key = new(ServiceKey, (mesh, service))
-            target[key] = new(Allocation, (key, offset, zones, claim))
-            if removed is not None:  # (a change: a row given again is not removed)
-                removed.discard(key)
-        if not message.last:
-            return None
-        pending_upsert, pending_remove = self._pending_upsert, self._pending_remove
-        self.forget_partial()
-        if full is not None:
-            removed_keys: set[ServiceKey] = self.global_rows.keys() - full.keys()
-            changes = full
-            if len(set(map(_offset_of, full.values()))) != len(full):
+            allocation = new(Allocation, (key, offset, zones, claim))
+            before = get(key)
+            if before is not None and at.get(before.offset) == key:
+                del at[before.offset]  # given again, elsewhere
+            if claim_offset(offset, key) != key:
                 raise ProtocolError("the table gives one VIP to two services")
-        else:
-            assert pending_upsert is not None and pending_remove is not None
-            removed_keys = {k for k in pending_remove if k in self.global_rows}
-            changes = pending_upsert
-            self._check_offsets(changes, removed_keys)
-        rows = self.global_rows
-        if rows:
-            delta = TableDelta(
-                added=[a for k, a in changes.items() if rows.get(k) != a],
-                removed=[rows[k] for k in removed_keys],
-            )
-            # A row replaced is removed then added (as the store writes it).
-            delta.removed += [old for a in delta.added if (old := rows.get(a.key)) is not None]
-        else:
-            delta = TableDelta(added=list(changes.values()))  # (a fresh zone's first table)
-        self.version = message.version
-        self._apply_rows(delta, now)
-        return delta
+            full[key] = allocation
+            if rows:
+                held = rows.get(key)
+                if held != allocation:
+                    changed.append(allocation)
+                if held is not None and before is None:
+                    known += 1
+        self._pending_known += known
 
     def _check_offsets(
         self, upsert: Mapping[ServiceKey, Allocation], removed: set[ServiceKey]
@@ -543,8 +591,17 @@ class FederatedView:
             if moved is None or moved.offset == offset:
                 raise ProtocolError("the table gives one VIP to two services")
 
-    def _apply_rows(self, delta: TableDelta, now: float) -> None:
-        """Take the global's rows changed in C{delta}; the provisional VIPs follow."""
+    def _apply_rows(
+        self,
+        delta: TableDelta,
+        now: float,
+        whole: tuple[dict[ServiceKey, Allocation], dict[int, ServiceKey]] | None = None,
+    ) -> None:
+        """Take the global's rows changed in C{delta}; the provisional VIPs follow.
+
+        C{whole}: a fresh zone's first table (C{delta} adds every row of it), by
+        key and by offset, taken as the view's own maps.
+        """
         moves = self._moves
         gone = set(map(_key_of, delta.removed))
         if gone:
@@ -560,10 +617,21 @@ class FederatedView:
         displaced: list[ServiceKey] = []
         # One pass per map (a fresh zone's first table is 100,000 rows at once).
         added = delta.added
-        keys = list(map(_key_of, added))
-        self.global_rows.update(zip(keys, added, strict=True))
-        self._global_at.update(zip(map(_offset_of, added), keys, strict=True))
-        self._touched.update(dict.fromkeys(keys))
+        keys: Iterable[ServiceKey]
+        if whole is not None:
+            # Maps made part by part: no pass over the table here (100,000 rows).
+            assert not self.global_rows and not gone
+            self.global_rows, self._global_at = whole
+            keys = self.global_rows.keys()
+            if self._touched:
+                self._touched.update(self.global_rows)
+            else:
+                self._touched = dict(self.global_rows)  # (a copy keeps the hashes)
+        else:
+            keys = list(map(_key_of, added))
+            self.global_rows.update(zip(keys, added, strict=True))
+            self._global_at.update(zip(map(_offset_of, added), keys, strict=True))
+            self._touched.update(dict.fromkeys(keys))
         if self.holds:
             for key, offset, _zones, _claim in added:
                 if offset in self.holds:
@@ -571,7 +639,16 @@ class FederatedView:
                     if hold.key in self.provisional and hold.key != key:
                         collision = True
         if self._provisional_at:
-            for key, offset, _zones, _claim in added:
+            if whole is not None and len(self._provisional_at) < len(added):
+                # Every row is new: the few provisional VIPs are looked up instead.
+                taken: Iterable[tuple[ServiceKey, int]] = [
+                    (at_key, offset)
+                    for offset in sorted(self._provisional_at)
+                    if (at_key := self._global_at.get(offset)) is not None
+                ]
+            else:
+                taken = zip(keys, map(_offset_of, added), strict=True)
+            for key, offset in taken:
                 other = self._provisional_at.get(offset)
                 if other is not None and other != key:
                     # The global gave another key's provisional VIP.  A placement
@@ -591,6 +668,8 @@ class FederatedView:
             if collision or expired:
                 raise _Collision
             if self.provisional:
+                if whole is not None and len(self.provisional) < len(added):
+                    keys = [key for key in self.provisional if key in self.global_rows]
                 for key in keys:
                     if key in self.provisional:
                         self._drop_provisional(key, now, delta)

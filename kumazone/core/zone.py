@@ -1067,8 +1067,15 @@ class Zone:
         reset = reset or self._reset_table
         if reset and isinstance(self.table, FederatedView):
             # A new table replaces every stored row (and the zone's hold-downs stay).
+            # A change that added as many rows as the table holds added all of them
+            # (a fresh zone's first table: no second list of 100,000 rows).
+            table_rows = self.table.global_rows
             delta = TableDelta(
-                added=list(self.table.global_rows.values()),
+                added=(
+                    delta.added
+                    if delta is not None and len(delta.added) == len(table_rows)
+                    else list(table_rows.values())
+                ),
                 holds_added=list(self.table.holds.values()),
             )
         changes = StoreChanges(

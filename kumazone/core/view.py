@@ -106,11 +106,12 @@ class FederatedView:
         #: A full table being gathered (by key), or a change's upserts and removals.
         self._pending_full: dict[ServiceKey, Allocation] | None = None
         #: The full table's offsets (to its keys), its rows that differed from the
-        #: rows held when they came, and how many of its keys are held: worked out
-        #: part by part, so that the last part costs what it brings, not the table.
+        #: rows held when they came, and the keys held that it has not given (a
+        #: copy of the rows at its first part): worked out part by part, so that
+        #: the last part costs what it brings, not the table.
         self._pending_at: dict[int, ServiceKey] = {}
         self._pending_changed: list[Allocation] = []
-        self._pending_known = 0
+        self._pending_unseen: dict[ServiceKey, object] = {}
         self._pending_upsert: dict[ServiceKey, Allocation] | None = None
         self._pending_remove: set[ServiceKey] | None = None
         self._pending_part: int | None = None
@@ -469,7 +470,7 @@ class FederatedView:
         """A new connection: whatever arrived of an unfinished message is void."""
         self._pending_full = self._pending_upsert = self._pending_remove = None
         self._pending_part = None
-        self._pending_at, self._pending_changed, self._pending_known = {}, [], 0
+        self._pending_at, self._pending_changed, self._pending_unseen = {}, [], {}
 
     def apply(self, message: TableUpdate, now: float = 0.0) -> TableDelta | None:
         """Apply one table part; returns the change to persist once complete, else None.
@@ -487,7 +488,9 @@ class FederatedView:
             # acknowledges whole versions only.
             if message.full:
                 self._pending_full, self._pending_upsert, self._pending_remove = {}, None, None
-                self._pending_at, self._pending_changed, self._pending_known = {}, [], 0
+                # (A copy of a dict keeps its hashes: 7 ms at 100,000 rows.)
+                self._pending_at, self._pending_changed = {}, []
+                self._pending_unseen = dict(self.global_rows)
             else:
                 self._pending_full, self._pending_upsert, self._pending_remove = None, {}, set()
         full = self._pending_full
@@ -511,7 +514,7 @@ class FederatedView:
         if not message.last:
             return None
         pending_upsert, pending_remove = self._pending_upsert, self._pending_remove
-        at, changed, known = self._pending_at, self._pending_changed, self._pending_known
+        at, changed, unseen = self._pending_at, self._pending_changed, self._pending_unseen
         self.forget_partial()
         rows = self.global_rows
         if full is not None and not rows:
@@ -523,9 +526,7 @@ class FederatedView:
         if full is not None:
             # Only the rows that differed when they came, and are still the table's.
             added = [a for a in changed if full.get(a.key) is a]
-            removed_keys: set[ServiceKey] = (
-                set() if known == len(rows) else rows.keys() - full.keys()
-            )
+            removed_keys: set[ServiceKey] = set(unseen)
         else:
             assert pending_upsert is not None and pending_remove is not None
             removed_keys = {k for k in pending_remove if k in rows}
@@ -545,17 +546,18 @@ class FederatedView:
         compared with the row held for its key, as it comes.
         """
         at, changed, rows = self._pending_at, self._pending_changed, self.global_rows
+        unseen = self._pending_unseen
         for mesh, service in message.remove:
             key = ServiceKey(mesh, service)
             gone = full.pop(key, None)
             if gone is not None:
                 del at[gone.offset]
                 if key in rows:
-                    self._pending_known -= 1
+                    unseen[key] = None
         # (Tuples made without the named tuples' argument handling: a fresh zone
         # takes 100,000 rows.)
-        new, size, known = tuple.__new__, self.range.size, 0
-        get, claim_offset = full.get, at.setdefault
+        new, size = tuple.__new__, self.range.size
+        get, claim_offset, seen = full.get, at.setdefault, unseen.pop
         for mesh, service, offset, zones, claim in message.upsert:
             if offset >= size:
                 raise ProtocolError(f"offset {offset} is outside the VIP range")
@@ -568,12 +570,9 @@ class FederatedView:
                 raise ProtocolError("the table gives one VIP to two services")
             full[key] = allocation
             if rows:
-                held = rows.get(key)
-                if held != allocation:
+                if rows.get(key) != allocation:
                     changed.append(allocation)
-                if held is not None and before is None:
-                    known += 1
-        self._pending_known += known
+                seen(key, None)
 
     def _check_offsets(
         self, upsert: Mapping[ServiceKey, Allocation], removed: set[ServiceKey]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import bisect
 import operator
 from collections.abc import Iterable, Iterator, Sequence
-from itertools import islice
-from typing import Any, Generic, Protocol, Self, TypeVar, overload
+from itertools import islice, repeat
+from typing import Any, Generic, Protocol, Self, TypeVar, cast, overload
 
 __all__ = ["SortedIndex", "sorted_keys"]
 
@@ -27,6 +27,18 @@ V = TypeVar("V")
 #: Beyond this many keys changed at once, the key list is sorted anew instead.
 _BULK = 64
 _last = operator.itemgetter(-1)
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+
+
+def _appends(changed: list[tuple[Any, Any]]) -> bool:
+    """Whether C{changed} sets values only (none is None), its keys strictly in order."""
+    keys = list(map(_first, changed))
+    return all(map(operator.is_not, map(_second, changed), repeat(None))) and all(
+        map(operator.lt, keys, islice(keys, 1, None))
+    )
+
+
 T = TypeVar("T")
 
 
@@ -141,6 +153,13 @@ class SortedIndex(Sequence[V], Generic[K, V]):
     def update(self, changed: Iterable[tuple[K, V | None]]) -> None:
         """Set each C{(key, value)}, removing the keys whose value is None."""
         changed = list(changed)
+        values, keys = self._values, self._keys
+        if changed and (not keys or keys[-1] < changed[0][0]) and _appends(changed):
+            # New keys only, in order, after every key held (a table's rows in key
+            # order, a slice at a time): appended, whatever the index's size.
+            values.update(cast("list[tuple[K, V]]", changed))  # (none is None)
+            keys.extend(map(_first, changed))
+            return
         # One insort is a memmove of the list: sorting anew pays only when the
         # change is a good share of the index.
         if len(changed) <= _BULK or len(changed) * 32 < len(self._keys):
@@ -150,17 +169,9 @@ class SortedIndex(Sequence[V], Generic[K, V]):
                 else:
                     self.set(key, value)
             return
-        values, keys = self._values, self._keys
-        new = [key for key, value in changed if value is not None and key not in values]
-        appended = len(new) == len(changed) and (not keys or keys[-1] < new[0])
         for key, value in changed:
             if value is None:
                 values.pop(key, None)
             else:
                 values[key] = value
-        if appended and all(map(operator.lt, new, islice(new, 1, None))):
-            # New keys only, in order, after every key held (a table's rows in key
-            # order): appended, not sorted again.
-            keys.extend(new)
-        else:
-            self._keys = sorted_keys(values)
+        self._keys = sorted_keys(values)

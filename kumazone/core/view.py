@@ -33,6 +33,7 @@ from kumazone.core.vips import (
 
 __all__ = ["FederatedView", "check_part"]
 
+_new_tuple = tuple.__new__
 #: An allocation's key and offset (its first two fields), for passes made in C.
 _key_of = operator.itemgetter(0)
 _offset_of = operator.itemgetter(1)
@@ -134,10 +135,12 @@ class FederatedView:
         """C{key}'s row as served, or None."""
         allocation = self.global_rows.get(key)
         if allocation is not None:
-            return Served(key, allocation.offset, allocation.zones, False, allocation.claim)
-        offset = self.provisional.get(key)
-        if offset is not None:
-            return Served(key, offset, (), True, PROVISIONAL_CLAIM)
+            # (Without the named tuple's argument handling: one per row followed.)
+            _key, offset, zones, claim = allocation
+            return _new_tuple(Served, (key, offset, zones, False, claim))
+        provisional = self.provisional.get(key)
+        if provisional is not None:
+            return Served(key, provisional, (), True, PROVISIONAL_CLAIM)
         return None
 
     def served(self) -> Iterator[Served]:

@@ -1234,21 +1234,30 @@ class Zone:
         table, names = self.table, self._names
         rows: dict[ServiceKey, Served | None] = {}
         claimants: set[tuple[str, str]] = set()
+        #: What a new service whose names are no one's gets (the usual case).
+        alone: dict[ServiceKey, Assignment] = {}
+        claim_new, row_of = names.claim_new, table.row
         for key in keys:
-            row = rows[key] = table.row(key)
+            row = rows[key] = row_of(key)
             if row is None:
                 claimants |= names.remove(key.mesh, key.service)
-            else:
+                continue
+            assignment = claim_new(key.mesh, key.service, row.claim)
+            if assignment is None:
                 claimants |= names.put(key.mesh, key.service, row.claim)
+            else:
+                alone[key] = assignment
         for mesh, service in claimants:
             key = ServiceKey(mesh, service)
+            alone.pop(key, None)  # a name of it came to another since
             if key not in rows:
-                rows[key] = table.row(key)
+                rows[key] = row_of(key)
         changes: list[tuple[ServiceKey, VipEntry | None]] = []
         entries = self._entries
+        entry_of = self._entry
         for key, row in rows.items():
             old = entries.get(key)
-            new = None if row is None else self._entry(row, old)
+            new = None if row is None else entry_of(row, old, alone.get(key))
             if new is old:
                 continue
             if old is not None:

@@ -218,11 +218,32 @@ class MeshAuthority(ResolverBase):
             served = self._served.get(entry.key)
             if served is not None:
                 self._remove(served, changed)
+        served_of, forward, by_offset = self._served, self._forward, self._by_offset
+        changed_offsets, below_apex = self.changed_offsets, -len(self._suffix_text)
         for entry in change.added:
-            served = self._served.get(entry.key)
+            key = entry.key
+            served = served_of.get(key)
             if served is not None:  # replaced without being listed as removed
                 self._remove(served, changed)
-            self._add(self._serve(entry), changed)
+            served = self._serve(entry)
+            names, offset, in_mesh = served.names, served.offset, forward.get(key.mesh)
+            if in_mesh is not None and offset >= 0 and offset not in by_offset:
+                for name in names:
+                    if name in in_mesh or name.find(".", 0, below_apex) >= 0:
+                        break
+                else:
+                    # The usual new service: its names are no one's, each one label
+                    # under the apex (no empty non-terminal to count), its VIP no
+                    # one else's; its PTR gives the last of them.  L{_add}, in short.
+                    served_of[key] = served
+                    for name in names:
+                        in_mesh[name] = served
+                    by_offset[offset] = served
+                    served.ptr = names[-1] if names else None
+                    changed.update(names)
+                    changed_offsets.add(offset)
+                    continue
+            self._add(served, changed)
         self.version = change.snapshot.version
         self.changed = changed
 

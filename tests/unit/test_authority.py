@@ -584,6 +584,16 @@ def test_changed_names_are_those_of_the_entries_changed() -> None:
     assert authority.ptr_offset(b"0.240.in-addr.arpa") is None  # not a VIP's own name
 
 
+def test_changed_names_of_a_new_service_of_one_label() -> None:
+    """The usual new service (one name, one label, no one else's): the same account."""
+    web = VipEntry(ServiceKey("default", "web"), "240.0.0.93", "fd00:fd00::5d", ("web.mesh",))
+    authority = make_authority()
+    authority.apply(diff(ENTRIES, (*ENTRIES, web), VERSION + 1))
+    assert authority.changed == {"web.mesh"}
+    assert authority.changed_offsets == {authority.ptr_offset(reverse(web.vip))}
+    assert values(authority.resolve(reverse(web.vip6), dns.PTR, dns.IN)[0]) == ["web.mesh"]
+
+
 def test_a_full_change_rebuilds_from_the_snapshot() -> None:
     authority = make_authority()
     snapshot = ZoneSnapshot(version=VERSION + 1, entries=(LEDGER,), mesh_of_address={})
@@ -624,6 +634,11 @@ POOL = [
     [PAYMENTS_REDIS],
     [NAMELESS],
     [VipEntry(ServiceKey("payments", "a.b"), "240.0.0.90", "fd00:fd00::5a", ("a.b.mesh",))],
+    # One label, as most names are (the authority's short way): one that redis.mesh
+    # also claims (the least key owns it), and one that is an empty non-terminal
+    # of x.y.z.mesh until it comes.
+    [VipEntry(ServiceKey("default", "Redis"), "240.0.0.91", "fd00:fd00::5b", ("redis.mesh",))],
+    [VipEntry(ServiceKey("payments", "z"), "240.0.0.92", "fd00:fd00::5c", ("z.mesh",))],
 ]
 POOL_NAMES = corpus(tuple(entry for forms in POOL for entry in forms))
 

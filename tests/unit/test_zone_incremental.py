@@ -386,3 +386,16 @@ def test_entries_are_value_objects(tmp_path: Path) -> None:
     fields = (entry.key, entry.vip, entry.vip6, entry.names, entry.problems)
     again = VipEntry(*fields, entry.provisional, entry.zones, entry.offset)
     assert isinstance(entry, VipEntry) and entry == again and hash(entry) == hash(again)
+
+
+def test_a_name_taken_by_an_earlier_claim_in_the_same_update_moves_at_once() -> None:
+    """One table update, its rows in key order: a.b first takes a.b.mesh (its names are
+    no one's yet), then a_b, which claimed it earlier, takes it over."""
+    zone = Zone("zone-1", SMALL, SQLiteStore(":memory:"), federated=True)
+    rows = [Row("default", "a.b", 3, ("zone-2",), 5), Row("default", "a_b", 4, ("zone-2",), 2)]
+    for message in table_messages(1, 0, True, rows):
+        zone.apply_global(message, "t-1", 1.0)
+    owned = {entry.key.service: entry.names for entry in zone.snapshot.entries}
+    assert owned == {"a_b": ("a_b.mesh", "a.b.mesh"), "a.b": ()}
+    (problem,) = zone.snapshot.entries.get(ServiceKey("default", "a.b")).problems
+    assert "service a_b's name" in problem

@@ -272,13 +272,21 @@ class NameIndex:
             self._reassign({(mesh, service)})
             yield self._shared[(mesh, service)]
 
-    def claim_new(self, mesh: str, service: str, claim: int) -> Assignment | None:
+    def claim_new(
+        self,
+        mesh: str,
+        service: str,
+        claim: int,
+        names_of: Callable[[str], ServiceNames] | None = None,
+    ) -> Assignment | None:
         """Add a new claimant if none of its names is anyone's: what it gets (every
         name it asks for), and no one else's assignment changes.  None (and nothing
         done) if it is a claimant already or shares a name: L{put} then.
 
         L{put}'s usual case, without the set of claimants it returns (a fresh
-        zone takes 100,000 services, a few hundred a turn).
+        zone takes 100,000 services, a few hundred a turn).  C{names_of}: as for
+        L{fill} (a new service's names are seldom asked for again at once: a
+        cache of a few only costs its upkeep).
         """
         services = self._claim_of.get(mesh)
         if services is None:
@@ -287,7 +295,7 @@ class NameIndex:
         elif service in services:
             return None
         in_mesh = self._claims[mesh]
-        names = self._names_of(service)
+        names = (names_of or self._names_of)(service)
         for name in names.names:
             if name in in_mesh:
                 return None

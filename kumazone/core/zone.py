@@ -21,7 +21,7 @@ from typing import NamedTuple
 from kumazone.core.bulk import bulk_load
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.messages import TableUpdate
-from kumazone.core.names import Assignment, NameIndex, service_names
+from kumazone.core.names import Assignment, NameIndex, ServiceNames, service_names
 from kumazone.core.resources import DATAPLANE, MESH, Resource, ResourceKey
 from kumazone.core.sortedindex import SortedIndex
 from kumazone.core.storage import Store, StoreChanges, StoredState, StoreError
@@ -397,9 +397,10 @@ class Zone:
         self._federated = federated
         self._range_id = f"{config.cidr} {config.cidr6}"
         self._zones = (name,)
-        self._names_of = functools.lru_cache(maxsize=_NAMES_CACHED)(
-            lambda service: service_names(service, config.domain)
+        self._names_uncached: Callable[[str], ServiceNames] = lambda service: service_names(
+            service, config.domain
         )
+        self._names_of = functools.lru_cache(maxsize=_NAMES_CACHED)(self._names_uncached)
         self.table: VipAllocator | FederatedView
         #: '' when this zone allocates; the global's table id once it has synced.
         self.table_id: str = ""
@@ -1236,13 +1237,13 @@ class Zone:
         claimants: set[tuple[str, str]] = set()
         #: What a new service whose names are no one's gets (the usual case).
         alone: dict[ServiceKey, Assignment] = {}
-        claim_new, row_of = names.claim_new, table.row
+        claim_new, row_of, names_of = names.claim_new, table.row, self._names_uncached
         for key in keys:
             row = rows[key] = row_of(key)
             if row is None:
                 claimants |= names.remove(key.mesh, key.service)
                 continue
-            assignment = claim_new(key.mesh, key.service, row.claim)
+            assignment = claim_new(key.mesh, key.service, row.claim, names_of)
             if assignment is None:
                 claimants |= names.put(key.mesh, key.service, row.claim)
             else:

@@ -39,6 +39,28 @@ _key_of = operator.itemgetter(0)
 _offset_of = operator.itemgetter(1)
 
 
+def _settle_clashes(
+    full: Mapping[ServiceKey, Allocation],
+    at: dict[int, ServiceKey],
+    clashes: Mapping[int, list[ServiceKey]],
+) -> None:
+    """The keys at the offsets two rows of a full table were given, once it is whole:
+    one at most each, else ProtocolError.  O(clashes)."""
+    for offset, keys in clashes.items():
+        held = at.get(offset)
+        there = {
+            key
+            for key in (*keys, *(() if held is None else (held,)))
+            if (row := full.get(key)) is not None and row.offset == offset
+        }
+        if len(there) > 1:
+            raise ProtocolError("the table gives one VIP to two services")
+        if there:
+            at[offset] = there.pop()
+        else:
+            at.pop(offset, None)
+
+
 def check_part(part: int, previous: int | None) -> None:
     """Parts come in order: 0 starts a message, each next one follows the last."""
     expected = 0 if previous is None else previous + 1
@@ -111,6 +133,9 @@ class FederatedView:
         #: copy of the rows at its first part): worked out part by part, so that
         #: the last part costs what it brings, not the table.
         self._pending_at: dict[int, ServiceKey] = {}
+        #: Offsets two of its rows were given so far, with those keys: a table that
+        #: says a thing twice may still end with one key there (checked at the last).
+        self._pending_clashes: dict[int, list[ServiceKey]] = {}
         self._pending_changed: list[Allocation] = []
         self._pending_unseen: dict[ServiceKey, object] = {}
         self._pending_upsert: dict[ServiceKey, Allocation] | None = None
@@ -474,6 +499,7 @@ class FederatedView:
         self._pending_full = self._pending_upsert = self._pending_remove = None
         self._pending_part = None
         self._pending_at, self._pending_changed, self._pending_unseen = {}, [], {}
+        self._pending_clashes = {}
 
     def apply(self, message: TableUpdate, now: float = 0.0) -> TableDelta | None:
         """Apply one table part; returns the change to persist once complete, else None.
@@ -492,7 +518,7 @@ class FederatedView:
             if message.full:
                 self._pending_full, self._pending_upsert, self._pending_remove = {}, None, None
                 # (A copy of a dict keeps its hashes: 7 ms at 100,000 rows.)
-                self._pending_at, self._pending_changed = {}, []
+                self._pending_at, self._pending_changed, self._pending_clashes = {}, [], {}
                 self._pending_unseen = dict(self.global_rows)
             else:
                 self._pending_full, self._pending_upsert, self._pending_remove = None, {}, set()
@@ -518,7 +544,10 @@ class FederatedView:
             return None
         pending_upsert, pending_remove = self._pending_upsert, self._pending_remove
         at, changed, unseen = self._pending_at, self._pending_changed, self._pending_unseen
+        clashes = self._pending_clashes
         self.forget_partial()
+        if full is not None and clashes:
+            _settle_clashes(full, at, clashes)
         rows = self.global_rows
         if full is not None and not rows:
             # A fresh zone's first table: its gathered maps become the view's.
@@ -545,7 +574,8 @@ class FederatedView:
     def _gather_full(self, full: dict[ServiceKey, Allocation], message: TableUpdate) -> None:
         """Take one part of a full table into C{full}: O(rows in the part).
 
-        Each row's offset is checked against the rows gathered so far, and
+        Each row's offset is claimed in the rows gathered so far (two keys at
+        one offset are noted, and settled at the last part), and the row is
         compared with the row held for its key, as it comes.
         """
         at, changed, rows = self._pending_at, self._pending_changed, self.global_rows
@@ -554,7 +584,8 @@ class FederatedView:
             key = ServiceKey(mesh, service)
             gone = full.pop(key, None)
             if gone is not None:
-                del at[gone.offset]
+                if at.get(gone.offset) == key:
+                    del at[gone.offset]
                 if key in rows:
                     unseen[key] = None
         # (Tuples made without the named tuples' argument handling: a fresh zone
@@ -569,8 +600,9 @@ class FederatedView:
             before = get(key)
             if before is not None and at.get(before.offset) == key:
                 del at[before.offset]  # given again, elsewhere
-            if claim_offset(offset, key) != key:
-                raise ProtocolError("the table gives one VIP to two services")
+            owner = claim_offset(offset, key)
+            if owner != key:
+                self._pending_clashes.setdefault(offset, [owner]).append(key)
             full[key] = allocation
             if rows:
                 if rows.get(key) != allocation:

@@ -1069,7 +1069,8 @@ class Zone:
         if reset and isinstance(self.table, FederatedView):
             # A new table replaces every stored row (and the zone's hold-downs stay).
             # A change that added as many rows as the table holds added all of them
-            # (a fresh zone's first table: no second list of 100,000 rows).
+            # (a fresh zone's first table: no second list of 100,000 rows; the list
+            # is the change's own, so neither may be changed in place from here).
             table_rows = self.table.global_rows
             delta = TableDelta(
                 added=(

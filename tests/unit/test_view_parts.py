@@ -209,3 +209,18 @@ def test_a_full_table_giving_one_offset_twice_is_refused_and_changes_nothing(hel
     for message in parts(4, 0, True, [row(b, 5)], [], 1):
         view.apply(message)
     assert view.global_rows == {b: allocation(b, 5)}
+
+
+@pytest.mark.parametrize("held", [[], [Allocation(ServiceKey("default", "old"), 1)]])
+def test_an_offset_given_twice_in_a_table_that_ends_with_one_key_there_is_taken(held) -> None:
+    """What counts is the whole table: a key that moves away from an offset another
+    key is given, or a key removed from it, leaves that offset to the other."""
+    a, b, c = (ServiceKey("default", s) for s in "abc")
+    moved = parts(3, 0, True, [row(a, 5), row(b, 5), row(a, 6)], [], 1)
+    removed = parts(3, 0, True, [row(c, 7), row(b, 7)], [("default", "c")], 1)
+    for messages, expected in ((moved, {a: 6, b: 5}), (removed, {b: 7})):
+        view = FederatedView(BIG, held, 2)
+        for message in messages:
+            view.apply(message)
+        assert view.global_rows == {k: allocation(k, o) for k, o in expected.items()}
+        assert view._global_at == {o: k for k, o in expected.items()}

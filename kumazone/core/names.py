@@ -307,25 +307,12 @@ class NameIndex:
     def put(self, mesh: str, service: str, claim: int) -> set[Claimant]:
         """Add a claimant or change its claim; the claimants whose assignment changed."""
         services = self._claim_of.get(mesh)
-        if services is None:
-            services = self._claim_of[mesh] = {}
-            self._claims[mesh] = {}
-        elif services.get(service) == claim:
+        if services is not None and services.get(service) == claim:
             return set()
+        if self.claim_new(mesh, service, claim) is not None:
+            return {(mesh, service)}  # the usual new claimant: no one else's changed
+        services = self._claim_of[mesh]
         new = service not in services
-        if new:
-            # The usual new claimant: none of its names is anyone's yet, so it
-            # holds them all and no one else's assignment changes.
-            in_mesh = self._claims[mesh]
-            names = self._names_of(service).names
-            for name in names:
-                if name in in_mesh:
-                    break
-            else:
-                services[service] = claim
-                for name in names:
-                    in_mesh[name] = service
-                return {(mesh, service)}
         touched = self._drop(mesh, service)
         touched.add((mesh, service))
         services[service] = claim

@@ -19,6 +19,7 @@ import heapq
 import operator
 from collections import deque
 from collections.abc import Iterable, Iterator, KeysView, Mapping
+from dataclasses import dataclass, field
 
 from kumazone.core.messages import ProtocolError, TableUpdate
 from kumazone.core.vips import (
@@ -39,26 +40,71 @@ _key_of = operator.itemgetter(0)
 _offset_of = operator.itemgetter(1)
 
 
-def _settle_clashes(
-    full: Mapping[ServiceKey, Allocation],
-    at: dict[int, ServiceKey],
-    clashes: Mapping[int, list[ServiceKey]],
-) -> None:
-    """The keys at the offsets two rows of a full table were given, once it is whole:
-    one at most each, else ProtocolError.  O(clashes)."""
-    for offset, keys in clashes.items():
-        held = at.get(offset)
-        there = {
-            key
-            for key in (*keys, *(() if held is None else (held,)))
-            if (row := full.get(key)) is not None and row.offset == offset
-        }
-        if len(there) > 1:
-            raise ProtocolError("the table gives one VIP to two services")
-        if there:
-            at[offset] = there.pop()
-        else:
-            at.pop(offset, None)
+@dataclass(slots=True, eq=False)
+class _FullTable:
+    """A full table being gathered, part by part (L{take}): O(rows in each part),
+    so that its last part costs what it brings, not the table."""
+
+    #: The keys held when it began (a copy of a dict keeps its hashes: 7 ms at
+    #: 100,000 rows); those it gives are taken out, the rest are its removals.
+    unseen: dict[ServiceKey, object]
+    #: Its rows by key, and their keys by offset.
+    rows: dict[ServiceKey, Allocation] = field(default_factory=dict)
+    at: dict[int, ServiceKey] = field(default_factory=dict)
+    #: Offsets two of its rows were given, with those keys: the whole table may
+    #: still leave one key there (L{settle}).
+    clashes: dict[int, list[ServiceKey]] = field(default_factory=dict)
+    #: Its rows that differed from the rows held when they came.
+    changed: list[Allocation] = field(default_factory=list)
+
+    def take(self, message: TableUpdate, held: Mapping[ServiceKey, Allocation], size: int) -> None:
+        """One part: each row's offset claimed, the row compared with C{held}'s."""
+        rows, at, unseen = self.rows, self.at, self.unseen
+        for mesh, service in message.remove:
+            key = ServiceKey(mesh, service)
+            gone = rows.pop(key, None)
+            if gone is not None:
+                if at.get(gone.offset) == key:
+                    del at[gone.offset]
+                if key in held:
+                    unseen[key] = None
+        # (Tuples made without the named tuples' argument handling: a fresh zone
+        # takes 100,000 rows.)
+        new, get, claim_offset, seen = tuple.__new__, rows.get, at.setdefault, unseen.pop
+        for mesh, service, offset, zones, claim in message.upsert:
+            if offset >= size:
+                raise ProtocolError(f"offset {offset} is outside the VIP range")
+            key = new(ServiceKey, (mesh, service))
+            allocation = new(Allocation, (key, offset, zones, claim))
+            before = get(key)
+            if before is not None and at.get(before.offset) == key:
+                del at[before.offset]  # given again, elsewhere
+            owner = claim_offset(offset, key)
+            if owner != key:
+                self.clashes.setdefault(offset, [owner]).append(key)
+            rows[key] = allocation
+            if held:
+                if held.get(key) != allocation:
+                    self.changed.append(allocation)
+                seen(key, None)
+
+    def settle(self) -> None:
+        """The whole table: one key at most at each offset (else ProtocolError),
+        and L{at} says which.  O(clashes)."""
+        rows, at = self.rows, self.at
+        for offset, keys in self.clashes.items():
+            held = at.get(offset)
+            there = {
+                key
+                for key in (*keys, *(() if held is None else (held,)))
+                if (row := rows.get(key)) is not None and row.offset == offset
+            }
+            if len(there) > 1:
+                raise ProtocolError("the table gives one VIP to two services")
+            if there:
+                at[offset] = there.pop()
+            else:
+                at.pop(offset, None)
 
 
 def check_part(part: int, previous: int | None) -> None:
@@ -126,18 +172,8 @@ class FederatedView:
         self._held: dict[ServiceKey, object] = {}
         #: Provisional VIPs given, moved or dropped so far (for L{changed}).
         self._moves = 0
-        #: A full table being gathered (by key), or a change's upserts and removals.
-        self._pending_full: dict[ServiceKey, Allocation] | None = None
-        #: The full table's offsets (to its keys), its rows that differed from the
-        #: rows held when they came, and the keys held that it has not given (a
-        #: copy of the rows at its first part): worked out part by part, so that
-        #: the last part costs what it brings, not the table.
-        self._pending_at: dict[int, ServiceKey] = {}
-        #: Offsets two of its rows were given so far, with those keys: a table that
-        #: says a thing twice may still end with one key there (checked at the last).
-        self._pending_clashes: dict[int, list[ServiceKey]] = {}
-        self._pending_changed: list[Allocation] = []
-        self._pending_unseen: dict[ServiceKey, object] = {}
+        #: A full table being gathered, or a change's upserts and removals.
+        self._pending_full: _FullTable | None = None
         self._pending_upsert: dict[ServiceKey, Allocation] | None = None
         self._pending_remove: set[ServiceKey] | None = None
         self._pending_part: int | None = None
@@ -498,8 +534,6 @@ class FederatedView:
         """A new connection: whatever arrived of an unfinished message is void."""
         self._pending_full = self._pending_upsert = self._pending_remove = None
         self._pending_part = None
-        self._pending_at, self._pending_changed, self._pending_unseen = {}, [], {}
-        self._pending_clashes = {}
 
     def apply(self, message: TableUpdate, now: float = 0.0) -> TableDelta | None:
         """Apply one table part; returns the change to persist once complete, else None.
@@ -516,15 +550,13 @@ class FederatedView:
             # Parts are gathered and applied at the last one: the zone stores and
             # acknowledges whole versions only.
             if message.full:
-                self._pending_full, self._pending_upsert, self._pending_remove = {}, None, None
-                # (A copy of a dict keeps its hashes: 7 ms at 100,000 rows.)
-                self._pending_at, self._pending_changed, self._pending_clashes = {}, [], {}
-                self._pending_unseen = dict(self.global_rows)
+                self._pending_full = _FullTable(dict(self.global_rows))
+                self._pending_upsert = self._pending_remove = None
             else:
                 self._pending_full, self._pending_upsert, self._pending_remove = None, {}, set()
         full = self._pending_full
         if full is not None:
-            self._gather_full(full, message)
+            full.take(message, self.global_rows, self.range.size)
         else:
             upsert, remove = self._pending_upsert, self._pending_remove
             assert upsert is not None and remove is not None
@@ -543,22 +575,20 @@ class FederatedView:
         if not message.last:
             return None
         pending_upsert, pending_remove = self._pending_upsert, self._pending_remove
-        at, changed, unseen = self._pending_at, self._pending_changed, self._pending_unseen
-        clashes = self._pending_clashes
         self.forget_partial()
-        if full is not None and clashes:
-            _settle_clashes(full, at, clashes)
         rows = self.global_rows
+        if full is not None:
+            full.settle()
         if full is not None and not rows:
             # A fresh zone's first table: its gathered maps become the view's.
-            delta = TableDelta(added=list(full.values()))
+            delta = TableDelta(added=list(full.rows.values()))
             self.version = message.version
-            self._apply_rows(delta, now, whole=(full, at))
+            self._apply_rows(delta, now, whole=(full.rows, full.at))
             return delta
         if full is not None:
             # Only the rows that differed when they came, and are still the table's.
-            added = [a for a in changed if full.get(a.key) is a]
-            removed_keys: set[ServiceKey] = set(unseen)
+            added = [a for a in full.changed if full.rows.get(a.key) is a]
+            removed_keys: set[ServiceKey] = set(full.unseen)
         else:
             assert pending_upsert is not None and pending_remove is not None
             removed_keys = {k for k in pending_remove if k in rows}
@@ -570,44 +600,6 @@ class FederatedView:
         self.version = message.version
         self._apply_rows(delta, now)
         return delta
-
-    def _gather_full(self, full: dict[ServiceKey, Allocation], message: TableUpdate) -> None:
-        """Take one part of a full table into C{full}: O(rows in the part).
-
-        Each row's offset is claimed in the rows gathered so far (two keys at
-        one offset are noted, and settled at the last part), and the row is
-        compared with the row held for its key, as it comes.
-        """
-        at, changed, rows = self._pending_at, self._pending_changed, self.global_rows
-        unseen = self._pending_unseen
-        for mesh, service in message.remove:
-            key = ServiceKey(mesh, service)
-            gone = full.pop(key, None)
-            if gone is not None:
-                if at.get(gone.offset) == key:
-                    del at[gone.offset]
-                if key in rows:
-                    unseen[key] = None
-        # (Tuples made without the named tuples' argument handling: a fresh zone
-        # takes 100,000 rows.)
-        new, size = tuple.__new__, self.range.size
-        get, claim_offset, seen = full.get, at.setdefault, unseen.pop
-        for mesh, service, offset, zones, claim in message.upsert:
-            if offset >= size:
-                raise ProtocolError(f"offset {offset} is outside the VIP range")
-            key = new(ServiceKey, (mesh, service))
-            allocation = new(Allocation, (key, offset, zones, claim))
-            before = get(key)
-            if before is not None and at.get(before.offset) == key:
-                del at[before.offset]  # given again, elsewhere
-            owner = claim_offset(offset, key)
-            if owner != key:
-                self._pending_clashes.setdefault(offset, [owner]).append(key)
-            full[key] = allocation
-            if rows:
-                if rows.get(key) != allocation:
-                    changed.append(allocation)
-                seen(key, None)
 
     def _check_offsets(
         self, upsert: Mapping[ServiceKey, Allocation], removed: set[ServiceKey]
@@ -666,23 +658,24 @@ class FederatedView:
             self.global_rows.update(zip(keys, added, strict=True))
             self._global_at.update(zip(map(_offset_of, added), keys, strict=True))
             self._touched.update(dict.fromkeys(keys))
+
+        def added_at(offsets: Mapping[int, object]) -> Iterable[tuple[ServiceKey, int]]:
+            """The rows added at C{offsets}, as (key, offset): for a whole table, the
+            few C{offsets} looked up rather than every row walked."""
+            if whole is not None and len(offsets) < len(added):
+                at = self._global_at
+                return [(at[o], o) for o in sorted(offsets) if o in at]
+            return [
+                (k, o) for k, o in zip(keys, map(_offset_of, added), strict=True) if o in offsets
+            ]
+
         if self.holds:
-            for key, offset, _zones, _claim in added:
-                if offset in self.holds:
-                    hold = self._drop_hold(offset, delta)
-                    if hold.key in self.provisional and hold.key != key:
-                        collision = True
+            for key, offset in added_at(self.holds):
+                hold = self._drop_hold(offset, delta)
+                if hold.key in self.provisional and hold.key != key:
+                    collision = True
         if self._provisional_at:
-            if whole is not None and len(self._provisional_at) < len(added):
-                # Every row is new: the few provisional VIPs are looked up instead.
-                taken: Iterable[tuple[ServiceKey, int]] = [
-                    (at_key, offset)
-                    for offset in sorted(self._provisional_at)
-                    if (at_key := self._global_at.get(offset)) is not None
-                ]
-            else:
-                taken = zip(keys, map(_offset_of, added), strict=True)
-            for key, offset in taken:
+            for key, offset in added_at(self._provisional_at):
                 other = self._provisional_at.get(offset)
                 if other is not None and other != key:
                     # The global gave another key's provisional VIP.  A placement

@@ -218,32 +218,11 @@ class MeshAuthority(ResolverBase):
             served = self._served.get(entry.key)
             if served is not None:
                 self._remove(served, changed)
-        served_of, forward, by_offset = self._served, self._forward, self._by_offset
-        changed_offsets, below_apex = self.changed_offsets, -len(self._suffix_text)
         for entry in change.added:
-            key = entry.key
-            served = served_of.get(key)
+            served = self._served.get(entry.key)
             if served is not None:  # replaced without being listed as removed
                 self._remove(served, changed)
-            served = self._serve(entry)
-            names, offset, in_mesh = served.names, served.offset, forward.get(key.mesh)
-            if in_mesh is not None and offset >= 0 and offset not in by_offset:
-                for name in names:
-                    if name in in_mesh or name.find(".", 0, below_apex) >= 0:
-                        break
-                else:
-                    # The usual new service: its names are no one's, each one label
-                    # under the apex (no empty non-terminal to count), its VIP no
-                    # one else's; its PTR gives the last of them.  L{_add}, in short.
-                    served_of[key] = served
-                    for name in names:
-                        in_mesh[name] = served
-                    by_offset[offset] = served
-                    served.ptr = names[-1] if names else None
-                    changed.update(names)
-                    changed_offsets.add(offset)
-                    continue
-            self._add(served, changed)
+            self._add(self._serve(entry), changed)
         self.version = change.snapshot.version
         self.changed = changed
 
@@ -279,7 +258,26 @@ class MeshAuthority(ResolverBase):
         in_mesh = self._forward.get(mesh)
         if in_mesh is None:
             in_mesh = self._forward[mesh] = {}
-        for name in served.names:
+        names, offset = served.names, served.offset
+        if offset >= 0 and offset not in self._by_offset:
+            below_apex = -len(self._suffix_text)
+            for name in names:
+                if name in in_mesh or name.find(".", 0, below_apex) >= 0:
+                    break
+            else:
+                # The usual new service (a first build, a fresh zone's table): its
+                # names are no one's, each one label under the apex (no empty
+                # non-terminal to count), its VIP no one else's; its PTR gives the
+                # last of them.  What the rest of this method does, in short.
+                for name in names:
+                    in_mesh[name] = served
+                self._by_offset[offset] = served
+                served.ptr = names[-1] if names else None
+                if changed is not None:
+                    changed.update(names)
+                    self.changed_offsets.add(offset)
+                return
+        for name in names:
             owner = in_mesh.get(name)
             if owner is None:
                 in_mesh[name] = served

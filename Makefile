@@ -10,7 +10,13 @@ ZONE ?= zone-1
 
 # editable_mode=compat puts the checkout itself on sys.path, so twistd finds
 # twisted/plugins/kumazone_plugin.py (a strict editable install would hide it).
-$(STAMP): setup.cfg pyproject.toml
+# The hot path's C loop (setup.py) needs a C compiler and Python's headers.
+$(STAMP): setup.cfg setup.py pyproject.toml kumazone/dns/_hotloop.c
+	@include=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])'); \
+	if ! command -v gcc >/dev/null || [ ! -f "$$include/Python.h" ]; then \
+		echo "installing gcc and python3-dev (the hot path's C loop)"; \
+		apt-get install -y gcc python3-dev; \
+	fi
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --config-settings editable_mode=compat -e '.[test,dev,postgresql]'

@@ -5,7 +5,9 @@ several loopback addresses (one per mesh); the test drives each port's
 C{doRead} itself, so no reactor runs.  For the same queries, every client must
 get the same answers, byte for byte, from either port: hot answers, first-seen
 queries the authority path answers in the middle of a batch, malformed
-datagrams, EDNS0 variants, several meshes.
+datagrams, EDNS0 variants, several meshes.  Every test runs the batched port
+twice: with its C loop over known answers (kumazone/dns/_hotloop.c) and with
+its Python loop alone.
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ SERVICES = [
 CHUNK = 150
 
 Answers = dict[tuple[str, int], bytes]
+
+#: The batched port's loop over known answers in the test running: C, or None.
+LOOP: dict[str, Any] = {"known": udpbatch._KNOWN}
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def loop(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Each test with the C loop and with the Python loop alone."""
+    if request.param == "c" and not udpbatch.native:
+        pytest.fail("the C loop (kumazone/dns/_hotloop.c) is not built: run make")
+    LOOP["known"] = udpbatch._KNOWN if request.param == "c" else None
+    yield request.param
+    LOOP["known"] = udpbatch._KNOWN
 
 
 @pytest.fixture
@@ -125,7 +140,7 @@ def listen(
     port: udp.Port
     if kind == "batched":
         port = udpbatch.BatchedDNSPort(
-            0, protocol, host, reactor=reactor, calls=calls or udpbatch._CALLS
+            0, protocol, host, reactor=reactor, calls=calls or udpbatch._CALLS, known=LOOP["known"]
         )
     else:
         port = udp.Port(0, protocol, host, maxPacketSize=udpbatch.SLOT, reactor=reactor)

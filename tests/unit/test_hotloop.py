@@ -1,0 +1,199 @@
+"""The batched port's C loop (kumazone/dns/_hotloop.c) against its rules, on plain buffers.
+
+No sockets: the receive side's headers, datagrams and addresses are written
+here as the kernel's recvmmsg would, the C loop runs over them, and what it
+wrote to the send side (answers, their lengths), the counters it moved and the
+datagrams it left to the Python loop are compared with a model of the Python
+loop's rules (a kept answer for a known client's exact query octets, patched by
+L{hotpath.answer_from}).  tests/process/test_udp_batch.py runs both loops on
+real sockets.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kumazone.dns import udpbatch
+from kumazone.dns.hotpath import answer_from
+
+try:
+    from kumazone.dns import _hotloop
+except ImportError:  # make builds it: a missing C loop is a failure, not a skip
+    pytest.fail("the C loop (kumazone/dns/_hotloop.c) is not built: run make", pytrace=False)
+
+SLOT, NAME_SLOT, BATCH = udpbatch.SLOT, udpbatch.NAME_SLOT, udpbatch.BATCH
+IP = slice(4, 8)  # where an IPv4 socket address holds its address
+SENTINEL = 0xA5
+
+
+def messages() -> udpbatch._Messages:
+    return udpbatch._Messages(NAME_SLOT)
+
+
+def fill(received: udpbatch._Messages, batch: list[tuple[bytes, bytes]]) -> None:
+    """Write C{batch} (source address, datagram) as recvmmsg would."""
+    for i, (ip, datagram) in enumerate(batch):
+        base = i * SLOT
+        received.data_bytes[base : base + len(datagram)] = datagram
+        name = i * NAME_SLOT
+        received.name_bytes[name + IP.start : name + IP.stop] = ip
+        offset = i * udpbatch._HEADER_SIZE + udpbatch._LENGTH_OFFSET
+        struct.pack_into("I", received.header_bytes, offset, len(datagram))
+
+
+def run(batch: list[tuple[bytes, bytes]], clients: dict[bytes, Any]) -> tuple[list[int], Any]:
+    received, answers = messages(), messages()
+    fill(received, batch)
+    answers.data_bytes[:] = bytes([SENTINEL]) * len(answers.data_bytes)
+    rest = _hotloop.answer_known(
+        len(batch),
+        received.header_bytes,
+        received.data_bytes,
+        received.name_bytes,
+        answers.iovec_bytes,
+        answers.data_bytes,
+        clients,
+        IP.start,
+        IP.stop,
+        SLOT,
+        NAME_SLOT,
+    )
+    return rest, answers
+
+
+def iov_len(answers: udpbatch._Messages, i: int) -> int:
+    offset = i * udpbatch._IOVEC_SIZE + udpbatch._IOV_LEN_OFFSET
+    return int(struct.unpack_from("N", answers.iovec_bytes, offset)[0])
+
+
+def model(batch: list[tuple[bytes, bytes]], clients: dict[bytes, Any]) -> dict[int, bytes]:
+    """The Python loop's rule: which datagrams have a kept answer, and that answer."""
+    found = {}
+    for i, (ip, datagram) in enumerate(batch):
+        client = clients.get(ip)
+        if client is None or len(datagram) <= 12 or datagram[2] & 0xFE:
+            continue
+        seen = client[1].get(datagram[4:])
+        if seen is not None:
+            found[i] = answer_from(seen[0], datagram)
+    return found
+
+
+QUERY = bytes.fromhex("123401000001000000000000057265646973046d6573680000010001")
+#: An answer to QUERY as kept: ID zero, QR and AA set, RD and CD clear.
+TEMPLATE = b"\x00\x00\x84\x00" + QUERY[4:6] + b"\x00\x01" + QUERY[8:] + b"\xc0\x0c" + bytes(10)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_the_c_loop_answers_what_the_python_loop_would(data: st.DataObject) -> None:
+    rng = random.Random(data.draw(st.integers(0, 2**32 - 1)))
+    ips = [bytes([127, 0, 0, n]) for n in range(1, 5)]
+    tails = [
+        QUERY[4:],
+        QUERY[4:-1] + b"\x1c",
+        QUERY[4:] + b"\x00\x00)\x04\xd0\x00\x00\x00\x00\x00\x00",
+    ]
+    clients: dict[bytes, Any] = {}
+    counters: dict[bytes, list[int]] = {}
+    for ip in ips[:3]:  # the fourth is a client not seen yet
+        known = {}
+        for tail in rng.sample(tails, rng.randrange(len(tails) + 1)):
+            counters[tail] = counters.get(tail) or [rng.randrange(10**20)]  # big ints too
+            known[tail] = (TEMPLATE[:4] + rng.randbytes(rng.randrange(20)), counters[tail])
+        clients[ip] = ("default", known)
+    batch = []
+    for _ in range(data.draw(st.integers(0, BATCH))):
+        ip = rng.choice(ips)
+        shape = rng.random()
+        if shape < 0.6:
+            datagram = (
+                rng.randbytes(2)
+                + bytes([rng.choice([0, 1, 1, 0x80, 0x29])])
+                + bytes([rng.choice([0, 0x10, 0x20])])
+                + rng.choice(tails)
+            )
+        elif shape < 0.8:
+            datagram = rng.randbytes(rng.randrange(14))  # at most a header: the Python loop's
+        else:
+            datagram = rng.randbytes(rng.randrange(SLOT + 1))
+        batch.append((ip, datagram))
+    before = {tail: list(counter) for tail, counter in counters.items()}
+    expected = model(batch, clients)
+    hits: dict[bytes, int] = {}
+    for i in expected:
+        tail = batch[i][1][4:]
+        hits[tail] = hits.get(tail, 0) + 1
+
+    rest, answers = run(batch, clients)
+
+    assert rest == [i for i in range(len(batch)) if i not in expected]
+    for i, answer in expected.items():
+        assert iov_len(answers, i) == len(answer)
+        assert bytes(answers.data_bytes[i * SLOT : i * SLOT + len(answer)]) == answer
+    for i in rest:  # left to the Python loop: its send slot untouched
+        assert answers.data_bytes[i * SLOT] == SENTINEL
+    for tail, counter in counters.items():
+        assert counter == [before[tail][0] + hits.get(tail, 0)]
+
+
+def test_objects_of_another_shape_are_left_to_the_python_loop() -> None:
+    """What the C loop does not expect it does not touch: the Python loop judges it."""
+    tail = QUERY[4:]
+    good = (TEMPLATE, [0])
+    shapes: list[Any] = [
+        ["default", {tail: good}],  # a list, not a tuple
+        ("default", {tail: good}, "more"),
+        ("default", "not a dict"),
+        ("default", {tail: [TEMPLATE, [0]]}),  # the kept answer a list
+        ("default", {tail: ("text", [0])}),
+        ("default", {tail: (TEMPLATE[:3], [0])}),  # shorter than its header's flags
+        ("default", {tail: (TEMPLATE, (0,))}),
+        ("default", {tail: (TEMPLATE, [])}),
+        ("default", {tail: (b"\x00" * (SLOT + 1), [0])}),  # would not fit its slot
+    ]
+    for shape in shapes:
+        rest, answers = run([(b"\x7f\x00\x00\x01", QUERY)], {b"\x7f\x00\x00\x01": shape})
+        assert rest == [0], shape
+        assert answers.data_bytes[0] == SENTINEL
+    # A counter that is not a number: Python's own error, raised; the caller answers in Python.
+    with pytest.raises(TypeError):
+        run([(b"\x7f\x00\x00\x01", QUERY)], {b"\x7f\x00\x00\x01": ("m", {tail: (TEMPLATE, ["x"])})})
+
+
+def test_bad_arguments_are_refused() -> None:
+    received, answers = messages(), messages()
+    arguments: list[Any] = [
+        BATCH,
+        received.header_bytes,
+        received.data_bytes,
+        received.name_bytes,
+        answers.iovec_bytes,
+        answers.data_bytes,
+        {},
+        IP.start,
+        IP.stop,
+        SLOT,
+        NAME_SLOT,
+    ]
+    assert _hotloop.answer_known(*arguments) == list(range(BATCH))  # no clients yet
+    with pytest.raises(TypeError, match="11 arguments"):
+        _hotloop.answer_known(*arguments[:10])
+    for index, value, error in [
+        (0, BATCH + 1, ValueError),  # more datagrams than slots
+        (0, -1, ValueError),
+        (6, [], TypeError),
+        (8, NAME_SLOT + 1, ValueError),
+        (7, 9, ValueError),  # an empty address range
+        (5, bytes(BATCH * SLOT), BufferError),  # the send side must be writable
+    ]:
+        changed = list(arguments)
+        changed[index] = value
+        with pytest.raises(error):
+            _hotloop.answer_known(*changed)

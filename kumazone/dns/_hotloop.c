@@ -19,8 +19,8 @@
  * source addresses, each in a slot of C{name_slot} octets (the client's IP
  * address at [ip_start, ip_stop) of it); iovecs, out: the send side's struct
  * iovec[count] (iov_len is written) and data slots; clients: the hot cache's
- * dict of packed IP address -> (mesh, {query octets after ID and flags:
- * (answer, [counter])}).
+ * dict of packed IP address -> (mesh, positive, negative), each of the two a
+ * dict of {query octets after ID and flags: (answer, [counter])}.
  *
  * The result lists, in order, the datagrams this loop did not answer (no
  * client entry yet, no kept answer, flags or length the Python code must
@@ -121,13 +121,18 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (client == NULL && PyErr_Occurred()) {
                 goto failed;
             }
-            if (client != NULL && PyTuple_CheckExact(client) && PyTuple_GET_SIZE(client) == 2
-                && PyDict_CheckExact(PyTuple_GET_ITEM(client, 1))) {
+            if (client != NULL && PyTuple_CheckExact(client) && PyTuple_GET_SIZE(client) == 3
+                && PyDict_CheckExact(PyTuple_GET_ITEM(client, 1))
+                && PyDict_CheckExact(PyTuple_GET_ITEM(client, 2))) {
                 PyObject *key = PyBytes_FromStringAndSize((const char *)query + 4, length - 4);
                 if (key == NULL) {
                     goto failed;
                 }
+                /* The positive answers, then the negative ones (hotpath.Client). */
                 seen = PyDict_GetItemWithError(PyTuple_GET_ITEM(client, 1), key);
+                if (seen == NULL && !PyErr_Occurred()) {
+                    seen = PyDict_GetItemWithError(PyTuple_GET_ITEM(client, 2), key);
+                }
                 Py_DECREF(key);
                 if (seen == NULL && PyErr_Occurred()) {
                     goto failed;

@@ -50,6 +50,10 @@ MAX_REMEMBERED_QUERY = 320
 #: Entries before the cache starts over (random names never enter it; the forms of
 #: real names' queries do: case, EDNS options).
 MAX_ENTRIES = 100_000
+#: Negative answers kept by their queries' exact octets, in all meshes, until the
+#: table changes (a change may make any of them wrong): past it they start over.
+#: Apart from the positive answers, so a flood of random names churns only these.
+MAX_NEGATIVE_ENTRIES = 16_384
 
 #: A query's key: its name lower-cased (wire form), its type and class octets, its
 #: EDNS state (0 none, 1 DO clear, 2 DO set) and the client's mesh.  A plain tuple:
@@ -57,9 +61,10 @@ MAX_ENTRIES = 100_000
 HotKey = tuple[bytes, bytes, int, str]
 #: An answer kept with RD clear, and the query counter of its type and rcode.
 Template = tuple[bytes, list[int]]
-#: A client's mesh, and that mesh's C{exact} dictionary (L{HotCache.exact_for}).
-#: Read by index in the batched read loop, where an attribute would cost more.
-Client = tuple[str, dict[bytes, Template]]
+#: A client's mesh, and that mesh's C{exact} and C{negatives} dictionaries
+#: (L{HotCache.exact_for}).  Read by index in the batched read loop (and by the C
+#: loop, _hotloop.c), where an attribute would cost more.
+Client = tuple[str, dict[bytes, Template], dict[bytes, Template]]
 
 
 class HotQuery(NamedTuple):
@@ -242,6 +247,10 @@ class HotCache:
     question depend only on the rcode, the apex, the question name's length and
     the EDNS state (the SOA's owner is a pointer to the apex in the question);
     those tails are learnt from the authority path's answers, for one table version.
+    A negative answer asked for again in the same octets is kept by them, apart
+    from the positive ones (C{negatives}, per mesh, at most L{MAX_NEGATIVE_ENTRIES}
+    in all), until the table changes: a resolver's search list asks the same
+    names that do not exist again and again.
     """
 
     def __init__(
@@ -260,6 +269,13 @@ class HotCache:
         self._cell = cell or (lambda qtype, rcode: [0])
         self.templates: dict[HotKey, Template] = {}
         self.exact: dict[str, dict[bytes, Template]] = {}
+        #: Per mesh: negative answers by their queries' octets after ID and flags,
+        #: for this table version (L{remember_negative}).
+        self.negatives: dict[str, dict[bytes, Template]] = {}
+        self._negative_entries = 0
+        #: Hashes of (mesh, octets) of negative queries seen once: only a second
+        #: ask keeps one, so a flood of names never asked twice costs a hash each.
+        self._negative_once: set[int] = set()
         #: For readers that see raw addresses: a client's packed IP address to
         #: its mesh and that mesh's C{exact} dictionary.
         self.clients: dict[bytes, Client] = {}
@@ -298,6 +314,9 @@ class HotCache:
         """Anything may have changed: every answer goes."""
         self.templates.clear()
         self.exact.clear()
+        self.negatives.clear()
+        self._negative_entries = 0
+        self._negative_once.clear()
         self.clients.clear()
         self._by_name.clear()
         self._by_offset.clear()
@@ -335,6 +354,7 @@ class HotCache:
         if authority.version != self._version:
             self._version = authority.version
             self.tails.clear()
+            self._forget_negatives()
             serial, self._serial = self._serial, []
             self._drop(serial)
         for address in change.addresses:
@@ -409,12 +429,58 @@ class HotCache:
             found = self.exact[mesh] = {}
         return found
 
+    def negatives_for(self, mesh: str) -> dict[bytes, Template]:
+        """The C{negatives} dictionary of C{mesh}: the same object until L{clear}."""
+        found = self.negatives.get(mesh)
+        if found is None:
+            found = self.negatives[mesh] = {}
+        return found
+
     def client(self, ip: bytes, mesh: str) -> Client:
         """Keep that the client at packed address C{ip} is in C{mesh}; its C{clients} entry."""
         if len(self.clients) >= self.max_entries:
             self.clients.clear()
-        entry = self.clients[ip] = (mesh, self.exact_for(mesh))
+        entry = self.clients[ip] = (mesh, self.exact_for(mesh), self.negatives_for(mesh))
         return entry
+
+    def remember_negative(self, query: bytes, mesh: str, answer: bytes, counter: list[int]) -> None:
+        """Keep the negative C{answer} for queries with exactly C{query}'s octets, in C{mesh}.
+
+        Only from its second ask (within a table version): a query asked again (a
+        resolver's search list, a client's retry) is then answered as a positive
+        one is, without parsing; a flood of names asked once costs a hash each.
+        Until the table changes (L{apply}); at most L{MAX_NEGATIVE_ENTRIES} in all,
+        then they start over.
+        """
+        if len(query) > MAX_REMEMBERED_QUERY:
+            return
+        octets = query[4:]
+        once = self._negative_once
+        seen = hash((mesh, octets))
+        if seen not in once:
+            if len(once) >= MAX_NEGATIVE_ENTRIES:
+                once.clear()
+            once.add(seen)
+            return
+        if self._negative_entries >= MAX_NEGATIVE_ENTRIES:
+            self._forget_negatives()
+        known = self.negatives.get(mesh)
+        if known is None:
+            known = self.negatives_for(mesh)
+        if octets not in known:
+            self._negative_entries += 1
+        known[octets] = (_without_rd(answer), counter)
+
+    def _forget_negatives(self) -> None:
+        """Every negative answer kept by octets goes (in place: readers hold the dicts).
+
+        O(MAX_NEGATIVE_ENTRIES) at most, once per table version or per that many
+        new negative queries.
+        """
+        if self._negative_entries:
+            for known in self.negatives.values():
+                known.clear()
+            self._negative_entries = 0
 
     def remember(self, query: bytes, key: HotKey, answer: bytes, counter: list[int]) -> None:
         """Keep C{answer} (to a query of C{key}) for queries with exactly C{query}'s octets.
@@ -488,8 +554,10 @@ class HotCache:
         rcode, apex = found
         return rcode, apex, len(name), edns
 
-    def negative(self, query: bytes, key: HotKey, end: int) -> bytes | None:
+    def negative(self, query: bytes, key: HotKey, end: int) -> tuple[bytes, list[int]] | None:
         """The negative answer to C{query} (of C{key}, its name ending at C{end}), counted; or None.
+
+        With it, the counter it was counted in (for L{remember_negative}).
 
         None when the answer is not negative, or its tail is not known yet: the
         authority path answers it, and teaches the tail (L{store}).
@@ -515,7 +583,7 @@ class HotCache:
             + header[2:]
             + query[12 : end + 4]
             + rest
-        )
+        ), counter
 
     @staticmethod
     def answer(template: bytes, query: bytes, end: int) -> bytes:

@@ -164,9 +164,15 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
 
     def hot_answer(self, data: bytes, mesh: str) -> bytes | None:
         """The hot path's answer to C{data} from a client in C{mesh}, counted; or None."""
-        known = self.controller.hot.exact.get(mesh)
-        if known is not None and len(data) > 12 and not data[2] & 0xFE:
-            seen = known.get(data[4:])
+        hot = self.controller.hot
+        if len(data) > 12 and not data[2] & 0xFE:
+            octets = data[4:]
+            known = hot.exact.get(mesh)
+            seen = None if known is None else known.get(octets)
+            if seen is None:
+                negatives = hot.negatives.get(mesh)
+                if negatives is not None:
+                    seen = negatives.get(octets)
             if seen is not None:
                 template, counter = seen
                 counter[0] += 1
@@ -186,7 +192,11 @@ class KumaDNSDatagramProtocol(dns.DNSDatagramProtocol):
         entry = hot.templates.get(key)
         if entry is None:
             # Never kept by name: a flood of random names leaves the templates be.
-            return hot.negative(data, key, end)
+            negative = hot.negative(data, key, end)
+            if negative is None:
+                return None
+            hot.remember_negative(data, mesh, *negative)
+            return negative[0]
         template, counter = entry
         answer = HotCache.answer(template, data, end)
         hot.remember(data, key, answer, counter)

@@ -240,6 +240,7 @@ class BatchedDNSPort(udp.Port):
         out_iovecs, out_data = answers.iovec_bytes, answers.data_bytes
         ip_start, ip_stop = self._ip.start, self._ip.stop
         indices: list[int] | range = range(count)
+        looked = False  # whether the C loop looked for kept answers already
         if self._known is not None:
             # The C loop answers what has a kept answer; the rest is left here.
             try:
@@ -247,6 +248,7 @@ class BatchedDNSPort(udp.Port):
                     count, headers, data, names, out_iovecs, out_data, clients,
                     ip_start, ip_stop, SLOT, NAME_SLOT,
                 )  # fmt: skip
+                looked = True
             except Exception as e:  # no memory: this loop does it all, as without C
                 controller.limited_log(f"the C loop failed: {type(e).__name__}: {e}")
         run = 0  # the first answer not sent yet
@@ -263,8 +265,11 @@ class BatchedDNSPort(udp.Port):
                 if client is None:
                     client = self._client(ip)
                 seen = None
-                if length > 12 and not flags & 0xFE:
-                    seen = client[1].get(bytes(data[base + 4 : base + length]))
+                if length > 12 and not flags & 0xFE and not looked:
+                    octets = bytes(data[base + 4 : base + length])
+                    seen = client[1].get(octets)
+                    if seen is None:
+                        seen = client[2].get(octets)
                 if seen is not None:
                     # hotpath.answer_from's patch, done in place in the send
                     # buffer: a call and a copy per datagram cost more here.

@@ -79,7 +79,7 @@ def model(batch: list[tuple[bytes, bytes]], clients: dict[bytes, Any]) -> dict[i
         client = clients.get(ip)
         if client is None or len(datagram) <= 12 or datagram[2] & 0xFE:
             continue
-        seen = client[1].get(datagram[4:])
+        seen = client[1].get(datagram[4:]) or client[2].get(datagram[4:])
         if seen is not None:
             found[i] = answer_from(seen[0], datagram)
     return found
@@ -103,11 +103,14 @@ def test_the_c_loop_answers_what_the_python_loop_would(data: st.DataObject) -> N
     clients: dict[bytes, Any] = {}
     counters: dict[bytes, list[int]] = {}
     for ip in ips[:3]:  # the fourth is a client not seen yet
-        known = {}
+        known: tuple[dict[bytes, Any], dict[bytes, Any]] = ({}, {})  # positive, negative
         for tail in rng.sample(tails, rng.randrange(len(tails) + 1)):
             counters[tail] = counters.get(tail) or [rng.randrange(10**20)]  # big ints too
-            known[tail] = (TEMPLATE[:4] + rng.randbytes(rng.randrange(20)), counters[tail])
-        clients[ip] = ("default", known)
+            answer = TEMPLATE[:4] + rng.randbytes(rng.randrange(20))
+            # In either dictionary, or in both (the positive one is asked first).
+            for where in rng.choice([(0,), (1,), (0, 1)]):
+                known[where][tail] = (answer if where == 0 else answer + b"-", counters[tail])
+        clients[ip] = ("default", *known)
     batch = []
     for _ in range(data.draw(st.integers(0, BATCH))):
         ip = rng.choice(ips)
@@ -148,15 +151,18 @@ def test_objects_of_another_shape_are_left_to_the_python_loop() -> None:
     tail = QUERY[4:]
     good = (TEMPLATE, [0])
     shapes: list[Any] = [
-        ["default", {tail: good}],  # a list, not a tuple
-        ("default", {tail: good}, "more"),
-        ("default", "not a dict"),
-        ("default", {tail: [TEMPLATE, [0]]}),  # the kept answer a list
-        ("default", {tail: ("text", [0])}),
-        ("default", {tail: (TEMPLATE[:3], [0])}),  # shorter than its header's flags
-        ("default", {tail: (TEMPLATE, (0,))}),
-        ("default", {tail: (TEMPLATE, [])}),
-        ("default", {tail: (b"\x00" * (SLOT + 1), [0])}),  # would not fit its slot
+        ["default", {tail: good}, {}],  # a list, not a tuple
+        ("default", {tail: good}),
+        ("default", {tail: good}, {}, "more"),
+        ("default", "not a dict", {}),
+        ("default", {tail: good}, "not a dict"),
+        ("default", {tail: [TEMPLATE, [0]]}, {}),  # the kept answer a list
+        ("default", {}, {tail: [TEMPLATE, [0]]}),
+        ("default", {tail: ("text", [0])}, {}),
+        ("default", {tail: (TEMPLATE[:3], [0])}, {}),  # shorter than its header's flags
+        ("default", {tail: (TEMPLATE, (0,))}, {}),
+        ("default", {tail: (TEMPLATE, [])}, {}),
+        ("default", {tail: (b"\x00" * (SLOT + 1), [0])}, {}),  # would not fit its slot
     ]
     for shape in shapes:
         rest, answers = run([(b"\x7f\x00\x00\x01", QUERY)], {b"\x7f\x00\x00\x01": shape})
@@ -164,7 +170,10 @@ def test_objects_of_another_shape_are_left_to_the_python_loop() -> None:
         assert answers.data_bytes[0] == SENTINEL
     # A counter that is not a number: Python's own error, raised; the caller answers in Python.
     with pytest.raises(TypeError):
-        run([(b"\x7f\x00\x00\x01", QUERY)], {b"\x7f\x00\x00\x01": ("m", {tail: (TEMPLATE, ["x"])})})
+        run(
+            [(b"\x7f\x00\x00\x01", QUERY)],
+            {b"\x7f\x00\x00\x01": ("m", {tail: (TEMPLATE, ["x"])}, {})},
+        )
 
 
 def test_bad_arguments_are_refused() -> None:

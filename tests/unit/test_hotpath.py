@@ -28,6 +28,7 @@ from hypothesis import given, settings
 from kumazone.core.config import load_config
 from kumazone.core.resources import ResourceKey
 from kumazone.core.zone import VipEntry, Zone, ZoneChange
+from kumazone.dns import hotpath
 from kumazone.dns.authority import MeshAuthority
 from kumazone.dns.server import KumaDNSDatagramProtocol, KumaDNSServerFactory
 from kumazone.metrics import Metrics
@@ -254,9 +255,12 @@ def test_hot_path_equals_authority_path(served) -> None:
                 capture.sent.pop()
                 proto.datagramReceived(query, (host, 5353))
                 answer = capture.sent.pop()
-                # And once more, exactly as asked: the shortcut for known octets.
+                # And twice more, exactly as asked: the shortcut for known octets
+                # (a negative answer is kept by its octets from its second ask).
                 proto.datagramReceived(query, (host, 5353))
                 again = capture.sent.pop()
+                proto.datagramReceived(query, (host, 5353))
+                assert capture.sent.pop() == reference, (name, rdtype, "third")
                 hot += factory.stats.hot_answers - before
                 assert answer == reference, (name, rdtype, edns, rd, rdclass, host)
                 assert answer[3] & 0x10 == query[3] & 0x10, "CD copied (RFC 6840 5.9)"
@@ -404,7 +408,7 @@ def test_hot_answers_equal_a_fresh_server_before_and_after_changes(served) -> No
         for query, host in queries:
             reference = scratch(query, host)
             rcodes.add(reference[3] & 0x0F)
-            for again in range(2):  # authority path or hot, then hot
+            for again in range(3):  # authority path or hot, hot, then by its octets
                 proto.datagramReceived(query, (host, 5353))
                 assert capture.sent.pop() == reference, (what, again, dns.message.from_wire(query))
         assert {dns.rcode.NOERROR, dns.rcode.NXDOMAIN, dns.rcode.REFUSED} <= rcodes
@@ -487,6 +491,53 @@ def test_a_flood_of_random_names_is_answered_hot_and_evicts_nothing(served) -> N
     assert factory.stats.hot_answers == answered + len(known)
 
 
+def test_a_negative_answer_is_kept_by_its_octets_from_its_second_ask_until_a_change(
+    served, monkeypatch
+) -> None:
+    """Asked again, a negative answer comes by its octets; a change of the table drops it."""
+    zone, factory, proto, capture = served
+    host = CLIENTS["default"]
+    hot = factory.hot
+    query = dns.message.make_query("new.mesh", "A").to_wire()
+    answers = []
+    for _ in range(3):
+        proto.datagramReceived(query, (host, 5353))
+        answers.append(capture.sent.pop())
+    assert [dns.message.from_wire(a).rcode() for a in answers] == [dns.rcode.NXDOMAIN] * 3
+    assert list(hot.negatives["default"]) == [query[4:]]  # from the second ask
+    assert hot.negatives.get("payments", {}) == {}
+    # Answered by its octets now: the hot key is not even worked out.
+    monkeypatch.setattr("kumazone.dns.server.hot_key", None)
+    proto.datagramReceived(query, (host, 5353))
+    assert capture.sent.pop() == answers[0]
+    monkeypatch.undo()
+
+    zone.set_file("/inventory.yaml", inventory([*SERVICES, ("new", "default")]), 1.0)
+    assert hot.negatives["default"] == {}
+    proto.datagramReceived(query, (host, 5353))
+    answer = dns.message.from_wire(capture.sent.pop())
+    assert answer.rcode() == dns.rcode.NOERROR and answer.answer
+
+
+def test_a_flood_of_random_names_keeps_few_negative_answers(served, monkeypatch) -> None:
+    """Names asked once are never kept; those asked twice, at most MAX_NEGATIVE_ENTRIES."""
+    _zone, factory, proto, capture = served
+    monkeypatch.setattr(hotpath, "MAX_NEGATIVE_ENTRIES", 40)
+    host = CLIENTS["default"]
+    hot = factory.hot
+    names = [f"flood-{i}.mesh" for i in range(300)]
+    for name in names:
+        proto.datagramReceived(dns.message.make_query(name, "A").to_wire(), (host, 5353))
+        capture.sent.pop()
+    assert hot._negative_entries == 0 and not any(hot.negatives.values())
+    assert len(hot._negative_once) <= 40
+    for name in [name for name in names for _ in range(2)]:  # each twice in a row
+        proto.datagramReceived(dns.message.make_query(name, "A").to_wire(), (host, 5353))
+        assert dns.message.from_wire(capture.sent.pop()).rcode() == dns.rcode.NXDOMAIN
+    kept = sum(len(known) for known in hot.negatives.values())
+    assert 0 < kept == hot._negative_entries <= 40
+
+
 def test_a_flood_of_one_real_name_in_random_forms_evicts_no_other_name(served) -> None:
     """Random case of a real name makes new octet forms; few are kept, others stay hot."""
     _zone, factory, proto, capture = served
@@ -537,7 +588,7 @@ def test_any_sequence_of_changes_answers_as_a_fresh_server(sequence) -> None:
                 query = make_query(text, rdtype, rng.randrange(3), True, "IN", rng)
                 reference.packetReceived(query, proto, (host, 5353), None)
                 expected = capture.sent.pop()
-                for _ in range(2):
+                for _ in range(3):  # the third by its octets, negative answers too
                     proto.datagramReceived(query, (host, 5353))
                     assert capture.sent.pop() == expected, (version, text, rdtype, host)
         before = after

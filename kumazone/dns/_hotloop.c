@@ -12,7 +12,7 @@
  * (tests/unit/test_udpbatch.py compares the two on the same buffers).
  *
  * answer_known(count, headers, data, names, iovecs, out, clients,
- *              ip_start, ip_stop, slot, name_slot) -> list of indices
+ *              ip_start, ip_stop, slot, name_slot, negative) -> list of indices
  *
  * headers: the receive side's struct mmsghdr[count] (msg_len is read);
  * data, names: the datagrams, each in a slot of C{slot} octets, and their
@@ -20,7 +20,10 @@
  * address at [ip_start, ip_stop) of it); iovecs, out: the send side's struct
  * iovec[count] (iov_len is written) and data slots; clients: the hot cache's
  * dict of packed IP address -> (mesh, positive, negative), each of the two a
- * dict of {query octets after ID and flags: (answer, [counter])}.
+ * dict of {query octets after ID and flags: (answer, [counter])}; negative:
+ * None, or what an NXDOMAIN for a name no one has is made of (see
+ * negative_answer): a query with no kept answer is then answered here when
+ * it is one, as hotpath.HotCache.negative would answer it.
  *
  * The result lists, in order, the datagrams this loop did not answer (no
  * client entry yet, no kept answer, flags or length the Python code must
@@ -48,12 +51,265 @@ release(Py_buffer *views, int held)
     }
 }
 
+/* Most options walked in a query's OPT record (hotpath.MAX_EDNS_OPTIONS). */
+#define MAX_EDNS_OPTIONS 32
+
+/* hotpath._edns_state: 1 (DO clear) or 2 (DO set) for the OPT record at
+ * start, or 0 where it does not qualify. */
+static int
+edns_state(const unsigned char *data, Py_ssize_t start, Py_ssize_t size)
+{
+    if (size < start + 11 || data[start] != 0 || data[start + 1] != 0 || data[start + 2] != 41
+        || data[start + 6] != 0) {
+        return 0;
+    }
+    int do_bit = data[start + 7] & 0x80;
+    Py_ssize_t rdlength = (data[start + 9] << 8) | data[start + 10];
+    Py_ssize_t options = start + 11;
+    if (options + rdlength != size) {
+        return 0;
+    }
+    int count = 0;
+    while (options < size) {
+        count++;
+        if (options + 4 > size || count > MAX_EDNS_OPTIONS) {
+            return 0;
+        }
+        options += 4 + ((data[options + 2] << 8) | data[options + 3]);
+    }
+    if (options != size) {
+        return 0;
+    }
+    return do_bit ? 2 : 1;
+}
+
+/* Whether the dotted name [name, name + length) ends with one of the bytes in
+ * the tuple suffixes, or is one of the bytes in the tuple names. */
+static int
+odd_name(const char *name, Py_ssize_t length, PyObject *names, PyObject *suffixes)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+        PyObject *odd = PyTuple_GET_ITEM(names, i);
+        if (PyBytes_GET_SIZE(odd) == length && memcmp(PyBytes_AS_STRING(odd), name, length) == 0) {
+            return 1;
+        }
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(suffixes); i++) {
+        PyObject *odd = PyTuple_GET_ITEM(suffixes, i);
+        Py_ssize_t n = PyBytes_GET_SIZE(odd);
+        if (n <= length && memcmp(PyBytes_AS_STRING(odd), name + length - n, n) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The negative context's parts (udpbatch._negative_context, from the hot cache
+ * and its authority): see negative_answer. */
+enum {
+    NX_FORWARD,  /* dict: mesh -> {dotted name (str): served} */
+    NX_EMPTY,    /* dict: dotted name (str) -> meshes */
+    NX_APEX,     /* bytes: the domain, as b"mesh" */
+    NX_SUFFIX,   /* bytes: b".mesh" */
+    NX_ODD,      /* tuple of bytes: names the SOA's names compress into */
+    NX_ODD_SUFFIXES, /* tuple of bytes: b"." + each of those */
+    NX_TAILS,    /* dict: (rcode, apex, name length, EDNS state) -> (header, rest, counters) */
+    NX_RCODE,    /* int: NXDOMAIN, as the tails' keys have it */
+    NX_PARTS,
+};
+
+/* Checks that a negative context has the parts and types negative_answer reads. */
+static int
+negative_context_ok(PyObject *context)
+{
+    if (!PyTuple_CheckExact(context) || PyTuple_GET_SIZE(context) != NX_PARTS) {
+        return 0;
+    }
+    PyObject *odd = PyTuple_GET_ITEM(context, NX_ODD);
+    PyObject *suffixes = PyTuple_GET_ITEM(context, NX_ODD_SUFFIXES);
+    if (!PyDict_CheckExact(PyTuple_GET_ITEM(context, NX_FORWARD))
+        || !PyDict_CheckExact(PyTuple_GET_ITEM(context, NX_EMPTY))
+        || !PyBytes_CheckExact(PyTuple_GET_ITEM(context, NX_APEX))
+        || !PyBytes_CheckExact(PyTuple_GET_ITEM(context, NX_SUFFIX))
+        || !PyTuple_CheckExact(odd) || !PyTuple_CheckExact(suffixes)
+        || !PyDict_CheckExact(PyTuple_GET_ITEM(context, NX_TAILS))
+        || !PyLong_CheckExact(PyTuple_GET_ITEM(context, NX_RCODE))) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(odd); i++) {
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(odd, i))) {
+            return 0;
+        }
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(suffixes); i++) {
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(suffixes, i))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/*
+ * The NXDOMAIN for a query of a name in the domain that no one has, made as
+ * hotpath.HotCache.negative makes it, into answer (room for slot octets):
+ * the query's ID, RD, CD and question, then the tail learnt for answers of
+ * its kind.  Returns the answer's size; 0 where this case is not one it makes
+ * (the name parses otherwise than hot_key would take it, is the apex, the
+ * nameserver's or near them, is a service's or an empty non-terminal, the
+ * class is not IN or the type a transfer, or no tail or counter is learnt
+ * yet): the Python loop then judges it.  -1 on an error of Python's own.
+ */
+static Py_ssize_t
+negative_answer(const unsigned char *query, Py_ssize_t size, PyObject *mesh, PyObject *context,
+                unsigned char *answer, Py_ssize_t slot)
+{
+    static const unsigned char plain[8] = {0, 1, 0, 0, 0, 0, 0, 0};
+    static const unsigned char edns[8] = {0, 1, 0, 0, 0, 0, 0, 1};
+    if (size < 17 || (query[2] & 0xFE)) {
+        return 0;
+    }
+    int has_edns;
+    if (memcmp(query + 4, plain, 8) == 0) {
+        has_edns = 0;
+    } else if (memcmp(query + 4, edns, 8) == 0) {
+        has_edns = 1;
+    } else {
+        return 0;
+    }
+    /* hot_key's walk: the name uncompressed, labels of 1 to 63 octets with no
+     * '.' in them, 255 octets at most; the dotted form lower-cased. */
+    char dotted[256];
+    Py_ssize_t dotted_length = 0;
+    Py_ssize_t position = 12, total = 1;
+    for (;;) {
+        if (position >= size) {
+            return 0;
+        }
+        Py_ssize_t length = query[position];
+        if (length == 0) {
+            break;
+        }
+        if (length > 63 || position + 1 + length > size) {
+            return 0;
+        }
+        total += length + 1;
+        if (total > 255) {
+            return 0;
+        }
+        if (dotted_length) {
+            dotted[dotted_length++] = '.';
+        }
+        for (Py_ssize_t i = 0; i < length; i++) {
+            unsigned char c = query[position + 1 + i];
+            if (c == '.') {
+                return 0;
+            }
+            dotted[dotted_length++] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+        }
+        position += 1 + length;
+    }
+    Py_ssize_t end = position + 1;
+    Py_ssize_t question_end = end + 4;
+    int state = 0;
+    if (has_edns) {
+        state = edns_state(query, question_end, size);
+        if (state == 0) {
+            return 0;
+        }
+    } else if (question_end != size) {
+        return 0;
+    }
+    int qtype = (query[end] << 8) | query[end + 1];
+    int qclass = (query[end + 2] << 8) | query[end + 3];
+    if (qclass != 1 || qtype == 251 || qtype == 252) {
+        return 0;
+    }
+    PyObject *suffix = PyTuple_GET_ITEM(context, NX_SUFFIX);
+    Py_ssize_t suffix_length = PyBytes_GET_SIZE(suffix);
+    if (dotted_length <= suffix_length
+        || memcmp(dotted + dotted_length - suffix_length, PyBytes_AS_STRING(suffix),
+                  suffix_length) != 0
+        || odd_name(dotted, dotted_length, PyTuple_GET_ITEM(context, NX_ODD),
+                    PyTuple_GET_ITEM(context, NX_ODD_SUFFIXES))) {
+        return 0;
+    }
+    /* MeshAuthority._forward_kind: a service's name in this mesh, or an empty
+     * non-terminal, is the Python loop's to answer. */
+    PyObject *text = PyUnicode_DecodeLatin1(dotted, dotted_length, NULL);
+    if (text == NULL) {
+        return -1;
+    }
+    PyObject *in_mesh = PyDict_GetItemWithError(PyTuple_GET_ITEM(context, NX_FORWARD), mesh);
+    PyObject *found = NULL;
+    if (in_mesh != NULL) {
+        found = PyDict_CheckExact(in_mesh) ? PyDict_GetItemWithError(in_mesh, text) : Py_None;
+    }
+    if (found == NULL && !PyErr_Occurred()) {
+        found = PyDict_GetItemWithError(PyTuple_GET_ITEM(context, NX_EMPTY), text);
+    }
+    Py_DECREF(text);
+    if (found != NULL || PyErr_Occurred()) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    /* HotCache.negative: the tail of (NXDOMAIN, apex, name length, EDNS state). */
+    PyObject *key = Py_BuildValue("(OOnn)", PyTuple_GET_ITEM(context, NX_RCODE),
+                                  PyTuple_GET_ITEM(context, NX_APEX), end - 12, (Py_ssize_t)state);
+    if (key == NULL) {
+        return -1;
+    }
+    PyObject *tail = PyDict_GetItemWithError(PyTuple_GET_ITEM(context, NX_TAILS), key);
+    Py_DECREF(key);
+    if (tail == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    if (!PyTuple_CheckExact(tail) || PyTuple_GET_SIZE(tail) != 3) {
+        return 0;
+    }
+    PyObject *header = PyTuple_GET_ITEM(tail, 0);
+    PyObject *rest = PyTuple_GET_ITEM(tail, 1);
+    PyObject *counters = PyTuple_GET_ITEM(tail, 2);
+    if (!PyBytes_CheckExact(header) || PyBytes_GET_SIZE(header) != 10 || !PyBytes_CheckExact(rest)
+        || !PyDict_CheckExact(counters)) {
+        return 0;
+    }
+    Py_ssize_t answer_size = 12 + (question_end - 12) + PyBytes_GET_SIZE(rest);
+    if (answer_size > slot) {
+        return 0;
+    }
+    PyObject *type_class = PyBytes_FromStringAndSize((const char *)query + end, 4);
+    if (type_class == NULL) {
+        return -1;
+    }
+    PyObject *counter = PyDict_GetItemWithError(counters, type_class);
+    Py_DECREF(type_class);
+    if (counter == NULL) {
+        return PyErr_Occurred() ? -1 : 0; /* the Python loop makes the counter */
+    }
+    if (!PyList_CheckExact(counter) || PyList_GET_SIZE(counter) < 1) {
+        return 0;
+    }
+    PyObject *one_more = PyNumber_Add(PyList_GET_ITEM(counter, 0), one);
+    if (one_more == NULL) {
+        return -1;
+    }
+    PyList_SetItem(counter, 0, one_more);
+    const unsigned char *kept = (const unsigned char *)PyBytes_AS_STRING(header);
+    answer[0] = query[0];
+    answer[1] = query[1];
+    answer[2] = kept[0] | (query[2] & 0x01);
+    answer[3] = kept[1] | (query[3] & 0x10);
+    memcpy(answer + 4, kept + 2, 8);
+    memcpy(answer + 12, query + 12, (size_t)(question_end - 12));
+    memcpy(answer + question_end, PyBytes_AS_STRING(rest), (size_t)PyBytes_GET_SIZE(rest));
+    return answer_size;
+}
+
 static PyObject *
 answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 11) {
-        PyErr_Format(PyExc_TypeError, "answer_known takes 11 arguments (%zd given)", nargs);
+    if (nargs != 12) {
+        PyErr_Format(PyExc_TypeError, "answer_known takes 12 arguments (%zd given)", nargs);
         return NULL;
     }
     Py_ssize_t count = PyLong_AsSsize_t(args[0]);
@@ -65,6 +321,12 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *clients = args[6];
+    /* The context of the NXDOMAIN answers made here, or None: none are. */
+    PyObject *negative = args[11] == Py_None ? NULL : args[11];
+    if (negative != NULL && !negative_context_ok(negative)) {
+        PyErr_SetString(PyExc_TypeError, "answer_known: a negative context of another shape");
+        return NULL;
+    }
     if (!PyDict_Check(clients)) {
         PyErr_SetString(PyExc_TypeError, "answer_known: clients must be a dict");
         return NULL;
@@ -108,6 +370,7 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         const unsigned char *query = data + i * slot;
         Py_ssize_t length = (Py_ssize_t)headers[i].msg_len;
         PyObject *seen = NULL;
+        PyObject *mesh = NULL; /* of a client seen before, when the query may be negative */
         /* As the Python loop: only queries past the header, QR, opcode, AA and
          * TC clear (RD may be either), of a client seen before. */
         if (length > 12 && length <= slot && !(query[2] & 0xFE)) {
@@ -137,6 +400,19 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 if (seen == NULL && PyErr_Occurred()) {
                     goto failed;
                 }
+                if (seen == NULL && PyUnicode_CheckExact(PyTuple_GET_ITEM(client, 0))) {
+                    mesh = PyTuple_GET_ITEM(client, 0);
+                }
+            }
+        }
+        if (mesh != NULL && negative != NULL) {
+            Py_ssize_t made = negative_answer(query, length, mesh, negative, out + i * slot, slot);
+            if (made < 0) {
+                goto failed;
+            }
+            if (made > 0) {
+                iovecs[i].iov_len = (size_t)made;
+                continue;
             }
         }
         PyObject *template = NULL, *counter = NULL;

@@ -16,5 +16,6 @@ def answer_known(
     ip_stop: int,
     slot: int,
     name_slot: int,
+    negative: tuple[Any, ...] | None,
     /,
 ) -> list[int]: ...

@@ -452,6 +452,14 @@ class MeshAuthority(ResolverBase):
                 return (dns.OK if kind == _EMPTY else dns.ENAME), apex
         return dns.EREFUSED, None
 
+    def forward_maps(self) -> tuple[dict[str, dict[str, _Served]], dict[str, dict[str, int]]]:
+        """The maps L{_forward_kind} reads: mesh -> name -> served, and the empty non-terminals.
+
+        For the C loop's NXDOMAIN answers (L{HotCache.negative_context}): a name
+        in the domain in neither is no one's.  Replaced on a full build.
+        """
+        return self._forward, self._empty
+
     def _forward_kind(self, name: bytes, mesh: str) -> tuple[int, _Served | None]:
         """What C{name} in the domain is for C{mesh}: apex, nameserver, a service's, empty, none."""
         if name == self.apex:

@@ -304,10 +304,12 @@ class HotCache:
                     odd.add(soa_name)
                     soa_name = soa_name.split(b".", 1)[1]
             self._odd = frozenset(odd)
+            self._odd_names: tuple[bytes, ...] = tuple(odd)
             self._odd_suffixes = tuple(b"." + name for name in odd)
         else:
             self._apexes = frozenset()
             self._odd = frozenset()
+            self._odd_names = ()
             self._odd_suffixes = ()
 
     def clear(self) -> None:
@@ -532,6 +534,29 @@ class HotCache:
                     self.tails.clear()
                 header = _without_rd(response[:12])[2:]
                 self.tails[tail_key] = (header, response[end + 4 :], {type_class: counter})
+
+    def negative_context(self) -> tuple[Any, ...] | None:
+        """What the C loop (_hotloop.c) makes an NXDOMAIN of, as L{negative} would; or None.
+
+        For a name in the domain that no one has: the authority's maps to tell
+        (L{MeshAuthority.forward_maps}), the names L{_tail_key} leaves to the
+        authority path, and the tails.  Read once per batch: the authority
+        replaces its maps on a full build.
+        """
+        authority = self.authority
+        if authority is None:
+            return None
+        forward, empty = authority.forward_maps()
+        return (
+            forward,
+            empty,
+            authority.apex,
+            b"." + authority.apex,
+            self._odd_names,
+            self._odd_suffixes,
+            self.tails,
+            _NXDOMAIN,
+        )
 
     def _tail_key(self, key: HotKey) -> tuple[int, bytes | None, int, int] | None:
         """What a negative answer to a query of C{key} depends on after its question; or None.

@@ -15,12 +15,28 @@ import random
 import struct
 from typing import Any
 
+import dns.message
+import dns.rcode
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kumazone.core.zone import Zone
 from kumazone.dns import udpbatch
 from kumazone.dns.hotpath import answer_from
+from kumazone.store.sqlite import SQLiteStore
+from tests.unit.test_hotpath import (
+    CLIENTS,
+    CONFIG,
+    SEED,
+    SERVICES,
+    TYPES,
+    corpus_names,
+    inventory,
+    make_query,
+    random_case,
+)
+from tests.unit.test_hotpath import wire as wire_parts
 
 try:
     from kumazone.dns import _hotloop
@@ -47,7 +63,9 @@ def fill(received: udpbatch._Messages, batch: list[tuple[bytes, bytes]]) -> None
         struct.pack_into("I", received.header_bytes, offset, len(datagram))
 
 
-def run(batch: list[tuple[bytes, bytes]], clients: dict[bytes, Any]) -> tuple[list[int], Any]:
+def run(
+    batch: list[tuple[bytes, bytes]], clients: dict[bytes, Any], negative: Any = None
+) -> tuple[list[int], Any]:
     received, answers = messages(), messages()
     fill(received, batch)
     answers.data_bytes[:] = bytes([SENTINEL]) * len(answers.data_bytes)
@@ -63,6 +81,7 @@ def run(batch: list[tuple[bytes, bytes]], clients: dict[bytes, Any]) -> tuple[li
         IP.stop,
         SLOT,
         NAME_SLOT,
+        negative,
     )
     return rest, answers
 
@@ -190,10 +209,11 @@ def test_bad_arguments_are_refused() -> None:
         IP.stop,
         SLOT,
         NAME_SLOT,
+        None,
     ]
     assert _hotloop.answer_known(*arguments) == list(range(BATCH))  # no clients yet
-    with pytest.raises(TypeError, match="11 arguments"):
-        _hotloop.answer_known(*arguments[:10])
+    with pytest.raises(TypeError, match="12 arguments"):
+        _hotloop.answer_known(*arguments[:11])
     for index, value, error in [
         (0, BATCH + 1, ValueError),  # more datagrams than slots
         (0, -1, ValueError),
@@ -201,8 +221,51 @@ def test_bad_arguments_are_refused() -> None:
         (8, NAME_SLOT + 1, ValueError),
         (7, 9, ValueError),  # an empty address range
         (5, bytes(BATCH * SLOT), BufferError),  # the send side must be writable
+        (11, ({}, {}), TypeError),  # a negative context of another shape
+        (11, ({}, {}, b"mesh", b".mesh", (), ("x",), {}, 3), TypeError),
     ]:
         changed = list(arguments)
         changed[index] = value
         with pytest.raises(error):
             _hotloop.answer_known(*changed)
+
+
+def test_the_c_loop_makes_the_nxdomain_answers_the_python_path_makes() -> None:
+    """For a corpus of names (no one's, services', near the apex, odd forms), before and after
+    a change: every answer the C loop makes equals the Python path's, octet for octet, and it
+    makes those for names no one has."""
+    zone = Zone("zone-1", CONFIG, SQLiteStore(":memory:"))
+    zone.set_file("/inventory.yaml", inventory(SERVICES), 0.0)
+    factory, proto, capture = wire_parts(zone)
+    rng = random.Random(SEED)
+    made = compared = 0
+    for step in range(2):
+        if step:  # one of the names no one had becomes a service's
+            zone.set_file("/inventory.yaml", inventory([*SERVICES, ("ghost", "default")]), 1.0)
+        names = [*corpus_names(zone), "ghost.mesh", "x.ghost.mesh", "a.b.c.mesh", "ns.dns.mesh"]
+        # Empty non-terminals (NODATA), of a service of the default mesh only.
+        names += ["svc.1010.mesh", "1010.mesh", "echo-example.svc.1010.mesh"] * 4
+        names += [f"{rng.getrandbits(40):x}.mesh" for _ in range(40)]
+        for name in names:
+            for rdtype in [*TYPES, "AXFR"]:
+                host = rng.choice(list(CLIENTS))
+                mesh_of = factory.mesh_of(CLIENTS[host])
+                edns, rd = rng.randrange(4), rng.random() < 0.5
+                rdclass = "IN" if rng.random() < 0.9 else rng.choice(["CH", "ANY"])
+                query = make_query(random_case(rng, name), rdtype, edns, rd, rdclass, rng)
+                # The authority path first (it teaches the tails), then the Python path.
+                proto.datagramReceived(query, (CLIENTS[host], 5353))
+                capture.sent.pop()
+                expected = proto.template_answer(query, mesh_of)
+                ip = bytes(int(octet) for octet in CLIENTS[host].split("."))
+                clients = {ip: (mesh_of, {}, {})}  # nothing kept by octets: the C loop judges it
+                rest, answers = run([(ip, query)], clients, factory.hot.negative_context())
+                compared += 1
+                if rest:
+                    continue
+                made += 1
+                answer = bytes(answers.data_bytes[: iov_len(answers, 0)])
+                assert answer == expected, (step, name, rdtype, edns, rdclass, host)
+                assert dns.message.from_wire(answer).rcode() == dns.rcode.NXDOMAIN
+    assert compared > 1000
+    assert made > compared / 10, (made, compared)  # the random names, at least

@@ -33,8 +33,10 @@
  * whole batch in Python.
  */
 #define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include <Python.h> /* first: it defines _GNU_SOURCE (recvmmsg, sendmmsg) */
 
+#include <errno.h>
+#include <limits.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -304,66 +306,15 @@ negative_answer(const unsigned char *query, Py_ssize_t size, PyObject *mesh, PyO
     return answer_size;
 }
 
+/* answer_known's loop over buffers already checked: the rest, or NULL on an error. */
 static PyObject *
-answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+answer_core(Py_ssize_t count, const struct mmsghdr *headers, const unsigned char *data,
+            const unsigned char *names, struct iovec *iovecs, unsigned char *out,
+            PyObject *clients, Py_ssize_t ip_start, Py_ssize_t ip_stop, Py_ssize_t slot,
+            Py_ssize_t name_slot, PyObject *negative)
 {
-    (void)module;
-    if (nargs != 12) {
-        PyErr_Format(PyExc_TypeError, "answer_known takes 12 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    Py_ssize_t count = PyLong_AsSsize_t(args[0]);
-    Py_ssize_t ip_start = PyLong_AsSsize_t(args[7]);
-    Py_ssize_t ip_stop = PyLong_AsSsize_t(args[8]);
-    Py_ssize_t slot = PyLong_AsSsize_t(args[9]);
-    Py_ssize_t name_slot = PyLong_AsSsize_t(args[10]);
-    if (PyErr_Occurred()) {
-        return NULL;
-    }
-    PyObject *clients = args[6];
-    /* The context of the NXDOMAIN answers made here, or None: none are. */
-    PyObject *negative = args[11] == Py_None ? NULL : args[11];
-    if (negative != NULL && !negative_context_ok(negative)) {
-        PyErr_SetString(PyExc_TypeError, "answer_known: a negative context of another shape");
-        return NULL;
-    }
-    if (!PyDict_Check(clients)) {
-        PyErr_SetString(PyExc_TypeError, "answer_known: clients must be a dict");
-        return NULL;
-    }
-    if (count < 0 || slot < 16 || name_slot < 1 || ip_start < 0 || ip_stop <= ip_start
-        || ip_stop > name_slot) {
-        PyErr_SetString(PyExc_ValueError, "answer_known: bad count, slot or address range");
-        return NULL;
-    }
-    /* headers, data, names are read; iovecs and out are written. */
-    Py_buffer views[5];
-    int held = 0;
-    for (int i = 0; i < 5; i++) {
-        int flags = (i >= 3) ? PyBUF_WRITABLE : PyBUF_SIMPLE;
-        if (PyObject_GetBuffer(args[1 + i], &views[i], flags) < 0) {
-            release(views, held);
-            return NULL;
-        }
-        held++;
-    }
-    if (views[0].len < count * (Py_ssize_t)sizeof(struct mmsghdr)
-        || views[1].len < count * slot || views[2].len < count * name_slot
-        || views[3].len < count * (Py_ssize_t)sizeof(struct iovec)
-        || views[4].len < count * slot) {
-        release(views, held);
-        PyErr_SetString(PyExc_ValueError, "answer_known: a buffer is shorter than count slots");
-        return NULL;
-    }
-    const struct mmsghdr *headers = views[0].buf;
-    const unsigned char *data = views[1].buf;
-    const unsigned char *names = views[2].buf;
-    struct iovec *iovecs = views[3].buf;
-    unsigned char *out = views[4].buf;
-
     PyObject *rest = PyList_New(0);
     if (rest == NULL) {
-        release(views, held);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < count; i++) {
@@ -448,18 +399,183 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         answer[3] = kept[3] | (query[3] & 0x10);
         iovecs[i].iov_len = (size_t)size;
     }
-    release(views, held);
     return rest;
 
 failed:
     Py_DECREF(rest);
-    release(views, held);
     return NULL;
+}
+
+static PyObject *
+answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 12) {
+        PyErr_Format(PyExc_TypeError, "answer_known takes 12 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    Py_ssize_t count = PyLong_AsSsize_t(args[0]);
+    Py_ssize_t ip_start = PyLong_AsSsize_t(args[7]);
+    Py_ssize_t ip_stop = PyLong_AsSsize_t(args[8]);
+    Py_ssize_t slot = PyLong_AsSsize_t(args[9]);
+    Py_ssize_t name_slot = PyLong_AsSsize_t(args[10]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *clients = args[6];
+    /* The context of the NXDOMAIN answers made here, or None: none are. */
+    PyObject *negative = args[11] == Py_None ? NULL : args[11];
+    if (negative != NULL && !negative_context_ok(negative)) {
+        PyErr_SetString(PyExc_TypeError, "answer_known: a negative context of another shape");
+        return NULL;
+    }
+    if (!PyDict_Check(clients)) {
+        PyErr_SetString(PyExc_TypeError, "answer_known: clients must be a dict");
+        return NULL;
+    }
+    if (count < 0 || slot < 16 || name_slot < 1 || ip_start < 0 || ip_stop <= ip_start
+        || ip_stop > name_slot) {
+        PyErr_SetString(PyExc_ValueError, "answer_known: bad count, slot or address range");
+        return NULL;
+    }
+    /* headers, data, names are read; iovecs and out are written. */
+    Py_buffer views[5];
+    int held = 0;
+    for (int i = 0; i < 5; i++) {
+        int flags = (i >= 3) ? PyBUF_WRITABLE : PyBUF_SIMPLE;
+        if (PyObject_GetBuffer(args[1 + i], &views[i], flags) < 0) {
+            release(views, held);
+            return NULL;
+        }
+        held++;
+    }
+    if (views[0].len < count * (Py_ssize_t)sizeof(struct mmsghdr)
+        || views[1].len < count * slot || views[2].len < count * name_slot
+        || views[3].len < count * (Py_ssize_t)sizeof(struct iovec)
+        || views[4].len < count * slot) {
+        release(views, held);
+        PyErr_SetString(PyExc_ValueError, "answer_known: a buffer is shorter than count slots");
+        return NULL;
+    }
+    const struct mmsghdr *headers = views[0].buf;
+    const unsigned char *data = views[1].buf;
+    const unsigned char *names = views[2].buf;
+    struct iovec *iovecs = views[3].buf;
+    unsigned char *out = views[4].buf;
+
+    PyObject *rest = answer_core(count, headers, data, names, iovecs, out, clients, ip_start,
+                                 ip_stop, slot, name_slot, negative);
+    release(views, held);
+    return rest;
+}
+
+/*
+ * serve(fd, batch, received, answers, data, names, iovecs, out, clients,
+ *       ip_start, ip_stop, slot, name_slot, negative)
+ *     -> (count, rest, errno, failed)
+ *
+ * One batch of the port's doRead in one call: recvmmsg(2) of up to batch
+ * datagrams into the received headers (struct mmsghdr[batch], whose data and
+ * address slots are data and names), answer_known over them, and, when it
+ * answered them all, sendmmsg(2) of the answers (the answers' headers point
+ * into out and names).  count is recvmmsg's result (-1 with errno set);
+ * rest the datagrams left to the Python loop, in which case nothing was sent
+ * (the Python loop sends in runs around them); failed the answers sendmmsg
+ * refused (each skipped, as udpbatch's _send does).
+ */
+static PyObject *
+serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 14) {
+        PyErr_Format(PyExc_TypeError, "serve takes 14 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[0]);
+    Py_ssize_t batch = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t ip_start = PyLong_AsSsize_t(args[9]);
+    Py_ssize_t ip_stop = PyLong_AsSsize_t(args[10]);
+    Py_ssize_t slot = PyLong_AsSsize_t(args[11]);
+    Py_ssize_t name_slot = PyLong_AsSsize_t(args[12]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *clients = args[8];
+    PyObject *negative = args[13] == Py_None ? NULL : args[13];
+    if (negative != NULL && !negative_context_ok(negative)) {
+        PyErr_SetString(PyExc_TypeError, "serve: a negative context of another shape");
+        return NULL;
+    }
+    if (!PyDict_Check(clients)) {
+        PyErr_SetString(PyExc_TypeError, "serve: clients must be a dict");
+        return NULL;
+    }
+    if (fd < 0 || fd > INT_MAX || batch < 1 || batch > 1024 || slot < 16 || name_slot < 1 || ip_start < 0
+        || ip_stop <= ip_start || ip_stop > name_slot) {
+        PyErr_SetString(PyExc_ValueError, "serve: bad fd, batch, slot or address range");
+        return NULL;
+    }
+    /* received, answers, data, names, iovecs, out: all written (by the kernel or here). */
+    Py_buffer views[6];
+    int held = 0;
+    for (int i = 0; i < 6; i++) {
+        if (PyObject_GetBuffer(args[2 + i], &views[i], PyBUF_WRITABLE) < 0) {
+            release(views, held);
+            return NULL;
+        }
+        held++;
+    }
+    if (views[0].len < batch * (Py_ssize_t)sizeof(struct mmsghdr)
+        || views[1].len < batch * (Py_ssize_t)sizeof(struct mmsghdr)
+        || views[2].len < batch * slot || views[3].len < batch * name_slot
+        || views[4].len < batch * (Py_ssize_t)sizeof(struct iovec)
+        || views[5].len < batch * slot) {
+        release(views, held);
+        PyErr_SetString(PyExc_ValueError, "serve: a buffer is shorter than batch slots");
+        return NULL;
+    }
+    struct mmsghdr *received = views[0].buf;
+    struct mmsghdr *answers = views[1].buf;
+    int count = recvmmsg((int)fd, received, (unsigned int)batch, MSG_DONTWAIT, NULL);
+    if (count <= 0) {
+        int number = count < 0 ? errno : 0;
+        release(views, held);
+        return Py_BuildValue("(iOii)", count, Py_None, number, 0);
+    }
+    PyObject *rest = answer_core(count, received, views[2].buf, views[3].buf, views[4].buf,
+                                 views[5].buf, clients, ip_start, ip_stop, slot, name_slot,
+                                 negative);
+    if (rest == NULL) {
+        release(views, held);
+        return NULL;
+    }
+    int failed = 0;
+    if (PyList_GET_SIZE(rest) == 0) {
+        int start = 0;
+        while (start < count) {
+            int sent = sendmmsg((int)fd, answers + start, (unsigned int)(count - start), 0);
+            if (sent > 0) {
+                start += sent;
+            } else if (sent < 0 && errno == EINTR) {
+                continue;
+            } else {
+                /* A full send buffer or a refused destination: that client retries. */
+                failed++;
+                start++;
+            }
+        }
+    }
+    release(views, held);
+    PyObject *result = Py_BuildValue("(iOii)", count, rest, 0, failed);
+    Py_DECREF(rest);
+    return result;
 }
 
 static PyMethodDef methods[] = {
     {"answer_known", (PyCFunction)(void (*)(void))answer_known, METH_FASTCALL,
      "Answer the datagrams of a batch that have a kept answer; the indices of the rest."},
+    {"serve", (PyCFunction)(void (*)(void))serve, METH_FASTCALL,
+     "Read one batch, answer what answer_known answers, and send it when that is all of it."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,3 +19,21 @@ def answer_known(
     negative: tuple[Any, ...] | None,
     /,
 ) -> list[int]: ...
+
+def serve(
+    fd: int,
+    batch: int,
+    received: Any,
+    answers: Any,
+    data: Any,
+    names: Any,
+    iovecs: Any,
+    out: Any,
+    clients: dict[bytes, Any],
+    ip_start: int,
+    ip_stop: int,
+    slot: int,
+    name_slot: int,
+    negative: tuple[Any, ...] | None,
+    /,
+) -> tuple[int, list[int] | None, int, int]: ...

@@ -11,7 +11,9 @@ real sockets.
 
 from __future__ import annotations
 
+import errno
 import random
+import socket
 import struct
 from typing import Any
 
@@ -269,3 +271,35 @@ def test_the_c_loop_makes_the_nxdomain_answers_the_python_path_makes() -> None:
                 assert dns.message.from_wire(answer).rcode() == dns.rcode.NXDOMAIN
     assert compared > 1000
     assert made > compared / 10, (made, compared)  # the random names, at least
+
+
+def test_serve_reports_what_the_kernel_said_and_refuses_bad_arguments() -> None:
+    """serve's read: an empty socket reads nothing, a closed one says EBADF (no exception)."""
+    received, answers = messages(), messages()
+    buffers = [
+        received.header_bytes,
+        answers.header_bytes,
+        received.data_bytes,
+        received.name_bytes,
+        answers.iovec_bytes,
+        answers.data_bytes,
+    ]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        fd = sock.fileno()
+        arguments: list[Any] = [fd, BATCH, *buffers, {}, IP.start, IP.stop, SLOT, NAME_SLOT, None]
+        assert _hotloop.serve(*arguments) == (-1, None, errno.EAGAIN, 0)  # nothing to read
+        with pytest.raises(TypeError, match="14 arguments"):
+            _hotloop.serve(*arguments[:13])
+        for index, value, error in [
+            (0, -1, ValueError),
+            (1, BATCH + 1, ValueError),  # more datagrams than slots
+            (1, 0, ValueError),
+            (2, bytes(len(received.header_bytes)), BufferError),  # the kernel writes there
+            (8, [], TypeError),
+        ]:
+            changed = list(arguments)
+            changed[index] = value
+            with pytest.raises(error):
+                _hotloop.serve(*changed)
+    assert _hotloop.serve(*arguments) == (-1, None, errno.EBADF, 0)  # closed

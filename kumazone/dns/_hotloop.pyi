@@ -19,7 +19,6 @@ def answer_known(
     negative: tuple[Any, ...] | None,
     /,
 ) -> list[int]: ...
-
 def serve(
     fd: int,
     batch: int,

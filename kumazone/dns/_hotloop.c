@@ -53,6 +53,59 @@ release(Py_buffer *views, int held)
     }
 }
 
+/* Takes the buffers of objects[0, count), writable from index writable on;
+ * on failure releases those taken and returns -1. */
+static int
+take_buffers(PyObject *const *objects, int count, int writable, Py_buffer *views)
+{
+    for (int i = 0; i < count; i++) {
+        if (PyObject_GetBuffer(objects[i], &views[i], i >= writable ? PyBUF_WRITABLE
+                                                                    : PyBUF_SIMPLE) < 0) {
+            release(views, i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* What both calls end with: clients, ip_start, ip_stop, slot, name_slot, negative. */
+typedef struct {
+    PyObject *clients;
+    Py_ssize_t ip_start, ip_stop, slot, name_slot;
+    PyObject *negative; /* NULL for None: no NXDOMAIN answers are made */
+} loop_args;
+
+static int negative_context_ok(PyObject *context);
+
+/* Reads and checks those six arguments; -1 with an exception set (named after who). */
+static int
+parse_loop_args(PyObject *const *args, const char *who, loop_args *parsed)
+{
+    parsed->clients = args[0];
+    parsed->ip_start = PyLong_AsSsize_t(args[1]);
+    parsed->ip_stop = PyLong_AsSsize_t(args[2]);
+    parsed->slot = PyLong_AsSsize_t(args[3]);
+    parsed->name_slot = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    parsed->negative = args[5] == Py_None ? NULL : args[5];
+    if (parsed->negative != NULL && !negative_context_ok(parsed->negative)) {
+        PyErr_Format(PyExc_TypeError, "%s: a negative context of another shape", who);
+        return -1;
+    }
+    if (!PyDict_Check(parsed->clients)) {
+        PyErr_Format(PyExc_TypeError, "%s: clients must be a dict", who);
+        return -1;
+    }
+    if (parsed->slot < 16 || parsed->name_slot < 1 || parsed->ip_start < 0
+        || parsed->ip_stop <= parsed->ip_start || parsed->ip_stop > parsed->name_slot) {
+        PyErr_Format(PyExc_ValueError, "%s: bad slot or address range", who);
+        return -1;
+    }
+    return 0;
+}
+
 /* Most options walked in a query's OPT record (hotpath.MAX_EDNS_OPTIONS). */
 #define MAX_EDNS_OPTIONS 32
 
@@ -310,9 +363,11 @@ negative_answer(const unsigned char *query, Py_ssize_t size, PyObject *mesh, PyO
 static PyObject *
 answer_core(Py_ssize_t count, const struct mmsghdr *headers, const unsigned char *data,
             const unsigned char *names, struct iovec *iovecs, unsigned char *out,
-            PyObject *clients, Py_ssize_t ip_start, Py_ssize_t ip_stop, Py_ssize_t slot,
-            Py_ssize_t name_slot, PyObject *negative)
+            const loop_args *loop)
 {
+    PyObject *clients = loop->clients, *negative = loop->negative;
+    Py_ssize_t ip_start = loop->ip_start, ip_stop = loop->ip_stop;
+    Py_ssize_t slot = loop->slot, name_slot = loop->name_slot;
     PyObject *rest = PyList_New(0);
     if (rest == NULL) {
         return NULL;
@@ -415,39 +470,23 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t count = PyLong_AsSsize_t(args[0]);
-    Py_ssize_t ip_start = PyLong_AsSsize_t(args[7]);
-    Py_ssize_t ip_stop = PyLong_AsSsize_t(args[8]);
-    Py_ssize_t slot = PyLong_AsSsize_t(args[9]);
-    Py_ssize_t name_slot = PyLong_AsSsize_t(args[10]);
-    if (PyErr_Occurred()) {
+    if (count == -1 && PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *clients = args[6];
-    /* The context of the NXDOMAIN answers made here, or None: none are. */
-    PyObject *negative = args[11] == Py_None ? NULL : args[11];
-    if (negative != NULL && !negative_context_ok(negative)) {
-        PyErr_SetString(PyExc_TypeError, "answer_known: a negative context of another shape");
+    loop_args loop;
+    if (parse_loop_args(args + 6, "answer_known", &loop) < 0) {
         return NULL;
     }
-    if (!PyDict_Check(clients)) {
-        PyErr_SetString(PyExc_TypeError, "answer_known: clients must be a dict");
+    if (count < 0) {
+        PyErr_SetString(PyExc_ValueError, "answer_known: a count below zero");
         return NULL;
     }
-    if (count < 0 || slot < 16 || name_slot < 1 || ip_start < 0 || ip_stop <= ip_start
-        || ip_stop > name_slot) {
-        PyErr_SetString(PyExc_ValueError, "answer_known: bad count, slot or address range");
-        return NULL;
-    }
+    Py_ssize_t slot = loop.slot, name_slot = loop.name_slot;
     /* headers, data, names are read; iovecs and out are written. */
     Py_buffer views[5];
-    int held = 0;
-    for (int i = 0; i < 5; i++) {
-        int flags = (i >= 3) ? PyBUF_WRITABLE : PyBUF_SIMPLE;
-        if (PyObject_GetBuffer(args[1 + i], &views[i], flags) < 0) {
-            release(views, held);
-            return NULL;
-        }
-        held++;
+    int held = 5;
+    if (take_buffers(args + 1, 5, 3, views) < 0) {
+        return NULL;
     }
     if (views[0].len < count * (Py_ssize_t)sizeof(struct mmsghdr)
         || views[1].len < count * slot || views[2].len < count * name_slot
@@ -463,8 +502,7 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     struct iovec *iovecs = views[3].buf;
     unsigned char *out = views[4].buf;
 
-    PyObject *rest = answer_core(count, headers, data, names, iovecs, out, clients, ip_start,
-                                 ip_stop, slot, name_slot, negative);
+    PyObject *rest = answer_core(count, headers, data, names, iovecs, out, &loop);
     release(views, held);
     return rest;
 }
@@ -493,37 +531,23 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     long fd = PyLong_AsLong(args[0]);
     Py_ssize_t batch = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t ip_start = PyLong_AsSsize_t(args[9]);
-    Py_ssize_t ip_stop = PyLong_AsSsize_t(args[10]);
-    Py_ssize_t slot = PyLong_AsSsize_t(args[11]);
-    Py_ssize_t name_slot = PyLong_AsSsize_t(args[12]);
     if (PyErr_Occurred()) {
         return NULL;
     }
-    PyObject *clients = args[8];
-    PyObject *negative = args[13] == Py_None ? NULL : args[13];
-    if (negative != NULL && !negative_context_ok(negative)) {
-        PyErr_SetString(PyExc_TypeError, "serve: a negative context of another shape");
+    loop_args loop;
+    if (parse_loop_args(args + 8, "serve", &loop) < 0) {
         return NULL;
     }
-    if (!PyDict_Check(clients)) {
-        PyErr_SetString(PyExc_TypeError, "serve: clients must be a dict");
+    if (fd < 0 || fd > INT_MAX || batch < 1 || batch > 1024) {
+        PyErr_SetString(PyExc_ValueError, "serve: bad fd or batch");
         return NULL;
     }
-    if (fd < 0 || fd > INT_MAX || batch < 1 || batch > 1024 || slot < 16 || name_slot < 1 || ip_start < 0
-        || ip_stop <= ip_start || ip_stop > name_slot) {
-        PyErr_SetString(PyExc_ValueError, "serve: bad fd, batch, slot or address range");
-        return NULL;
-    }
+    Py_ssize_t slot = loop.slot, name_slot = loop.name_slot;
     /* received, answers, data, names, iovecs, out: all written (by the kernel or here). */
     Py_buffer views[6];
-    int held = 0;
-    for (int i = 0; i < 6; i++) {
-        if (PyObject_GetBuffer(args[2 + i], &views[i], PyBUF_WRITABLE) < 0) {
-            release(views, held);
-            return NULL;
-        }
-        held++;
+    int held = 6;
+    if (take_buffers(args + 2, 6, 0, views) < 0) {
+        return NULL;
     }
     if (views[0].len < batch * (Py_ssize_t)sizeof(struct mmsghdr)
         || views[1].len < batch * (Py_ssize_t)sizeof(struct mmsghdr)
@@ -543,8 +567,7 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return Py_BuildValue("(iOii)", count, Py_None, number, 0);
     }
     PyObject *rest = answer_core(count, received, views[2].buf, views[3].buf, views[4].buf,
-                                 views[5].buf, clients, ip_start, ip_stop, slot, name_slot,
-                                 negative);
+                                 views[5].buf, &loop);
     if (rest == NULL) {
         release(views, held);
         return NULL;

@@ -75,8 +75,9 @@ build_wheels() {
   rm -rf "$source" "$out"
   mkdir -p "$source" "$out" "$wheels"
   # The sources alone, as a wheel needs them: no virtualenv, no state, no keys.
-  tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' --exclude=dropin.cache \
-    -cf - setup.cfg pyproject.toml README.md kumazone twisted | tar -C "$source" -xf -
+  # setup.py builds the hot path's C loop into the wheel (a build in place, *.so, is left out).
+  tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' --exclude=dropin.cache --exclude='*.so' \
+    -cf - setup.cfg setup.py pyproject.toml README.md kumazone twisted | tar -C "$source" -xf -
   local offline=("$BIN/python" -m pip wheel -q --no-index --find-links "$wheels" --wheel-dir "$out" "$source")
   if ! "${offline[@]}" >"$log" 2>&1; then
     say "fetching the wheels of kumazone's dependencies into $wheels (once; then offline)"

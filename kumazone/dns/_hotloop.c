@@ -77,19 +77,21 @@ typedef struct {
 
 static int negative_context_ok(PyObject *context);
 
-/* Reads and checks those six arguments; -1 with an exception set (named after who). */
+/* Reads and checks those arguments (sizes: ip_start, ip_stop, slot, name_slot);
+ * -1 with an exception set (named after who). */
 static int
-parse_loop_args(PyObject *const *args, const char *who, loop_args *parsed)
+parse_loop_args(PyObject *clients, PyObject *const *sizes, PyObject *negative, const char *who,
+                loop_args *parsed)
 {
-    parsed->clients = args[0];
-    parsed->ip_start = PyLong_AsSsize_t(args[1]);
-    parsed->ip_stop = PyLong_AsSsize_t(args[2]);
-    parsed->slot = PyLong_AsSsize_t(args[3]);
-    parsed->name_slot = PyLong_AsSsize_t(args[4]);
+    parsed->clients = clients;
+    parsed->ip_start = PyLong_AsSsize_t(sizes[0]);
+    parsed->ip_stop = PyLong_AsSsize_t(sizes[1]);
+    parsed->slot = PyLong_AsSsize_t(sizes[2]);
+    parsed->name_slot = PyLong_AsSsize_t(sizes[3]);
     if (PyErr_Occurred()) {
         return -1;
     }
-    parsed->negative = args[5] == Py_None ? NULL : args[5];
+    parsed->negative = negative == Py_None ? NULL : negative;
     if (parsed->negative != NULL && !negative_context_ok(parsed->negative)) {
         PyErr_Format(PyExc_TypeError, "%s: a negative context of another shape", who);
         return -1;
@@ -474,7 +476,7 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     loop_args loop;
-    if (parse_loop_args(args + 6, "answer_known", &loop) < 0) {
+    if (parse_loop_args(args[6], args + 7, args[11], "answer_known", &loop) < 0) {
         return NULL;
     }
     if (count < 0) {
@@ -508,9 +510,11 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /*
- * serve(fd, batch, received, answers, data, names, iovecs, out, clients,
- *       ip_start, ip_stop, slot, name_slot, negative)
+ * serve((fd, batch, received, answers, data, names, iovecs, out,
+ *        ip_start, ip_stop, slot, name_slot), clients, negative)
  *     -> (count, rest, errno, failed)
+ *
+ * (What stays the same for a port comes as one tuple, made once.)
  *
  * One batch of the port's doRead in one call: recvmmsg(2) of up to batch
  * datagrams into the received headers (struct mmsghdr[batch], whose data and
@@ -525,17 +529,22 @@ static PyObject *
 serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 14) {
-        PyErr_Format(PyExc_TypeError, "serve takes 14 arguments (%zd given)", nargs);
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "serve takes 3 arguments (%zd given)", nargs);
         return NULL;
     }
-    long fd = PyLong_AsLong(args[0]);
-    Py_ssize_t batch = PyLong_AsSsize_t(args[1]);
+    if (!PyTuple_CheckExact(args[0]) || PyTuple_GET_SIZE(args[0]) != 12) {
+        PyErr_SetString(PyExc_TypeError, "serve: the port's arguments must be a tuple of 12");
+        return NULL;
+    }
+    PyObject *const *fixed = &PyTuple_GET_ITEM(args[0], 0);
+    long fd = PyLong_AsLong(fixed[0]);
+    Py_ssize_t batch = PyLong_AsSsize_t(fixed[1]);
     if (PyErr_Occurred()) {
         return NULL;
     }
     loop_args loop;
-    if (parse_loop_args(args + 8, "serve", &loop) < 0) {
+    if (parse_loop_args(args[1], fixed + 8, args[2], "serve", &loop) < 0) {
         return NULL;
     }
     if (fd < 0 || fd > INT_MAX || batch < 1 || batch > 1024) {
@@ -546,7 +555,7 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* received, answers, data, names, iovecs, out: all written (by the kernel or here). */
     Py_buffer views[6];
     int held = 6;
-    if (take_buffers(args + 2, 6, 0, views) < 0) {
+    if (take_buffers(fixed + 2, 6, 0, views) < 0) {
         return NULL;
     }
     if (views[0].len < batch * (Py_ssize_t)sizeof(struct mmsghdr)

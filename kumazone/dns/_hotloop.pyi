@@ -20,19 +20,5 @@ def answer_known(
     /,
 ) -> list[int]: ...
 def serve(
-    fd: int,
-    batch: int,
-    received: Any,
-    answers: Any,
-    data: Any,
-    names: Any,
-    iovecs: Any,
-    out: Any,
-    clients: dict[bytes, Any],
-    ip_start: int,
-    ip_stop: int,
-    slot: int,
-    name_slot: int,
-    negative: tuple[Any, ...] | None,
-    /,
+    fixed: tuple[Any, ...], clients: dict[bytes, Any], negative: tuple[Any, ...] | None, /
 ) -> tuple[int, list[int] | None, int, int]: ...

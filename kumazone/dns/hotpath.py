@@ -273,6 +273,7 @@ class HotCache:
         #: for this table version (L{remember_negative}).
         self.negatives: dict[str, dict[bytes, Template]] = {}
         self._negative_entries = 0
+        self._negative_context: tuple[Any, ...] | None = None
         #: Hashes of (mesh, octets) of negative queries seen once: only a second
         #: ask keeps one, so a flood of names never asked twice costs a hash each.
         self._negative_once: set[int] = set()
@@ -319,6 +320,7 @@ class HotCache:
         self.negatives.clear()
         self._negative_entries = 0
         self._negative_once.clear()
+        self._negative_context = None
         self.clients.clear()
         self._by_name.clear()
         self._by_offset.clear()
@@ -338,6 +340,7 @@ class HotCache:
         whose mesh may have changed; a full change empties the cache.
         """
         authority = self.authority
+        self._negative_context = None  # the authority may have new maps
         if (
             change.full
             or authority is None
@@ -540,23 +543,26 @@ class HotCache:
 
         For a name in the domain that no one has: the authority's maps to tell
         (L{MeshAuthority.forward_maps}), the names L{_tail_key} leaves to the
-        authority path, and the tails.  Read once per batch: the authority
-        replaces its maps on a full build.
+        authority path, and the tails.  Made once per table change (L{apply},
+        L{clear}): the authority replaces its maps on a full build.
         """
-        authority = self.authority
-        if authority is None:
-            return None
-        forward, empty = authority.forward_maps()
-        return (
-            forward,
-            empty,
-            authority.apex,
-            b"." + authority.apex,
-            self._odd_names,
-            self._odd_suffixes,
-            self.tails,
-            _NXDOMAIN,
-        )
+        context = self._negative_context
+        if context is None:
+            authority = self.authority
+            if authority is None:
+                return None
+            forward, empty = authority.forward_maps()
+            context = self._negative_context = (
+                forward,
+                empty,
+                authority.apex,
+                b"." + authority.apex,
+                self._odd_names,
+                self._odd_suffixes,
+                self.tails,
+                _NXDOMAIN,
+            )
+        return context
 
     def _tail_key(self, key: HotKey) -> tuple[int, bytes | None, int, int] | None:
         """What a negative answer to a query of C{key} depends on after its question; or None.

@@ -190,6 +190,7 @@ class BatchedDNSPort(udp.Port):
         self._recvmmsg, self._sendmmsg = calls
         self._known = known
         self._serve = _SERVE if calls is _CALLS and known is _KNOWN else None
+        self._serving: tuple[Any, ...] = ()
         ipv6 = self.addressFamily == socket.AF_INET6
         #: Length of a socket address, and where the IP address lies in it.
         self._name_length = 28 if ipv6 else 16
@@ -212,41 +213,27 @@ class BatchedDNSPort(udp.Port):
             self.stopReading()
             self.connectionLost()
             raise OSError(number, f"recvmmsg/sendmmsg: {os.strerror(number)}")
+        if self._serve is not None:
+            received, answers = self._received, self._answers
+            #: What L{_hotloop.serve} takes that stays the same: made once.
+            self._serving = (
+                fd, BATCH, received.header_bytes, answers.header_bytes, received.data_bytes,
+                received.name_bytes, answers.iovec_bytes, answers.data_bytes,
+                self._ip.start, self._ip.stop, SLOT, NAME_SLOT,
+            )  # fmt: skip
 
     def doRead(self) -> None:
         """Read up to L{ROUNDS} batches of queries (for L{TURN_SECONDS} at most), answering each."""
-        fd = self.socket.fileno()
         clock = time.perf_counter
         until = clock() + TURN_SECONDS
         serve = self._serve
         if serve is not None:
-            received, answers = self._received, self._answers
-            hot = self.protocol.controller.hot
-            buffers = (
-                received.header_bytes,
-                answers.header_bytes,
-                received.data_bytes,
-                received.name_bytes,
-                answers.iovec_bytes,
-                answers.data_bytes,
-                hot.clients,
-            )
-            ip_start, ip_stop = self._ip.start, self._ip.stop
-        address = self._received.address
-        for _round in range(ROUNDS):
-            if serve is None:
-                count = self._recvmmsg(fd, address, BATCH, _MSG_DONTWAIT, None)
-                if count <= 0:
-                    if count < 0:
-                        self._read_failed(ctypes.get_errno())
-                    return
-                self._answer_batch(count)
-            else:
+            serving = self._serving
+            controller = self.protocol.controller
+            hot = controller.hot  # (a dataplane resolver's changes with its configuration)
+            for _round in range(ROUNDS):
                 started = clock()
-                count, rest, number, failed = serve(
-                    fd, BATCH, *buffers, ip_start, ip_stop, SLOT, NAME_SLOT,
-                    hot.negative_context(),
-                )  # fmt: skip
+                count, rest, number, failed = serve(serving, hot.clients, hot.negative_context())
                 if count <= 0:
                     if count < 0:
                         self._read_failed(number)
@@ -254,11 +241,23 @@ class BatchedDNSPort(udp.Port):
                 if rest:  # read and partly answered, nothing sent: the Python loop goes on
                     self._answer_batch(count, rest, started)
                 else:
-                    stats = self.protocol.controller.stats
+                    stats = controller.stats
                     stats.hot_answers += count
                     stats.observe_many(clock() - started, count)
                     if failed:
-                        self.protocol.controller.metrics.send_errors.inc(failed)
+                        controller.metrics.send_errors.inc(failed)
+                if count < BATCH or clock() > until:
+                    return
+            return
+        fd = self.socket.fileno()
+        address = self._received.address
+        for _round in range(ROUNDS):
+            count = self._recvmmsg(fd, address, BATCH, _MSG_DONTWAIT, None)
+            if count <= 0:
+                if count < 0:
+                    self._read_failed(ctypes.get_errno())
+                return
+            self._answer_batch(count)
             if count < BATCH or clock() > until:
                 return
 

@@ -286,20 +286,23 @@ def test_serve_reports_what_the_kernel_said_and_refuses_bad_arguments() -> None:
     ]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        fd = sock.fileno()
-        arguments: list[Any] = [fd, BATCH, *buffers, {}, IP.start, IP.stop, SLOT, NAME_SLOT, None]
-        assert _hotloop.serve(*arguments) == (-1, None, errno.EAGAIN, 0)  # nothing to read
-        with pytest.raises(TypeError, match="14 arguments"):
-            _hotloop.serve(*arguments[:13])
+        fixed: list[Any] = [sock.fileno(), BATCH, *buffers, IP.start, IP.stop, SLOT, NAME_SLOT]
+        assert _hotloop.serve(tuple(fixed), {}, None) == (-1, None, errno.EAGAIN, 0)  # empty
+        with pytest.raises(TypeError, match="3 arguments"):
+            _hotloop.serve(tuple(fixed), {})
+        with pytest.raises(TypeError, match="tuple of 12"):
+            _hotloop.serve(fixed, {}, None)
         for index, value, error in [
             (0, -1, ValueError),
             (1, BATCH + 1, ValueError),  # more datagrams than slots
             (1, 0, ValueError),
             (2, bytes(len(received.header_bytes)), BufferError),  # the kernel writes there
-            (8, [], TypeError),
+            (9, IP.start, ValueError),  # an empty address range
         ]:
-            changed = list(arguments)
+            changed = list(fixed)
             changed[index] = value
             with pytest.raises(error):
-                _hotloop.serve(*changed)
-    assert _hotloop.serve(*arguments) == (-1, None, errno.EBADF, 0)  # closed
+                _hotloop.serve(tuple(changed), {}, None)
+        with pytest.raises(TypeError, match="clients"):
+            _hotloop.serve(tuple(fixed), [], None)
+    assert _hotloop.serve(tuple(fixed), {}, None) == (-1, None, errno.EBADF, 0)  # closed

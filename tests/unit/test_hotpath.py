@@ -512,8 +512,15 @@ def test_a_negative_answer_is_kept_by_its_octets_from_its_second_ask_until_a_cha
     assert capture.sent.pop() == answers[0]
     monkeypatch.undo()
 
+    context = hot.negative_context()
     zone.set_file("/inventory.yaml", inventory([*SERVICES, ("new", "default")]), 1.0)
     assert hot.negatives["default"] == {}
+    # What the C loop reads is made anew after a change, from the authority's maps now.
+    assert hot.negative_context() is not context
+    assert hot.negative_context()[:2] == factory.authority.forward_maps()
+    factory.authority.update(zone.snapshot)  # a full build: new maps, and the cache told
+    hot.clear()
+    assert hot.negative_context()[0] is factory.authority.forward_maps()[0]
     proto.datagramReceived(query, (host, 5353))
     answer = dns.message.from_wire(capture.sent.pop())
     assert answer.rcode() == dns.rcode.NOERROR and answer.answer

@@ -21,7 +21,7 @@ this module's loop, which is the reference and, where the extension is
 missing, does it all; with it, one call to C reads a batch, answers it and
 sends the answers (L{_hotloop.serve}), and Python runs only for what it left.
 At 50,000 queries a second the Python loop cost 1.57 x NSD's CPU per answer,
-the C one 1.28 x (bench/README.md).
+the C one 1.22 x (bench/README.md).
 """
 
 from __future__ import annotations

@@ -233,7 +233,15 @@ class BatchedDNSPort(udp.Port):
             hot = controller.hot  # (a dataplane resolver's changes with its configuration)
             for _round in range(ROUNDS):
                 started = clock()
-                count, rest, number, failed = serve(serving, hot.clients, hot.negative_context())
+                try:
+                    count, rest, number, failed = serve(
+                        serving, hot.clients, hot.negative_context()
+                    )
+                except Exception as e:
+                    # No memory (the batch read is lost: its clients retry); the
+                    # port stays open, as Twisted would close it on an exception.
+                    controller.limited_log(f"the C loop failed: {type(e).__name__}: {e}")
+                    return
                 if count <= 0:
                     if count < 0:
                         self._read_failed(number)
@@ -409,7 +417,7 @@ def listen(
         if not native:
             warn(
                 "DNS over UDP: the C loop (kumazone/dns/_hotloop.c) is not built, the"
-                " Python loop answers (about 1.4 x the CPU per answer): reinstall with a"
+                " Python loop answers (about 1.3 x the CPU per answer): reinstall with a"
                 " C compiler and Python's headers"
             )
         listening = BatchedDNSPort(port, protocol, interface, reactor=reactor)

@@ -421,3 +421,23 @@ def test_a_saturated_port_yields_to_the_reactor_after_its_turn(factory, reactor)
     batched.stopListening()
     turn_rounds = int(udpbatch.TURN_SECONDS / 0.0004) + 1
     assert 1 <= reads["full"] <= turn_rounds < udpbatch.ROUNDS
+
+
+def test_a_failure_in_the_loop_costs_that_batch_and_the_port_stays_open(
+    factory, reactor, monkeypatch
+) -> None:
+    """An exception in answering (a bug of ours, or no memory) is logged; the port goes on."""
+    clients = client_sockets()
+    batched = listen("batched", factory, reactor, "127.0.0.1")
+    query = dns.message.make_query("redis.mesh", "A").to_wire()
+    exchange(batched, clients, [("default", query)] * 2, 1000)  # kept by its octets now
+    logged: list[str] = []
+    monkeypatch.setattr(factory, "limited_log", logged.append)
+    kept = factory.hot.exact["default"][query[4:]]
+    factory.hot.exact["default"][query[4:]] = (kept[0], ["not a number"])  # counting fails
+    exchange(batched, clients, [("default", query)], 2000)
+    assert logged and "TypeError" in logged[0]
+    factory.hot.exact["default"][query[4:]] = kept
+    answers = exchange(batched, clients, [("default", query)] * 3, 3000)
+    batched.stopListening()
+    assert len(answers) == 3

@@ -48,6 +48,29 @@
 /* The number 1, made once (counters are Python ints). */
 static PyObject *one;
 
+/* Most datagrams a call takes, and the largest slot: bounds that keep the
+ * buffer checks' products far from overflowing. */
+#define MAX_COUNT 1024
+#define MAX_SLOT 65536
+
+/* counter[0] += 1 for a counter that is a list whose first item is an exact int
+ * (no Python code runs, so borrowed references stay valid): 1; 0 for any other
+ * counter (the Python loop counts it); -1 on an error. */
+static int
+count_one(PyObject *counter)
+{
+    if (!PyList_CheckExact(counter) || PyList_GET_SIZE(counter) < 1
+        || !PyLong_CheckExact(PyList_GET_ITEM(counter, 0))) {
+        return 0;
+    }
+    PyObject *one_more = PyNumber_Add(PyList_GET_ITEM(counter, 0), one);
+    if (one_more == NULL) {
+        return -1;
+    }
+    PyList_SetItem(counter, 0, one_more); /* steals one_more, drops the old count */
+    return 1;
+}
+
 /* Releases the buffers a call holds. */
 static void
 release(Py_buffer *views, int held)
@@ -104,7 +127,8 @@ parse_loop_args(PyObject *clients, PyObject *const *sizes, PyObject *negative, c
         PyErr_Format(PyExc_TypeError, "%s: clients must be a dict", who);
         return -1;
     }
-    if (parsed->slot < 16 || parsed->name_slot < 1 || parsed->ip_start < 0
+    if (parsed->slot < 16 || parsed->slot > MAX_SLOT || parsed->name_slot < 1
+        || parsed->name_slot > MAX_SLOT || parsed->ip_start < 0
         || parsed->ip_stop <= parsed->ip_start || parsed->ip_stop > parsed->name_slot) {
         PyErr_Format(PyExc_ValueError, "%s: bad slot or address range", who);
         return -1;
@@ -165,8 +189,8 @@ odd_name(const char *name, Py_ssize_t length, PyObject *names, PyObject *suffixe
     return 0;
 }
 
-/* The negative context's parts (udpbatch._negative_context, from the hot cache
- * and its authority): see negative_answer. */
+/* The negative context's parts (hotpath.HotCache.negative_context, from the hot
+ * cache and its authority): see negative_answer. */
 enum {
     NX_FORWARD,  /* dict: mesh -> {dotted name (str): served} */
     NX_EMPTY,    /* dict: dotted name (str) -> meshes */
@@ -346,14 +370,10 @@ negative_answer(const unsigned char *query, Py_ssize_t size, PyObject *mesh, PyO
     if (counter == NULL) {
         return PyErr_Occurred() ? -1 : 0; /* the Python loop makes the counter */
     }
-    if (!PyList_CheckExact(counter) || PyList_GET_SIZE(counter) < 1) {
-        return 0;
+    int counted = count_one(counter);
+    if (counted <= 0) {
+        return counted;
     }
-    PyObject *one_more = PyNumber_Add(PyList_GET_ITEM(counter, 0), one);
-    if (one_more == NULL) {
-        return -1;
-    }
-    PyList_SetItem(counter, 0, one_more);
     const unsigned char *kept = (const unsigned char *)PyBytes_AS_STRING(header);
     answer[0] = query[0];
     answer[1] = query[1];
@@ -432,9 +452,15 @@ answer_core(Py_ssize_t count, const struct mmsghdr *headers, const unsigned char
             template = PyTuple_GET_ITEM(seen, 0);
             counter = PyTuple_GET_ITEM(seen, 1);
         }
-        if (template == NULL || !PyBytes_CheckExact(template) || PyBytes_GET_SIZE(template) < 4
-            || PyBytes_GET_SIZE(template) > slot || !PyList_CheckExact(counter)
-            || PyList_GET_SIZE(counter) < 1) {
+        int counted = 0;
+        if (template != NULL && PyBytes_CheckExact(template) && PyBytes_GET_SIZE(template) >= 4
+            && PyBytes_GET_SIZE(template) <= slot) {
+            counted = count_one(counter);
+            if (counted < 0) {
+                goto failed;
+            }
+        }
+        if (!counted) {
             PyObject *index = PyLong_FromSsize_t(i);
             if (index == NULL || PyList_Append(rest, index) < 0) {
                 Py_XDECREF(index);
@@ -443,12 +469,6 @@ answer_core(Py_ssize_t count, const struct mmsghdr *headers, const unsigned char
             Py_DECREF(index);
             continue;
         }
-        /* counter[0] += 1 */
-        PyObject *one_more = PyNumber_Add(PyList_GET_ITEM(counter, 0), one);
-        if (one_more == NULL) {
-            goto failed;
-        }
-        PyList_SetItem(counter, 0, one_more); /* steals one_more, drops the old count */
         /* hotpath.answer_from's patch: the query's ID, its RD and CD bits. */
         const unsigned char *kept = (const unsigned char *)PyBytes_AS_STRING(template);
         Py_ssize_t size = PyBytes_GET_SIZE(template);
@@ -483,8 +503,8 @@ answer_known(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (parse_loop_args(args[6], args + 7, args[11], "answer_known", &loop) < 0) {
         return NULL;
     }
-    if (count < 0) {
-        PyErr_SetString(PyExc_ValueError, "answer_known: a count below zero");
+    if (count < 0 || count > MAX_COUNT) {
+        PyErr_SetString(PyExc_ValueError, "answer_known: a count below zero or past 1024");
         return NULL;
     }
     Py_ssize_t slot = loop.slot, name_slot = loop.name_slot;
@@ -551,7 +571,7 @@ serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (parse_loop_args(args[1], fixed + 8, args[2], "serve", &loop) < 0) {
         return NULL;
     }
-    if (fd < 0 || fd > INT_MAX || batch < 1 || batch > 1024) {
+    if (fd < 0 || fd > INT_MAX || batch < 1 || batch > MAX_COUNT) {
         PyErr_SetString(PyExc_ValueError, "serve: bad fd or batch");
         return NULL;
     }

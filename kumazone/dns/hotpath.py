@@ -469,9 +469,7 @@ class HotCache:
             return
         if self._negative_entries >= MAX_NEGATIVE_ENTRIES:
             self._forget_negatives()
-        known = self.negatives.get(mesh)
-        if known is None:
-            known = self.negatives_for(mesh)
+        known = self.negatives_for(mesh)
         if octets not in known:
             self._negative_entries += 1
         known[octets] = (_without_rd(answer), counter)

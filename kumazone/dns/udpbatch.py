@@ -115,6 +115,10 @@ _CALLS = _find_calls()
 available = _CALLS is not None
 
 _Known = Callable[..., list[int]]
+if _hotloop is not None and (
+    _hotloop.MMSGHDR_SIZE != ctypes.sizeof(_MMsgHdr) or _hotloop.IOVEC_SIZE != ctypes.sizeof(_IOVec)
+):
+    _hotloop = None  # type: ignore[assignment]  # its structs are not ctypes': the Python loop
 #: The C loop over a batch's known answers, or None where it was not built.
 _KNOWN: _Known | None = None if _hotloop is None else _hotloop.answer_known
 _Serve = Callable[..., tuple[int, list[int] | None, int, int]]
@@ -238,9 +242,14 @@ class BatchedDNSPort(udp.Port):
                         serving, hot.clients, hot.negative_context()
                     )
                 except Exception as e:
-                    # No memory (the batch read is lost: its clients retry); the
-                    # port stays open, as Twisted would close it on an exception.
-                    controller.limited_log(f"the C loop failed: {type(e).__name__}: {e}")
+                    # A bug of ours or no memory: the batch read (if it was) is lost,
+                    # its clients retry.  The port stays open (Twisted would close it
+                    # on an exception) and reads through ctypes from now on, so an
+                    # error before the read cannot make it spin on a readable socket.
+                    controller.limited_log(
+                        f"the C loop failed: {type(e).__name__}: {e}; reading in Python"
+                    )
+                    self._serve = None
                     return
                 if count <= 0:
                     if count < 0:

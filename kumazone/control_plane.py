@@ -14,22 +14,26 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any, cast
 
+from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
-from kumazone.core.bulk import bulk_load
+from kumazone.core.bulk import bulk_load, release_free_memory, take_release
 from kumazone.core.storage import Store, StoreError
 from kumazone.metrics import Metrics
 from kumazone.web.api import MAX_BODY_OCTETS
 from kumazone.web.diagnostics import diagnostics_root
 
-__all__ = ["TICK_INTERVAL", "ControlPlane", "StartupError"]
+__all__ = ["RELEASE_INTERVAL", "TICK_INTERVAL", "ControlPlane", "StartupError"]
 
 #: How often hold-downs are expired and a full range retried.
 TICK_INTERVAL = 30.0
+#: How often a bulk block's leftover free memory is given back, if one finished (s).
+RELEASE_INTERVAL = 5.0
 
 
 class StartupError(SystemExit, Exception):
@@ -133,6 +137,17 @@ class ControlPlane(MultiService):
         self._listening: list[IListeningPort] = []
         self._ready = False
         self._store: Store | None = None
+        self._releasing = False
+
+    def _release_memory(self) -> None:
+        """After a bulk block (start-up, a table or inventory followed in slices):
+        the free memory its temporary objects left, back to the system, on a thread."""
+        if self._releasing or not take_release():
+            return
+        self._releasing = True
+        done = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), release_free_memory)
+        done.addErrback(lambda failure: self.log.failure("releasing free memory failed", failure))
+        done.addBoth(lambda _: setattr(self, "_releasing", False))
 
     def privilegedStartService(self) -> None:
         # Everything that can fail at start-up happens here, before the reactor
@@ -143,6 +158,7 @@ class ControlPlane(MultiService):
             # maps: millions of objects in no cycle); collected and frozen below.
             with bulk_load():
                 self._start()
+            self.addService(TimerService(RELEASE_INTERVAL, self._guarded, self._release_memory))
             self._write_ports()
         except (StoreError, OSError, CannotListenError, ValueError) as e:
             self._stop_listening()

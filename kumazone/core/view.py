@@ -364,6 +364,10 @@ class FederatedView:
         """C{key} has no provisional VIP any longer; its VIP is held if the key is gone."""
         offset = self.provisional.pop(key)
         del self._provisional_at[offset]
+        if not self.provisional:
+            # Dicts never shrink: the maps a fresh zone's services filled (all of
+            # them provisional until the global's table came) would keep their size.
+            self.provisional, self._provisional_at = {}, {}
         self._touched[key] = None
         self._moves += 1
         if key not in self._local or key in self.global_rows:

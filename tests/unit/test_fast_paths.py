@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kumazone.core import resources
-from kumazone.core.bulk import FREEZE_AT, bulk_load
+from kumazone.core.bulk import FREEZE_AT, bulk_load, release_free_memory, take_release
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.names import NameIndex, ServiceNames, assign_names, service_names
 from kumazone.core.resources import Resource, ResourceError, parse_resource
@@ -584,3 +584,38 @@ def test_bulk_load_freezes_what_a_big_load_made() -> None:
         del kept, small
     finally:
         gc.unfreeze()
+
+
+def test_a_big_bulk_load_asks_once_for_its_free_memory_to_be_given_back() -> None:
+    take_release()
+    try:
+        with bulk_load():
+            small = [[i] for i in range(10)]
+        assert not take_release()
+        with bulk_load():
+            kept = [[i] for i in range(FREEZE_AT + 10)]
+        assert take_release()
+        assert not take_release()  # once
+        del kept, small
+    finally:
+        gc.unfreeze()
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_free_memory_left_inside_the_c_heap_goes_back_to_the_system() -> None:
+    # Blocks of 8,000 octets come from the C heap (not Python's small-object
+    # arenas, not mmap); one kept after them keeps free() from trimming the top.
+    blocks = [bytes(8000) + bytes([i % 256]) for i in range(10_000)]
+    keeper = bytes(8000) + b"k"
+    del blocks
+    before = _rss_kib()
+    assert release_free_memory()  # glibc (Debian): malloc_trim is there
+    assert before - _rss_kib() > 40_000  # of the 80 MB freed, most gone from RSS
+    del keeper

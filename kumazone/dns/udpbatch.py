@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import udp
 
+from kumazone.dns import dispatch
 from kumazone.dns.hotpath import Client, hot_key
 
 if TYPE_CHECKING:
@@ -217,6 +218,8 @@ class BatchedDNSPort(udp.Port):
             self.stopReading()
             self.connectionLost()
             raise OSError(number, f"recvmmsg/sendmmsg: {os.strerror(number)}")
+        # Its wakeups dispatched without the legacy log context (L{dispatch}).
+        dispatch.install(self.reactor)
         if self._serve is not None:
             received, answers = self._received, self._answers
             #: What L{_hotloop.serve} takes that stays the same: made once.
@@ -409,6 +412,9 @@ class BatchedDNSPort(udp.Port):
                 self.protocol.connectionRefused()
             return
         raise OSError(number, f"recvmmsg: {errno.errorcode.get(number, number)}")
+
+
+dispatch.direct(BatchedDNSPort)
 
 
 def listen(

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from io import BytesIO
 from typing import Any, cast
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
@@ -22,18 +21,21 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.server import Request, Site
 
-from kumazone.core.bulk import bulk_load, release_free_memory, take_release
+from kumazone.core.bulk import (
+    bulk_load,
+    release_free_memory,
+    take_release,
+    when_release_wanted,
+)
 from kumazone.core.storage import Store, StoreError
 from kumazone.metrics import Metrics
 from kumazone.web.api import MAX_BODY_OCTETS
 from kumazone.web.diagnostics import diagnostics_root
 
-__all__ = ["RELEASE_INTERVAL", "TICK_INTERVAL", "ControlPlane", "StartupError"]
+__all__ = ["TICK_INTERVAL", "ControlPlane", "StartupError"]
 
 #: How often hold-downs are expired and a full range retried.
 TICK_INTERVAL = 30.0
-#: How often a bulk block's leftover free memory is given back, if one finished (s).
-RELEASE_INTERVAL = 5.0
 
 
 class StartupError(SystemExit, Exception):
@@ -147,7 +149,12 @@ class ControlPlane(MultiService):
         self._releasing = True
         done = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), release_free_memory)
         done.addErrback(lambda failure: self.log.failure("releasing free memory failed", failure))
-        done.addBoth(lambda _: setattr(self, "_releasing", False))
+        done.addBoth(self._released)
+
+    def _released(self, _: object) -> None:
+        """A release done: another, if a bulk block finished meanwhile."""
+        self._releasing = False
+        self._release_memory()
 
     def privilegedStartService(self) -> None:
         # Everything that can fail at start-up happens here, before the reactor
@@ -158,7 +165,10 @@ class ControlPlane(MultiService):
             # maps: millions of objects in no cycle); collected and frozen below.
             with bulk_load():
                 self._start()
-            self.addService(TimerService(RELEASE_INTERVAL, self._guarded, self._release_memory))
+            # Each bulk block done (a table or an inventory followed in slices) asks
+            # for its leftover memory to be given back: on the next reactor turn.
+            when_release_wanted(lambda: self.reactor.callLater(0, self._release_memory))
+            self.reactor.callLater(0, self._release_memory)  # (the start-up's block)
             self._write_ports()
         except (StoreError, OSError, CannotListenError, ValueError) as e:
             self._stop_listening()
@@ -219,6 +229,7 @@ class ControlPlane(MultiService):
 
     def stopService(self) -> Any:
         self._ready = False
+        when_release_wanted(None)
         result = super().stopService()
         self._stop_listening()
         if self._store is not None:

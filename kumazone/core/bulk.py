@@ -10,8 +10,8 @@ A load also makes and drops many temporary objects (decoded files and
 messages, maps outgrown and copied): their memory goes back to the C heap,
 where glibc keeps it (a zone at a million services held a tenth of its RSS
 so).  A block that made many objects marks the memory for release
-(L{take_release}); the service then gives it back with L{release_free_memory},
-off the reactor.
+(L{take_release}, L{when_release_wanted}); the service then gives it back with
+L{release_free_memory}, off the reactor.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = [
     "bulk_load",
     "release_free_memory",
     "take_release",
+    "when_release_wanted",
 ]
 
 #: Objects made by a load past which they are moved out of the collector's sight.
@@ -84,11 +85,22 @@ def bulk_load() -> Iterator[None]:
 
 #: Whether a bulk block finished since L{take_release} last said so.
 _release_wanted = False
+#: Called when a bulk block finishes (L{when_release_wanted}).
+_release_hook: Callable[[], object] | None = None
+
+
+def when_release_wanted(hook: Callable[[], object] | None) -> None:
+    """Call C{hook} (on the thread of the block: the reactor's) each time a bulk
+    block finishes; None for no call.  One hook: the process's service."""
+    global _release_hook
+    _release_hook = hook
 
 
 def _want_release() -> None:
     global _release_wanted
     _release_wanted = True
+    if _release_hook is not None:
+        _release_hook()
 
 
 def take_release() -> bool:

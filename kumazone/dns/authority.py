@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 from twisted.internet import defer
@@ -82,24 +81,6 @@ def reverse_domains(network: IPv4Network | IPv6Network) -> list[str]:
     return domains
 
 
-@dataclass(slots=True, eq=False)
-class _Served:
-    """A table entry as the authority serves it.
-
-    Records are made per query on the authority path (the hot path keeps the
-    encoded answers), so that a 100,000-service table holds no record objects;
-    the names are the entry's own (text: the maps are keyed by the entry's
-    strings, not by a copy of each name in octets).
-    """
-
-    entry: VipEntry
-    offset: int
-    names: tuple[str, ...]
-    #: The name the PTR gives: the last of C{names} this service owns (the
-    #: DNS-compliant form, unless another service holds it), or None.
-    ptr: str | None = None
-
-
 def _address_label(label: bytes, suffix: bytes) -> bool:
     """Whether C{label} can be part of a reverse name: an octet, or a nibble."""
     if suffix == b"in-addr.arpa":
@@ -123,9 +104,9 @@ def _reverse_address(name: bytes) -> int | None:
     return None
 
 
-def _key_of(served: _Served) -> ServiceKey:
+def _key_of(entry: VipEntry) -> ServiceKey:
     """The service key of an entry: who keeps a contested name (the least)."""
-    return served.entry.key
+    return entry.key
 
 
 class MeshAuthority(ResolverBase):
@@ -163,16 +144,16 @@ class MeshAuthority(ResolverBase):
         self.version = 0
         self._range = VipRange(config.cidr, config.cidr6)
         #: mesh -> name -> the entry that owns it (a few meshes, so no dict per name).
-        self._forward: dict[str, dict[str, _Served]] = {}
+        self._forward: dict[str, dict[str, VipEntry]] = {}
         #: (mesh, name) -> every entry claiming it, least key first; only names
         #: claimed by more than one entry (the zone gives each name one owner).
-        self._contested: dict[tuple[str, str], list[_Served]] = {}
+        self._contested: dict[tuple[str, str], list[VipEntry]] = {}
         #: Empty non-terminals: name -> mesh -> how many names of that mesh lie below.
         self._empty: dict[str, dict[str, int]] = {}
         #: VIP offset -> entry, for PTR (one key per service serves both families).
-        self._by_offset: dict[int, _Served] = {}
-        self._offset_contested: dict[int, list[_Served]] = {}
-        self._served: dict[ServiceKey, _Served] = {}
+        self._by_offset: dict[int, VipEntry] = {}
+        self._offset_contested: dict[int, list[VipEntry]] = {}
+        self._served: dict[ServiceKey, VipEntry] = {}
         #: The names (lower case, forward, as text) whose answers the last
         #: L{apply} may have changed; None after a full build (anything may have).
         self.changed: set[str] | None = None
@@ -187,17 +168,13 @@ class MeshAuthority(ResolverBase):
 
         Entries unchanged since the last snapshot keep what was built for them.
         """
-        old = self._served
         self._forward, self._contested, self._by_offset = {}, {}, {}
         self._offset_contested, self._served = {}, {}
         self._empty = {self.nameserver.split(b".", 1)[1].decode("ascii"): {"*": 1}}
-        serve, add = self._serve, self._add
-        with bulk_load():  # a first build makes a few objects per service
+        add = self._add
+        with bulk_load():  # a first build grows a few maps by a key per service
             for entry in snapshot.entries:
-                built = old.get(entry.key) if old else None
-                if built is None or built.entry != entry:
-                    built = serve(entry)
-                add(built, None)
+                add(entry, None)
         self.version = snapshot.version
         self.changed = None
         self.changed_offsets = set()
@@ -222,14 +199,24 @@ class MeshAuthority(ResolverBase):
             served = self._served.get(entry.key)
             if served is not None:  # replaced without being listed as removed
                 self._remove(served, changed)
-            self._add(self._serve(entry), changed)
+            self._add(entry, changed)
         self.version = change.snapshot.version
         self.changed = changed
 
-    def _serve(self, entry: VipEntry) -> _Served:
-        """C{entry} as the authority serves it."""
+    def _offset(self, entry: VipEntry) -> int:
+        """C{entry}'s VIP offset in the served range, or -1 if it is not of it."""
         offset = entry.offset_in(self._range)
-        return _Served(entry, -1 if offset is None else offset, entry.names)
+        return -1 if offset is None else offset
+
+    def _ptr(self, entry: VipEntry) -> str | None:
+        """The name C{entry}'s PTR gives: the last of its names it owns (the
+        DNS-compliant form, unless another service holds it), or None."""
+        in_mesh = self._forward.get(entry.key.mesh)
+        if in_mesh is not None:
+            for name in reversed(entry.names):
+                if in_mesh.get(name) is entry:
+                    return name
+        return None
 
     def ptr_offset(self, name: bytes) -> int | None:
         """The VIP offset whose PTR answers C{name} (a full reverse name, lower
@@ -250,15 +237,15 @@ class MeshAuthority(ResolverBase):
                 break
             yield parent
 
-    def _add(self, served: _Served, changed: set[str] | None) -> None:
-        """Serve C{served}; its names (and those of entries it displaces) into C{changed}."""
-        key = served.entry.key
+    def _add(self, entry: VipEntry, changed: set[str] | None) -> None:
+        """Serve C{entry}; its names (and those of entries it displaces) into C{changed}."""
+        key = entry.key
         mesh = key.mesh
-        self._served[key] = served
+        self._served[key] = entry
         in_mesh = self._forward.get(mesh)
         if in_mesh is None:
             in_mesh = self._forward[mesh] = {}
-        names, offset = served.names, served.offset
+        names, offset = entry.names, self._offset(entry)
         if offset >= 0 and offset not in self._by_offset:
             below_apex = -len(self._suffix_text)
             for name in names:
@@ -267,12 +254,11 @@ class MeshAuthority(ResolverBase):
             else:
                 # The usual new service (a first build, a fresh zone's table): its
                 # names are no one's, each one label under the apex (no empty
-                # non-terminal to count), its VIP no one else's; its PTR gives the
-                # last of them.  What the rest of this method does, in short.
+                # non-terminal to count), its VIP no one else's.  What the rest of
+                # this method does, in short.
                 for name in names:
-                    in_mesh[name] = served
-                self._by_offset[offset] = served
-                served.ptr = names[-1] if names else None
+                    in_mesh[name] = entry
+                self._by_offset[offset] = entry
                 if changed is not None:
                     changed.update(names)
                     self.changed_offsets.add(offset)
@@ -280,16 +266,16 @@ class MeshAuthority(ResolverBase):
         for name in names:
             owner = in_mesh.get(name)
             if owner is None:
-                in_mesh[name] = served
-            elif owner is not served:
+                in_mesh[name] = entry
+            elif owner is not entry:
                 claims = self._contested.get((mesh, name))
                 if claims is None:
                     claims = self._contested[mesh, name] = [owner]
-                claims.append(served)
+                claims.append(entry)
                 claims.sort(key=_key_of)
-                if claims[0] is served:
-                    in_mesh[name] = served
-                    self._set_ptr(owner, changed)
+                if claims[0] is entry:
+                    in_mesh[name] = entry
+                    self._ptr_moved(owner, changed)
             suffix = self._suffix_text
             if "." not in name[: -len(suffix)] or not name.endswith(suffix):
                 continue  # one label under the apex (the usual case): no parent to count
@@ -298,39 +284,38 @@ class MeshAuthority(ResolverBase):
                 if counts is None:
                     counts = self._empty[parent] = {}
                 counts[mesh] = counts.get(mesh, 0) + 1
-        if served.offset >= 0:
-            holder = self._by_offset.get(served.offset)
+        if offset >= 0:
+            holder = self._by_offset.get(offset)
             if holder is None:
-                self._by_offset[served.offset] = served
+                self._by_offset[offset] = entry
             else:
-                offset_claims = self._offset_contested.get(served.offset)
+                offset_claims = self._offset_contested.get(offset)
                 if offset_claims is None:
-                    offset_claims = self._offset_contested[served.offset] = [holder]
-                offset_claims.append(served)
+                    offset_claims = self._offset_contested[offset] = [holder]
+                offset_claims.append(entry)
                 offset_claims.sort(key=_key_of)
-                self._by_offset[served.offset] = offset_claims[0]
-        self._set_ptr(served, None)
+                self._by_offset[offset] = offset_claims[0]
         if changed is not None:
-            changed.update(served.names)
-            if served.offset >= 0:
-                self.changed_offsets.add(served.offset)
+            changed.update(names)
+            if offset >= 0:
+                self.changed_offsets.add(offset)
 
-    def _remove(self, served: _Served, changed: set[str]) -> None:
-        """Stop serving C{served}; its names (and those of entries taking over) into C{changed}."""
-        key = served.entry.key
+    def _remove(self, entry: VipEntry, changed: set[str]) -> None:
+        """Stop serving C{entry}; its names (and those of entries taking over) into C{changed}."""
+        key = entry.key
         mesh = key.mesh
         del self._served[key]
         in_mesh = self._forward[mesh]  # (kept when empty: there are a few meshes)
-        for name in served.names:
+        for name in entry.names:
             claims = self._contested.get((mesh, name))
             if claims is None:
-                if in_mesh.get(name) is served:
+                if in_mesh.get(name) is entry:
                     del in_mesh[name]
             else:
-                claims.remove(served)
-                if in_mesh[name] is served:
+                claims.remove(entry)
+                if in_mesh[name] is entry:
                     in_mesh[name] = claims[0]
-                    self._set_ptr(claims[0], changed)
+                    self._ptr_moved(claims[0], changed)
                 if len(claims) == 1:
                     del self._contested[mesh, name]
             for parent in self._parents(name):
@@ -340,34 +325,28 @@ class MeshAuthority(ResolverBase):
                     del counts[mesh]
                     if not counts:
                         del self._empty[parent]
-        if served.offset >= 0:
-            offset_claims = self._offset_contested.get(served.offset)
+        offset = self._offset(entry)
+        if offset >= 0:
+            offset_claims = self._offset_contested.get(offset)
             if offset_claims is None:
-                if self._by_offset.get(served.offset) is served:
-                    del self._by_offset[served.offset]
+                if self._by_offset.get(offset) is entry:
+                    del self._by_offset[offset]
             else:
-                offset_claims.remove(served)
-                self._by_offset[served.offset] = offset_claims[0]
+                offset_claims.remove(entry)
+                self._by_offset[offset] = offset_claims[0]
                 if len(offset_claims) == 1:
-                    del self._offset_contested[served.offset]
-            self.changed_offsets.add(served.offset)
-        changed.update(served.names)
+                    del self._offset_contested[offset]
+            self.changed_offsets.add(offset)
+        changed.update(entry.names)
 
-    def _set_ptr(self, served: _Served, changed: set[str] | None) -> None:
-        """Point C{served}'s PTR at the last of its names it owns: one that resolves back to it.
-
-        With C{changed} (an L{apply}), a PTR that moved counts in L{changed_offsets}.
-        """
-        in_mesh = self._forward.get(served.entry.key.mesh, {})
-        ptr = None
-        for name in reversed(served.names):
-            if in_mesh.get(name) is served:
-                ptr = name
-                break
-        if ptr != served.ptr:
-            served.ptr = ptr
-            if changed is not None and served.offset >= 0:
-                self.changed_offsets.add(served.offset)
+    def _ptr_moved(self, entry: VipEntry, changed: set[str] | None) -> None:
+        """C{entry} won or lost a name: its PTR (L{_ptr}, worked out when asked) may
+        have moved; with C{changed} (an L{apply}), its offset counts in
+        L{changed_offsets}."""
+        if changed is not None:
+            offset = self._offset(entry)
+            if offset >= 0:
+                self.changed_offsets.add(offset)
 
     # -- records ----------------------------------------------------------------
 
@@ -452,7 +431,7 @@ class MeshAuthority(ResolverBase):
                 return (dns.OK if kind == _EMPTY else dns.ENAME), apex
         return dns.EREFUSED, None
 
-    def forward_maps(self) -> tuple[dict[str, dict[str, _Served]], dict[str, dict[str, int]]]:
+    def forward_maps(self) -> tuple[dict[str, dict[str, VipEntry]], dict[str, dict[str, int]]]:
         """The maps L{_forward_kind} reads: mesh -> name -> served, and the empty non-terminals.
 
         For the C loop's NXDOMAIN answers (L{HotCache.negative_context}): a name
@@ -460,7 +439,7 @@ class MeshAuthority(ResolverBase):
         """
         return self._forward, self._empty
 
-    def _forward_kind(self, name: bytes, mesh: str) -> tuple[int, _Served | None]:
+    def _forward_kind(self, name: bytes, mesh: str) -> tuple[int, VipEntry | None]:
         """What C{name} in the domain is for C{mesh}: apex, nameserver, a service's, empty, none."""
         if name == self.apex:
             return _APEX, None
@@ -486,11 +465,11 @@ class MeshAuthority(ResolverBase):
             return self._nameserver_answer(asked, qtype)
         if served is not None:
             answers = []
-            ttl = self._ttl_of(served.entry)
+            ttl = self._ttl_of(served)
             if qtype in (dns.A, dns.ALL_RECORDS):
-                answers.append(self._rr(asked, dns.Record_A(served.entry.vip, ttl), dns.A, ttl))
+                answers.append(self._rr(asked, dns.Record_A(served.vip, ttl), dns.A, ttl))
             if qtype in (dns.AAAA, dns.ALL_RECORDS):
-                record = dns.Record_AAAA(served.entry.vip6, ttl)
+                record = dns.Record_AAAA(served.vip6, ttl)
                 answers.append(self._rr(asked, record, dns.AAAA, ttl))
             if answers:
                 return answers, [], []
@@ -519,7 +498,7 @@ class MeshAuthority(ResolverBase):
 
     def _reverse_kind(
         self, name: bytes, apex: bytes, qtype: int, mesh: str
-    ) -> tuple[int, _Served | None]:
+    ) -> tuple[int, VipEntry | None]:
         """What C{name} under the reverse domain C{apex} is for C{mesh}.
 
         The apex (for SOA and NS, or when no VIP of C{mesh} is named so); a VIP of
@@ -533,7 +512,7 @@ class MeshAuthority(ResolverBase):
             )
             offset = self._range.offset_of(family(address))
             served = self._by_offset.get(offset) if offset is not None else None
-        if served is not None and (served.entry.key.mesh != mesh or served.ptr is None):
+        if served is not None and (served.key.mesh != mesh or self._ptr(served) is None):
             served = None
         if name == apex and (served is None or qtype in (dns.SOA, dns.NS)):
             return _APEX, None
@@ -557,11 +536,12 @@ class MeshAuthority(ResolverBase):
         if kind == _APEX:
             return self._apex_answer(asked, apex, qtype)
         if served is not None:
-            assert served.ptr is not None
+            ptr = self._ptr(served)
+            assert ptr is not None
             if qtype not in _PTR_TYPES:
                 return [], [self._soa(apex)], []
-            ttl = self._ttl_of(served.entry)
-            record = dns.Record_PTR(served.ptr.encode("ascii"), ttl)
+            ttl = self._ttl_of(served)
+            record = dns.Record_PTR(ptr.encode("ascii"), ttl)
             return [self._rr(asked, record, dns.PTR, ttl)], [], []
         if kind == _EMPTY:
             return [], [self._soa(apex)], []

@@ -21,7 +21,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kumazone.core import resources
-from kumazone.core.bulk import FREEZE_AT, bulk_load, release_free_memory, take_release
+from kumazone.core.bulk import (
+    FREEZE_AT,
+    bulk_load,
+    release_free_memory,
+    take_release,
+    when_release_wanted,
+)
 from kumazone.core.config import DnsServerConfig
 from kumazone.core.names import NameIndex, ServiceNames, assign_names, service_names
 from kumazone.core.resources import Resource, ResourceError, parse_resource
@@ -588,16 +594,21 @@ def test_bulk_load_freezes_what_a_big_load_made() -> None:
 
 def test_a_big_bulk_load_asks_once_for_its_free_memory_to_be_given_back() -> None:
     take_release()
+    asked: list[bool] = []
+    when_release_wanted(lambda: asked.append(True))
     try:
         with bulk_load():
             small = [[i] for i in range(10)]
         assert not take_release()
+        assert asked == []
         with bulk_load():
             kept = [[i] for i in range(FREEZE_AT + 10)]
+        assert asked == [True]  # the service is told at once
         assert take_release()
         assert not take_release()  # once
         del kept, small
     finally:
+        when_release_wanted(None)
         gc.unfreeze()
 
 

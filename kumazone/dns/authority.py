@@ -153,7 +153,6 @@ class MeshAuthority(ResolverBase):
         #: VIP offset -> entry, for PTR (one key per service serves both families).
         self._by_offset: dict[int, VipEntry] = {}
         self._offset_contested: dict[int, list[VipEntry]] = {}
-        self._served: dict[ServiceKey, VipEntry] = {}
         #: The names (lower case, forward, as text) whose answers the last
         #: L{apply} may have changed; None after a full build (anything may have).
         self.changed: set[str] | None = None
@@ -169,7 +168,7 @@ class MeshAuthority(ResolverBase):
         Entries unchanged since the last snapshot keep what was built for them.
         """
         self._forward, self._contested, self._by_offset = {}, {}, {}
-        self._offset_contested, self._served = {}, {}
+        self._offset_contested = {}
         self._empty = {self.nameserver.split(b".", 1)[1].decode("ascii"): {"*": 1}}
         add = self._add
         with bulk_load():  # a first build grows a few maps by a key per service
@@ -191,17 +190,39 @@ class MeshAuthority(ResolverBase):
             return
         changed: set[str] = set()
         self.changed_offsets = set()
+        # (A change lists each entry replaced among the removed, as it was: found
+        # through its VIP or its names, with no map by key of every service.)
         for entry in change.removed:
-            served = self._served.get(entry.key)
+            served = self._held(entry)
             if served is not None:
                 self._remove(served, changed)
         for entry in change.added:
-            served = self._served.get(entry.key)
-            if served is not None:  # replaced without being listed as removed
-                self._remove(served, changed)
             self._add(entry, changed)
         self.version = change.snapshot.version
         self.changed = changed
+
+    def _held(self, entry: VipEntry) -> VipEntry | None:
+        """The entry served for C{entry}'s key, if it has C{entry}'s VIP or one of
+        its names (as a removed entry has: as it was served), else None."""
+        key = entry.key
+        offset = self._offset(entry)
+        if offset >= 0:
+            holder = self._by_offset.get(offset)
+            if holder is not None and holder.key == key:
+                return holder
+            for claim in self._offset_contested.get(offset, ()):
+                if claim.key == key:
+                    return claim
+        in_mesh = self._forward.get(key.mesh)
+        if in_mesh is not None:
+            for name in entry.names:
+                holder = in_mesh.get(name)
+                if holder is not None and holder.key == key:
+                    return holder
+                for claim in self._contested.get((key.mesh, name), ()):
+                    if claim.key == key:
+                        return claim
+        return None
 
     def _offset(self, entry: VipEntry) -> int:
         """C{entry}'s VIP offset in the served range, or -1 if it is not of it."""
@@ -241,7 +262,6 @@ class MeshAuthority(ResolverBase):
         """Serve C{entry}; its names (and those of entries it displaces) into C{changed}."""
         key = entry.key
         mesh = key.mesh
-        self._served[key] = entry
         in_mesh = self._forward.get(mesh)
         if in_mesh is None:
             in_mesh = self._forward[mesh] = {}
@@ -304,7 +324,6 @@ class MeshAuthority(ResolverBase):
         """Stop serving C{entry}; its names (and those of entries taking over) into C{changed}."""
         key = entry.key
         mesh = key.mesh
-        del self._served[key]
         in_mesh = self._forward[mesh]  # (kept when empty: there are a few meshes)
         for name in entry.names:
             claims = self._contested.get((mesh, name))

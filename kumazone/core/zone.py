@@ -13,10 +13,10 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 from kumazone.core.bulk import bulk_load
 from kumazone.core.config import DnsServerConfig
@@ -448,7 +448,8 @@ class Zone:
         #: Each Dataplane address's meshes: mesh (one Dataplane), (mesh, count) or
         #: {mesh: count}.
         self._address_uses: dict[str, str | tuple[str, int] | dict[str, int]] = {}
-        self._mesh_of_address: dict[str, str] = {}
+        #: Each address's one mesh, read from those counts (not a map of its own).
+        self._mesh_of_address = _MeshOfAddress(self._address_uses)
         #: Resources naming each mesh.
         self._mesh_uses: dict[str, int] = {}
         self._meshes: tuple[str, ...] = (DEFAULT_MESH,)
@@ -728,10 +729,6 @@ class Zone:
                 self._warn_once(
                     f"address {address} is a Dataplane in several meshes; it gets mesh default"
                 )
-            if mesh is None:
-                self._mesh_of_address.pop(address, None)
-            else:
-                self._mesh_of_address[address] = mesh
             if mesh != before:
                 moved.append(address)
         return moved
@@ -1305,6 +1302,41 @@ class Zone:
                 self._warned.clear()  # bounded memory; a warning may come again
             self._warned.add(message)
             self._warn(message)
+
+
+class _MeshOfAddress(Mapping[str, str]):
+    """Each Dataplane address's one mesh, read from the zone's count of its uses
+    (L{_add_use}) rather than kept beside it: an address of Dataplanes in several
+    meshes has none (its clients get the default mesh)."""
+
+    __slots__ = ("_uses",)
+
+    def __init__(self, uses: Mapping[str, str | tuple[str, int] | dict[str, int]]) -> None:
+        self._uses = uses
+
+    def get(self, address: str, default: Any = None) -> Any:
+        uses = self._uses.get(address)
+        if uses.__class__ is str:
+            return uses
+        if uses.__class__ is tuple:
+            return cast("tuple[str, int]", uses)[0]
+        return default
+
+    def __getitem__(self, address: str) -> str:
+        mesh: str | None = self.get(address)
+        if mesh is None:
+            raise KeyError(address)
+        return mesh
+
+    def __contains__(self, address: object) -> bool:
+        return isinstance(address, str) and self.get(address) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return (address for address, uses in self._uses.items() if not isinstance(uses, dict))
+
+    def __len__(self) -> int:
+        """O(addresses): for tests and tools, not the serving path."""
+        return sum(1 for _ in self)
 
 
 def _add_use(

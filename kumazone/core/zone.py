@@ -440,9 +440,9 @@ class Zone:
         for path in sorted(self.files):
             for key in self.files[path]:
                 self._add_copy(key, path)
-        #: The merged inventory, and its listings by (type, mesh).
-        self._merged: dict[ResourceKey, Resource] = {}
+        #: The merged inventory, as its listings by (type, mesh), and read whole.
         self._listings: dict[tuple[str, str], SortedIndex[ResourceKey, Resource]] = {}
+        self._merged = _Merged(self._listings)
         #: Dataplanes providing each wanted service.
         self._wanted: dict[ServiceKey, int] = {}
         #: Each Dataplane address's meshes: mesh (one Dataplane), (mesh, count) or
@@ -637,7 +637,8 @@ class Zone:
 
     def _refresh(self, keys: Iterable[ResourceKey]) -> _Inventory:
         """Bring the merged inventory up to date for C{keys}: O(len(keys))."""
-        merged, listings = self._merged, self._listings
+        listings = self._listings
+        keys = dict.fromkeys(keys)  # (each once: a key's old value is its listing's)
         services: dict[ServiceKey, bool] = {}
         addresses: dict[str, str | None] = {}
         listed: dict[tuple[str, str], list[tuple[ResourceKey, Resource | None]]] = {}
@@ -648,18 +649,16 @@ class Zone:
         for key in keys:
             path = owner_of(key)
             new = files[path][key] if path is not None else api.get(key)
-            old = merged.get(key)
+            where = (key[0], key[1])  # (type, mesh)
+            listing = listings.get(where)
+            old = listing.get(key) if listing is not None else None
             if old is new or (old is not None and old == new):
                 continue
             changed = True
             if old is not None:
                 count(old, -1, services, addresses)
-            if new is None:
-                del merged[key]
-            else:
-                merged[key] = new
+            if new is not None:
                 count(new, 1, services, addresses)
-            where = (key[0], key[1])  # (type, mesh)
             pairs = listed.get(where)
             if pairs is None:
                 pairs = listed[where] = []
@@ -1302,6 +1301,37 @@ class Zone:
                 self._warned.clear()  # bounded memory; a warning may come again
             self._warned.add(message)
             self._warn(message)
+
+
+class _Merged(Mapping[ResourceKey, Resource]):
+    """The merged inventory, read through its listings by (type, mesh) (a few) rather
+    than kept in a map of its own beside them."""
+
+    __slots__ = ("_listings",)
+
+    def __init__(self, listings: Mapping[tuple[str, str], SortedIndex[ResourceKey, Resource]]):
+        self._listings = listings
+
+    def get(self, key: ResourceKey, default: Any = None) -> Any:
+        listing = self._listings.get((key[0], key[1]))
+        found = listing.get(key) if listing is not None else None
+        return default if found is None else found
+
+    def __getitem__(self, key: ResourceKey) -> Resource:
+        found: Resource | None = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, tuple) and len(key) == 3 and self.get(key) is not None  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[ResourceKey]:
+        for listing in list(self._listings.values()):
+            yield from listing.keys()
+
+    def __len__(self) -> int:
+        return sum(len(listing) for listing in self._listings.values())
 
 
 class _MeshOfAddress(Mapping[str, str]):

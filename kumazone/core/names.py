@@ -312,6 +312,16 @@ class NameIndex:
         if self.claim_new(mesh, service, claim) is not None:
             return {(mesh, service)}  # the usual new claimant: no one else's changed
         services = self._claim_of[mesh]
+        in_mesh = self._claims[mesh]
+        if service in services and all(
+            in_mesh.get(name) == service for name in self._names_of(service).names
+        ):
+            # A claim changed, every name this claimant's alone (a provisional VIP
+            # the global confirmed): it keeps them, no one else's changes.  (Taking
+            # the names off and back would cost the map an entry each: dicts do
+            # not reuse a deleted key's entry, and grow.)
+            services[service] = claim
+            return self._reassign({(mesh, service)})
         new = service not in services
         touched = self._drop(mesh, service)
         touched.add((mesh, service))

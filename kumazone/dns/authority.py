@@ -192,14 +192,48 @@ class MeshAuthority(ResolverBase):
         self.changed_offsets = set()
         # (A change lists each entry replaced among the removed, as it was: found
         # through its VIP or its names, with no map by key of every service.)
+        added = {entry.key: entry for entry in change.added} if change.removed else {}
+        replaced: set[ServiceKey] = set()
         for entry in change.removed:
             served = self._held(entry)
-            if served is not None:
+            if served is None or served.key in replaced:
+                continue
+            new = added.get(served.key)
+            if new is not None and self._replace(served, new, changed):
+                replaced.add(served.key)
+            else:
                 self._remove(served, changed)
         for entry in change.added:
-            self._add(entry, changed)
+            if entry.key not in replaced:
+                self._add(entry, changed)
         self.version = change.snapshot.version
         self.changed = changed
+
+    def _replace(self, old: VipEntry, new: VipEntry, changed: set[str]) -> bool:
+        """C{new} in the place of C{old}, if they have the same names and VIP (a
+        provisional VIP the global confirmed, zones that moved): no map's key
+        changes, so none of them grows (dicts do not reuse a deleted key's entry).
+        Whether it could."""
+        offset = self._offset(old)
+        if old.names != new.names or offset != self._offset(new):
+            return False
+        mesh = old.key.mesh
+        in_mesh = self._forward[mesh]
+        for name in old.names:
+            claims = self._contested.get((mesh, name))
+            if claims is not None:
+                claims[claims.index(old)] = new  # (same key: the order holds)
+            if in_mesh.get(name) is old:
+                in_mesh[name] = new
+        if offset >= 0:
+            offset_claims = self._offset_contested.get(offset)
+            if offset_claims is not None:
+                offset_claims[offset_claims.index(old)] = new
+            if self._by_offset.get(offset) is old:
+                self._by_offset[offset] = new
+            self.changed_offsets.add(offset)
+        changed.update(new.names)
+        return True
 
     def _held(self, entry: VipEntry) -> VipEntry | None:
         """The entry served for C{entry}'s key, if it has C{entry}'s VIP or one of

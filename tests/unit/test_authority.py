@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import sys
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 
 import pytest
@@ -666,3 +667,37 @@ def test_any_sequence_of_changes_answers_as_a_full_build(sequence) -> None:
             authority, after, version, POOL_NAMES, (dns.A, dns.PTR, dns.TXT), MESHES[:2]
         )
         before = after
+
+
+def test_confirming_provisional_vips_answers_the_same_and_grows_no_map() -> None:
+    """The global confirms a zone's provisional VIPs (same names, same VIP): the
+    answers follow, PTRs too, and the maps keep their size (a dict does not reuse
+    a deleted key's entry: taking each name off and back would grow them)."""
+    entries = tuple(
+        VipEntry(
+            ServiceKey("default", f"s{i}"),
+            f"240.0.{i // 250}.{i % 250 + 1}",
+            f"fd00:fd00::{i + 1:x}",
+            (f"s{i}.mesh",),
+            provisional=True,
+        )
+        for i in range(3000)
+    )
+    authority = make_authority(entries)
+    sizes = (sys.getsizeof(authority._forward["default"]), sys.getsizeof(authority._by_offset))
+    before = entries
+    version = VERSION
+    for provisional in (False, True, False):
+        for start in range(0, len(entries), 100):  # in slices, as a zone follows a table
+            version += 1
+            after = tuple(
+                entry.replace(provisional=provisional) if start <= i < start + 100 else entry
+                for i, entry in enumerate(before)
+            )
+            authority.apply(diff(before, after, version))
+            before = after
+    assert sizes == (
+        sys.getsizeof(authority._forward["default"]),
+        sys.getsizeof(authority._by_offset),
+    )
+    assert_same_answers(authority, before[:50], version, corpus(before[:50]), (dns.A, dns.PTR))

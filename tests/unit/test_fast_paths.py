@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import sys
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
@@ -630,3 +631,22 @@ def test_free_memory_left_inside_the_c_heap_goes_back_to_the_system() -> None:
     assert release_free_memory()  # glibc (Debian): malloc_trim is there
     assert before - _rss_kib() > 40_000  # of the 80 MB freed, most gone from RSS
     del keeper
+
+
+def test_a_claim_changed_keeps_the_names_and_grows_no_map() -> None:
+    """A provisional VIP confirmed changes a claimant's claim: alone on its names, it
+    keeps them, no one else's changes, and the map of names keeps its size."""
+    index = NameIndex(lambda service: service_names(service, "mesh"))
+    for i in range(3000):
+        index.put("default", f"s{i}", 0)
+    index.put("default", "redis", 1)
+    index.put("default", "Redis", 2)  # shares redis.mesh: the least claim keeps it
+    size = sys.getsizeof(index._claims["default"])
+    for claim in (5, 6, 7):
+        for i in range(3000):
+            assert index.put("default", f"s{i}", claim) == set()
+            assert index.assigned("default", f"s{i}") == ((f"s{i}.mesh",), ())
+    assert sys.getsizeof(index._claims["default"]) == size
+    # A contested name still goes by the claims.
+    assert index.put("default", "Redis", 0) == {("default", "redis"), ("default", "Redis")}
+    assert index.assigned("default", "Redis")[0] == ("redis.mesh",)

@@ -57,9 +57,16 @@ class _FullTable:
     #: Its rows that differed from the rows held when they came.
     changed: list[Allocation] = field(default_factory=list)
 
-    def take(self, message: TableUpdate, held: Mapping[ServiceKey, Allocation], size: int) -> None:
-        """One part: each row's offset claimed, the row compared with C{held}'s."""
-        rows, at, unseen = self.rows, self.at, self.unseen
+    def take(
+        self,
+        message: TableUpdate,
+        held: Mapping[ServiceKey, Allocation],
+        size: int,
+        local: Mapping[ServiceKey, ServiceKey],
+    ) -> None:
+        """One part: each row's offset claimed, the row compared with C{held}'s; a
+        row of a local service keyed by the local key (C{local}: each to itself)."""
+        rows, at, unseen, own = self.rows, self.at, self.unseen, local.get
         for mesh, service in message.remove:
             key = ServiceKey(mesh, service)
             gone = rows.pop(key, None)
@@ -75,6 +82,7 @@ class _FullTable:
             if offset >= size:
                 raise ProtocolError(f"offset {offset} is outside the VIP range")
             key = new(ServiceKey, (mesh, service))
+            key = own(key, key)
             allocation = new(Allocation, (key, offset, zones, claim))
             before = get(key)
             if before is not None and at.get(before.offset) == key:
@@ -157,7 +165,9 @@ class FederatedView:
         self.provisional: dict[ServiceKey, int] = {}
         self._provisional_at: dict[int, ServiceKey] = {}
         self.exhausted: set[ServiceKey] = set()
-        self._local: set[ServiceKey] = set()
+        #: The local services, each key to itself: a row of the global's for one
+        #: of them takes the zone's own key object (and its strings), not a copy.
+        self._local: dict[ServiceKey, ServiceKey] = {}
         #: Whether the last reconcile or change changed the provisional VIPs.
         self.changed = False
         #: Keys whose served row may have changed since L{take_touched}, in the
@@ -379,7 +389,7 @@ class FederatedView:
             before = self.provisional
             self.provisional, self._provisional_at = {}, {}
             self.exhausted = set()
-            for key in sorted(self._local - self.global_rows.keys()):
+            for key in sorted(self._local.keys() - self.global_rows.keys()):
                 offset = self._place(key, check=False)
                 if offset is None:
                     self.exhausted.add(key)
@@ -467,7 +477,7 @@ class FederatedView:
         carries only hold-downs (provisional VIPs are never stored: they are
         recomputed at start-up).
         """
-        self._local = set(wanted)
+        self._local = {key: key for key in wanted}
         moves = self._moves
         delta = TableDelta()
         self._expire(now, delta)
@@ -484,8 +494,11 @@ class FederatedView:
         delta = TableDelta()
         gone = set(removed)
         new = {k for k in added if k not in gone}
-        self._local -= gone
-        self._local |= new
+        local = self._local
+        for key in gone:
+            local.pop(key, None)
+        for key in new:
+            local.setdefault(key, key)
         try:
             if self._expire(now, delta):
                 raise _Collision
@@ -560,7 +573,7 @@ class FederatedView:
                 self._pending_full, self._pending_upsert, self._pending_remove = None, {}, set()
         full = self._pending_full
         if full is not None:
-            full.take(message, self.global_rows, self.range.size)
+            full.take(message, self.global_rows, self.range.size, self._local)
         else:
             upsert, remove = self._pending_upsert, self._pending_remove
             assert upsert is not None and remove is not None
@@ -569,11 +582,12 @@ class FederatedView:
                 upsert.pop(key, None)
                 remove.add(key)
             # (Tuples made without the named tuples' argument handling.)
-            new, size = tuple.__new__, self.range.size
+            new, size, own = tuple.__new__, self.range.size, self._local.get
             for mesh, service, offset, zones, claim in message.upsert:
                 if offset >= size:
                     raise ProtocolError(f"offset {offset} is outside the VIP range")
                 key = new(ServiceKey, (mesh, service))
+                key = own(key, key)
                 upsert[key] = new(Allocation, (key, offset, zones, claim))
                 remove.discard(key)  # a row given again is not removed
         if not message.last:

@@ -224,3 +224,25 @@ def test_an_offset_given_twice_in_a_table_that_ends_with_one_key_there_is_taken(
             view.apply(message)
         assert view.global_rows == {k: allocation(k, o) for k, o in expected.items()}
         assert view._global_at == {o: k for k, o in expected.items()}
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_a_row_of_a_local_service_is_keyed_by_the_zones_own_key(full: bool) -> None:
+    """A zone holds its own services' keys already: the global's rows for them take
+    those very objects (and their strings), not a copy of each."""
+    view = FederatedView(BIG, hold_down=HOLD_DOWN)
+    # Keys made as a zone's inventory makes them: not the objects rows decode to.
+    local = [ServiceKey("default", "".join(["lo", "cal", str(i)])) for i in range(3)]
+    view.reconcile(local[:2], 0.0)
+    view.change([local[2]], [], 0.0)
+    if not full:
+        for message in parts(1, 0, True, [row(ServiceKey("m2", "other"), 9)], [], 10):
+            view.apply(message)
+    rows = [row(ServiceKey("default", f"local{i}"), i + 1) for i in range(3)]
+    rows.append(row(ServiceKey("m2", "elsewhere"), 7))
+    for message in parts(2, 1, full, rows, [], 2):
+        view.apply(message)
+    for key in local:
+        assert view.global_rows[key].key is key
+        assert view.global_rows[key].offset == int(key.service[-1]) + 1
+    assert view.global_rows[ServiceKey("m2", "elsewhere")].offset == 7

@@ -144,8 +144,8 @@ class ControlPlane(MultiService):
     def _release_memory(self) -> None:
         """After a bulk block (start-up, a table or inventory followed in slices):
         the free memory its temporary objects left, back to the system, on a thread."""
-        if self._releasing or not take_release():
-            return
+        if self._releasing or not self.running or not take_release():
+            return  # (one at a time; none once stopping: the thread pool stops)
         self._releasing = True
         done = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), release_free_memory)
         done.addErrback(lambda failure: self.log.failure("releasing free memory failed", failure))

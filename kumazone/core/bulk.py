@@ -63,8 +63,9 @@ class CollectorPause:
             self.paused = False
             if freeze:
                 gc.freeze()
-                _want_release()
             gc.enable()
+            if freeze:
+                _want_release()
 
 
 @contextmanager

@@ -204,8 +204,15 @@ class MeshAuthority(ResolverBase):
             else:
                 self._remove(served, changed)
         for entry in change.added:
-            if entry.key not in replaced:
-                self._add(entry, changed)
+            if entry.key in replaced:
+                continue
+            # Replaced without being listed as removed (a replica that dropped
+            # changes its listeners were never told): the key's entry held with
+            # this one's VIP or one of its names goes first.
+            held = self._held(entry)
+            if held is not None:
+                self._remove(held, changed)
+            self._add(entry, changed)
         self.version = change.snapshot.version
         self.changed = changed
 

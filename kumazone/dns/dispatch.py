@@ -75,7 +75,12 @@ def install(reactor: Any) -> bool:
             if selectable is None:
                 continue
             if type(selectable) in _DIRECT:
-                dispatch(selectable, fd, event)
+                try:
+                    dispatch(selectable, fd, event)
+                except Exception:
+                    # What callWithLogger did: a failure past _doReadOrWrite's own
+                    # (in disconnecting the port) is logged, the other events served.
+                    log.err()
             else:
                 log.callWithLogger(selectable, dispatch, selectable, fd, event)
 

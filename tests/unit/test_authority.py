@@ -701,3 +701,16 @@ def test_confirming_provisional_vips_answers_the_same_and_grows_no_map() -> None
         sys.getsizeof(authority._by_offset),
     )
     assert_same_answers(authority, before[:50], version, corpus(before[:50]), (dns.A, dns.PTR))
+
+
+def test_an_entry_told_again_without_its_removal_replaces_the_one_held() -> None:
+    """A replica that dropped changes its listeners never heard of tells an entry
+    again as added only: the one held for that key (same VIP or a name) goes."""
+    authority = make_authority((REDIS,))
+    again = REDIS.replace(provisional=True)
+    snapshot = ZoneSnapshot(version=VERSION + 1, entries=(again,), mesh_of_address={})
+    authority.apply(ZoneChange(snapshot, removed=(), added=(again,)))
+    assert_same_answers(authority, (again,), VERSION + 1, corpus((REDIS,)), (dns.A, dns.PTR))
+    snapshot = ZoneSnapshot(version=VERSION + 2, entries=(), mesh_of_address={})
+    authority.apply(ZoneChange(snapshot, removed=(again,), added=()))
+    assert_same_answers(authority, (), VERSION + 2, corpus((REDIS,)), (dns.A, dns.PTR))

@@ -104,6 +104,37 @@ def test_a_dns_port_whose_read_fails_is_logged_and_disconnected(reactor: Any) ->
     assert failing not in reactor.getReaders()
 
 
+class _BadLoser(_Direct):
+    """Fails its read, then fails again being disconnected."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        raise RuntimeError("a bug in connectionLost")
+
+
+dispatch.direct(_BadLoser)
+
+
+def test_a_failure_past_the_reactors_own_handling_is_logged_and_the_turn_goes_on(
+    reactor: Any,
+) -> None:
+    dispatch.install(reactor)
+    errors: list[dict[str, Any]] = []
+    log.addObserver(errors.append)
+    failing, failing_end = _readable(reactor, _BadLoser, fail=True)
+    plain, plain_end = _readable(reactor, _Reader)
+    try:
+        reactor.doIteration(0)  # raises nothing
+    finally:
+        log.removeObserver(errors.append)
+        reactor.removeReader(plain)
+        for fd in (failing.fd, failing_end, plain.fd, plain_end):
+            os.close(fd)
+    logged = {e["failure"].value.args[0] for e in errors if e.get("isError")}
+    assert logged == {"a bug in doRead", "a bug in connectionLost"}
+    assert plain.systems == ["the-reader"]  # the other descriptor was served
+
+
 def test_install_is_once_and_leaves_other_reactors_as_they_are(reactor: Any) -> None:
     assert dispatch.install(reactor)
     poll = reactor.doIteration

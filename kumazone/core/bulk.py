@@ -1,4 +1,5 @@
-"""Making a great many long-lived objects at once (a zone's start-up). Pure.
+"""Making a great many long-lived objects at once (a zone's start-up). Pure, but for
+L{release_free_memory} (a call into the C library).
 
 A first load makes millions of objects (resources, keys, rows, entries) that
 live as long as the zone.  Python's cyclic collector, left on, walks all of
@@ -17,7 +18,6 @@ L{release_free_memory}, off the reactor.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -113,18 +113,18 @@ def take_release() -> bool:
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's C{malloc_trim}, or None (another C library, or none found)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """glibc's C{malloc_trim} among the process's own symbols, or None (another C
+    library).  (C{dlopen(NULL)}: no search of the system's libraries.)"""
     try:
-        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+        trim: Callable[[int], int] | None = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except OSError:
         return None
     return trim
 
 
-_malloc_trim = _find_malloc_trim()
+#: Looked for on the first release (an import does no more than import).
+_malloc_trim: Callable[[int], int] | None = None
+_looked = False
 
 
 def release_free_memory() -> bool:
@@ -135,6 +135,9 @@ def release_free_memory() -> bool:
     ctypes call): run it on a thread, never on the reactor.  Other threads'
     C{malloc} of large blocks waits for it; Python's small objects do not.
     """
+    global _malloc_trim, _looked
+    if not _looked:
+        _malloc_trim, _looked = _find_malloc_trim(), True
     if _malloc_trim is None:
         return False
     _malloc_trim(0)

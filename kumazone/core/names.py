@@ -326,7 +326,6 @@ class NameIndex:
         touched = self._drop(mesh, service)
         touched.add((mesh, service))
         services[service] = claim
-        in_mesh = self._claims[mesh]
         for name in self._names_of(service).names:
             held = in_mesh.get(name)
             if held is None:

@@ -16,7 +16,7 @@ import functools
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from kumazone.core.bulk import bulk_load
 from kumazone.core.config import DnsServerConfig
@@ -638,7 +638,8 @@ class Zone:
     def _refresh(self, keys: Iterable[ResourceKey]) -> _Inventory:
         """Bring the merged inventory up to date for C{keys}: O(len(keys))."""
         listings = self._listings
-        keys = dict.fromkeys(keys)  # (each once: a key's old value is its listing's)
+        if not isinstance(keys, AbstractSet):
+            keys = dict.fromkeys(keys)  # (each once: a key's old value is its listing's)
         services: dict[ServiceKey, bool] = {}
         addresses: dict[str, str | None] = {}
         listed: dict[tuple[str, str], list[tuple[ResourceKey, Resource | None]]] = {}
@@ -719,12 +720,12 @@ class Zone:
             _add_use(self._address_uses, address, mesh, sign)
 
     def _settle_addresses(self, addresses: Mapping[str, str | None]) -> list[str]:
-        """Each address touched to its one mesh (none if several); those that moved."""
+        """The addresses touched whose one mesh (none if several) moved."""
         moved = []
+        mesh_of = self._mesh_of_address.get
         for address, before in addresses.items():
-            uses = self._address_uses.get(address)
-            mesh = uses if isinstance(uses, str) else uses[0] if isinstance(uses, tuple) else None
-            if isinstance(uses, dict):
+            mesh = mesh_of(address)
+            if isinstance(self._address_uses.get(address), dict):
                 self._warn_once(
                     f"address {address} is a Dataplane in several meshes; it gets mesh default"
                 )
@@ -1303,7 +1304,33 @@ class Zone:
             self._warn(message)
 
 
-class _Merged(Mapping[ResourceKey, Resource]):
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _ReadThrough(Mapping[_K, _V]):
+    """A mapping read through other structures (no map of its own): its C{get} says
+    what a key gives, None for none."""
+
+    __slots__ = ()
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, key: _K) -> _V:
+        found: _V | None = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return self.get(key) is not None
+        except (TypeError, IndexError):  # (not a key of this kind)
+            return False
+
+
+class _Merged(_ReadThrough[ResourceKey, Resource]):
     """The merged inventory, read through its listings by (type, mesh) (a few) rather
     than kept in a map of its own beside them."""
 
@@ -1317,15 +1344,6 @@ class _Merged(Mapping[ResourceKey, Resource]):
         found = listing.get(key) if listing is not None else None
         return default if found is None else found
 
-    def __getitem__(self, key: ResourceKey) -> Resource:
-        found: Resource | None = self.get(key)
-        if found is None:
-            raise KeyError(key)
-        return found
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, tuple) and len(key) == 3 and self.get(key) is not None  # type: ignore[arg-type]
-
     def __iter__(self) -> Iterator[ResourceKey]:
         for listing in list(self._listings.values()):
             yield from listing.keys()
@@ -1334,7 +1352,7 @@ class _Merged(Mapping[ResourceKey, Resource]):
         return sum(len(listing) for listing in self._listings.values())
 
 
-class _MeshOfAddress(Mapping[str, str]):
+class _MeshOfAddress(_ReadThrough[str, str]):
     """Each Dataplane address's one mesh, read from the zone's count of its uses
     (L{_add_use}) rather than kept beside it: an address of Dataplanes in several
     meshes has none (its clients get the default mesh)."""
@@ -1351,15 +1369,6 @@ class _MeshOfAddress(Mapping[str, str]):
         if uses.__class__ is tuple:
             return cast("tuple[str, int]", uses)[0]
         return default
-
-    def __getitem__(self, address: str) -> str:
-        mesh: str | None = self.get(address)
-        if mesh is None:
-            raise KeyError(address)
-        return mesh
-
-    def __contains__(self, address: object) -> bool:
-        return isinstance(address, str) and self.get(address) is not None
 
     def __iter__(self) -> Iterator[str]:
         return (address for address, uses in self._uses.items() if not isinstance(uses, dict))

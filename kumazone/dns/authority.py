@@ -163,10 +163,7 @@ class MeshAuthority(ResolverBase):
         self.update(ZoneSnapshot(version=0, entries=(), mesh_of_address={}))
 
     def update(self, snapshot: ZoneSnapshot) -> None:
-        """Serve C{snapshot} from now on: a full build.
-
-        Entries unchanged since the last snapshot keep what was built for them.
-        """
+        """Serve C{snapshot} from now on: a full build (the maps hold its entries)."""
         self._forward, self._contested, self._by_offset = {}, {}, {}
         self._offset_contested = {}
         self._empty = {self.nameserver.split(b".", 1)[1].decode("ascii"): {"*": 1}}

@@ -344,6 +344,32 @@ def test_address_in_two_meshes_is_dropped_with_a_warning(db_path: str) -> None:
     zone.put(dataplane_resource("b-1", "b", mesh="m1", address="192.0.2.2"), now=2.0)
     assert dict(zone.snapshot.mesh_of_address) == {"192.0.2.2": "m1"}
     assert len([w for w in recorder.warnings if "192.0.2.1" in w]) == 1
+    # Read as the DNS server reads it (and as a dict answers), the address counted
+    # in two meshes included.
+    mesh_of = zone.snapshot.mesh_of_address
+    assert mesh_of.get("192.0.2.1", "default") == "default"
+    assert "192.0.2.1" not in mesh_of and "192.0.2.2" in mesh_of and 7 not in mesh_of
+    assert mesh_of["192.0.2.2"] == "m1" and len(mesh_of) == 1
+    with pytest.raises(KeyError):
+        mesh_of["192.0.2.1"]
+
+
+def test_the_merged_inventory_reads_as_a_mapping(db_path: str) -> None:
+    zone = open_zone(db_path)
+    a = dataplane_resource("a-1", "a", mesh="m1", address="192.0.2.1")
+    b = dataplane_resource("b-1", "b")
+    zone.put(a, now=0.0)
+    zone.set_file("/r/f.yaml", [b], now=1.0)
+    merged = zone.resources()
+    assert merged == {a.key: a, b.key: b} and len(merged) == 2
+    assert merged[a.key] is a and merged.get(b.key) is b
+    missing = ResourceKey(DATAPLANE, "m1", "nope")
+    assert merged.get(missing, "x") == "x" and missing not in merged and a.key in merged
+    assert "a-1" not in merged and 7 not in merged and [1] not in merged
+    with pytest.raises(KeyError):
+        merged[missing]
+    zone.delete(a.key, now=2.0)
+    assert dict(merged) == {b.key: b}  # (live)
 
 
 def test_two_dataplanes_same_address_same_mesh(db_path: str) -> None:

@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import sys
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from itertools import repeat
@@ -31,9 +32,11 @@ __all__ = [
     "ResourceKey",
     "check_mesh_name",
     "check_service_name",
+    "pack_document",
     "parse_documents",
     "parse_resource",
     "parse_stored",
+    "unpack_document",
 ]
 
 DATAPLANE = "Dataplane"
@@ -78,6 +81,48 @@ class ResourceError(ValueError):
         self.message = message
 
 
+#: What most documents hold (Dataplanes most of all), as a preset dictionary for
+#: L{pack_document}: a short document then deflates to a fraction of its size
+#: (the most common strings last: nearer, cheaper to refer to).
+_PRESET = (
+    b'"labels":{"kuma.io/zone":"","version":"v1"},"servicePort":8080,"kuma.io/protocol":'
+    b'"http","outbound":[{"port":,"tags":{}}],"type":"ExternalService","tags":{"kuma.io/'
+    b'service":"",{"type":"Dataplane","mesh":"default","name":"","networking":{"address":'
+    b'"10.0.0.0","inbound":[{"port":8080,"tags":{"kuma.io/service":""}}]}}'
+)
+#: Raw deflate with a 512-octet window (documents are short, and a stream set up
+#: for a bigger one costs more to set up than to run), the fastest level.
+_PACK_WBITS, _PACK_LEVEL, _PACK_MEMLEVEL = -9, 1, 1
+#: The first octet of a deflated document: never the first of a JSON object.
+_PACKED = 0
+_compressobj, _decompressobj = zlib.compressobj, zlib.decompressobj
+_DEFLATED, _Z_DEFAULT_STRATEGY = zlib.DEFLATED, zlib.Z_DEFAULT_STRATEGY
+
+
+def pack_document(raw: bytes) -> bytes:
+    """C{raw} (a document's compact JSON) deflated with L{_PRESET}, marked with a
+    leading NUL octet; C{raw} itself when that is no shorter.
+
+    Deterministic: equal documents give equal octets (a resource compares them).
+    About 3 us for a usual Dataplane of 150 octets, which becomes some 25.
+    """
+    if not raw or raw[0] == _PACKED:
+        raise ValueError("not a JSON document")
+    packer = _compressobj(
+        _PACK_LEVEL, _DEFLATED, _PACK_WBITS, _PACK_MEMLEVEL, _Z_DEFAULT_STRATEGY, _PRESET
+    )
+    packed = b"\0" + packer.compress(raw) + packer.flush()
+    return packed if len(packed) < len(raw) else raw
+
+
+def unpack_document(packed: bytes) -> bytes:
+    """What L{pack_document} was given."""
+    if packed[0] != _PACKED:
+        return packed
+    unpacker = _decompressobj(_PACK_WBITS, _PRESET)
+    return unpacker.decompress(packed[1:]) + unpacker.flush()
+
+
 class ResourceKey(NamedTuple):
     """Identity of a resource: type, mesh ('' for a Mesh) and name."""
 
@@ -89,25 +134,46 @@ class ResourceKey(NamedTuple):
         return f"{self.type} {self.mesh}/{self.name}" if self.mesh else f"{self.type} {self.name}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Resource:
     """A validated resource: its document as given, and what kumazone uses of it.
 
     The document is kept as compact JSON (a zone may hold 100,000 of them: a
-    decoded tree costs ten times as much memory) and decoded when asked for.
+    decoded tree costs ten times as much memory), deflated (L{packed}; a million
+    services' Dataplanes were a tenth of a zone's memory as text) and given back
+    by L{raw} and L{document} when asked for.
     """
 
     key: ResourceKey
-    raw: bytes
+    #: The compact JSON as L{pack_document} keeps it: what two equal resources share.
+    packed: bytes
     #: C{kuma.io/service} values a Dataplane provides (empty for other types).
-    services: tuple[str, ...] = ()
+    services: tuple[str, ...]
     #: The Dataplane's networking address, if it is an IP address.
-    address: str | None = None
+    address: str | None
+
+    def __init__(
+        self,
+        key: ResourceKey,
+        raw: bytes,
+        services: tuple[str, ...] = (),
+        address: str | None = None,
+    ) -> None:
+        set_key, set_packed, set_services, set_address = _set_resource_fields
+        set_key(self, key)
+        set_packed(self, pack_document(raw))
+        set_services(self, services)
+        set_address(self, address)
+
+    @property
+    def raw(self) -> bytes:
+        """The document's compact JSON (UTF-8), as given."""
+        return unpack_document(self.packed)
 
     @property
     def document(self) -> dict[str, Any]:
         """The resource as given (a fresh copy each time)."""
-        decoded: dict[str, Any] = json.loads(self.raw)
+        decoded: dict[str, Any] = json.loads(unpack_document(self.packed))
         return decoded
 
     @property
@@ -124,6 +190,11 @@ class Resource:
     def name(self) -> str:
         """The resource's name."""
         return self.key.name
+
+
+_set_resource_fields = [
+    Resource.__dict__[field.name].__set__ for field in dataclasses.fields(Resource)
+]
 
 
 def _require_mapping(value: object, field: str) -> Mapping[str, Any]:
@@ -511,8 +582,6 @@ def _usual_dataplane(document: object, raw: bytes | None) -> Resource | None:
 
 
 _new_key = tuple.__new__
-_resource_fields = [field.name for field in dataclasses.fields(Resource)]
-_set_resource_fields = [Resource.__dict__[field].__set__ for field in _resource_fields]
 
 
 def _resource(
@@ -524,9 +593,9 @@ def _resource(
     C{object.__setattr__}; this sets the slots directly (a load makes 100,000).
     """
     resource = object.__new__(Resource)
-    set_key, set_raw, set_services, set_address = _set_resource_fields
+    set_key, set_packed, set_services, set_address = _set_resource_fields
     set_key(resource, key)
-    set_raw(resource, raw)
+    set_packed(resource, pack_document(raw))
     set_services(resource, services)
     set_address(resource, address)
     return resource

@@ -17,8 +17,11 @@ from kumazone.core.resources import (
     Resource,
     ResourceError,
     ResourceKey,
+    pack_document,
     parse_documents,
     parse_resource,
+    parse_stored,
+    unpack_document,
 )
 from tests.builders import as_yaml, dataplane, external_service, gateway
 
@@ -672,3 +675,46 @@ def test_parse_documents_never_raises(text: str) -> None:
 @given(json_values)
 def test_values_that_once_raised_other_errors(document: object) -> None:
     _only_resource_errors(document)
+
+
+# -- the document as kept ----------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=40),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.text(max_size=20), _json_values, max_size=8))
+@example({"type": "Dataplane", "mesh": "default", "name": "a" * 2000})  # past the window
+@example({})
+def test_a_document_comes_back_as_given(document: dict[str, Any]) -> None:
+    raw = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    packed = pack_document(raw)
+    assert unpack_document(packed) == raw
+    assert len(packed) <= len(raw)
+    assert pack_document(raw) == packed  # equal documents, equal octets
+
+
+def test_a_usual_dataplane_is_kept_in_a_fraction_of_its_text() -> None:
+    document = dataplane("web-1", "web", address="10.1.2.3")
+    resource = parse_resource(document)
+    assert resource.raw == json.dumps(document, separators=(",", ":")).encode("utf-8")
+    assert len(resource.packed) * 3 < len(resource.raw)
+    assert resource.document == document
+    again = parse_stored(resource.raw.decode("utf-8"))
+    assert again == resource and again.packed == resource.packed
+    other = parse_resource(dataplane("web-1", "web", address="10.1.2.4"))
+    assert other != resource
+
+
+def test_only_json_is_packed() -> None:
+    with pytest.raises(ValueError):
+        pack_document(b"")
+    with pytest.raises(ValueError):
+        pack_document(b"\0{}")
+    assert pack_document(b"{}") == b"{}"  # nothing shorter: kept as it is

@@ -81,8 +81,13 @@ class ZoneSync:
         self.clock = clock
         self.metrics = metrics
         self.proto: SyncProtocol | None = None
-        #: The services the global was sent on this connection (changed in place).
-        self.sent: set[ServiceKey] = set()
+        #: Services that came or went since the whole inventory went out on this
+        #: connection, not sent yet (its parts on their way, or no welcome yet),
+        #: and whether a change that may have changed anything came meanwhile.
+        #: (Not a copy of what was sent: a zone holds a million services, and the
+        #: global takes a change's additions and removals as the state they give.)
+        self._moved: dict[ServiceKey, None] = {}
+        self._whole_again = False
         self.global_table_id: str | None = None
         self.force_full = False
         self.connected_since: float | None = None
@@ -130,8 +135,14 @@ class ZoneSync:
             )
         )
         self._acked, self._table_here, self._claimed = -1, False, (claimed, have)
-        self.sent = set(self.zone.wanted())
-        self._parts = iter(inventory_messages(self.sent, full=True))
+        self._send_whole()
+
+    def _send_whole(self) -> None:
+        """Send the whole inventory as it is now, in parts (L{_send_parts})."""
+        if self._sending is not None and self._sending.active():
+            self._sending.cancel()
+        self._moved, self._whole_again = {}, False
+        self._parts = iter(inventory_messages(self.zone.wanted(), full=True))
         self._send_parts()
 
     def _send_parts(self) -> None:
@@ -162,43 +173,39 @@ class ZoneSync:
 
     def _changed(self, change: ZoneChange) -> None:
         """The zone's table changed: send the services that came and went (O(those))."""
-        if self.proto is None or self.proto.closed or self.global_table_id is None:
+        if self.proto is None or self.proto.closed:
             return  # the next connection sends the whole inventory
-        if self._parts is not None:
-            return  # compared whole once the whole inventory is out
         if change.full:
-            self.inventory_changed()  # anything may have changed: compare whole (O(n))
+            # Anything may have changed: the whole inventory again (O(n)), once the
+            # one on its way is out and the global has welcomed this zone.
+            self._whole_again = True
+            self.inventory_changed()
             return
-        sent = self.sent
-        add = [key for key in change.services_added if key not in sent]
-        remove = [key for key in change.services_removed if key in sent]
-        if not add and not remove:
-            return
-        sent.update(add)
-        sent.difference_update(remove)
-        self._send_change(add, remove)
+        moved = self._moved
+        moved.update(dict.fromkeys(change.services_added))
+        moved.update(dict.fromkeys(change.services_removed))
+        self.inventory_changed()
 
     def inventory_changed(self) -> None:
-        """Send what changed in the whole inventory since it was last sent: O(inventory).
-
-        For a connection's start and a change that may have changed anything;
-        every other change goes through L{_changed}, at the cost of what it changed.
-        """
+        """Send the services that came or went since the whole inventory went out
+        (O(those)); or the whole inventory again, after a change that may have
+        changed anything.  Nothing until the whole inventory is out and the global
+        has welcomed this zone (each calls this again)."""
         if self.proto is None or self.proto.closed or self.global_table_id is None:
             return
         if self._parts is not None:
             return  # done once the whole inventory is out
-        wanted, sent = self.zone.wanted(), self.sent
-        add = wanted - sent
-        remove = sent.difference(wanted)
-        if not add and not remove:
+        if self._whole_again:
+            self._send_whole()
             return
-        sent.update(add)
-        sent.difference_update(remove)
-        self._send_change(add, remove)
-
-    def _send_change(self, add: Iterable[ServiceKey], remove: Iterable[ServiceKey]) -> None:
-        assert self.proto is not None
+        if not self._moved:
+            return
+        moved, self._moved = self._moved, {}
+        wanted = self.zone.wanted()
+        add = [key for key in moved if key in wanted]
+        remove = [key for key in moved if key not in wanted]
+        # (The global takes a key added that it holds, or removed that it does
+        # not, as the state it gives: nothing to tell it apart from a change.)
         for message in inventory_messages(_pairs(add), _pairs(remove), full=False):
             self.proto.send(message)
 

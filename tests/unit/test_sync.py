@@ -358,6 +358,43 @@ def test_an_inventory_change_reaches_the_global_and_every_zone() -> None:
     assert one.recording.of(TableUpdate)[-1].remove == (("default", "redis"),)
 
 
+def test_changes_made_while_the_whole_inventory_is_on_its_way_reach_the_global() -> None:
+    # 10,000 services: five parts, over two turns of the zone's reactor.  Changes
+    # come before the welcome, while parts are still to go, and after a change
+    # that may have changed anything (the whole inventory goes again).
+    clock = Clock()
+    glob = Global(clock)
+    services = [f"s-{i}" for i in range(10_000)]
+    zone = ZoneEnd(clock, make_zone("zone-1", *services))
+    server_factory, client_factory = glob.factory(), zone.factory()
+    _client, _server, pump = connectedServerAndClient(
+        lambda: server_factory.buildProtocol(None),
+        lambda: client_factory.buildProtocol(None),
+        greet=False,
+        clock=clock,
+    )
+    assert zone.sync.global_table_id is None  # nothing read yet
+    services = [*services[1:], "late-1"]
+    set_services(zone.zone, *services)  # before the welcome, parts still to go
+    pump.pump()
+    set_services(zone.zone, *services[1:], "late-2")  # parts still to go
+    services = [*services[1:], "late-2"]
+    pump.flush(advanceClock=True)
+    wanted = {ServiceKey("default", s) for s in services}
+    assert glob.table.zones["zone-1"].services == wanted
+    inventories = glob.sessions[0].of(Inventory)
+    assert [m.full for m in inventories].count(True) == 5  # one whole inventory
+
+    zone.zone.recover()  # anything may have changed: the whole inventory again
+    services = services[:-1]
+    set_services(zone.zone, *services)  # and a change while it is on its way
+    pump.flush(advanceClock=True)
+    assert glob.table.zones["zone-1"].services == wanted - {ServiceKey("default", "late-2")}
+    inventories = glob.sessions[0].of(Inventory)
+    assert [m.full for m in inventories].count(True) == 10
+    assert served(zone.zone).keys() == set(services)
+
+
 def test_a_service_in_two_zones_has_one_vip_everywhere() -> None:
     clock = Clock()
     glob = Global(clock)

@@ -63,10 +63,13 @@ class _FullTable:
         held: Mapping[ServiceKey, Allocation],
         size: int,
         local: Mapping[ServiceKey, ServiceKey],
+        provisional: Mapping[ServiceKey, int],
     ) -> None:
         """One part: each row's offset claimed, the row compared with C{held}'s; a
-        row of a local service keyed by the local key (C{local}: each to itself)."""
+        row of a local service keyed by the local key (C{local}: each to itself),
+        and the offset of a provisional VIP it confirms as the very int held."""
         rows, at, unseen, own = self.rows, self.at, self.unseen, local.get
+        placed = provisional.get
         for mesh, service in message.remove:
             key = ServiceKey(mesh, service)
             gone = rows.pop(key, None)
@@ -83,6 +86,9 @@ class _FullTable:
                 raise ProtocolError(f"offset {offset} is outside the VIP range")
             key = new(ServiceKey, (mesh, service))
             key = own(key, key)
+            was = placed(key)
+            if was is not None and was == offset:
+                offset = was
             allocation = new(Allocation, (key, offset, zones, claim))
             before = get(key)
             if before is not None and at.get(before.offset) == key:
@@ -573,7 +579,7 @@ class FederatedView:
                 self._pending_full, self._pending_upsert, self._pending_remove = None, {}, set()
         full = self._pending_full
         if full is not None:
-            full.take(message, self.global_rows, self.range.size, self._local)
+            full.take(message, self.global_rows, self.range.size, self._local, self.provisional)
         else:
             upsert, remove = self._pending_upsert, self._pending_remove
             assert upsert is not None and remove is not None
@@ -583,11 +589,17 @@ class FederatedView:
                 remove.add(key)
             # (Tuples made without the named tuples' argument handling.)
             new, size, own = tuple.__new__, self.range.size, self._local.get
+            placed = self.provisional.get
             for mesh, service, offset, zones, claim in message.upsert:
                 if offset >= size:
                     raise ProtocolError(f"offset {offset} is outside the VIP range")
                 key = new(ServiceKey, (mesh, service))
                 key = own(key, key)
+                was = placed(key)
+                if was is not None and was == offset:
+                    # The very int of the provisional VIP confirmed: the zone's
+                    # maps by offset keep it as their key (a million services).
+                    offset = was
                 upsert[key] = new(Allocation, (key, offset, zones, claim))
                 remove.discard(key)  # a row given again is not removed
         if not message.last:

@@ -20,7 +20,15 @@ from kumazone.core.federation import (
     ZoneRecord,
 )
 from kumazone.core.limits import ZoneLimits
-from kumazone.core.messages import Inventory, Row, TableUpdate, inventory_messages, table_messages
+from kumazone.core.messages import (
+    FrameDecoder,
+    Inventory,
+    Row,
+    TableUpdate,
+    encode,
+    inventory_messages,
+    table_messages,
+)
 from kumazone.core.names import assign_names, service_names
 from kumazone.core.storage import StoreError
 from kumazone.core.vips import Allocation, ServiceKey, TableDelta, VipRange
@@ -526,6 +534,41 @@ def test_after_apply_a_local_service_in_the_global_rows_is_not_provisional() -> 
     }
     assert served == {other: (2, ("zone-2",), False), mine: (3, ("zone-1",), False)}
     assert zone.allocations[mine] == Allocation(mine, 3, ("zone-1",), claim=2)
+
+
+def wire(message: TableUpdate) -> TableUpdate:
+    """C{message} as a zone reads it off the wire."""
+    (read,) = FrameDecoder().feed(encode(message))
+    assert isinstance(read, TableUpdate)
+    return read
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_confirmed_provisional_vip_keeps_its_offset_object(whole: bool) -> None:
+    # A zone holds a million rows: the global's row for a provisional VIP it
+    # confirms takes the very int the provisional VIP had (the zone's maps by
+    # offset keep it as their key), and rows decoded from the wire share their
+    # claims, one int per table version.
+    zone = FederatedView(BIG)
+    mine, theirs, also = key("mine"), key("theirs"), key("also")
+    zone.reconcile({mine}, 0.0)
+    placed = zone.provisional[mine]
+    assert placed > 256  # not one of the interpreter's shared small ints
+    rows = [
+        Row("default", "also", candidate(BIG, also), ("zone-2",), 7),
+        Row("default", "mine", placed, ("zone-1",), 7),
+        Row("default", "theirs", candidate(BIG, theirs), ("zone-2",), 7),
+    ]
+    if not whole:
+        for part in table_messages(1, 0, True, rows[:1]):
+            zone.apply(wire(part))
+    for part in table_messages(2, 0 if whole else 1, whole, rows if whole else rows[1:]):
+        zone.apply(wire(part))
+    assert zone.provisional == {}
+    assert zone.global_rows[mine].offset == placed
+    assert zone.global_rows[mine].offset is placed
+    claims = {id(zone.global_rows[k].claim) for k in (mine, theirs)}
+    assert len(claims) == 1
 
 
 def test_a_service_removed_from_the_global_rows_becomes_provisional_again() -> None:

@@ -62,13 +62,15 @@ class VipEntry:
     the VIPs as given.  A zone's own entries (L{VipEntry.at}) hold only the VIPs'
     offset and the zone's range, and spell the addresses out when asked (the API,
     the authority path): a zone holds an entry per service, and the two texts
-    were a third of it.
+    were a third of it.  Likewise an entry of one name (nearly all) keeps that
+    name, and gives the tuple of its names when asked.
     """
 
-    __slots__ = ("_range", "_texts", "key", "names", "offset", "problems", "provisional", "zones")
+    __slots__ = ("_names", "_range", "_texts", "key", "offset", "problems", "provisional", "zones")
 
     key: ServiceKey
-    names: tuple[str, ...]
+    #: The names: the one name itself, or a tuple of none or several.
+    _names: str | tuple[str, ...]
     problems: tuple[str, ...]
     provisional: bool
     zones: tuple[str, ...]
@@ -88,9 +90,10 @@ class VipEntry:
         zones: tuple[str, ...] = (),
         offset: int = -1,
     ) -> None:
+        one = names[0] if len(names) == 1 else names
         for slot, value in zip(
             _ENTRY_SLOTS,
-            (key, names, problems, provisional, zones, offset, None, (vip, vip6)),
+            (key, one, problems, provisional, zones, offset, None, (vip, vip6)),
             strict=True,
         ):
             slot(self, value)
@@ -119,7 +122,7 @@ class VipEntry:
             set_texts,
         ) = _ENTRY_SLOTS
         set_key(entry, key)
-        set_names(entry, names)
+        set_names(entry, names[0] if len(names) == 1 else names)
         set_problems(entry, problems)
         set_provisional(entry, provisional)
         set_zones(entry, zones)
@@ -127,6 +130,12 @@ class VipEntry:
         set_range(entry, vip_range)
         set_texts(entry, None)
         return entry
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The DNS names the service holds, underscore form first (as assigned)."""
+        names = self._names
+        return (names,) if names.__class__ is str else names  # type: ignore[return-value]
 
     @property
     def vip(self) -> str:
@@ -192,7 +201,7 @@ class VipEntry:
             return (
                 self.key == other.key
                 and self.offset == other.offset
-                and self.names == other.names
+                and self._names == other._names
                 and self.problems == other.problems
                 and self.provisional == other.provisional
                 and self.zones == other.zones
@@ -201,7 +210,7 @@ class VipEntry:
 
     def __hash__(self) -> int:
         # Without the VIP texts (equal entries have the same offset).
-        fields = (self.key, self.names, self.problems, self.provisional, self.zones, self.offset)
+        fields = (self.key, self._names, self.problems, self.provisional, self.zones, self.offset)
         return hash(fields)
 
     def __repr__(self) -> str:
@@ -227,7 +236,7 @@ _ENTRY_FIELDS = ("key", "vip", "vip6", "names", "problems", "provisional", "zone
 #: The slots' own setters (past the frozen C{__setattr__}), in the order L{VipEntry.at} sets them.
 _ENTRY_SLOTS = tuple(
     VipEntry.__dict__[name].__set__
-    for name in ("key", "names", "problems", "provisional", "zones", "offset", "_range", "_texts")
+    for name in ("key", "_names", "problems", "provisional", "zones", "offset", "_range", "_texts")
 )
 
 

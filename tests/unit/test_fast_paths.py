@@ -431,10 +431,23 @@ def test_an_entry_at_an_offset_is_the_entry_of_its_texts() -> None:
             False,
             ("z",),
         ),
+        VipEntry.at(key, vip_range, 7, (), (), False, ("z",)),
+        VipEntry.at(key, vip_range, 7, ("web.mesh", "web.x.mesh"), (), False, ("z",)),
     ]:
         assert made != other and other != made
+    # None, one or several names: each entry gives them as a tuple, as made.
+    for some in [(), ("web.mesh",), ("web_x.mesh", "web.x.mesh"), ("a.mesh", "b.mesh", "c")]:
+        for entry in (
+            VipEntry.at(key, vip_range, 7, some, (), False, ("z",)),
+            VipEntry(key, made.vip, made.vip6, some, (), False, ("z",), 7),
+        ):
+            assert entry.names == some and type(entry.names) is tuple
+            assert entry.replace(zones=("y",)).names == some
+            assert entry == VipEntry.at(key, vip_range, 7, tuple(some), (), False, ("z",))
     with pytest.raises(AttributeError):
         made.offset = 9  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        made.names = ("other.mesh",)  # type: ignore[misc]
     # Another offset of a range's entry is the VIPs of that offset; new texts, no offset.
     moved = made.replace(offset=9)
     assert (moved.vip, moved.vip6, moved.offset) == (

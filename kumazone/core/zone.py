@@ -452,8 +452,12 @@ class Zone:
         #: The merged inventory, as its listings by (type, mesh), and read whole.
         self._listings: dict[tuple[str, str], SortedIndex[ResourceKey, Resource]] = {}
         self._merged = _Merged(self._listings)
-        #: Dataplanes providing each wanted service.
-        self._wanted: dict[ServiceKey, int] = {}
+        #: Each wanted service's key, to itself: the one key object of the service
+        #: here (a federated table's rows of local services take it: L{FederatedView.
+        #: share_local}, which reads this map instead of keeping a copy).
+        self._wanted: dict[ServiceKey, ServiceKey] = {}
+        #: Dataplanes providing a wanted service, where more than one does.
+        self._providers: dict[ServiceKey, int] = {}
         #: Each Dataplane address's meshes: mesh (one Dataplane), (mesh, count) or
         #: {mesh: count}.
         self._address_uses: dict[str, str | tuple[str, int] | dict[str, int]] = {}
@@ -463,6 +467,8 @@ class Zone:
         self._mesh_uses: dict[str, int] = {}
         self._meshes: tuple[str, ...] = (DEFAULT_MESH,)
         self._meshes_moved = False
+        if isinstance(self.table, FederatedView):
+            self.table.share_local(self._wanted)
         self._refresh(self.api.keys() | self._owner.keys())
 
     def _load_table(self, state: StoredState, warn: Callable[[str], None]) -> None:
@@ -712,14 +718,22 @@ class Zone:
             self._meshes_moved = True
         if kind != DATAPLANE:
             return
-        wanted = self._wanted
+        wanted, providers = self._wanted, self._providers
         for service in resource.services:
             service_key = _new_tuple(ServiceKey, (mesh, service))
-            count = wanted.get(service_key, 0)
+            if service_key in wanted:
+                count = providers.get(service_key, 1)
+            else:
+                count = 0
             if service_key not in services:
                 services[service_key] = count > 0
-            if count + sign:
-                wanted[service_key] = count + sign
+            count += sign
+            if count > 1:
+                providers[service_key] = count
+            elif count == 1:
+                providers.pop(service_key, None)
+                if service_key not in wanted:
+                    wanted[service_key] = service_key
             else:
                 del wanted[service_key]
         address = resource.address

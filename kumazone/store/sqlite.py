@@ -34,11 +34,12 @@ waits up to 5 ms each time).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib import resources as package_files
 from typing import Any
 
@@ -259,7 +260,9 @@ class SQLiteStore:
             "INSERT INTO vips (mesh, service, vip_offset, zones, claim) VALUES (?, ?, ?, ?, ?)",
             "INSERT INTO vips (mesh, service, vip_offset, zones, claim) SELECT "
             "value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?)",
-            [
+            # (Made as they go: a fresh zone's table is a million rows, and a
+            # tuple each at once was the peak of its memory.)
+            (
                 (
                     key[0],
                     key[1],
@@ -268,21 +271,22 @@ class SQLiteStore:
                     claim,
                 )
                 for key, offset, zones, claim in delta.added
-            ],
+            ),
             free_gil,
         )
 
     def _write_rows(
-        self, each: str, as_json: str, rows: list[tuple[Any, ...]], free_gil: bool
+        self, each: str, as_json: str, rows: Iterable[tuple[Any, ...]], free_gil: bool
     ) -> None:
         """C{rows} by C{each} (executemany: one statement prepared for all, a first load
         writes 100,000), or, with C{free_gil}, by C{as_json} 5,000 at a time (one
-        statement each over a JSON array: the GIL stays free while it runs)."""
+        statement each over a JSON array: the GIL stays free while it runs).  The
+        rows are taken as they go, 5,000 at most held at a time."""
         if not free_gil:
             self._db.executemany(each, rows)
             return
-        for start in range(0, len(rows), _JSON_CHUNK):
-            chunk = rows[start : start + _JSON_CHUNK]
+        rows = iter(rows)
+        while chunk := list(itertools.islice(rows, _JSON_CHUNK)):
             # Not ASCII-escaped: a lone surrogate fails to bind, as in executemany.
             text = json.dumps(chunk, ensure_ascii=False)
             if "\\u0000" in text:  # (SQLite's JSON ends a text at a NUL)

@@ -147,8 +147,9 @@ class Resource:
     key: ResourceKey
     #: The compact JSON as L{pack_document} keeps it: what two equal resources share.
     packed: bytes
-    #: C{kuma.io/service} values a Dataplane provides (empty for other types).
-    services: tuple[str, ...]
+    #: C{kuma.io/service} values a Dataplane provides (L{services}): the one
+    #: value itself (nearly every Dataplane), else a tuple of none or several.
+    provides: str | tuple[str, ...]
     #: The Dataplane's networking address, if it is an IP address.
     address: str | None
 
@@ -159,11 +160,17 @@ class Resource:
         services: tuple[str, ...] = (),
         address: str | None = None,
     ) -> None:
-        set_key, set_packed, set_services, set_address = _set_resource_fields
+        set_key, set_packed, set_provides, set_address = _set_resource_fields
         set_key(self, key)
         set_packed(self, pack_document(raw))
-        set_services(self, services)
+        set_provides(self, _provides(list(services)))
         set_address(self, address)
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        """The C{kuma.io/service} values a Dataplane provides (none for other types)."""
+        provides = self.provides
+        return (provides,) if provides.__class__ is str else provides  # type: ignore[return-value]
 
     @property
     def raw(self) -> bytes:
@@ -576,16 +583,24 @@ def _usual_dataplane(document: object, raw: bytes | None) -> Resource | None:
     return _resource(
         _new_key(ResourceKey, (DATAPLANE, mesh, name)),
         raw or _compact(document),
-        tuple(dict.fromkeys(services)) if len(services) > 1 else (services[0],),
+        _provides(services),
         address,
     )
+
+
+def _provides(services: list[str]) -> str | tuple[str, ...]:
+    """L{Resource.provides} of the C{kuma.io/service} values of a Dataplane's inbounds."""
+    if len(services) == 1:
+        return services[0]
+    unique = tuple(dict.fromkeys(services))
+    return unique[0] if len(unique) == 1 else unique
 
 
 _new_key = tuple.__new__
 
 
 def _resource(
-    key: ResourceKey, raw: bytes, services: tuple[str, ...], address: str | None
+    key: ResourceKey, raw: bytes, provides: str | tuple[str, ...], address: str | None
 ) -> Resource:
     """C{Resource(key, raw, services, address)}, made at a third of the cost.
 
@@ -593,10 +608,10 @@ def _resource(
     C{object.__setattr__}; this sets the slots directly (a load makes 100,000).
     """
     resource = object.__new__(Resource)
-    set_key, set_packed, set_services, set_address = _set_resource_fields
+    set_key, set_packed, set_provides, set_address = _set_resource_fields
     set_key(resource, key)
     set_packed(resource, pack_document(raw))
-    set_services(resource, services)
+    set_provides(resource, provides)
     set_address(resource, address)
     return resource
 

@@ -185,6 +185,15 @@ def test_the_usual_dataplane_is_taken_by_the_fast_path() -> None:
     assert fast == resources._parse_checked(document, None)
     assert fast.services == ("web", "api")
     assert fast.address == "10.1.2.3"
+    # Two inbounds of one service: that service, however it was parsed.
+    document = dataplane("web-2", "web", "web", address="10.1.2.4")
+    fast = resources._usual_dataplane(document, None)
+    assert fast is not None and fast.services == ("web",)
+    assert (
+        fast
+        == resources._parse_checked(document, None)
+        == Resource(fast.key, fast.raw, ("web",), "10.1.2.4")
+    )
 
 
 @pytest.mark.parametrize(
@@ -232,9 +241,11 @@ def test_the_compact_encoder_writes_what_json_dumps_writes(value: object) -> Non
 
 
 def test_the_fast_constructor_makes_the_same_resource() -> None:
+    # (The fast constructor takes what the resource keeps: one service as itself.)
     made = resources._resource(
-        resources.ResourceKey("Dataplane", "default", "a"), b"{}", ("s",), "10.0.0.1"
+        resources.ResourceKey("Dataplane", "default", "a"), b"{}", "s", "10.0.0.1"
     )
+    assert made.services == ("s",)
     assert made == Resource(
         resources.ResourceKey("Dataplane", "default", "a"), b"{}", ("s",), "10.0.0.1"
     )

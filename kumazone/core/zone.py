@@ -60,13 +60,14 @@ class VipEntry:
 
     C{VipEntry(key, vip, vip6, names, problems, provisional, zones, offset)} holds
     the VIPs as given.  A zone's own entries (L{VipEntry.at}) hold only the VIPs'
-    offset and the zone's range, and spell the addresses out when asked (the API,
-    the authority path): a zone holds an entry per service, and the two texts
-    were a third of it.  Likewise an entry of one name (nearly all) keeps that
-    name, and gives the tuple of its names when asked.
+    offset, are of a class of the zone's range (L{_of_range}: one for each range,
+    which holds it), and spell the addresses out when asked (the API, the
+    authority path): a zone holds an entry per service, and the two texts were a
+    third of it, the range a slot of its own.  Likewise an entry of one name
+    (nearly all) keeps that name, and gives the tuple of its names when asked.
     """
 
-    __slots__ = ("_names", "_range", "_texts", "key", "offset", "problems", "provisional", "zones")
+    __slots__ = ("_names", "key", "offset", "problems", "provisional", "zones")
 
     key: ServiceKey
     #: The names: the one name itself, or a tuple of none or several.
@@ -76,8 +77,14 @@ class VipEntry:
     zones: tuple[str, ...]
     #: The VIPs' offset in the zone's range (-1: not told; see L{offset_in}).
     offset: int
-    _range: VipRange | None
-    _texts: tuple[str, str] | None
+    #: The range of an entry made at an offset (its class's), else None.
+    _range: VipRange | None = None
+    #: The VIPs given as texts (an entry made with them: L{_Given}), else None.
+    _texts: tuple[str, str] | None = None
+
+    def __new__(cls, *args: object, **kwargs: object) -> VipEntry:
+        # An entry given its VIPs' texts holds them in a slot of its own.
+        return _new_object(_Given if cls is VipEntry else cls)
 
     def __init__(
         self,
@@ -92,11 +99,10 @@ class VipEntry:
     ) -> None:
         one = names[0] if len(names) == 1 else names
         for slot, value in zip(
-            _ENTRY_SLOTS,
-            (key, one, problems, provisional, zones, offset, None, (vip, vip6)),
-            strict=True,
+            _ENTRY_SLOTS, (key, one, problems, provisional, zones, offset), strict=True
         ):
             slot(self, value)
+        _set_texts(self, (vip, vip6))
 
     @classmethod
     def at(
@@ -110,7 +116,10 @@ class VipEntry:
         zones: tuple[str, ...],
     ) -> VipEntry:
         """The entry of the VIPs at C{offset} of C{vip_range} (which must hold it)."""
-        entry = _new_object(cls)
+        of_range = _of_range.get(id(vip_range))
+        if of_range is None or of_range._range is not vip_range:
+            of_range = _range_class(vip_range)
+        entry = _new_object(of_range)
         (
             set_key,
             set_names,
@@ -118,8 +127,6 @@ class VipEntry:
             set_provisional,
             set_zones,
             set_offset,
-            set_range,
-            set_texts,
         ) = _ENTRY_SLOTS
         set_key(entry, key)
         set_names(entry, names[0] if len(names) == 1 else names)
@@ -127,8 +134,6 @@ class VipEntry:
         set_provisional(entry, provisional)
         set_zones(entry, zones)
         set_offset(entry, offset)
-        set_range(entry, vip_range)
-        set_texts(entry, None)
         return entry
 
     @property
@@ -192,9 +197,8 @@ class VipEntry:
         )
 
     def __eq__(self, other: object) -> bool:
-        if other.__class__ is not VipEntry:
+        if not isinstance(other, VipEntry):
             return NotImplemented
-        assert isinstance(other, VipEntry)
         vip_range = self._range
         if vip_range is not None and (vip_range is other._range or vip_range == other._range):
             # One range: the same offset is the same VIPs (no texts spelled out).
@@ -231,13 +235,40 @@ class VipEntry:
         return (VipEntry, self._fields())
 
 
+class _Given(VipEntry):
+    """An entry given its VIPs as texts (L{VipEntry}'s constructor makes these)."""
+
+    __slots__ = ("_texts",)
+
+    _texts: tuple[str, str] | None
+
+
+#: The class of the entries at offsets of each range (L{VipEntry.at}), by the
+#: range's id (the class holds the range: the id is not another's meanwhile).
+_of_range: dict[int, type[VipEntry]] = {}
+
+
+def _range_class(vip_range: VipRange) -> type[VipEntry]:
+    """The class of the entries of C{vip_range}: it holds the range, not each entry."""
+    of_range: type[VipEntry] = type(
+        "VipEntry", (VipEntry,), {"__slots__": (), "_range": vip_range, "__module__": __name__}
+    )
+    if len(_of_range) >= _RANGES_KEPT:
+        _of_range.clear()  # (a process serves a range or two; tests make many)
+    _of_range[id(vip_range)] = of_range
+    return of_range
+
+
+#: Ranges whose entry class is kept for the next entry made at one of their offsets.
+_RANGES_KEPT = 64
 #: The fields, as the constructor and L{VipEntry._fields} give them.
 _ENTRY_FIELDS = ("key", "vip", "vip6", "names", "problems", "provisional", "zones", "offset")
 #: The slots' own setters (past the frozen C{__setattr__}), in the order L{VipEntry.at} sets them.
 _ENTRY_SLOTS = tuple(
     VipEntry.__dict__[name].__set__
-    for name in ("key", "_names", "problems", "provisional", "zones", "offset", "_range", "_texts")
+    for name in ("key", "_names", "problems", "provisional", "zones", "offset")
 )
+_set_texts = _Given.__dict__["_texts"].__set__
 
 
 _new_object = object.__new__

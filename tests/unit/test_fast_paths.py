@@ -406,6 +406,21 @@ def test_vip_texts_are_the_addresses_as_text() -> None:
             assert vip_range.ipv6_text(offset) == str(vip_range.ipv6(offset))
 
 
+def test_entries_of_ranges_made_one_after_another_spell_their_own_range() -> None:
+    # An entry at an offset takes its range from its class, one for each range (by
+    # the range object, more ranges than are kept): each spells its own range's VIPs.
+    key, names = ServiceKey("default", "web"), ("web.mesh",)
+    for i in range(100):
+        cidr = IPv4Network(f"10.{i}.0.0/16")
+        vip_range = VipRange(cidr, IPv6Network(f"fd00:{i}::/64"))
+        entry = VipEntry.at(key, vip_range, 5, names, (), False, ())
+        assert entry.vip == str(cidr[6]) and entry.vip6 == str(vip_range.ipv6(5))
+        assert entry.vip6 == str(IPv6Network(f"fd00:{i}::/64")[6])
+        assert entry.offset_in(vip_range) == 5 and not hasattr(entry, "__dict__")
+        del vip_range, entry
+        gc.collect()
+
+
 def test_an_entry_at_an_offset_is_the_entry_of_its_texts() -> None:
     # A zone's entries hold an offset and the range; the API and the authority path
     # read the texts from them, and an entry given the texts equals one given the offset.

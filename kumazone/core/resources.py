@@ -681,12 +681,22 @@ def parse_documents(text: str, json_only: bool = False) -> list[Resource | Resou
         documents = list(load_documents(text, json_only))
     except ResourceError as e:
         return [e]
-    for document in documents:
+    # Each document is let go once parsed, so that the resources made take the
+    # room the documents leave: a file of half a million Dataplanes is decoded
+    # whole first, and both at once were the peak of a zone's memory (the
+    # interpreter keeps the room of its peak).
+    documents.reverse()
+    while documents:
+        document = documents.pop()
         if isinstance(document, list) and json_only:
-            items: list[object] = list(document)
+            items: list[object] = document
+            document = None
+            items.reverse()
         else:
             items = [document]
-        for item in items:
+            document = None
+        while items:
+            item = items.pop()
             try:
                 results.append(parse_resource(item, from_json=json_only))
             except ResourceError as e:

@@ -24,6 +24,7 @@ from kumazone.core.sortedindex import SortedIndex
 from kumazone.core.storage import Store, StoreChanges, StoreError
 from kumazone.core.view import FederatedView, check_part
 from kumazone.core.vips import (
+    PROVISIONAL_CLAIM,
     Allocation,
     Hold,
     ServiceKey,
@@ -138,7 +139,7 @@ class MergedTable:
         self._log: list[_Change] = []
         self.unstored: dict[str, dict[ServiceKey, bool]] = {}
         self.listing: SortedIndex[ServiceKey, Row] = SortedIndex()
-        self._names = NameIndex(self._service_names)
+        self._names = NameIndex(self._service_names, self._claim)
         self._rebuild_views()
 
     @property
@@ -187,6 +188,11 @@ class MergedTable:
                 zones_of.setdefault(key, []).append(name)
         return {key: self._zone_set(tuple(names)) for key, names in zones_of.items()}
 
+    def _claim(self, mesh: str, service: str) -> int:
+        """A service's claim to its names, as the table holds it (the name index's)."""
+        allocation = self.allocator.allocations.get(ServiceKey(mesh, service))
+        return PROVISIONAL_CLAIM if allocation is None else allocation.claim
+
     def _service_names(self, service: str) -> ServiceNames:
         # The name index asks for one service's names a few times per change: a
         # bounded cache (not one entry per service: the global holds a million).
@@ -196,7 +202,7 @@ class MergedTable:
         """The listing and the names from scratch (start-up, a recovery, a new domain)."""
         allocations = self.allocator.allocations
         self.listing = SortedIndex((key, self.row(key)) for key in allocations)
-        self._names = NameIndex(self._service_names)
+        self._names = NameIndex(self._service_names, self._claim)
         for key, allocation in allocations.items():
             self._names.put(key.mesh, key.service, allocation.claim)
 

@@ -183,24 +183,67 @@ class NameIndex:
     it asks for are stored.
     """
 
-    def __init__(self, names_of: Callable[[str], ServiceNames]) -> None:
+    def __init__(
+        self,
+        names_of: Callable[[str], ServiceNames],
+        claim_of: Callable[[str, str], int] | None = None,
+    ) -> None:
+        """C{claim_of(mesh, service)}: each claimant's claim, as the caller keeps it
+        (a zone's table: a map of a million claims less), looked up only when a
+        second claimant comes to a name; without it, the index keeps the claims
+        it is told.  A claimant it gives for may have been told a change of claim
+        not given yet (or no claim, when gone from the caller's table: it is
+        removed before the change ends), so long as each change of claim is
+        given (L{put}) once made."""
         self._names_of = names_of
         #: mesh -> name -> its one claimant's service, or {service: claim} of several.
+        #: A claimant is known by its first name here (L{_has}).
         self._claims: dict[str, dict[str, str | dict[str, int]]] = {}
-        #: mesh -> service -> claim.
-        self._claim_of: dict[str, dict[str, int]] = {}
+        #: mesh -> claimants in it.
+        self._counts: dict[str, int] = {}
+        #: mesh -> claimants without a name in it (no map of names to know them by).
+        self._nameless: dict[str, set[str]] = {}
+        #: mesh -> service -> claim, unless the caller keeps them (C{claim_of}).
+        self._own: dict[str, dict[str, int]] | None = None if claim_of is not None else {}
+        self._claim_of = claim_of if claim_of is not None else self._own_claim
         #: Assignments where a claimant does not own every name it asks for.
         self._shared: dict[Claimant, Assignment] = {}
 
+    def _own_claim(self, mesh: str, service: str) -> int:
+        assert self._own is not None
+        return self._own[mesh][service]
+
+    def _has(self, mesh: str, service: str, names: ServiceNames | None = None) -> bool:
+        """Whether C{(mesh, service)} is a claimant: its first name's claims hold it."""
+        in_mesh = self._claims.get(mesh)
+        if in_mesh is None:
+            return False
+        asked = (names or self._names_of(service)).names
+        if not asked:
+            nameless = self._nameless.get(mesh)
+            return nameless is not None and service in nameless
+        held = in_mesh.get(asked[0])
+        if held is None:
+            return False
+        return held == service if held.__class__ is str else service in held
+
+    def _count(self, mesh: str, service: str, names: ServiceNames, claim: int) -> None:
+        """C{(mesh, service)} is a claimant now (its claims on its names are the caller's)."""
+        self._counts[mesh] += 1
+        if not names.names:
+            self._nameless.setdefault(mesh, set()).add(service)
+        own = self._own
+        if own is not None:
+            own.setdefault(mesh, {})[service] = claim
+
     def __len__(self) -> int:
-        return sum(len(services) for services in self._claim_of.values())
+        return sum(self._counts.values())
 
     def __contains__(self, claimant: object) -> bool:
         if not isinstance(claimant, tuple) or len(claimant) != 2:
             return False
         mesh, service = claimant
-        services = self._claim_of.get(mesh)
-        return services is not None and service in services
+        return isinstance(mesh, str) and isinstance(service, str) and self._has(mesh, service)
 
     def assigned(self, mesh: str, service: str) -> Assignment:
         """The names C{(mesh, service)} owns and the problems of the others."""
@@ -227,21 +270,25 @@ class NameIndex:
         @param names_of: the index's own function, or one that gives the same
             names (uncached: the index's may cache a few).
         """
-        if self._claim_of:
+        if self._counts:
             raise ValueError("NameIndex.fill needs an empty index")
         names_of = names_of or self._names_of
         every_names: list[ServiceNames] = []
-        claim_of = self._claim_of
-        claims = self._claims
+        claims, counts, own, claim_of = self._claims, self._counts, self._own, self._claim_of
         for mesh, service, claim in claimants:
-            services = claim_of.get(mesh)
-            if services is None:
-                services = claim_of[mesh] = {}
-                claims[mesh] = {}
-            in_mesh = claims[mesh]
-            services[service] = claim
+            in_mesh = claims.get(mesh)
+            if in_mesh is None:
+                in_mesh = claims[mesh] = {}
+                counts[mesh] = 0
+                if own is not None:
+                    own[mesh] = {}
+            counts[mesh] += 1
+            if own is not None:
+                own[mesh][service] = claim
             names = names_of(service)
             every_names.append(names)
+            if not names.names:
+                self._nameless.setdefault(mesh, set()).add(service)
             for name in names.names:
                 held = in_mesh.get(name)
                 if held is None:
@@ -249,7 +296,7 @@ class NameIndex:
                 elif isinstance(held, dict):
                     held[service] = claim
                 else:
-                    in_mesh[name] = {held: services[held], service: claim}
+                    in_mesh[name] = {held: claim_of(mesh, held), service: claim}
         return self._filled(claimants, every_names)
 
     def _filled(
@@ -288,51 +335,54 @@ class NameIndex:
         L{fill} (a new service's names are seldom asked for again at once: a
         cache of a few only costs its upkeep).
         """
-        services = self._claim_of.get(mesh)
-        if services is None:
-            services = self._claim_of[mesh] = {}
-            self._claims[mesh] = {}
-        elif service in services:
-            return None
-        in_mesh = self._claims[mesh]
         names = (names_of or self._names_of)(service)
-        for name in names.names:
-            if name in in_mesh:
+        in_mesh = self._claims.get(mesh)
+        if in_mesh is None:
+            in_mesh = self._claims[mesh] = {}
+            self._counts[mesh] = 0
+        elif not names.names:
+            if self._has(mesh, service, names):
                 return None
-        services[service] = claim
+        else:
+            for name in names.names:
+                if name in in_mesh:
+                    return None  # its own (a claimant already), or another's
+        self._count(mesh, service, names, claim)
         for name in names.names:
             in_mesh[name] = service
         return _alone(names)
 
     def put(self, mesh: str, service: str, claim: int) -> set[Claimant]:
         """Add a claimant or change its claim; the claimants whose assignment changed."""
-        services = self._claim_of.get(mesh)
-        if services is not None and services.get(service) == claim:
-            return set()
+        own = self._own
+        if own is not None and own.get(mesh, {}).get(service) == claim:
+            return set()  # (the caller's claims, where it keeps them, are not known here)
         if self.claim_new(mesh, service, claim) is not None:
             return {(mesh, service)}  # the usual new claimant: no one else's changed
-        services = self._claim_of[mesh]
         in_mesh = self._claims[mesh]
-        if service in services and all(
-            in_mesh.get(name) == service for name in self._names_of(service).names
-        ):
+        names = self._names_of(service)
+        new = not self._has(mesh, service, names)
+        if not new and all(in_mesh.get(name) == service for name in names.names):
             # A claim changed, every name this claimant's alone (a provisional VIP
             # the global confirmed): it keeps them, no one else's changes.  (Taking
             # the names off and back would cost the map an entry each: dicts do
             # not reuse a deleted key's entry, and grow.)
-            services[service] = claim
+            if own is not None:
+                own[mesh][service] = claim
             return self._reassign({(mesh, service)})
-        new = service not in services
         touched = self._drop(mesh, service)
         touched.add((mesh, service))
-        services[service] = claim
-        for name in self._names_of(service).names:
+        if new:
+            self._count(mesh, service, names, claim)
+        elif own is not None:
+            own[mesh][service] = claim
+        for name in names.names:
             held = in_mesh.get(name)
             if held is None:
                 in_mesh[name] = service
                 continue
             if not isinstance(held, dict):
-                held = in_mesh[name] = {held: services[held]}
+                held = in_mesh[name] = {held: self._claim_of(mesh, held)}
             held[service] = claim
             touched.update((mesh, other) for other in held)
         changed = self._reassign(touched)
@@ -342,14 +392,23 @@ class NameIndex:
 
     def remove(self, mesh: str, service: str) -> set[Claimant]:
         """Remove a claimant; the claimants whose assignment changed (itself included)."""
-        services = self._claim_of.get(mesh)
-        if services is None or service not in services:
+        if not self._has(mesh, service):
             return set()
         touched = self._drop(mesh, service)
-        del services[service]
-        if not services:
-            del self._claim_of[mesh]
+        self._counts[mesh] -= 1
+        nameless = self._nameless.get(mesh)
+        if nameless is not None:
+            nameless.discard(service)
+            if not nameless:
+                del self._nameless[mesh]
+        own = self._own
+        if own is not None:
+            del own[mesh][service]
+        if not self._counts[mesh]:
+            del self._counts[mesh]
             del self._claims[mesh]
+            if own is not None:
+                del own[mesh]
         self._shared.pop((mesh, service), None)
         changed = self._reassign(touched - {(mesh, service)})
         changed.add((mesh, service))
@@ -358,8 +417,7 @@ class NameIndex:
     def _drop(self, mesh: str, service: str) -> set[Claimant]:
         """Take C{(mesh, service)}'s claims off its names; the claimants of those names."""
         touched: set[Claimant] = set()
-        services = self._claim_of.get(mesh)
-        if services is None or service not in services:
+        if not self._has(mesh, service):
             return touched
         in_mesh = self._claims[mesh]
         for name in self._names_of(service).names:

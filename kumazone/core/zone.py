@@ -26,7 +26,14 @@ from kumazone.core.resources import DATAPLANE, MESH, Resource, ResourceKey
 from kumazone.core.sortedindex import SortedIndex
 from kumazone.core.storage import Store, StoreChanges, StoredState, StoreError
 from kumazone.core.view import FederatedView
-from kumazone.core.vips import Served, ServiceKey, TableDelta, VipAllocator, VipRange
+from kumazone.core.vips import (
+    PROVISIONAL_CLAIM,
+    Served,
+    ServiceKey,
+    TableDelta,
+    VipAllocator,
+    VipRange,
+)
 
 __all__ = [
     "DEFAULT_MESH",
@@ -1229,7 +1236,7 @@ class Zone:
         without C{previous}, the problems of every entry are warned of.
         """
         self._exhausted = tuple(sorted(self.table.exhausted))
-        self._names = NameIndex(self._names_of)
+        self._names = NameIndex(self._names_of, self._claim)
         served = list(self.table.served())
         # One pass for every name (the claims), then each entry with what it owns;
         # each service's names worked out once (not through the small cache).
@@ -1251,6 +1258,11 @@ class Zone:
                 if entry.problems:
                     self._warn_problems(entry)
         self._entries: SortedIndex[ServiceKey, VipEntry] = SortedIndex(entries)
+
+    def _claim(self, mesh: str, service: str) -> int:
+        """A service's claim to its names, as the table holds it (the name index's)."""
+        row = self.table.row(_new_tuple(ServiceKey, (mesh, service)))
+        return PROVISIONAL_CLAIM if row is None else row.claim
 
     def _rebuild_entries(self, removed: list[VipEntry], added: list[VipEntry]) -> None:
         """L{_update_entries} for a change of much of the table (a first load): every

@@ -346,6 +346,59 @@ def test_name_index_equals_assign_names_after_any_changes(ops) -> None:
         assert moved <= changed
 
 
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.booleans(), _CLAIMANTS, st.integers(0, 3)), max_size=6),
+        max_size=8,
+    ),
+    st.randoms(use_true_random=False),
+)
+def test_name_index_over_the_callers_claims_equals_assign_names(batches, random) -> None:
+    # As a zone keeps it: the claims are the table's (one map less), a batch of
+    # changes is made to the table first, then told to the index in any order.
+    from kumazone.core.names import NameIndex, assign_names, service_names
+    from kumazone.core.vips import PROVISIONAL_CLAIM
+
+    def names_of(service: str) -> ServiceNames:
+        return service_names(service, "mesh")
+
+    claims: dict[tuple[str, str], int] = {}
+    index = NameIndex(
+        names_of, lambda mesh, service: claims.get((mesh, service), PROVISIONAL_CLAIM)
+    )
+    for batch in batches:
+        before = {c: index.assigned(*c) for c in claims}
+        told: dict[tuple[str, str], int | None] = {}
+        for put, claimant, claim in batch:
+            if put:
+                claims[claimant] = told[claimant] = claim
+            else:
+                claims.pop(claimant, None)
+                told[claimant] = None
+        order = list(told.items())
+        random.shuffle(order)
+        changed: set[tuple[str, str]] = set()
+        for (mesh, service), claim in order:
+            if claim is None:
+                changed |= index.remove(mesh, service)
+            else:
+                changed |= index.put(mesh, service, claim)
+        expected = assign_names(((m, s, c) for (m, s), c in claims.items()), names_of)
+        assert {c: index.assigned(*c) for c in claims} == expected
+        assert len(index) == len(claims)
+        assert all(c in index for c in claims) and not any(
+            c in index for c in before if c not in claims
+        )
+        moved = {c for c in claims if before.get(c) != expected[c]}
+        moved |= {c for c in before if c not in claims}
+        assert moved <= changed
+    filled = NameIndex(names_of, lambda mesh, service: claims[(mesh, service)])
+    got = list(filled.fill([(m, s, c) for (m, s), c in claims.items()]))
+    expected = assign_names(((m, s, c) for (m, s), c in claims.items()), names_of)
+    assert got == [expected[c] for c in claims]
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.text(alphabet="abcXYZ019-_.é ", min_size=1, max_size=70)

@@ -488,7 +488,7 @@ class Zone:
             for key in self.files[path]:
                 self._add_copy(key, path)
         #: The merged inventory, as its listings by (type, mesh), and read whole.
-        self._listings: dict[tuple[str, str], SortedIndex[ResourceKey, Resource]] = {}
+        self._listings: dict[tuple[str, str], _Listing] = {}
         self._merged = _Merged(self._listings)
         #: Each wanted service's key, to itself: the one key object of the service
         #: here (a federated table's rows of local services take it: L{FederatedView.
@@ -615,7 +615,10 @@ class Zone:
         first file drops it.  A file read again with the same resources changes
         nothing.
         """
-        touched: set[ResourceKey] = set()
+        #: Each key touched, with its resource as served before (its listing reads
+        #: the sources: the copy served before is taken before they change).
+        touched: dict[ResourceKey, Resource | None] = {}
+        source_of = self._source_of
         for path, resources in files.items():
             mine: dict[ResourceKey, Resource] = {}
             for resource in resources:
@@ -627,15 +630,16 @@ class Zone:
             if mine == old:
                 continue
             for key in old.keys() - mine.keys():
+                if key not in touched:
+                    touched[key] = source_of(key)
                 self._drop_copy(key, path)
-                touched.add(key)
             for key, resource in mine.items():
                 before = old.get(key)
-                if before is None:
-                    self._add_copy(key, path)
-                    touched.add(key)
-                elif before != resource:
-                    touched.add(key)
+                if before is None or before != resource:
+                    if key not in touched:
+                        touched[key] = source_of(key)
+                    if before is None:
+                        self._add_copy(key, path)
             if mine:
                 self.files[path] = mine
             else:
@@ -645,7 +649,7 @@ class Zone:
                 if owner != path:
                     self._warn(f"{path}: {key} is defined already in {owner}; this copy waits")
         if touched:
-            self._change(now, touched)
+            self._change(now, touched, before=touched)
 
     def put(self, resource: Resource, now: float) -> bool:
         """Create or replace a resource given through the API; True if it is new.
@@ -659,7 +663,7 @@ class Zone:
         if before == resource:
             return False
         self.api[resource.key] = resource
-        self._change(now, (resource.key,), puts=[resource])
+        self._change(now, (resource.key,), puts=[resource], before={resource.key: before})
         return before is None
 
     def delete(self, key: ResourceKey, now: float) -> bool:
@@ -667,10 +671,10 @@ class Zone:
         owner = self.owner_of(key)
         if owner not in (None, "api"):
             raise ConflictError(f"{key} is defined in {owner}; remove it there")
-        if key not in self.api:
+        before = self.api.pop(key, None)
+        if before is None:
             return False
-        del self.api[key]
-        self._change(now, (key,), deletes=[key])
+        self._change(now, (key,), deletes=[key], before={key: before})
         return True
 
     # -- the inventory, kept ---------------------------------------------------
@@ -688,14 +692,24 @@ class Zone:
             return self.files[path][key]
         return self.api.get(key)
 
-    def _refresh(self, keys: Iterable[ResourceKey]) -> _Inventory:
-        """Bring the merged inventory up to date for C{keys}: O(len(keys))."""
+    def _refresh(
+        self,
+        keys: Iterable[ResourceKey],
+        before: Mapping[ResourceKey, Resource | None] | None = None,
+    ) -> _Inventory:
+        """Bring the merged inventory up to date for C{keys}: O(len(keys)).
+
+        C{before}: each key's resource as it was before its sources changed (the
+        listings read the sources: a key's old resource is not kept there); None
+        for a first load, which had none.
+        """
         listings = self._listings
-        if not isinstance(keys, AbstractSet):
-            keys = dict.fromkeys(keys)  # (each once: a key's old value is its listing's)
+        was = before.get if before is not None else _nothing
         services: dict[ServiceKey, bool] = {}
         addresses: dict[str, str | None] = {}
-        listed: dict[tuple[str, str], list[tuple[ResourceKey, Resource | None]]] = {}
+        #: Keys that came to and went from each listing.
+        came: dict[tuple[str, str], list[ResourceKey]] = {}
+        went: dict[tuple[str, str], list[ResourceKey]] = {}
         changed = False
         # _source_of, inline (a first load refreshes every key of the inventory).
         owner_of, files, api = self._owner.get, self.files, self.api
@@ -703,9 +717,7 @@ class Zone:
         for key in keys:
             path = owner_of(key)
             new = files[path][key] if path is not None else api.get(key)
-            where = (key[0], key[1])  # (type, mesh)
-            listing = listings.get(where)
-            old = listing.get(key) if listing is not None else None
+            old = was(key)
             if old is new or (old is not None and old == new):
                 continue
             changed = True
@@ -713,17 +725,20 @@ class Zone:
                 count(old, -1, services, addresses)
             if new is not None:
                 count(new, 1, services, addresses)
-            pairs = listed.get(where)
-            if pairs is None:
-                pairs = listed[where] = []
-            pairs.append((key, new))
+            if old is None or new is None:
+                where = (key[0], key[1])  # (type, mesh)
+                moving = came if old is None else went
+                keys_there = moving.get(where)
+                if keys_there is None:
+                    keys_there = moving[where] = []
+                keys_there.append(key)
         if not changed:
             return _NOTHING
-        for where, pairs in listed.items():
+        for where in came.keys() | went.keys():
             listing = listings.get(where)
             if listing is None:
-                listing = listings[where] = SortedIndex()
-            listing.update(pairs)
+                listing = listings[where] = _Listing(where, self._source_of)
+            listing.move(came.get(where, ()), went.get(where, ()))
         wanted = self._wanted
         added = frozenset([k for k, was in services.items() if not was and k in wanted])
         removed = frozenset([k for k, was in services.items() if was and k not in wanted])
@@ -802,9 +817,11 @@ class Zone:
         keys: Iterable[ResourceKey],
         puts: Sequence[Resource] = (),
         deletes: Sequence[ResourceKey] = (),
+        before: Mapping[ResourceKey, Resource | None] | None = None,
     ) -> None:
-        """The inventory changed at C{keys}: follow it in the table, store and listeners."""
-        inventory = self._refresh(keys)
+        """The inventory changed at C{keys} (C{before}: what each key's resource was,
+        as for L{_refresh}): follow it in the table, store and listeners."""
+        inventory = self._refresh(keys, before)
         if self.following:
             # The leader places what the inventory wants; this replica serves it when
             # the leader's change comes (L{follow}), but for provisional VIPs.
@@ -937,12 +954,16 @@ class Zone:
         """
         assert self.following, "only a replica that follows applies another's changes"
         keys: list[ResourceKey] = []
+        before: dict[ResourceKey, Resource | None] = {}
         for resource in changes.puts:
             if self.api.get(resource.key) != resource:
+                before.setdefault(resource.key, self._source_of(resource.key))
                 self.api[resource.key] = resource
                 keys.append(resource.key)
         for key in changes.deletes:
-            if self.api.pop(key, None) is not None:
+            if key in self.api:
+                before.setdefault(key, self._source_of(key))
+                del self.api[key]
                 keys.append(key)
         delta = changes.delta or TableDelta()
         if changes.table_id is not None:
@@ -951,7 +972,7 @@ class Zone:
         if delta.anything or changes.table_version is not None:
             version = self.table.version if changes.table_version is None else changes.table_version
             self.table.follow(delta, version, now)
-        inventory = self._refresh(keys)
+        inventory = self._refresh(keys, before)
         self._recheck_change(delta, inventory, exhausted_before)
         if isinstance(self.table, FederatedView):
             delta = self._provisional(inventory, now)
@@ -1067,6 +1088,7 @@ class Zone:
         self.following = True
         self._stale = False
         self.table_id = plan.table_id
+        before = {key: self._source_of(key) for key in plan.resources}
         for key, resource in plan.resources.items():
             if resource is None:
                 self.api.pop(key, None)
@@ -1074,7 +1096,7 @@ class Zone:
                 self.api[key] = resource
         table, delta = self.table, plan.delta
         exhausted_before = set(getattr(table, "exhausted", ()))
-        inventory = self._refresh(plan.resources)
+        inventory = self._refresh(plan.resources, before)
         if isinstance(table, FederatedView):
             table.follow(delta, plan.table_version, 0.0)
             # The provisional VIPs as from scratch, over the stored rows and hold-downs
@@ -1396,13 +1418,100 @@ class _ReadThrough(Mapping[_K, _V]):
             return False
 
 
+def _nothing(key: object) -> None:
+    return None
+
+
+class _Sources:
+    """The resources of one listing, read from the zone's sources (a mapping for
+    L{SortedIndex}'s reading, not its changing: see L{_Listing})."""
+
+    __slots__ = ("_read", "_where")
+
+    def __init__(
+        self, where: tuple[str, str], read: Callable[[ResourceKey], Resource | None]
+    ) -> None:
+        self._where, self._read = where, read
+
+    def get(self, key: ResourceKey, default: Any = None) -> Any:
+        if (key[0], key[1]) != self._where:
+            return default
+        found = self._read(key)
+        return default if found is None else found
+
+    def __getitem__(self, key: ResourceKey) -> Resource:
+        found = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            return self.get(key) is not None  # type: ignore[arg-type]
+        except (TypeError, IndexError):  # (not a key of this kind)
+            return False
+
+
+class _Listing(SortedIndex[ResourceKey, Resource]):
+    """The resources of one type in one mesh, sorted by key: the keys, over the
+    zone's sources (each resource is read from the file or the API that defines
+    it, not kept here beside them: a map of half a million Dataplanes less).
+    Changed by L{move} only, told which keys came and went."""
+
+    def __init__(
+        self, where: tuple[str, str], read: Callable[[ResourceKey], Resource | None]
+    ) -> None:
+        self._values = _Sources(where, read)  # type: ignore[assignment]
+        self._keys = []
+
+    def move(self, came: Collection[ResourceKey], went: Collection[ResourceKey]) -> None:
+        """Keys C{came} (none of them here) and C{went} (each of them here)."""
+        keys = self._keys
+        if went:
+            if len(went) <= _MOVED_ONE_BY_ONE or len(went) * 32 < len(keys):
+                for key in went:
+                    del keys[bisect.bisect_left(keys, key)]
+            else:
+                gone = set(went)
+                keys[:] = [key for key in keys if key not in gone]
+        if not came:
+            return
+        ordered = sorted(came)
+        if not keys or keys[-1] < ordered[0]:
+            keys.extend(ordered)  # (a first load, names in order: no search)
+        elif len(came) <= _MOVED_ONE_BY_ONE or len(came) * 32 < len(keys):
+            for key in ordered:
+                bisect.insort(keys, key)
+        else:
+            keys.extend(ordered)
+            keys.sort()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SortedIndex):
+            return self._keys == list(other.keys()) and list(self) == list(other)
+        return super().__eq__(other)
+
+    def set(self, key: ResourceKey, value: Resource) -> None:
+        raise TypeError("a listing reads the zone's sources: move its keys")
+
+    def pop(self, key: ResourceKey) -> Resource | None:
+        raise TypeError("a listing reads the zone's sources: move its keys")
+
+    def update(self, changed: Iterable[tuple[ResourceKey, Resource | None]]) -> None:
+        raise TypeError("a listing reads the zone's sources: move its keys")
+
+
+#: Keys a listing inserts or removes one by one (a memmove each) before it sorts anew.
+_MOVED_ONE_BY_ONE = 64
+
+
 class _Merged(_ReadThrough[ResourceKey, Resource]):
     """The merged inventory, read through its listings by (type, mesh) (a few) rather
     than kept in a map of its own beside them."""
 
     __slots__ = ("_listings",)
 
-    def __init__(self, listings: Mapping[tuple[str, str], SortedIndex[ResourceKey, Resource]]):
+    def __init__(self, listings: Mapping[tuple[str, str], _Listing]):
         self._listings = listings
 
     def get(self, key: ResourceKey, default: Any = None) -> Any:

@@ -399,3 +399,29 @@ def test_a_name_taken_by_an_earlier_claim_in_the_same_update_moves_at_once() -> 
     assert owned == {"a_b": ("a_b.mesh", "a.b.mesh"), "a.b": ()}
     (problem,) = zone.snapshot.entries.get(ServiceKey("default", "a.b")).problems
     assert "service a_b's name" in problem
+
+
+def test_a_listing_gives_what_the_sources_define_now(tmp_path: Path) -> None:
+    # A listing holds the keys only, and reads each resource from the file (the
+    # first path of those defining it) or the API that defines it.
+    zone = Zone("zone-1", DnsServerConfig(), SQLiteStore(str(tmp_path / "z.sqlite")))
+    key = ResourceKey(DATAPLANE, "default", "web-1")
+    in_a, in_b = dataplane_resource("web-1", "web"), dataplane_resource("web-1", "web", "api")
+    zone.set_files({"/r/b.yaml": [in_b], "/r/a.yaml": [in_a]}, 0.0)
+    listing = zone.listing(DATAPLANE, "default")
+    assert list(listing) == [in_a] and listing.get(key) is in_a and key in listing
+    zone.set_file("/r/a.yaml", [], 1.0)  # the waiting copy takes over
+    assert list(zone.listing(DATAPLANE, "default")) == [in_b]
+    assert set(zone.wanted()) == {ServiceKey("default", "web"), ServiceKey("default", "api")}
+    others = [dataplane_resource(f"db-{i}", "db") for i in range(100)]
+    for resource in others:
+        zone.put(resource, 2.0)
+    listing = zone.listing(DATAPLANE, "default")
+    assert list(listing.keys()) == sorted([key, *(r.key for r in others)])
+    assert listing[0:2] == [others[0], others[1]] and listing[-1] is in_b
+    zone.set_file("/r/b.yaml", [], 3.0)
+    for resource in others[:50]:
+        zone.delete(resource.key, 4.0)
+    assert list(zone.listing(DATAPLANE, "default")) == sorted(others[50:], key=lambda r: r.key)
+    assert listing.get(key) is None and key not in listing
+    assert set(zone.wanted()) == {ServiceKey("default", "db")}

@@ -704,6 +704,8 @@ class Zone:
         for a first load, which had none.
         """
         listings = self._listings
+        if not isinstance(keys, AbstractSet | dict):
+            keys = dict.fromkeys(keys)  # (each once: a key is counted out and in once)
         was = before.get if before is not None else _nothing
         services: dict[ServiceKey, bool] = {}
         addresses: dict[str, str | None] = {}
@@ -1465,26 +1467,29 @@ class _Listing(SortedIndex[ResourceKey, Resource]):
         self._keys = []
 
     def move(self, came: Collection[ResourceKey], went: Collection[ResourceKey]) -> None:
-        """Keys C{came} (none of them here) and C{went} (each of them here)."""
+        """Keys C{came} and C{went} (a key already here, or not here, is left so)."""
         keys = self._keys
         if went:
             if len(went) <= _MOVED_ONE_BY_ONE or len(went) * 32 < len(keys):
                 for key in went:
-                    del keys[bisect.bisect_left(keys, key)]
+                    at = bisect.bisect_left(keys, key)
+                    if at < len(keys) and keys[at] == key:
+                        del keys[at]
             else:
                 gone = set(went)
                 keys[:] = [key for key in keys if key not in gone]
         if not came:
             return
-        ordered = sorted(came)
+        ordered = sorted(came)  # (each once: L{_refresh} takes each key once)
         if not keys or keys[-1] < ordered[0]:
             keys.extend(ordered)  # (a first load, names in order: no search)
-        elif len(came) <= _MOVED_ONE_BY_ONE or len(came) * 32 < len(keys):
+        elif len(ordered) <= _MOVED_ONE_BY_ONE or len(ordered) * 32 < len(keys):
             for key in ordered:
-                bisect.insort(keys, key)
+                at = bisect.bisect_left(keys, key)
+                if at == len(keys) or keys[at] != key:
+                    keys.insert(at, key)
         else:
-            keys.extend(ordered)
-            keys.sort()
+            keys[:] = sorted(set(keys).union(ordered))
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, SortedIndex):

@@ -425,3 +425,17 @@ def test_a_listing_gives_what_the_sources_define_now(tmp_path: Path) -> None:
     assert list(zone.listing(DATAPLANE, "default")) == sorted(others[50:], key=lambda r: r.key)
     assert listing.get(key) is None and key not in listing
     assert set(zone.wanted()) == {ServiceKey("default", "db")}
+
+
+def test_a_key_told_twice_in_one_change_is_counted_once(tmp_path: Path) -> None:
+    # A replica's change may name one key more than once (put, then put again).
+    zone = Zone("zone-1", DnsServerConfig(), SQLiteStore(str(tmp_path / "z.sqlite")))
+    web = dataplane_resource("web-1", "web")
+    zone.put(web, 0.0)
+    before = {web.key: web}
+    inventory = zone._refresh([web.key, web.key], before)
+    assert not inventory.changed
+    zone.api[web.key] = dataplane_resource("web-1", "api")
+    inventory = zone._refresh([web.key, web.key], before)
+    assert set(zone.wanted()) == {ServiceKey("default", "api")}
+    assert list(zone.listing(DATAPLANE, "default")) == [zone.api[web.key]]

@@ -357,6 +357,15 @@ class NameIndex:
         own = self._own
         if own is not None and own.get(mesh, {}).get(service) == claim:
             return set()  # (the caller's claims, where it keeps them, are not known here)
+        in_mesh = self._claims.get(mesh)
+        if in_mesh is not None and (mesh, service) not in self._shared:
+            names = self._names_of(service)
+            if names.names and all(in_mesh.get(name) == service for name in names.names):
+                # A claimant holding every name it asks for alone (a row that
+                # changed in its zones, a claim confirmed): no one's changes.
+                if own is not None:
+                    own[mesh][service] = claim
+                return set()
         if self.claim_new(mesh, service, claim) is not None:
             return {(mesh, service)}  # the usual new claimant: no one else's changed
         in_mesh = self._claims[mesh]

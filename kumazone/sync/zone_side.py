@@ -82,12 +82,10 @@ class ZoneSync:
         self.metrics = metrics
         self.proto: SyncProtocol | None = None
         #: Services that came or went since the whole inventory went out on this
-        #: connection, not sent yet (its parts on their way, or no welcome yet),
-        #: and whether a change that may have changed anything came meanwhile.
+        #: connection, not sent yet (its parts on their way, or no welcome yet).
         #: (Not a copy of what was sent: a zone holds a million services, and the
         #: global takes a change's additions and removals as the state they give.)
         self._moved: dict[ServiceKey, None] = {}
-        self._whole_again = False
         self.global_table_id: str | None = None
         self.force_full = False
         self.connected_since: float | None = None
@@ -141,7 +139,7 @@ class ZoneSync:
         """Send the whole inventory as it is now, in parts (L{_send_parts})."""
         if self._sending is not None and self._sending.active():
             self._sending.cancel()
-        self._moved, self._whole_again = {}, False
+        self._moved = {}
         self._parts = iter(inventory_messages(self.zone.wanted(), full=True))
         self._send_parts()
 
@@ -172,15 +170,10 @@ class ZoneSync:
             self._send_parts()
 
     def _changed(self, change: ZoneChange) -> None:
-        """The zone's table changed: send the services that came and went (O(those))."""
+        """The zone's table changed: send the services that came and went (O(those);
+        a full change says them too, since the inventory before it)."""
         if self.proto is None or self.proto.closed:
             return  # the next connection sends the whole inventory
-        if change.full:
-            # Anything may have changed: the whole inventory again (O(n)), once the
-            # one on its way is out and the global has welcomed this zone.
-            self._whole_again = True
-            self.inventory_changed()
-            return
         moved = self._moved
         moved.update(dict.fromkeys(change.services_added))
         moved.update(dict.fromkeys(change.services_removed))
@@ -188,16 +181,12 @@ class ZoneSync:
 
     def inventory_changed(self) -> None:
         """Send the services that came or went since the whole inventory went out
-        (O(those)); or the whole inventory again, after a change that may have
-        changed anything.  Nothing until the whole inventory is out and the global
-        has welcomed this zone (each calls this again)."""
+        (O(those)).  Nothing until the whole inventory is out and the global has
+        welcomed this zone (each calls this again)."""
         if self.proto is None or self.proto.closed or self.global_table_id is None:
             return
         if self._parts is not None:
             return  # done once the whole inventory is out
-        if self._whole_again:
-            self._send_whole()
-            return
         if not self._moved:
             return
         moved, self._moved = self._moved, {}

@@ -357,28 +357,25 @@ class NameIndex:
         own = self._own
         if own is not None and own.get(mesh, {}).get(service) == claim:
             return set()  # (the caller's claims, where it keeps them, are not known here)
+        names = self._names_of(service)
         in_mesh = self._claims.get(mesh)
-        if in_mesh is not None and (mesh, service) not in self._shared:
-            names = self._names_of(service)
-            if names.names and all(in_mesh.get(name) == service for name in names.names):
-                # A claimant holding every name it asks for alone (a row that
-                # changed in its zones, a claim confirmed): no one's changes.
-                if own is not None:
-                    own[mesh][service] = claim
-                return set()
+        if (
+            in_mesh is not None
+            and (mesh, service) not in self._shared
+            and self._has(mesh, service, names)
+            and all(in_mesh.get(name) == service for name in names.names)
+        ):
+            # A claimant holding every name it asks for alone (a row that changed
+            # in its zones, a provisional VIP the global confirmed): it keeps them,
+            # no one's assignment changes.  (Taking the names off and back would
+            # cost the map an entry each: dicts do not reuse a deleted key's entry.)
+            if own is not None:
+                own[mesh][service] = claim
+            return set()
         if self.claim_new(mesh, service, claim) is not None:
             return {(mesh, service)}  # the usual new claimant: no one else's changed
         in_mesh = self._claims[mesh]
-        names = self._names_of(service)
         new = not self._has(mesh, service, names)
-        if not new and all(in_mesh.get(name) == service for name in names.names):
-            # A claim changed, every name this claimant's alone (a provisional VIP
-            # the global confirmed): it keeps them, no one else's changes.  (Taking
-            # the names off and back would cost the map an entry each: dicts do
-            # not reuse a deleted key's entry, and grow.)
-            if own is not None:
-                own[mesh][service] = claim
-            return self._reassign({(mesh, service)})
         touched = self._drop(mesh, service)
         touched.add((mesh, service))
         if new:

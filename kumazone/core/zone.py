@@ -1439,16 +1439,19 @@ def _nothing(key: object) -> None:
     return None
 
 
-class _Sources:
-    """The resources of one listing, read from the zone's sources (a mapping for
-    L{SortedIndex}'s reading, not its changing: see L{_Listing})."""
+class _Sources(_ReadThrough[ResourceKey, Resource]):
+    """The resources of one listing: its keys, each read from the zone's sources
+    (the listing's mapping, for L{SortedIndex}'s reading; see L{_Listing})."""
 
-    __slots__ = ("_read", "_where")
+    __slots__ = ("_keys", "_read", "_where")
 
     def __init__(
-        self, where: tuple[str, str], read: Callable[[ResourceKey], Resource | None]
+        self,
+        where: tuple[str, str],
+        read: Callable[[ResourceKey], Resource | None],
+        keys: list[ResourceKey],
     ) -> None:
-        self._where, self._read = where, read
+        self._where, self._read, self._keys = where, read, keys
 
     def get(self, key: ResourceKey, default: Any = None) -> Any:
         if (key[0], key[1]) != self._where:
@@ -1456,17 +1459,11 @@ class _Sources:
         found = self._read(key)
         return default if found is None else found
 
-    def __getitem__(self, key: ResourceKey) -> Resource:
-        found = self.get(key)
-        if found is None:
-            raise KeyError(key)
-        return found
+    def __iter__(self) -> Iterator[ResourceKey]:
+        return iter(self._keys)
 
-    def __contains__(self, key: object) -> bool:
-        try:
-            return self.get(key) is not None  # type: ignore[arg-type]
-        except (TypeError, IndexError):  # (not a key of this kind)
-            return False
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class _Listing(SortedIndex[ResourceKey, Resource]):
@@ -1478,8 +1475,8 @@ class _Listing(SortedIndex[ResourceKey, Resource]):
     def __init__(
         self, where: tuple[str, str], read: Callable[[ResourceKey], Resource | None]
     ) -> None:
-        self._values = _Sources(where, read)  # type: ignore[assignment]
-        self._keys = []
+        self._keys = []  # (changed in place only: its mapping reads it too)
+        self._values = _Sources(where, read, self._keys)  # type: ignore[assignment]
 
     def move(self, came: Collection[ResourceKey], went: Collection[ResourceKey]) -> None:
         """Keys C{came} and C{went} (a key already here, or not here, is left so)."""
